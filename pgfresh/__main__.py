@@ -1,0 +1,3 @@
+from pgfresh.cli import main
+
+main()

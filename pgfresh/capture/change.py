@@ -1,0 +1,77 @@
+"""`Change`: one committed row change, the record every later stage receives.
+
+Capture writes each change it applied to the row store into `pgfresh.changes` (the change log), in
+the same transaction. A later stage is a *consumer* of that log: it reads changes after its own
+position with `read_changes`, does its work, and calls `advance` in the same transaction as its
+own writes, so each consumer sees every change exactly once, whatever crashes in between.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime
+
+from psycopg import sql
+from psycopg.types.json import Jsonb
+
+
+@dataclass(slots=True)
+class Change:
+    table: str  # schema.table
+    op: str  # insert | update | delete | read (snapshot) | truncate
+    key: list  # the key's values, in key-column order
+    row: dict | None  # the full new row (None for delete / truncate)
+    lsn: int  # end LSN of the source transaction (0 for a snapshot read)
+    commit_time: datetime | None
+    xid: int | None = None  # source transaction id (stream only)
+    old_key: list | None = None  # the key before an update that changed it
+    tenant: str | None = None
+    seq: int | None = None  # position in pgfresh.changes, once logged
+
+    @property
+    def key_text(self) -> str:
+        return key_text(self.key)
+
+
+def key_text(values: list) -> str:
+    """Canonical text form of a key: the same values always give the same text."""
+    return json.dumps(values, separators=(",", ":"), ensure_ascii=False, default=str)
+
+
+def read_changes(conn, consumer: str, limit: int = 1000, tables: list[str] | None = None) -> list[Change]:
+    """The next changes after `consumer`'s position (registering the consumer on first use).
+
+    Call inside the transaction that will also `advance` the consumer.
+    """
+    conn.execute(
+        "insert into pgfresh.consumers (name, seq) values (%s, 0) on conflict (name) do nothing", (consumer,)
+    )
+    (pos,) = conn.execute("select seq from pgfresh.consumers where name = %s for update", (consumer,)).fetchone()
+    query = sql.SQL(
+        "select seq, tbl, key, tenant, op, row, lsn::text, commit_time from pgfresh.changes"
+        " where seq > %s {} order by seq limit %s"
+    ).format(sql.SQL("and tbl = any(%s)") if tables else sql.SQL(""))
+    params = (pos, tables, limit) if tables else (pos, limit)
+    out = []
+    for seq, tbl, key, tenant, op, row, lsn, ctime in conn.execute(query, params):
+        hi, lo = lsn.split("/")
+        out.append(Change(tbl, op, json.loads(key), row, (int(hi, 16) << 32) | int(lo, 16), ctime,
+                          tenant=tenant, seq=seq))
+    return out
+
+
+def log_position(conn) -> int:
+    """Highest seq in the change log (0 when empty)."""
+    return conn.execute("select coalesce(max(seq), 0) from pgfresh.changes").fetchone()[0]
+
+
+def advance(conn, consumer: str, seq: int) -> None:
+    """Record that `consumer` has processed the log up to `seq` (same transaction as its writes)."""
+    conn.execute(
+        "update pgfresh.consumers set seq = greatest(seq, %s), updated_at = now() where name = %s", (seq, consumer)
+    )
+
+
+def as_jsonb(row: dict | None):
+    return None if row is None else Jsonb(row)

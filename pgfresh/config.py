@@ -1,0 +1,259 @@
+"""pgfresh.toml: typed configuration, validated once at load, every problem reported at once.
+
+The file has a `[source]` section (where the data comes from and how gently to read it), one
+`[[tables]]` entry per captured table, and one section per later stage (`[rag]`, `[train]`,
+`[arena]`). This module owns `source` and the core of each table (name, key, tenant). The keys a
+stage owns (`tables.*.gate`, `tables.*.document`, `tables.*.facts`, `[rag]`, `[train]`) are checked
+by that stage's `check_config(config) -> list[str]`, called from `load` so that one load reports
+every problem in the file, each with its key path.
+
+Environment variables are read only at the edge (the CLI), never here.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pgfresh.errors import ConfigError
+
+# Stages that validate their own sections of the file, in data-flow order.
+STAGE_MODULES = ("pgfresh.gate", "pgfresh.render", "pgfresh.rag", "pgfresh.train")
+
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]*$")
+
+
+@dataclass
+class SourceConfig:
+    dsn: str | None = None  # None: the embedded server in data_dir
+    data_dir: str = ".pgfresh"
+    slot: str = "pgfresh"
+    publication: str = "pgfresh"
+    max_txn_seconds: float = 5.0  # no transaction pgfresh opens on the source lives longer
+    snapshot_chunk_rows: int = 10_000  # rows per snapshot chunk (one short transaction each)
+    batch_max_changes: int = 5_000  # changes per sink transaction
+    batch_max_seconds: float = 0.2  # flush a sink batch at least this often (freshness)
+    wal_warn_mb: int = 1024  # warn when the slot retains more WAL than this
+    max_slot_wal_keep_size_mb: int = 0  # >0: pgfresh refuses to start unless the server bounds slot WAL to at most this
+
+
+@dataclass
+class TableConfig:
+    name: str  # schema-qualified, e.g. "public.products"
+    key: list[str] | None = None  # None: the table's primary key
+    tenant: str | None = None  # column holding the tenant id, if the table is multi-tenant
+    document: str | None = None  # document template (render)
+    facts: list[dict] = field(default_factory=list)  # fact templates (render)
+    gate: dict = field(default_factory=dict)  # gate policy (gate)
+
+    @property
+    def schema(self) -> str:
+        return self.name.split(".", 1)[0]
+
+    @property
+    def table(self) -> str:
+        return self.name.split(".", 1)[1]
+
+
+@dataclass
+class Config:
+    source: SourceConfig
+    tables: list[TableConfig]
+    rag: dict = field(default_factory=dict)
+    train: dict = field(default_factory=dict)
+    arena: dict = field(default_factory=dict)
+    path: Path = Path("pgfresh.toml")
+
+    def table(self, name: str) -> TableConfig:
+        for t in self.tables:
+            if t.name == name:
+                return t
+        raise KeyError(name)
+
+    @property
+    def data_dir(self) -> Path:
+        d = Path(self.source.data_dir)
+        return d if d.is_absolute() else (self.path.parent / d).resolve()
+
+
+def _check_type(problems: list[str], path: str, value: Any, kind: type | tuple, expected: str) -> bool:
+    # bool is an int in Python; a config that says `max_txn_seconds = true` is still wrong.
+    if isinstance(value, bool) and kind not in (bool,) and not (isinstance(kind, tuple) and bool in kind):
+        problems.append(f"{path}: expected {expected}, got {value!r}")
+        return False
+    if not isinstance(value, kind):
+        problems.append(f"{path}: expected {expected}, got {value!r}")
+        return False
+    return True
+
+
+def _parse_source(raw: Any, problems: list[str]) -> SourceConfig:
+    src = SourceConfig()
+    if raw is None:
+        return src
+    if not isinstance(raw, dict):
+        problems.append("source: expected a table ([source])")
+        return src
+    spec = {
+        "dsn": ((str,), "a libpq connection string"),
+        "data_dir": ((str,), "a directory path"),
+        "slot": ((str,), "a replication slot name"),
+        "publication": ((str,), "a publication name"),
+        "max_txn_seconds": ((int, float), "a number of seconds > 0"),
+        "snapshot_chunk_rows": ((int,), "a positive integer"),
+        "batch_max_changes": ((int,), "a positive integer"),
+        "batch_max_seconds": ((int, float), "a number of seconds > 0"),
+        "wal_warn_mb": ((int,), "a positive integer (MB)"),
+        "max_slot_wal_keep_size_mb": ((int,), "an integer >= 0 (MB)"),
+    }
+    for key, value in raw.items():
+        if key not in spec:
+            problems.append(f"source.{key}: unknown key (known: {', '.join(spec)})")
+            continue
+        kinds, expected = spec[key]
+        if not _check_type(problems, f"source.{key}", value, kinds, expected):
+            continue
+        if isinstance(value, (int, float)) and key != "max_slot_wal_keep_size_mb" and value <= 0:
+            problems.append(f"source.{key}: expected {expected}, got {value!r}")
+            continue
+        if key in ("slot", "publication") and not re.fullmatch(r"[a-z_][a-z0-9_]*", value):
+            problems.append(f"source.{key}: expected lower-case letters, digits and _, got {value!r}")
+            continue
+        setattr(src, key, float(value) if kinds == (int, float) else value)
+    if src.dsn == "":
+        src.dsn = None
+    return src
+
+
+def _parse_table(i: int, raw: Any, problems: list[str]) -> TableConfig | None:
+    path = f"tables[{i}]"
+    if not isinstance(raw, dict):
+        problems.append(f"{path}: expected a table ([[tables]])")
+        return None
+    known = {"name", "key", "tenant", "document", "facts", "gate"}
+    for key in raw:
+        if key not in known:
+            problems.append(f"{path}.{key}: unknown key (known: {', '.join(sorted(known))})")
+    name = raw.get("name")
+    if not isinstance(name, str) or not name:
+        problems.append(f"{path}.name: expected a table name like 'public.products'")
+        return None
+    if "." not in name:
+        name = f"public.{name}"
+    parts = name.split(".")
+    if len(parts) != 2 or not all(_NAME.match(p) for p in parts):
+        problems.append(f"{path}.name: expected schema.table of plain identifiers, got {raw['name']!r}")
+        return None
+    t = TableConfig(name=name)
+    key = raw.get("key")
+    if key is not None:
+        if isinstance(key, str):
+            key = [key]
+        if not (isinstance(key, list) and key and all(isinstance(k, str) and _NAME.match(k) for k in key)):
+            problems.append(f"{path}.key: expected a column name or a list of column names, got {raw['key']!r}")
+        else:
+            t.key = key
+    tenant = raw.get("tenant")
+    if tenant is not None:
+        if not (isinstance(tenant, str) and _NAME.match(tenant)):
+            problems.append(f"{path}.tenant: expected a column name, got {tenant!r}")
+        else:
+            t.tenant = tenant
+    if "document" in raw:
+        if _check_type(problems, f"{path}.document", raw["document"], str, "a template string"):
+            t.document = raw["document"]
+    if "facts" in raw:
+        if _check_type(problems, f"{path}.facts", raw["facts"], list, "a list of fact templates ([[tables.facts]])"):
+            t.facts = raw["facts"]
+    if "gate" in raw:
+        if _check_type(problems, f"{path}.gate", raw["gate"], dict, "a table ([tables.gate])"):
+            t.gate = raw["gate"]
+    return t
+
+
+def parse(raw: dict, path: Path = Path("pgfresh.toml")) -> Config:
+    """Build a Config from parsed TOML; raise ConfigError listing every problem."""
+    problems: list[str] = []
+    known = {"source", "tables", "rag", "train", "arena"}
+    for key in raw:
+        if key not in known:
+            problems.append(f"{key}: unknown section (known: {', '.join(sorted(known))})")
+    source = _parse_source(raw.get("source"), problems)
+    tables: list[TableConfig] = []
+    raw_tables = raw.get("tables", [])
+    if not isinstance(raw_tables, list):
+        problems.append("tables: expected a list of [[tables]] entries")
+        raw_tables = []
+    seen = set()
+    for i, rt in enumerate(raw_tables):
+        t = _parse_table(i, rt, problems)
+        if t is None:
+            continue
+        if t.name in seen:
+            problems.append(f"tables[{i}].name: {t.name} is listed twice")
+        seen.add(t.name)
+        tables.append(t)
+    sections = {}
+    for name in ("rag", "train", "arena"):
+        value = raw.get(name, {})
+        if not isinstance(value, dict):
+            problems.append(f"{name}: expected a table ([{name}])")
+            value = {}
+        sections[name] = value
+    config = Config(source=source, tables=tables, path=path, **sections)
+    if not problems:
+        for module_name in STAGE_MODULES:
+            try:
+                module = importlib.import_module(module_name)
+            except ModuleNotFoundError as exc:
+                if exc.name != module_name:
+                    raise
+                continue
+            check = getattr(module, "check_config", None)
+            if check is not None:
+                problems.extend(check(config))
+    if problems:
+        raise ConfigError(problems, str(path))
+    return config
+
+
+def load(path: str | Path = "pgfresh.toml") -> Config:
+    """Read and validate pgfresh.toml. A missing file is an error that says how to create one."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError([f"not found; create it with `pgfresh init` (or pass --config PATH)"], str(path))
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"not valid TOML: {exc}"], str(path)) from None
+    return parse(raw, path.resolve())
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(v)
+
+
+def render_toml(source: dict, tables: list[dict]) -> str:
+    """A starting pgfresh.toml: the source section and one [[tables]] entry per table."""
+    out = ["# pgfresh configuration: see docs/CONFIG.md", "", "[source]"]
+    for k, v in source.items():
+        if v is not None:
+            out.append(f"{k} = {_toml_value(v)}")
+    for t in tables:
+        out += ["", "[[tables]]"]
+        for k, v in t.items():
+            if v is not None:
+                out.append(f"{k} = {_toml_value(v)}")
+    return "\n".join(out) + "\n"

@@ -1,0 +1,67 @@
+"""Connections to the source database and pgfresh's own schema there.
+
+Every connection carries `application_name` (`pgfresh-capture`, `pgfresh-index`, ...) so a DBA
+sees in `pg_stat_activity` who holds what, and where the server supports it (PostgreSQL 17+)
+`transaction_timeout`, so no transaction pgfresh opens can outlive `max_txn_seconds`, whatever
+goes wrong in pgfresh itself.
+
+`migrate` applies the numbered SQL files in `pgfresh/migrations/` in order, once each, under an
+advisory lock; a released migration is never edited.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+
+import psycopg
+from psycopg import errors as pgerr
+
+from pgfresh.errors import SourceError
+
+MIGRATION_LOCK = 0x70676672  # "pgfr": advisory lock key for migrations
+
+
+def connect(dsn: str, role: str, *, max_txn_seconds: float | None = None, autocommit: bool = False,
+            connect_timeout: int = 10) -> psycopg.Connection:
+    """Open a connection named `pgfresh-<role>`; translate connection failures into one clear line."""
+    options = "-c TimeZone=UTC -c DateStyle=ISO -c IntervalStyle=postgres -c extra_float_digits=1"
+    try:
+        conn = psycopg.connect(dsn, application_name=f"pgfresh-{role}", options=options,
+                               autocommit=autocommit, connect_timeout=connect_timeout)
+    except psycopg.OperationalError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SourceError(f"cannot connect to the source database ({first}); check source.dsn in pgfresh.toml") from None
+    if max_txn_seconds and conn.info.server_version >= 170000:
+        ms = int(max_txn_seconds * 1000)
+        conn.execute(f"set transaction_timeout = {ms}")  # an int we computed, not user text
+        if not autocommit:
+            conn.commit()
+    return conn
+
+
+def migrate(conn: psycopg.Connection) -> list[str]:
+    """Create schema pgfresh and apply pending migrations; return the names applied."""
+    applied_now = []
+    with conn.transaction():
+        conn.execute("select pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
+        conn.execute("create schema if not exists pgfresh")
+        conn.execute(
+            "create table if not exists pgfresh.migrations ("
+            " version integer primary key, name text not null, applied_at timestamptz not null default now())"
+        )
+        done = {r[0] for r in conn.execute("select version from pgfresh.migrations")}
+        files = sorted(
+            (f for f in resources.files("pgfresh.migrations").iterdir() if f.name.endswith(".sql")),
+            key=lambda f: f.name,
+        )
+        for f in files:
+            version = int(f.name.split("_", 1)[0])
+            if version in done:
+                continue
+            try:
+                conn.execute(f.read_text())
+            except pgerr.UndefinedFile as exc:
+                raise SourceError(f"migration {f.name} needs an extension the server lacks: {exc}") from None
+            conn.execute("insert into pgfresh.migrations (version, name) values (%s, %s)", (version, f.name))
+            applied_now.append(f.name)
+    return applied_now

@@ -1,0 +1,34 @@
+"""The small exception hierarchy pgfresh raises.
+
+Every error a user can cause or fix is a `PgfreshError`; the CLI turns it into one line on stderr
+and exit code 2. Anything else escaping is a bug and keeps its traceback.
+"""
+
+
+class PgfreshError(Exception):
+    """Base of every error pgfresh reports to a user. The message says what is wrong and how to fix it."""
+
+    exit_code = 2
+
+
+class ConfigError(PgfreshError):
+    """pgfresh.toml is missing, unreadable or invalid; the message lists every problem found."""
+
+    def __init__(self, problems: list[str], path: str = "pgfresh.toml"):
+        self.problems = problems
+        self.path = path
+        if len(problems) == 1:
+            msg = f"{path}: {problems[0]}"
+        else:
+            msg = f"{path}: {len(problems)} problems: " + "; ".join(problems)
+        super().__init__(msg)
+
+
+class SourceError(PgfreshError):
+    """The source database cannot be used as configured (unreachable, privileges, wal_level, tables)."""
+
+
+class DecodeError(PgfreshError):
+    """The replication stream carried something pgfresh cannot decode; names the LSN and the bytes."""
+
+    exit_code = 3
