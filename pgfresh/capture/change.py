@@ -28,6 +28,7 @@ class Change:
     old_key: list | None = None  # the key before an update that changed it
     tenant: str | None = None
     seq: int | None = None  # position in pgfresh.changes, once logged
+    unchanged: tuple = ()  # TOASTed columns the stream did not resend (the row store fills them in)
 
     @property
     def key_text(self) -> str:

@@ -1,0 +1,297 @@
+"""The row store sink: `pgfresh.rows` holds the current state of every captured row.
+
+Exactly once: each batch of streamed transactions is applied in ONE database transaction together
+with the change-log entries (`pgfresh.changes`) and the stream position (`pgfresh.sink_progress`).
+After a crash, capture restarts from that stored position and `apply_transactions` skips any
+transaction whose end LSN it already stored, so nothing is applied twice and nothing is lost.
+
+Snapshot reconciliation (docs/ARCHITECTURE.md, "Snapshot without a long transaction"): a snapshot
+chunk is read in its own short REPEATABLE READ transaction that also records
+`pg_current_snapshot()`. Each row the chunk wrote keeps that snapshot in `rows.snap`. A streamed
+change whose transaction is *visible* in that snapshot is already contained in the chunk and is
+skipped for that key; one that is not visible is newer and wins. Conversely a chunk row does not
+overwrite a key whose last streamed change is invisible to the chunk's snapshot (the stream is
+newer). Deletes leave a tombstone row (`deleted`), so a chunk read before the delete cannot
+resurrect the row.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import psycopg
+from psycopg import sql
+from psycopg.types.json import Jsonb
+
+from pgfresh.capture import pgoutput as po
+from pgfresh.capture.change import Change, key_text
+from pgfresh.capture.setup import TableInfo
+from pgfresh.capture.stream import Transaction
+
+SINK = "rows"
+
+_STAGE = """
+create temp table if not exists pgfresh_stage (
+    tbl text, key text, tenant text, row jsonb, deleted boolean, xid xid8, versions integer
+) on commit delete rows
+"""
+
+_UPSERT_STREAM = """
+insert into pgfresh.rows as r (tbl, key, tenant, row, lsn, commit_time, deleted, xid, snap, versions)
+select tbl, key, tenant, row, %(lsn)s::pg_lsn, %(commit_time)s, deleted, xid, null, versions from pgfresh_stage
+on conflict (tbl, key) do update set
+    tenant = excluded.tenant, row = excluded.row, lsn = excluded.lsn, commit_time = excluded.commit_time,
+    deleted = excluded.deleted, xid = excluded.xid, snap = null, versions = r.versions + excluded.versions
+"""
+
+_UPSERT_CHUNK = """
+insert into pgfresh.rows as r (tbl, key, tenant, row, lsn, commit_time, deleted, xid, snap, versions)
+select tbl, key, tenant, row, '0/0', null, false, null, %(snap)s::pg_snapshot, 1 from pgfresh_stage
+on conflict (tbl, key) do update set
+    tenant = excluded.tenant, row = excluded.row, deleted = false, snap = excluded.snap
+    where r.xid is null or pg_visible_in_snapshot(r.xid, excluded.snap)
+returning key
+"""
+
+_LOG_COLUMNS = "copy pgfresh.changes (tbl, key, tenant, op, row, lsn, commit_time) from stdin"
+
+
+@dataclass
+class Snapshot:
+    """A pg_snapshot (xmin:xmax:xip) for visibility tests in Python."""
+
+    xmin: int
+    xmax: int
+    xip: frozenset
+
+    @classmethod
+    def parse(cls, text: str) -> "Snapshot":
+        xmin, xmax, xip = text.split(":")
+        return cls(int(xmin), int(xmax), frozenset(int(x) for x in xip.split(",") if x))
+
+    def visible(self, xid8: int) -> bool:
+        """Was the (committed) transaction xid8 already committed when this snapshot was taken?"""
+        return xid8 < self.xmin or (xid8 < self.xmax and xid8 not in self.xip)
+
+
+def full_xid(xid32: int, reference: int) -> int:
+    """Widen a 32-bit xid from the stream to xid8, given any xid8 known to be newer."""
+    full = (reference & ~0xFFFFFFFF) | xid32
+    if full >= reference:
+        full -= 1 << 32
+    return full
+
+
+class RowStore:
+    """Applies streamed transactions and snapshot chunks to pgfresh.rows, logging each applied change."""
+
+    def __init__(self, conn: psycopg.Connection, infos: dict[str, TableInfo]):
+        self.conn = conn
+        self.infos = infos
+        conn.execute(_STAGE)
+        conn.commit()
+        self.snapshot_pending = self._pending_tables()
+
+    # -- positions -------------------------------------------------------------------------------
+    def stored_lsn(self) -> int:
+        row = self.conn.execute("select lsn::text from pgfresh.sink_progress where sink = %s", (SINK,)).fetchone()
+        self.conn.commit()
+        return po.parse_lsn(row[0]) if row else 0
+
+    def start(self, slot_lsn: str, created: bool) -> None:
+        """Record the starting position; on a new slot, queue a snapshot of every table."""
+        with self.conn.transaction():
+            self.conn.execute(
+                "insert into pgfresh.sink_progress (sink, lsn) values (%s, %s) on conflict (sink) do nothing",
+                (SINK, slot_lsn))
+            for name in self.infos:
+                # A table added to the config later gets its snapshot too; a new slot re-reads everything.
+                if created:
+                    self.conn.execute("delete from pgfresh.snapshot_progress where tbl = %s", (name,))
+                self.conn.execute(
+                    "insert into pgfresh.snapshot_progress (tbl) values (%s) on conflict (tbl) do nothing", (name,))
+        self.snapshot_pending = self._pending_tables()
+
+    def _pending_tables(self) -> list[str]:
+        names = [r[0] for r in self.conn.execute(
+            "select tbl from pgfresh.snapshot_progress where not done order by tbl")]
+        self.conn.commit()
+        return [n for n in names if n in self.infos]
+
+    # -- stream ----------------------------------------------------------------------------------
+    def apply_transactions(self, txs: list[Transaction]) -> list[Change]:
+        """Apply whole transactions (skipping ones already stored) in one DB transaction; commit."""
+        with self.conn.transaction():
+            (stored,) = self.conn.execute(
+                "select lsn::text from pgfresh.sink_progress where sink = %s for update", (SINK,)).fetchone()
+            stored = po.parse_lsn(stored)
+            txs = [t for t in txs if t.end_lsn > stored]
+            if not txs:
+                return []
+            (ref,) = self.conn.execute("select pg_snapshot_xmax(pg_current_snapshot())::text::bigint").fetchone()
+            changes = [c for t in txs for c in t.changes]
+            for c in changes:
+                c.xid = full_xid(c.xid, ref) if c.xid is not None else None
+            applied = self._apply_changes(changes)
+            self.conn.execute("update pgfresh.sink_progress set lsn = %s, updated_at = now() where sink = %s",
+                              (po.format_lsn(txs[-1].end_lsn), SINK))
+        return applied
+
+    def _state(self, changes: list[Change]) -> dict[tuple[str, str], tuple[dict | None, Snapshot | None]]:
+        """Stored row and chunk snapshot for the keys that need them (TOAST fill, deletes, snapshot in progress)."""
+        pending = set(self.snapshot_pending)
+        wanted = {(c.table, c.key_text) for c in changes
+                  if c.unchanged or c.op == "delete" or c.old_key is not None or c.table in pending}
+        if not wanted:
+            return {}
+        tbls, keys = zip(*wanted)
+        rows = self.conn.execute(
+            "select r.tbl, r.key, r.row, r.snap::text from pgfresh.rows r"
+            " join unnest(%s::text[], %s::text[]) w(tbl, key) using (tbl, key)", (list(tbls), list(keys)))
+        return {(t, k): (row, Snapshot.parse(s) if s else None) for t, k, row, s in rows}
+
+    def _apply_changes(self, changes: list[Change]) -> list[Change]:
+        state = self._state(changes)
+        applied: list[Change] = []
+        final: dict[tuple[str, str], list] = {}  # key -> [change, versions]
+        for c in changes:
+            if c.op == "truncate":
+                self._flush(final)
+                final = {}
+                self._truncate(c)
+                applied.append(c)
+                continue
+            k = (c.table, c.key_text)
+            row, snap = state.get(k, (None, None))
+            if snap is not None and c.xid is not None and snap.visible(c.xid):
+                continue  # the snapshot chunk that wrote this key already contains this change
+            if c.old_key is not None:  # the key itself changed: the old key is gone
+                gone = Change(c.table, "delete", c.old_key, None, c.lsn, c.commit_time, c.xid, tenant=c.tenant)
+                old_k = (c.table, gone.key_text)
+                gone.row = state.get(old_k, (None, None))[0]
+                state[old_k] = (gone.row, None)
+                self._note(final, gone, old_k)
+                applied.append(gone)
+            if c.op == "delete":
+                c.row = row  # the last known row: later stages render "no longer exists" from it
+            elif c.unchanged and row is not None:
+                c.row = {**{col: row.get(col) for col in c.unchanged}, **c.row}
+            state[k] = (c.row, None)
+            self._note(final, c, k)
+            applied.append(c)
+        self._flush(final)
+        self._log(applied)
+        return applied
+
+    @staticmethod
+    def _note(final: dict, c: Change, k: tuple) -> None:
+        if k in final:
+            final[k][0] = c
+            final[k][1] += 1
+        else:
+            final[k] = [c, 1]
+
+    def _flush(self, final: dict) -> None:
+        if not final:
+            return
+        cur = self.conn.cursor()
+        with cur.copy("copy pgfresh_stage (tbl, key, tenant, row, deleted, xid, versions) from stdin") as cp:
+            for (tbl, key), (c, n) in final.items():
+                cp.write_row((tbl, key, c.tenant, Jsonb(c.row) if c.row is not None else None,
+                              c.op == "delete", c.xid, n))
+        last = max((c for c, _ in final.values()), key=lambda c: c.lsn)
+        cur.execute(_UPSERT_STREAM, {"lsn": po.format_lsn(last.lsn), "commit_time": last.commit_time})
+        # Rows of one batch carry the batch's last LSN only if they share it; fix the others exactly.
+        if len({c.lsn for c, _ in final.values()}) > 1:
+            cur.execute(
+                "update pgfresh.rows r set lsn = v.lsn::pg_lsn, commit_time = v.ct from unnest(%s::text[], %s::text[],"
+                " %s::text[], %s::timestamptz[]) v(tbl, key, lsn, ct) where r.tbl = v.tbl and r.key = v.key",
+                ([t for t, _ in final], [k for _, k in final], [po.format_lsn(c.lsn) for c, _ in final.values()],
+                 [c.commit_time for c, _ in final.values()]))
+        cur.execute("truncate pgfresh_stage")
+
+    def _truncate(self, c: Change) -> None:
+        self.conn.execute(
+            "update pgfresh.rows set deleted = true, lsn = %s, commit_time = %s, xid = %s::xid8, snap = null"
+            " where tbl = %s and not deleted", (po.format_lsn(c.lsn), c.commit_time, str(c.xid), c.table))
+        self.conn.execute("update pgfresh.snapshot_progress set truncate_xid = %s::xid8 where tbl = %s and not done",
+                          (str(c.xid), c.table))
+
+    def _log(self, changes: list[Change]) -> None:
+        if not changes:
+            return
+        with self.conn.cursor().copy(_LOG_COLUMNS) as cp:
+            for c in changes:
+                cp.write_row((c.table, c.key_text, c.tenant, c.op, Jsonb(c.row) if c.row is not None else None,
+                              po.format_lsn(c.lsn), c.commit_time))
+
+    # -- snapshot --------------------------------------------------------------------------------
+    def snapshot_step(self, max_rows: int) -> tuple[int, float]:
+        """Read and apply the next chunk of the first unfinished table. Returns (rows read, seconds)."""
+        if not self.snapshot_pending:
+            return 0, 0.0
+        name = self.snapshot_pending[0]
+        info = self.infos[name]
+        started = time.monotonic()
+        conn = self.conn
+        conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+        try:
+            with conn.transaction():
+                snap_text = conn.execute("select pg_current_snapshot()::text").fetchone()[0]
+                last_key, truncate_xid = conn.execute(
+                    "select last_key, truncate_xid::text from pgfresh.snapshot_progress where tbl = %s for update",
+                    (name,)).fetchone()
+                rows = self._read_chunk(info, last_key, max_rows)
+                snap = Snapshot.parse(snap_text)
+                skip = truncate_xid is not None and not snap.visible(int(truncate_xid))
+                applied = [] if skip else self._apply_chunk(info, rows, snap_text)
+                self._log(applied)
+                key_idx = [info.columns.index(k) for k in info.key]
+                new_last = [rows[-1][i] for i in key_idx] if rows else last_key
+                done = len(rows) < max_rows
+                conn.execute(
+                    "update pgfresh.snapshot_progress set last_key = %s, rows_read = rows_read + %s, done = %s,"
+                    " finished_at = case when %s then now() end where tbl = %s",
+                    (Jsonb(new_last), len(rows), done, done, name))
+        finally:
+            conn.isolation_level = None
+        if done:
+            self.snapshot_pending.pop(0)
+        return len(rows), time.monotonic() - started
+
+    def _read_chunk(self, info: TableInfo, last_key: list | None, limit: int) -> list[tuple]:
+        keys = sql.SQL(", ").join(sql.Identifier(k) for k in info.key)
+        where = sql.SQL("")
+        params: list = []
+        if last_key is not None:
+            casts = sql.SQL(", ").join(
+                sql.SQL("{}::{}").format(sql.Placeholder(), sql.SQL(info.types[info.columns.index(k)]))
+                for k in info.key)
+            where = sql.SQL("where ({}) > ({})").format(keys, casts)
+            params = list(last_key)
+        query = sql.SQL("copy (select {} from {} {} order by {} limit {}) to stdout").format(
+            sql.SQL(", ").join(sql.Identifier(c) for c in info.columns), info.ident, where, keys, sql.Literal(limit))
+        cur = self.conn.cursor()
+        with cur.copy(query, params or None) as cp:
+            return list(cp.rows())
+
+    def _apply_chunk(self, info: TableInfo, rows: list[tuple], snap_text: str) -> list[Change]:
+        if not rows:
+            return []
+        cols, oids = info.columns, info.type_oids
+        key_idx = [cols.index(k) for k in info.key]
+        tenant_idx = cols.index(info.tenant) if info.tenant else None
+        changes = {}
+        cur = self.conn.cursor()
+        with cur.copy("copy pgfresh_stage (tbl, key, tenant, row) from stdin") as cp:
+            for raw in rows:
+                row = {c: po.convert(o, v) for c, o, v in zip(cols, oids, raw)}
+                key = [row[cols[i]] for i in key_idx]
+                tenant = raw[tenant_idx] if tenant_idx is not None else None
+                c = Change(info.name, "read", key, row, 0, None, tenant=tenant)
+                changes[c.key_text] = c
+                cp.write_row((info.name, c.key_text, tenant, Jsonb(row)))
+        applied = [r[0] for r in cur.execute(_UPSERT_CHUNK, {"snap": snap_text})]
+        cur.execute("truncate pgfresh_stage")
+        return [changes[k] for k in applied]

@@ -1,0 +1,210 @@
+"""Preparing a source database for capture, and refusing clearly when it cannot be used.
+
+`check_source` verifies, before anything is created, everything capture needs: `wal_level=logical`,
+a role allowed to replicate, every configured table present with a usable key. Each failure is one
+line saying what is wrong and how to fix it. `ensure_publication` / `ensure_slot` then create the
+publication (only the configured tables, never schema pgfresh) and the pgoutput slot.
+`init_project` writes a starting pgfresh.toml from the database's tables.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg
+from psycopg import sql
+
+from pgfresh import config as cfg
+from pgfresh.errors import ConfigError, SourceError
+
+
+@dataclass
+class TableInfo:
+    """What capture knows of one source table."""
+
+    name: str  # schema.table
+    columns: list[str]
+    type_oids: list[int]
+    types: list[str]  # format_type names, for casts
+    key: list[str]
+    tenant: str | None
+
+    @property
+    def ident(self) -> sql.Composed:
+        schema, table = self.name.split(".", 1)
+        return sql.Identifier(schema, table)
+
+
+def resolve_dsn(config: cfg.Config) -> str:
+    """The source DSN: the configured one, or the embedded server (started if needed)."""
+    if config.source.dsn:
+        return config.source.dsn
+    from pgfresh.embedded import EmbeddedServer
+
+    return EmbeddedServer(config.data_dir / "pg").start()
+
+
+def check_server(conn: psycopg.Connection) -> None:
+    wal_level = conn.execute("show wal_level").fetchone()[0]
+    if wal_level != "logical":
+        raise SourceError(
+            f"wal_level is '{wal_level}', capture needs 'logical': run ALTER SYSTEM SET wal_level = logical "
+            "and restart PostgreSQL"
+        )
+    superuser, replication = conn.execute(
+        "select rolsuper, rolreplication from pg_roles where rolname = current_user"
+    ).fetchone()
+    if not (superuser or replication):
+        user = conn.info.user
+        raise SourceError(
+            f"role {user} may not replicate: run ALTER ROLE {user} WITH REPLICATION (and grant SELECT on the tables)"
+        )
+    if conn.info.server_version < 140000:
+        raise SourceError(f"PostgreSQL {conn.info.server_version // 10000} is too old: pgfresh needs 14 or newer")
+
+
+def table_info(conn: psycopg.Connection, table: cfg.TableConfig) -> TableInfo:
+    """Columns, types and key of a configured table; SourceError if it is missing or has no usable key."""
+    row = conn.execute(
+        "select c.oid, c.relreplident, c.relkind from pg_class c join pg_namespace n on n.oid = c.relnamespace"
+        " where n.nspname = %s and c.relname = %s",
+        (table.schema, table.table),
+    ).fetchone()
+    if row is None or row[2] not in ("r", "p"):
+        raise SourceError(f"table {table.name} does not exist: create it or remove it from pgfresh.toml")
+    oid, replident, _ = row
+    cols = conn.execute(
+        "select attname, atttypid::int, format_type(atttypid, atttypmod) from pg_attribute"
+        " where attrelid = %s and attnum > 0 and not attisdropped order by attnum",
+        (oid,),
+    ).fetchall()
+    names = [c[0] for c in cols]
+    pk = [r[0] for r in conn.execute(
+        "select a.attname from pg_index i join pg_attribute a on a.attrelid = i.indrelid"
+        " and a.attnum = any(i.indkey) where i.indrelid = %s and i.indisprimary"
+        " order by array_position(i.indkey::int2[], a.attnum)",
+        (oid,),
+    )]
+    key = table.key or pk
+    if not key:
+        raise SourceError(
+            f"table {table.name} has no primary key: add one, or set key = [...] for it in pgfresh.toml "
+            f"and run ALTER TABLE {table.name} REPLICA IDENTITY FULL"
+        )
+    if table.key and table.key != pk and replident != "f":
+        raise SourceError(
+            f"table {table.name}: key {table.key} is not its primary key, so deletes would not carry it: "
+            f"run ALTER TABLE {table.name} REPLICA IDENTITY FULL"
+        )
+    if replident == "n":
+        raise SourceError(
+            f"table {table.name} has REPLICA IDENTITY NOTHING, so updates and deletes carry no key: "
+            f"run ALTER TABLE {table.name} REPLICA IDENTITY DEFAULT"
+        )
+    missing = [c for c in key + ([table.tenant] if table.tenant else []) if c not in names]
+    if missing:
+        raise SourceError(f"table {table.name} has no column {', '.join(missing)}: fix key/tenant in pgfresh.toml")
+    return TableInfo(table.name, names, [c[1] for c in cols], [c[2] for c in cols], key, table.tenant)
+
+
+def check_source(conn: psycopg.Connection, config: cfg.Config) -> dict[str, TableInfo]:
+    """Everything capture needs, checked before anything is created."""
+    check_server(conn)
+    if not config.tables:
+        raise ConfigError(["tables: no [[tables]] configured; run `pgfresh init` or add one"], str(config.path))
+    infos = {t.name: table_info(conn, t) for t in config.tables}
+    conn.rollback()
+    return infos
+
+
+def ensure_publication(conn: psycopg.Connection, config: cfg.Config) -> None:
+    """Create the publication on exactly the configured tables, or add tables missing from it."""
+    pub = config.source.publication
+    with conn.transaction():
+        exists = conn.execute("select 1 from pg_publication where pubname = %s", (pub,)).fetchone()
+        names = [sql.Identifier(t.schema, t.table) for t in config.tables]
+        if not exists:
+            conn.execute(sql.SQL("create publication {} for table {}").format(sql.Identifier(pub), sql.SQL(", ").join(names)))
+            return
+        have = {f"{s}.{t}" for s, t in conn.execute(
+            "select schemaname, tablename from pg_publication_tables where pubname = %s", (pub,))}
+        for t in config.tables:
+            if t.name not in have:
+                conn.execute(sql.SQL("alter publication {} add table {}").format(
+                    sql.Identifier(pub), sql.Identifier(t.schema, t.table)))
+
+
+def ensure_slot(conn: psycopg.Connection, config: cfg.Config) -> tuple[str, bool]:
+    """Create the pgoutput slot if missing. Returns (LSN to start from, created now)."""
+    slot = config.source.slot
+    row = conn.execute(
+        "select plugin, database, confirmed_flush_lsn::text, active_pid from pg_replication_slots where slot_name = %s",
+        (slot,),
+    ).fetchone()
+    conn.rollback()
+    if row is not None:
+        plugin, database, confirmed, active_pid = row
+        if plugin != "pgoutput" or database != conn.info.dbname:
+            raise SourceError(
+                f"replication slot {slot} exists for {plugin} on database {database}: choose another source.slot"
+            )
+        if active_pid:
+            raise SourceError(f"replication slot {slot} is in use by process {active_pid}: is another pgfresh sync running?")
+        return confirmed, False
+    was = conn.autocommit
+    conn.autocommit = True
+    try:
+        (lsn,) = conn.execute("select lsn::text from pg_create_logical_replication_slot(%s, 'pgoutput')", (slot,)).fetchone()
+    finally:
+        conn.autocommit = was
+    return lsn, True
+
+
+def list_user_tables(conn: psycopg.Connection) -> list[tuple[str, list[str], str | None]]:
+    """(schema.table, primary key, guessed tenant column) of every ordinary user table."""
+    rows = conn.execute(
+        "select n.nspname || '.' || c.relname, c.oid from pg_class c join pg_namespace n on n.oid = c.relnamespace"
+        " where c.relkind in ('r','p') and not c.relispartition and n.nspname not in ('pg_catalog','information_schema','pgfresh')"
+        " and n.nspname not like 'pg_toast%%' and n.nspname not like 'pg_temp%%' order by 1"
+    ).fetchall()
+    out = []
+    for name, oid in rows:
+        pk = [r[0] for r in conn.execute(
+            "select a.attname from pg_index i join pg_attribute a on a.attrelid = i.indrelid and a.attnum = any(i.indkey)"
+            " where i.indrelid = %s and i.indisprimary order by array_position(i.indkey::int2[], a.attnum)", (oid,))]
+        cols = [r[0] for r in conn.execute(
+            "select attname from pg_attribute where attrelid = %s and attnum > 0 and not attisdropped", (oid,))]
+        tenant = next((c for c in ("tenant_id", "tenant", "org_id", "account_id", "shop_id") if c in cols), None)
+        out.append((name, pk, tenant))
+    return out
+
+
+def init_project(path: Path, dsn: str | None = None, tables: list[str] | None = None, force: bool = False) -> Path:
+    """Write a starting pgfresh.toml from the database's tables and create schema pgfresh."""
+    from pgfresh import db
+
+    path = Path(path)
+    if path.exists() and not force:
+        raise ConfigError([f"already exists; pass --force to overwrite it"], str(path))
+    probe = cfg.Config(source=cfg.SourceConfig(dsn=dsn), tables=[], path=path.resolve())
+    conn = db.connect(resolve_dsn(probe), "init")
+    with conn:
+        check_server(conn)
+        found = list_user_tables(conn)
+        if tables:
+            wanted = {t if "." in t else f"public.{t}" for t in tables}
+            unknown = wanted - {f[0] for f in found}
+            if unknown:
+                raise SourceError(f"no such table: {', '.join(sorted(unknown))}")
+            found = [f for f in found if f[0] in wanted]
+        entries = []
+        for name, pk, tenant in found:
+            entries.append({"name": name, "key": None if pk else ["id"], "tenant": tenant})
+        conn.rollback()
+        db.migrate(conn)
+    source = {"dsn": dsn}
+    if not dsn:
+        source["data_dir"] = ".pgfresh"
+    path.write_text(cfg.render_toml(source, entries))
+    return path
