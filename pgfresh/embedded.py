@@ -62,7 +62,8 @@ def _port_in_use(port: int) -> bool:
 class EmbeddedServer:
     """One PostgreSQL server on a data directory pgfresh owns."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, settings: dict[str, str] | None = None):
+        self.settings = {**SERVER_SETTINGS, **(settings or {})}
         self.path = Path(path).resolve()
         self.pgdata = self.path
         self.bin = _bin_dir()
@@ -103,7 +104,7 @@ class EmbeddedServer:
         raise SourceError(f"{conf} names no port; remove {self.pgdata} to re-initialise it")
 
     def _write_settings(self, port: int) -> None:
-        lines = [f"{k} = {v}" for k, v in SERVER_SETTINGS.items()] + [f"port = {port}"]
+        lines = [f"{k} = {v}" for k, v in self.settings.items()] + [f"port = {port}"]
         conf = self.pgdata / "postgresql.pgfresh.conf"
         conf.write_text("# written by pgfresh; edit postgresql.conf for your own settings\n" + "\n".join(lines) + "\n")
         if self.user:

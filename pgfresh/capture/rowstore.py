@@ -92,6 +92,7 @@ class RowStore:
         conn.execute(_STAGE)
         conn.commit()
         self.snapshot_pending = self._pending_tables()
+        self.reconcile_until = self._reconcile_until()
 
     # -- positions -------------------------------------------------------------------------------
     def stored_lsn(self) -> int:
@@ -112,6 +113,12 @@ class RowStore:
                 self.conn.execute(
                     "insert into pgfresh.snapshot_progress (tbl) values (%s) on conflict (tbl) do nothing", (name,))
         self.snapshot_pending = self._pending_tables()
+        self.reconcile_until = self._reconcile_until()
+
+    def _reconcile_until(self) -> dict[str, int]:
+        rows = self.conn.execute("select tbl, reconcile_until::text from pgfresh.snapshot_progress"
+                                 " where reconcile_until is not null").fetchall()
+        return {t: po.parse_lsn(lsn) for t, lsn in rows}
 
     def _pending_tables(self) -> list[str]:
         names = [r[0] for r in self.conn.execute(
@@ -140,9 +147,13 @@ class RowStore:
 
     def _state(self, changes: list[Change]) -> dict[tuple[str, str], tuple[dict | None, Snapshot | None]]:
         """Stored row and chunk snapshot for the keys that need them (TOAST fill, deletes, snapshot in progress)."""
+        # A change may already be inside a chunk only if its table is still being read, or if it
+        # committed before the table's last chunk was read (WAL position recorded with the chunk).
         pending = set(self.snapshot_pending)
+        until = self.reconcile_until
         wanted = {(c.table, c.key_text) for c in changes
-                  if c.unchanged or c.op == "delete" or c.old_key is not None or c.table in pending}
+                  if c.unchanged or c.op == "delete" or c.old_key is not None or c.table in pending
+                  or c.lsn <= until.get(c.table, 0)}
         if not wanted:
             return {}
         tbls, keys = zip(*wanted)
@@ -238,7 +249,8 @@ class RowStore:
         conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
         try:
             with conn.transaction():
-                snap_text = conn.execute("select pg_current_snapshot()::text").fetchone()[0]
+                snap_text, wal_pos = conn.execute(
+                    "select pg_current_snapshot()::text, pg_current_wal_insert_lsn()::text").fetchone()
                 last_key, truncate_xid = conn.execute(
                     "select last_key, truncate_xid::text from pgfresh.snapshot_progress where tbl = %s for update",
                     (name,)).fetchone()
@@ -252,10 +264,11 @@ class RowStore:
                 done = len(rows) < max_rows
                 conn.execute(
                     "update pgfresh.snapshot_progress set last_key = %s, rows_read = rows_read + %s, done = %s,"
-                    " finished_at = case when %s then now() end where tbl = %s",
-                    (Jsonb(new_last), len(rows), done, done, name))
+                    " finished_at = case when %s then now() end, reconcile_until = %s where tbl = %s",
+                    (Jsonb(new_last), len(rows), done, done, wal_pos, name))
         finally:
             conn.isolation_level = None
+        self.reconcile_until[name] = po.parse_lsn(wal_pos)
         if done:
             self.snapshot_pending.pop(0)
         return len(rows), time.monotonic() - started

@@ -18,6 +18,7 @@ psycopg 3 has no replication protocol, so this module uses psycopg2's LogicalRep
 from __future__ import annotations
 
 import select
+import time
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -67,6 +68,8 @@ class Stream:
         self._streamed: dict[int, list[tuple[int, Change]]] = {}  # top xid -> [(subxid, change)]
         self._stream_xid: int | None = None
         self.last_end_lsn = 0  # end LSN of the last complete transaction received
+        self.confirmed = 0
+        self._last_feedback = 0.0
         self.messages = 0
 
     # -- reading ---------------------------------------------------------------------------------
@@ -177,13 +180,25 @@ class Stream:
         """Ask the server for a keepalive now, so `idle_position` is current."""
         self.cur.send_feedback(reply=True)
 
-    def confirm(self, lsn: int) -> None:
-        """Tell the server everything up to `lsn` is stored: it may recycle that WAL."""
-        if lsn:
-            self.cur.send_feedback(write_lsn=lsn, flush_lsn=lsn, apply_lsn=lsn)
+    def confirm(self, lsn: int, force: bool = False) -> None:
+        """Tell the server everything up to `lsn` is stored: it may recycle that WAL.
+
+        psycopg2 only records the position and sends it every status_interval; we send at most once
+        a second ourselves, and always on close, so the slot follows closely without chatter.
+        """
+        if not lsn:
+            return
+        self.confirmed = max(self.confirmed, lsn)
+        now = time.monotonic()
+        force = force or now - self._last_feedback > 1.0
+        if force:
+            self._last_feedback = now
+        self.cur.send_feedback(write_lsn=lsn, flush_lsn=lsn, apply_lsn=lsn, force=force)
 
     def close(self) -> None:
         try:
+            if self.confirmed:
+                self.confirm(self.confirmed, force=True)
             self.conn.close()
         except psycopg2.Error:
             pass

@@ -99,9 +99,9 @@ def run(config: cfg.Config, once: bool = False, console=None, stop: threading.Ev
     dsn = setup.resolve_dsn(config)
     src = config.source
     conn = db.connect(dsn, "capture", max_txn_seconds=src.max_txn_seconds, autocommit=True)
-    db.migrate(conn)
-    infos = setup.check_source(conn, config)
+    infos = setup.check_source(conn, config)  # everything checked before anything is created
     check_stage_columns(config, infos)
+    db.migrate(conn)
     setup.ensure_publication(conn, config)
     slot_lsn, created = setup.ensure_slot(conn, config)
     store = RowStore(conn, infos)
@@ -113,7 +113,7 @@ def run(config: cfg.Config, once: bool = False, console=None, stop: threading.Ev
     heartbeat = _Heartbeat(conn, "capture")
     _install_signals(stop)
     target = po.parse_lsn(conn.execute("select pg_current_wal_lsn()::text").fetchone()[0]) if once else None
-    stats = {"changes": 0, "transactions": 0, "snapshot_rows": 0, "lsn": po.format_lsn(start_lsn)}
+    stats = {"changes": 0, "transactions": 0, "snapshot_rows": 0, "lsn": po.format_lsn(start_lsn), "lag_seconds": 0.0}
     try:
         _loop(config, store, stream, workers, heartbeat, stats, stop, target, start_lsn, console)
     except BaseException as exc:
@@ -145,12 +145,14 @@ def _loop(config, store, stream, workers, heartbeat, stats, stop, target, proces
             processed = max(processed, batch[-1].end_lsn)
             stream.confirm(processed)  # only now: the sink transaction has committed
             stats["changes"] += len(applied)
+            stats["lag_seconds"] = round(time.time() - batch[-1].commit_time.timestamp(), 3)
             stats["transactions"] += len(batch)
             batch, batch_changes = [], 0
         elif not batch and not txs:
             idle = stream.idle_position()
             if idle > processed:
                 processed = idle
+                stats["lag_seconds"] = 0.0
                 stream.confirm(idle)  # idle: confirm so an idle database does not retain WAL
         if store.snapshot_pending and not stop.is_set():
             rows, seconds = store.snapshot_step(chunk_rows)
@@ -162,7 +164,8 @@ def _loop(config, store, stream, workers, heartbeat, stats, stop, target, proces
                 chunk_rows = min(src.snapshot_chunk_rows, chunk_rows * 2)
         busy = sum(w.step() for w in workers) if workers else 0
         stats["lsn"] = po.format_lsn(processed)
-        heartbeat.beat({"lsn": stats["lsn"], "changes": stats["changes"], "snapshot_pending": store.snapshot_pending})
+        heartbeat.beat({"lsn": stats["lsn"], "changes": stats["changes"], "lag_seconds": stats["lag_seconds"],
+                        "snapshot_pending": store.snapshot_pending})
         if time.monotonic() - last_prune > PRUNE_SECONDS:
             _prune(store.conn)
             last_prune = time.monotonic()
@@ -173,7 +176,8 @@ def _loop(config, store, stream, workers, heartbeat, stats, stop, target, proces
                 break
             if not txs:
                 stream.request_position()
-    heartbeat.beat({"lsn": stats["lsn"], "changes": stats["changes"], "snapshot_pending": []}, force=True)
+    heartbeat.beat({"lsn": stats["lsn"], "changes": stats["changes"], "lag_seconds": stats["lag_seconds"],
+                    "snapshot_pending": []}, force=True)
     _prune(store.conn)
 
 

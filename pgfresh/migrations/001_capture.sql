@@ -48,6 +48,8 @@ create table pgfresh.snapshot_progress (
     done         boolean     not null default false,
     rows_read    bigint      not null default 0,
     truncate_xid xid8,                           -- a TRUNCATE streamed during the snapshot
+    reconcile_until pg_lsn,                      -- WAL insert position at the last chunk: a streamed
+                                                 -- change ending after it cannot be in any chunk
     started_at   timestamptz not null default now(),
     finished_at  timestamptz
 );

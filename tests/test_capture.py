@@ -1,0 +1,306 @@
+"""capture: the row store equals the source, exactly once, without long transactions on the source."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import psycopg
+import pytest
+
+from pgfresh import config as cfg
+from pgfresh.capture import sync
+from pgfresh.capture.pgoutput import Decoder
+from pgfresh.errors import DecodeError
+from tests.conftest import run_cli, write_config
+
+
+def make_config(dsn: str, tables: list[dict], **source) -> cfg.Config:
+    return cfg.parse({"source": {"dsn": dsn, **source}, "tables": tables})
+
+
+def diff_count(db, table: str) -> int:
+    """Rows in the source and not in the row store, plus the reverse; 0 means equal."""
+    q = f"""
+    select (select count(*) from (select * from {table} except
+              select (jsonb_populate_record(null::{table}, row)).* from pgfresh.rows
+              where tbl = 'public.{table}' and not deleted) a)
+         + (select count(*) from (select (jsonb_populate_record(null::{table}, row)).* from pgfresh.rows
+              where tbl = 'public.{table}' and not deleted except select * from {table}) b)
+    """
+    return db.execute(q).fetchone()[0]
+
+
+def test_insert_update_delete_toast_truncate_and_new_column(db, dsn):
+    db.execute("create table items (id int primary key, name text, price numeric(10,2), body text, meta jsonb, ok bool)")
+    db.execute("create table notes (id bigint primary key, txt text)")
+    db.execute("insert into items select g, 'item ' || g, g * 1.5, null, '{\"a\": 1}', g % 2 = 0 from generate_series(1, 500) g")
+    db.execute("insert into notes values (1, 'one'), (2, 'two')")
+    conf = make_config(dsn, [{"name": "items"}, {"name": "notes"}], snapshot_chunk_rows=64)
+    stats = sync.run(conf, once=True)
+    assert stats["snapshot_rows"] == 502
+    assert diff_count(db, "items") == 0
+
+    # A TOASTed value (incompressible, > 2 kB) and an update of another column: pgoutput sends it as
+    # "unchanged"; the row store must keep it.
+    db.execute("update items set body = (select string_agg(md5(random()::text), '') from generate_series(1, 600)) where id = 7")
+    db.execute("update items set price = 99.99 where id = 7")
+    db.execute("update items set name = 'renamed', price = price + 1 where id between 10 and 20")
+    db.execute("delete from items where id in (30, 31)")
+    db.execute("insert into items values (1000, 'new', 5, null, null, true)")
+    db.execute("update items set id = 2000 where id = 1000")  # a key change: old key gone, new key present
+    db.execute("alter table items add column color text")  # a column added while capturing
+    db.execute("insert into items values (1001, 'coloured', 2, null, null, false, 'red')")
+    db.execute("update items set color = 'blue' where id = 1")
+    db.execute("truncate notes")
+    db.execute("insert into notes values (3, 'three')")
+    sync.run(conf, once=True)
+    assert diff_count(db, "items") == 0
+    assert diff_count(db, "notes") == 0
+    body = db.execute("select row->>'body' from pgfresh.rows where tbl = 'public.items' and key = '[7]'").fetchone()[0]
+    assert body is not None and len(body) == 600 * 32
+    assert db.execute("select deleted from pgfresh.rows where tbl = 'public.items' and key = '[1000]'").fetchone()[0]
+    live_notes = db.execute("select count(*) from pgfresh.rows where tbl = 'public.notes' and not deleted").fetchone()[0]
+    assert live_notes == 1
+    ops = dict(db.execute("select op, count(*) from pgfresh.changes where op <> 'read' group by op").fetchall())
+    assert ops["truncate"] == 1 and ops["delete"] == 3  # 30, 31 and the old key 1000
+
+
+def test_kill9_at_random_moments_loses_nothing_applies_nothing_twice(db, dsn, tmp_path):
+    """A writer keeps changing the table while `pgfresh sync` is SIGKILLed >= 20 times (also mid-snapshot)."""
+    db.execute("create table acct (id int primary key, v int not null default 1, balance int, note text)")
+    db.execute("insert into acct (id, balance, note) select g, g, 'n' || g from generate_series(1, 20000) g")
+    initial_max = 20000
+    path = write_config(tmp_path, dsn, '[[tables]]\nname = "acct"\n')
+    text = path.read_text().replace("max_txn_seconds = 5\n", "max_txn_seconds = 5\nsnapshot_chunk_rows = 1000\n")
+    path.write_text(text)
+
+    stop = threading.Event()
+    rng = random.Random(7)
+
+    def writer():
+        next_id = initial_max + 1
+        with psycopg.connect(dsn, autocommit=True) as w:
+            while not stop.is_set():
+                r = rng.random()
+                if r < 0.6:
+                    ids = [rng.randint(1, next_id - 1) for _ in range(5)]
+                    w.execute("update acct set v = v + 1, balance = balance + 1 where id = any(%s)", (ids,))
+                elif r < 0.9:
+                    w.execute("insert into acct (id, balance, note) values (%s, 0, 'new')", (next_id,))
+                    next_id += 1
+                else:
+                    w.execute("delete from acct where id = %s", (rng.randint(1, next_id - 1),))
+                time.sleep(0.002)
+
+    t = threading.Thread(target=writer)
+    t.start()
+    kills = 0
+    try:
+        for i in range(22):
+            proc = subprocess.Popen([sys.executable, "-m", "pgfresh", "sync", "--config", str(path)],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            time.sleep(rng.uniform(0.8, 2.5) if i else 1.5)  # the first kills land inside the snapshot
+            if proc.poll() is not None:
+                pytest.fail(f"sync exited early: {proc.stderr.read()}")
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            kills += 1
+    finally:
+        stop.set()
+        t.join()
+    assert kills >= 20
+    result = run_cli("sync", "--once", "--config", str(path))
+    assert result.returncode == 0, result.stderr
+    assert diff_count(db, "acct") == 0
+    # Exactly once: a row's applied-change count never exceeds its source version; rows the snapshot
+    # never read were built from the stream alone, so their counts are equal.
+    over = db.execute(
+        "select count(*) from pgfresh.rows r join acct a on r.key = json_build_array(a.id)::text"
+        " where r.versions > a.v").fetchone()[0]
+    assert over == 0
+    mismatched = db.execute(
+        "select count(*) from pgfresh.rows r join acct a on r.key = json_build_array(a.id)::text"
+        " where r.versions <> a.v and not exists (select 1 from pgfresh.changes c"
+        " where c.tbl = r.tbl and c.key = r.key and c.op = 'read')").fetchone()[0]
+    stream_born = db.execute("select count(*) from acct where id > %s", (initial_max,)).fetchone()[0]
+    assert stream_born > 50
+    assert mismatched == 0
+
+
+def test_200k_snapshot_while_updated_holds_no_long_transaction(db, dsn, tmp_path):
+    db.execute("create table big (id int primary key, v int not null default 0, pad text)")
+    db.execute("insert into big select g, 0, repeat('x', 40) from generate_series(1, 200000) g")
+    max_txn = 2.0
+    conf = make_config(dsn, [{"name": "big"}], max_txn_seconds=max_txn, snapshot_chunk_rows=20000)
+    stop = threading.Event()
+    worst = {"xact": 0.0, "xmin": 0.0, "samples": 0}
+
+    def writer():
+        rng = random.Random(1)
+        with psycopg.connect(dsn, autocommit=True) as w:
+            while not stop.is_set():
+                w.execute("update big set v = v + 1 where id = any(%s)", ([rng.randint(1, 200000) for _ in range(20)],))
+
+    def sampler():
+        seen_xmin: dict = {}
+        with psycopg.connect(dsn, autocommit=True) as s:
+            while not stop.is_set():
+                now = time.monotonic()
+                for pid, xact_age, xmin in s.execute(
+                        "select pid, extract(epoch from now() - xact_start), backend_xmin::text from pg_stat_activity"
+                        " where application_name like 'pgfresh-%'"):
+                    worst["xact"] = max(worst["xact"], float(xact_age or 0))
+                    if xmin is not None:
+                        first = seen_xmin.setdefault((pid, xmin), now)
+                        worst["xmin"] = max(worst["xmin"], now - first)
+                worst["samples"] += 1
+                time.sleep(0.1)
+
+    threads = [threading.Thread(target=writer), threading.Thread(target=sampler)]
+    for th in threads:
+        th.start()
+    try:
+        stats = sync.run(conf, once=True)
+    finally:
+        stop.set()
+        for th in threads:
+            th.join()
+    sync.run(conf, once=True)  # the writer's last changes
+    assert stats["snapshot_rows"] == 200000
+    assert diff_count(db, "big") == 0
+    assert worst["samples"] > 10
+    assert worst["xact"] < max_txn, worst
+    assert worst["xmin"] < max_txn, worst
+
+
+def test_idle_database_confirms_position_so_wal_is_not_retained(db, dsn, pg_server):
+    db.execute("create table t (id int primary key)")
+    conf = make_config(dsn, [{"name": "t"}])
+    sync.run(conf, once=True)
+    # WAL written elsewhere (another database) is nothing pgfresh must wait for.
+    with psycopg.connect(pg_server.dsn(), autocommit=True) as other:
+        other.execute("create table if not exists wal_filler (x int)")
+        other.execute("insert into wal_filler select generate_series(1, 50000)")
+        before = other.execute("select pg_current_wal_lsn()").fetchone()[0]
+    sync.run(conf, once=True)
+    confirmed = db.execute("select confirmed_flush_lsn from pg_replication_slots where slot_name = 'pgfresh'"
+                           " and database = current_database()").fetchone()[0]
+    assert confirmed >= before
+
+
+def test_status_json_reports_lag_counts_and_slot(db, dsn, tmp_path):
+    db.execute("create table t (id int primary key, x text)")
+    db.execute("insert into t values (1, 'a'), (2, 'b')")
+    path = write_config(tmp_path, dsn, '[[tables]]\nname = "t"\n')
+    assert run_cli("sync", "--once", "--config", str(path)).returncode == 0
+    db.execute("delete from t where id = 2")
+    assert run_cli("sync", "--once", "--config", str(path)).returncode == 0
+    out = run_cli("status", "--json", "--config", str(path))
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert report["capture"]["tables"]["public.t"]["rows"] == 1
+    assert report["capture"]["tables"]["public.t"]["deleted"] == 1
+    assert report["capture"]["lag_bytes"] >= 0
+    assert report["slot"]["exists"] and report["slot"]["retained_wal_bytes"] >= 0
+    assert report["source"]["oldest_xact_seconds"] >= 0
+    assert report["capture"]["workers"]["capture"]["last_error"] is None
+
+
+# -- bad input: one line, exit code 2, nothing created ------------------------------------------
+
+def _nothing_created(db) -> bool:
+    slots = db.execute("select count(*) from pg_replication_slots where database = current_database()").fetchone()[0]
+    pubs = db.execute("select count(*) from pg_publication").fetchone()[0]
+    schema = db.execute("select count(*) from pg_namespace where nspname = 'pgfresh'").fetchone()[0]
+    return slots == 0 and pubs == 0 and schema == 0
+
+
+def _assert_one_line_error(result, *needles):
+    assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+def test_unreachable_dsn(tmp_path):
+    path = write_config(tmp_path, "host=127.0.0.1 port=1 user=postgres dbname=nope connect_timeout=2",
+                        '[[tables]]\nname = "t"\n')
+    _assert_one_line_error(run_cli("sync", "--once", "--config", str(path)), "cannot connect", "source.dsn")
+
+
+def test_missing_table_and_missing_primary_key(db, dsn, tmp_path):
+    path = write_config(tmp_path, dsn, '[[tables]]\nname = "ghost"\n')
+    _assert_one_line_error(run_cli("sync", "--once", "--config", str(path)), "public.ghost does not exist")
+    db.execute("create table nokey (a int, b text)")
+    path = write_config(tmp_path, dsn, '[[tables]]\nname = "nokey"\n')
+    _assert_one_line_error(run_cli("sync", "--once", "--config", str(path)), "public.nokey has no primary key",
+                           "REPLICA IDENTITY")
+    assert _nothing_created(db)
+
+
+def test_role_without_replication(db, dsn, tmp_path):
+    db.execute("create role noreplic login")
+    db.execute("create table t (id int primary key)")
+    db.execute("grant select on t to noreplic")
+    try:
+        path = write_config(tmp_path, dsn.replace("user=postgres", "user=noreplic"), '[[tables]]\nname = "t"\n')
+        _assert_one_line_error(run_cli("sync", "--once", "--config", str(path)), "may not replicate",
+                               "ALTER ROLE noreplic WITH REPLICATION")
+        assert _nothing_created(db)
+    finally:
+        db.execute("drop owned by noreplic")
+        db.execute("drop role noreplic")
+
+
+def test_wal_level_not_logical(tmp_path):
+    from pgfresh.embedded import EmbeddedServer
+
+    server = EmbeddedServer(tmp_path / "replica", settings={"wal_level": "replica"})
+    try:
+        dsn = server.start()
+        path = write_config(tmp_path, dsn, '[[tables]]\nname = "t"\n')
+        _assert_one_line_error(run_cli("sync", "--once", "--config", str(path)), "wal_level is 'replica'",
+                               "wal_level = logical")
+    finally:
+        server.destroy()
+
+
+def test_invalid_config_reports_every_problem_at_once(tmp_path):
+    path = tmp_path / "pgfresh.toml"
+    path.write_text('[source]\nmax_txn_seconds = "soon"\nslot = "Bad Slot"\nfrobnicate = 1\n'
+                    '[[tables]]\nname = "a.b.c"\n[[tables]]\nkey = 3\n')
+    result = run_cli("sync", "--once", "--config", str(path))
+    _assert_one_line_error(result, "4 problems" if False else "problems", "source.max_txn_seconds",
+                           "source.slot", "source.frobnicate", "tables[0].name", "tables[1].name")
+    missing = run_cli("status", "--config", str(tmp_path / "nope.toml"))
+    _assert_one_line_error(missing, "not found", "pgfresh init")
+
+
+def test_init_writes_a_config_that_loads(db, dsn, tmp_path):
+    db.execute("create table shops (id int primary key, name text)")
+    db.execute("create table products (id int primary key, shop_id int, name text)")
+    path = tmp_path / "pgfresh.toml"
+    result = run_cli("init", "--dsn", dsn, "--config", str(path))
+    assert result.returncode == 0, result.stderr
+    conf = cfg.load(path)
+    assert {t.name for t in conf.tables} == {"public.shops", "public.products"}
+    assert conf.table("public.products").tenant == "shop_id"
+    assert db.execute("select count(*) from pgfresh.migrations").fetchone()[0] >= 1
+    again = run_cli("init", "--dsn", dsn, "--config", str(path))
+    _assert_one_line_error(again, "already exists", "--force")
+
+
+def test_unknown_message_stops_loudly_with_lsn_and_bytes():
+    with pytest.raises(DecodeError) as info:
+        Decoder().decode(b"Zsomething", lsn=0x1_0000_00AB)
+    assert "'Z'" in str(info.value) and "1/AB" in str(info.value) and "5a736f6d" in str(info.value)
+    with pytest.raises(DecodeError):
+        Decoder().decode(b"I\x00\x00\x00\x07N\x00\x01", lsn=5)  # a change before its Relation message
