@@ -22,7 +22,7 @@ from typing import Any
 from pgfresh.errors import ConfigError
 
 # Stages that validate their own sections of the file, in data-flow order.
-STAGE_MODULES = ("pgfresh.gate", "pgfresh.render", "pgfresh.rag", "pgfresh.train")
+STAGE_MODULES = ("pgfresh.gate", "pgfresh.render", "pgfresh.rag", "pgfresh.train", "pgfresh.arena")
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]*$")
 
@@ -67,6 +67,7 @@ class Config:
     train: dict = field(default_factory=dict)
     arena: dict = field(default_factory=dict)
     path: Path = Path("pgfresh.toml")
+    sections: frozenset = frozenset()  # top-level sections present in the file: a stage runs only if asked for
 
     def table(self, name: str) -> TableConfig:
         for t in self.tables:
@@ -204,7 +205,7 @@ def parse(raw: dict, path: Path = Path("pgfresh.toml")) -> Config:
             problems.append(f"{name}: expected a table ([{name}])")
             value = {}
         sections[name] = value
-    config = Config(source=source, tables=tables, path=path, **sections)
+    config = Config(source=source, tables=tables, path=path, sections=frozenset(raw), **sections)
     if not problems:
         for module_name in STAGE_MODULES:
             try:

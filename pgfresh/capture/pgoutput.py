@@ -48,6 +48,24 @@ def convert(type_oid: int, text: str | None):
     return text
 
 
+def _float(text: str):
+    f = float(text)
+    return f if math.isfinite(f) else text
+
+
+def converter(type_oid: int):
+    """The function `convert` applies for a type, or None when the text is kept as is."""
+    if type_oid in _INT_OIDS:
+        return int
+    if type_oid == 16:
+        return "t".__eq__
+    if type_oid in _FLOAT_OIDS:
+        return _float
+    if type_oid in _JSON_OIDS:
+        return json.loads
+    return None
+
+
 def pg_time(us: int) -> datetime:
     return PG_EPOCH + timedelta(microseconds=us)
 
@@ -61,6 +79,10 @@ class Relation:
     columns: list[str]
     type_oids: list[int]
     key_columns: list[str]
+    converters: list = None  # per column: None (keep text) or a function text -> value
+
+    def __post_init__(self):
+        self.converters = [converter(o) for o in self.type_oids]
 
     @property
     def qualified(self) -> str:
@@ -171,7 +193,7 @@ class Decoder:
     def _tuple(self, buf: bytes, pos: int, rel: Relation) -> tuple[dict, int]:
         (ncols,) = _i16(buf, pos)
         pos += 2
-        names, oids = rel.columns, rel.type_oids
+        names, convs = rel.columns, rel.converters
         if ncols > len(names):
             raise DecodeError(
                 f"tuple for {rel.qualified} has {ncols} columns but its Relation message named {len(names)}"
@@ -183,7 +205,9 @@ class Decoder:
             if kind == 0x74:  # 't' text
                 (n,) = _i32(buf, pos)
                 pos += 4
-                row[names[i]] = convert(oids[i], buf[pos:pos + n].decode("utf-8"))
+                text = buf[pos:pos + n].decode("utf-8")
+                conv = convs[i]
+                row[names[i]] = text if conv is None else conv(text)
                 pos += n
             elif kind == 0x6E:  # 'n' null
                 row[names[i]] = None

@@ -25,7 +25,7 @@ from psycopg import sql
 from psycopg.types.json import Jsonb
 
 from pgfresh.capture import pgoutput as po
-from pgfresh.capture.change import Change, key_text
+from pgfresh.capture.change import Change, row_json
 from pgfresh.capture.setup import TableInfo
 from pgfresh.capture.stream import Transaction
 
@@ -33,13 +33,14 @@ SINK = "rows"
 
 _STAGE = """
 create temp table if not exists pgfresh_stage (
-    tbl text, key text, tenant text, row jsonb, deleted boolean, xid xid8, versions integer
+    tbl text, key text, tenant text, row jsonb, lsn pg_lsn, commit_time timestamptz, deleted boolean,
+    xid xid8, versions integer
 ) on commit delete rows
 """
 
 _UPSERT_STREAM = """
 insert into pgfresh.rows as r (tbl, key, tenant, row, lsn, commit_time, deleted, xid, snap, versions)
-select tbl, key, tenant, row, %(lsn)s::pg_lsn, %(commit_time)s, deleted, xid, null, versions from pgfresh_stage
+select tbl, key, tenant, row, lsn, commit_time, deleted, xid, null, versions from pgfresh_stage
 on conflict (tbl, key) do update set
     tenant = excluded.tenant, row = excluded.row, lsn = excluded.lsn, commit_time = excluded.commit_time,
     deleted = excluded.deleted, xid = excluded.xid, snap = null, versions = r.versions + excluded.versions
@@ -73,6 +74,13 @@ class Snapshot:
     def visible(self, xid8: int) -> bool:
         """Was the (committed) transaction xid8 already committed when this snapshot was taken?"""
         return xid8 < self.xmin or (xid8 < self.xmax and xid8 not in self.xip)
+
+
+def _json(c: Change) -> str | None:
+    """The change's row as JSON text, serialised once for the stage and the change log."""
+    if c._row_json is None and c.row is not None:
+        c._row_json = row_json(c.row)
+    return c._row_json
 
 
 def full_xid(xid32: int, reference: int) -> int:
@@ -207,19 +215,12 @@ class RowStore:
         if not final:
             return
         cur = self.conn.cursor()
-        with cur.copy("copy pgfresh_stage (tbl, key, tenant, row, deleted, xid, versions) from stdin") as cp:
+        with cur.copy("copy pgfresh_stage (tbl, key, tenant, row, lsn, commit_time, deleted, xid, versions)"
+                      " from stdin") as cp:
             for (tbl, key), (c, n) in final.items():
-                cp.write_row((tbl, key, c.tenant, Jsonb(c.row) if c.row is not None else None,
+                cp.write_row((tbl, key, c.tenant, _json(c), po.format_lsn(c.lsn), c.commit_time,
                               c.op == "delete", c.xid, n))
-        last = max((c for c, _ in final.values()), key=lambda c: c.lsn)
-        cur.execute(_UPSERT_STREAM, {"lsn": po.format_lsn(last.lsn), "commit_time": last.commit_time})
-        # Rows of one batch carry the batch's last LSN only if they share it; fix the others exactly.
-        if len({c.lsn for c, _ in final.values()}) > 1:
-            cur.execute(
-                "update pgfresh.rows r set lsn = v.lsn::pg_lsn, commit_time = v.ct from unnest(%s::text[], %s::text[],"
-                " %s::text[], %s::timestamptz[]) v(tbl, key, lsn, ct) where r.tbl = v.tbl and r.key = v.key",
-                ([t for t, _ in final], [k for _, k in final], [po.format_lsn(c.lsn) for c, _ in final.values()],
-                 [c.commit_time for c, _ in final.values()]))
+        cur.execute(_UPSERT_STREAM)
         cur.execute("truncate pgfresh_stage")
 
     def _truncate(self, c: Change) -> None:
@@ -234,8 +235,7 @@ class RowStore:
             return
         with self.conn.cursor().copy(_LOG_COLUMNS) as cp:
             for c in changes:
-                cp.write_row((c.table, c.key_text, c.tenant, c.op, Jsonb(c.row) if c.row is not None else None,
-                              po.format_lsn(c.lsn), c.commit_time))
+                cp.write_row((c.table, c.key_text, c.tenant, c.op, _json(c), po.format_lsn(c.lsn), c.commit_time))
 
     # -- snapshot --------------------------------------------------------------------------------
     def snapshot_step(self, max_rows: int) -> tuple[int, float]:
@@ -304,7 +304,7 @@ class RowStore:
                 tenant = raw[tenant_idx] if tenant_idx is not None else None
                 c = Change(info.name, "read", key, row, 0, None, tenant=tenant)
                 changes[c.key_text] = c
-                cp.write_row((info.name, c.key_text, tenant, Jsonb(row)))
+                cp.write_row((info.name, c.key_text, tenant, _json(c)))
         applied = [r[0] for r in cur.execute(_UPSERT_CHUNK, {"snap": snap_text})]
         cur.execute("truncate pgfresh_stage")
         return [changes[k] for k in applied]

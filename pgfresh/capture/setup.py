@@ -206,5 +206,5 @@ def init_project(path: Path, dsn: str | None = None, tables: list[str] | None = 
     source = {"dsn": dsn}
     if not dsn:
         source["data_dir"] = ".pgfresh"
-    path.write_text(cfg.render_toml(source, entries))
+    path.write_text(cfg.render_toml(source, entries) + "\n# The RAG index runs inside `pgfresh sync` while this section is present.\n[rag]\n")
     return path

@@ -28,7 +28,12 @@ from pgfresh.capture.rowstore import RowStore
 from pgfresh.capture.stream import Stream
 from pgfresh.errors import PgfreshError
 
-DOWNSTREAM_MODULES = ("pgfresh.render", "pgfresh.rag")
+# Later stages that run inside `pgfresh sync`, and when: the facts worker when a table has fact
+# templates or [train] is present, the RAG index when [rag] is present (`pgfresh init` writes it).
+DOWNSTREAM_MODULES = {
+    "pgfresh.render": lambda c: "train" in c.sections or any(t.facts for t in c.tables),
+    "pgfresh.rag": lambda c: "rag" in c.sections,
+}
 HEARTBEAT_SECONDS = 2.0
 PRUNE_SECONDS = 30.0
 
@@ -36,7 +41,9 @@ PRUNE_SECONDS = 30.0
 def downstream_workers(config: cfg.Config) -> list:
     """Workers of the later stages, in data-flow order (each module's `workers(config)`)."""
     out = []
-    for name in DOWNSTREAM_MODULES:
+    for name, wanted in DOWNSTREAM_MODULES.items():
+        if not wanted(config):
+            continue
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as exc:
@@ -93,8 +100,12 @@ class _Heartbeat:
             pass
 
 
-def run(config: cfg.Config, once: bool = False, console=None, stop: threading.Event | None = None) -> dict:
-    """Capture until stopped (or, with once, until caught up). Returns counts for the caller."""
+def run(config: cfg.Config, once: bool = False, console=None, stop: threading.Event | None = None,
+        workers: list | None = None) -> dict:
+    """Capture until stopped (or, with once, until caught up). Returns counts for the caller.
+
+    `workers`: the downstream workers to drive (default: those the config asks for).
+    """
     stop = stop or threading.Event()
     dsn = setup.resolve_dsn(config)
     src = config.source
@@ -109,7 +120,7 @@ def run(config: cfg.Config, once: bool = False, console=None, stop: threading.Ev
     start_lsn = store.stored_lsn()
     stream = Stream(dsn, src.slot, src.publication, po.format_lsn(start_lsn),
                     {n: i.key for n, i in infos.items()}, {n: i.tenant for n, i in infos.items()})
-    workers = downstream_workers(config)
+    workers = downstream_workers(config) if workers is None else workers
     heartbeat = _Heartbeat(conn, "capture")
     _install_signals(stop)
     target = po.parse_lsn(conn.execute("select pg_current_wal_lsn()::text").fetchone()[0]) if once else None

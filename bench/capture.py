@@ -1,0 +1,108 @@
+"""Capture throughput on one embedded server, in one run (issue 2's benchmark).
+
+Figures printed:
+- raw stream: pgoutput messages/s read from a slot with psycopg2 and not decoded (the ceiling);
+- pgfresh end to end: changes/s from the same WAL into the row store + change log (decode,
+  reconcile, COPY, upsert, LSN stored, slot confirmed), and its ratio to the raw rate;
+- snapshot: rows/s of pgfresh's chunked snapshot against one `COPY table TO STDOUT`.
+
+Run: .venv/bin/python bench/capture.py [--rows 200000] [--changes 200000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+
+import psycopg
+import psycopg2
+import psycopg2.extras
+
+from pgfresh import config as cfg
+from pgfresh.capture import sync
+from pgfresh.embedded import EmbeddedServer
+
+
+def raw_stream_rate(dsn: str, slot: str, publication: str, until_lsn: str) -> tuple[int, float]:
+    conn = psycopg2.connect(dsn, connection_factory=psycopg2.extras.LogicalReplicationConnection)
+    cur = conn.cursor()
+    cur.start_replication(slot_name=slot, decode=False, options={"proto_version": "2", "publication_names": publication})
+    target = int(until_lsn.split("/")[0], 16) << 32 | int(until_lsn.split("/")[1], 16)
+    n, started = 0, time.perf_counter()
+    while True:
+        msg = cur.read_message()
+        if msg is None:
+            import select
+            select.select([conn], [], [], 0.05)
+            continue
+        n += 1
+        if msg.data_start >= target and msg.payload[:1] == b"C":
+            break
+    elapsed = time.perf_counter() - started
+    conn.close()
+    return n, elapsed
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rows", type=int, default=200_000, help="rows in the snapshot table")
+    ap.add_argument("--changes", type=int, default=200_000, help="streamed changes (updates in 1,000-row transactions)")
+    args = ap.parse_args()
+    work = tempfile.mkdtemp(prefix="pgfresh-bench-")
+    server = EmbeddedServer(os.path.join(work, "pg"))
+    dsn = server.start()
+    try:
+        with psycopg.connect(dsn, autocommit=True) as c:
+            c.execute("create table snap (id int primary key, name text, price numeric(10,2), note text)")
+            c.execute("insert into snap select g, 'item ' || g, g %% 1000 + 0.99, repeat('n', 60) from generate_series(1, %s) g",
+                      (args.rows,))
+            c.execute("create table hot (id int primary key, v int, price numeric(10,2), name text)")
+            c.execute("insert into hot select g, 0, 1.00, 'hot ' || g from generate_series(1, 10000) g")
+            c.execute("vacuum analyze")
+            c.execute("create publication rawpub for table hot")
+
+        # Snapshot: pgfresh's chunked read vs one COPY of the same table.
+        with psycopg.connect(dsn) as c:
+            t0 = time.perf_counter()
+            with c.cursor().copy("copy snap to stdout") as cp:
+                copied = sum(1 for _ in cp.rows())
+            copy_s = time.perf_counter() - t0
+        snap_conf = cfg.parse({"source": {"dsn": dsn, "slot": "snapslot", "publication": "snappub"},
+                               "tables": [{"name": "snap"}]})
+        t0 = time.perf_counter()
+        stats = sync.run(snap_conf, once=True)
+        snap_s = time.perf_counter() - t0
+
+        # Stream: one raw slot and pgfresh's slot see the same WAL.
+        with psycopg.connect(dsn, autocommit=True) as c:
+            c.execute("select pg_create_logical_replication_slot('rawslot', 'pgoutput')")
+        hot_conf = cfg.parse({"source": {"dsn": dsn, "slot": "hotslot", "publication": "hotpub"},
+                              "tables": [{"name": "hot"}]})
+        sync.run(hot_conf, once=True)  # creates the slot and reads the 10k-row table
+        with psycopg.connect(dsn, autocommit=True) as c:
+            for start in range(0, args.changes, 1000):
+                lo = start % 10000
+                c.execute("update hot set v = v + 1, price = price + 0.01 where id > %s and id <= %s", (lo, lo + 1000))
+            end_lsn = c.execute("select pg_current_wal_lsn()::text").fetchone()[0]
+        n_raw, raw_s = raw_stream_rate(dsn, "rawslot", "rawpub", end_lsn)
+        t0 = time.perf_counter()
+        stream_stats = sync.run(hot_conf, once=True)
+        e2e_s = time.perf_counter() - t0
+    finally:
+        server.destroy()
+
+    raw_rate = n_raw / raw_s
+    e2e_rate = stream_stats["changes"] / e2e_s
+    print(f"machine: {os.cpu_count()} cores")
+    print(f"raw pgoutput stream:   {n_raw:>9,} messages in {raw_s:6.2f} s = {raw_rate:>10,.0f} messages/s (no decoding)")
+    print(f"pgfresh end to end:    {stream_stats['changes']:>9,} changes  in {e2e_s:6.2f} s = {e2e_rate:>10,.0f} changes/s "
+          f"into the row store ({e2e_rate / raw_rate:.2f} x raw)")
+    print(f"COPY TO STDOUT:        {copied:>9,} rows     in {copy_s:6.2f} s = {copied / copy_s:>10,.0f} rows/s")
+    print(f"pgfresh snapshot:      {stats['snapshot_rows']:>9,} rows     in {snap_s:6.2f} s = "
+          f"{stats['snapshot_rows'] / snap_s:>10,.0f} rows/s ({copy_s / snap_s:.2f} x COPY), chunked, short transactions")
+
+
+if __name__ == "__main__":
+    main()
