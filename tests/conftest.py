@@ -23,7 +23,9 @@ from pgfresh.embedded import EmbeddedServer  # noqa: E402
 
 @pytest.fixture(scope="session")
 def pg_server(tmp_path_factory):
-    server = EmbeddedServer(tmp_path_factory.mktemp("pg") / "data")
+    # A tiny logical_decoding_work_mem makes the server stream any transaction over 64 kB while it
+    # runs (pgoutput protocol 2), so every test also exercises the streamed-transaction path.
+    server = EmbeddedServer(tmp_path_factory.mktemp("pg") / "data", settings={"logical_decoding_work_mem": "'64kB'"})
     server.start()
     yield server
     server.destroy()

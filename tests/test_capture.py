@@ -72,6 +72,27 @@ def test_insert_update_delete_toast_truncate_and_new_column(db, dsn):
     assert ops["truncate"] == 1 and ops["delete"] == 3  # 30, 31 and the old key 1000
 
 
+def test_large_streamed_transaction_with_rolled_back_subtransaction(db, dsn):
+    """Over logical_decoding_work_mem the server streams the transaction in pieces while it runs."""
+    db.execute("create table bulk (id int primary key, pad text)")
+    conf = make_config(dsn, [{"name": "bulk"}])
+    sync.run(conf, once=True)
+    with psycopg.connect(dsn) as w:  # one transaction
+        w.execute("insert into bulk select g, repeat('p', 200) from generate_series(1, 5000) g")
+        w.execute("savepoint s1")
+        w.execute("insert into bulk select g, 'rolled back' from generate_series(5001, 8000) g")
+        w.execute("rollback to savepoint s1")
+        w.execute("update bulk set pad = 'kept' where id <= 100")
+        w.commit()
+    with psycopg.connect(dsn) as w:
+        w.execute("insert into bulk select g, 'aborted' from generate_series(9001, 12000) g")
+        w.rollback()
+    stats = sync.run(conf, once=True)
+    assert diff_count(db, "bulk") == 0
+    assert stats["changes"] == 5100
+    assert db.execute("select count(*) from pgfresh.rows where tbl = 'public.bulk'").fetchone()[0] == 5000
+
+
 def test_kill9_at_random_moments_loses_nothing_applies_nothing_twice(db, dsn, tmp_path):
     """A writer keeps changing the table while `pgfresh sync` is SIGKILLed >= 20 times (also mid-snapshot)."""
     db.execute("create table acct (id int primary key, v int not null default 1, balance int, note text)")

@@ -1,0 +1,340 @@
+"""The arena: SQL ground truth checked independently, metrics on a short real run with strategies
+defined here, the long-transaction export measured on the server, the report in real chromium.
+
+The strategies below exist only to exercise the metric pipeline; pgfresh ships none of them:
+`lookup` reads the row store (pgfresh.rows, kept current by capture between batches), `frozen`
+answers from a copy of the row store taken before the live phase, `constant` always says "42".
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+import uuid
+from dataclasses import replace
+from html.parser import HTMLParser
+from pathlib import Path
+
+import psycopg
+import pytest
+from rich.console import Console
+
+from pgfresh import config as cfg
+from pgfresh.arena import dbimpact, metrics, questions, report, runner, workload
+from pgfresh.arena.settings import settings as arena_settings
+from pgfresh.arena.strategy import Answer, Strategy
+
+SMALL = "\n[arena.scale]\nshops = 3\nproducts_per_shop = 12\nnotes_per_shop = 3\n"
+
+
+def shop_config(directory: Path, dsn: str, extra: str = "") -> cfg.Config:
+    path = directory / "pgfresh.toml"
+    path.write_text(workload.shop_config_text({"dsn": dsn, "max_txn_seconds": 5.0}) + SMALL + extra)
+    return cfg.load(path)
+
+
+# -- ground truth ------------------------------------------------------------------------------
+def independent_truth(conn, probe) -> tuple[str, str | None]:
+    """The truth by another path: whole tables read into Python, the rules written out by hand."""
+    products = {r[0]: r for r in conn.execute(
+        "select product_id, shop_id, name, category, price::text, stock::text, status from shop.products")}
+    last_event = {}
+    for key, noise, clean in conn.execute(
+            "select key, noise, clean from arena.events where tbl = 'shop.products' order by id"):
+        last_event[key[0]] = (noise, clean)
+    if probe.truth_kind == "never":
+        names = {r[2] for r in products.values()}
+        return ("never", None) if probe.invented["name"] not in names else ("exists", None)
+    row = products.get(probe.key[0])
+    if row is None or row[6] != "published":
+        return "gone", None
+    noise, clean = last_event.get(probe.key[0], (False, None))
+    clean = (clean or {}) if noise else {}
+    column = {"price": 4, "stock": 5, "category": 3}[probe.template]
+    return "value", clean.get(probe.template, row[column])
+
+
+def test_truth_matches_an_independent_check(db, dsn, tmp_path):
+    config = shop_config(tmp_path, dsn)
+    s = replace(arena_settings(config), correct_after_s=4.0, rate_per_s=5.0)  # corrections within 20 steps
+    w = workload.load_workload(config, s)
+    w.setup(db)
+    (seeded_at,) = db.execute("select clock_timestamp()").fetchone()
+    w.attach(db)
+    gen = questions.QuestionGenerator(config, s, w, seeded_at)
+    seen, probes = set(), []
+    for _ in range(6):
+        for _ in range(40):
+            w.step(db, 0.35)
+        batch = gen.batch(db, 12)
+        for p in batch:  # the workload is paused: the tables are as they were when the truth was read
+            kind, value = independent_truth(db, p)
+            assert (kind, value) == (p.truth_kind, p.truth), (p.cls, p.question.text)
+            if p.truth_kind != "never":
+                assert p.question.tenant is not None and p.question.text.count("{") == 0
+        seen |= {p.cls for p in batch}
+        probes += batch
+    assert seen == set(questions.CLASSES)
+    assert {p.phrasing for p in probes} == {"canonical", "paraphrase", "held_out"}
+    noisy = [p for p in probes if p.cls == "noisy"]
+    assert any(p.noisy_values for p in noisy)  # the truth of a noisy row is its clean value, not what it holds
+
+
+def test_workload_is_deterministic(db, dsn, tmp_path):
+    config = shop_config(tmp_path, dsn)
+    digests = []
+    for _ in range(2):
+        w = workload.load_workload(config, replace(arena_settings(config), correct_after_s=2.0))
+        w.setup(db)
+        w.attach(db)
+        kinds = [w.step(db, 0.3) for _ in range(60)]
+        (rows,) = db.execute("select md5(string_agg(p::text, ',' order by product_id)) from"
+                             " (select product_id, shop_id, name, category, price, stock, status, description"
+                             " from shop.products) p").fetchone()
+        digests.append((rows, kinds))
+    assert digests[0] == digests[1]
+    assert any(k.startswith("noise:") for k in digests[0][1]) and "correction" in digests[0][1]
+
+
+# -- matching ----------------------------------------------------------------------------------
+class _P:
+    def __init__(self, truth, kind="value", old=(), noisy=()):
+        self.truth, self.truth_kind, self.old_values, self.noisy_values = truth, kind, list(old), list(noisy)
+
+
+def test_answers_are_scored_after_normalisation():
+    assert metrics.matches("12.5", "12.50") and metrics.matches("$12.50", "12.50")
+    assert metrics.matches("The price is $12.50.", "12.50") and metrics.matches("1,200.00 USD", "1200")
+    assert not metrics.matches("12.05", "12.50") and not metrics.matches("112.50", "12.50")
+    assert metrics.matches(" kitchen. ", "Kitchen") and not metrics.matches("Kitchn", "Kitchen")
+    assert metrics.outcome(_P("12.50", old=["11.00"]), "It costs 11") == "stale"
+    assert metrics.outcome(_P("12.50", noisy=["125.00"]), "125") == "polluted"
+    assert metrics.outcome(_P(None, "gone", old=["12.50"]), "Oak Kettle is no longer available") == "correct"
+    assert metrics.outcome(_P(None, "gone", old=["12.50"]), "12.50") == "stale"
+    assert metrics.outcome(_P(None, "never"), "42") == "hallucinated"
+    assert metrics.outcome(_P(None, "never"), "I don't know.") == "correct"
+    assert metrics.percentile([1, 2, 3, 4], 50) == 2 and metrics.percentile([1, float("inf")], 99) is None
+
+
+# -- a short arena run with strategies defined here ----------------------------------------------
+WORDS = [("price", re.compile(r"price|cost|sell|pay|goes for")), ("stock", re.compile(r"stock|units|available|inventory|left")),
+         ("category", re.compile(r"category|kind|section|classified|listed"))]
+
+
+def _column(text: str) -> str | None:
+    return next((c for c, pattern in WORDS if pattern.search(text.lower())), None)
+
+
+def _rows(conn, tenant):
+    return conn.execute("select key, row from pgfresh.rows where tbl = 'shop.products' and not deleted"
+                        " and tenant = %s and row->>'status' = 'published'", (tenant,)).fetchall()
+
+
+def _answer_from(rows, question) -> Answer:
+    t0 = time.perf_counter()
+    found = [(k, r) for k, r in rows if r["name"].lower() in question.text.lower()]
+    column = _column(question.text)
+    if not found or column is None:
+        return Answer("That product is no longer available.", time.perf_counter() - t0)
+    key, row = found[0]
+    return Answer(str(row[column]), time.perf_counter() - t0, retrieved_keys=[("shop.products", key)])
+
+
+class Lookup(Strategy):
+    kind = "rag"
+
+    def prepare(self, ctx):
+        self.conn = psycopg.connect(ctx.dsn, autocommit=True)
+
+    def answer(self, question):
+        return _answer_from(_rows(self.conn, question.tenant), question)
+
+    def close(self):
+        self.conn.close()
+
+
+class Frozen(Strategy):
+    kind = "stale"
+
+    def prepare(self, ctx):
+        with psycopg.connect(ctx.dsn) as conn:
+            self.rows = {t: _rows(conn, t) for (t,) in conn.execute("select distinct tenant from pgfresh.rows")}
+
+    def answer(self, question):
+        return _answer_from(self.rows.get(question.tenant, []), question)
+
+
+class Constant(Strategy):
+    kind = "other"
+
+    def answer(self, question):
+        return Answer("42", 0.0)
+
+
+def _named(strategy, name):
+    strategy.name = name
+    return strategy
+
+
+@pytest.fixture(scope="module")
+def arena_run(pg_server, tmp_path_factory):
+    name = "t_" + uuid.uuid4().hex[:12]
+    with psycopg.connect(pg_server.dsn(), autocommit=True) as c:
+        c.execute(f'create database "{name}"')
+    directory = tmp_path_factory.mktemp("arena")
+    config = shop_config(directory, pg_server.dsn(name))
+    out = io.StringIO()
+    started = time.monotonic()
+    results = runner.run_arena(
+        config, minutes=0.3, noise=0.2, seed=11, report=directory / "report.html", json_path=directory / "results.json",
+        strategies=[_named(Lookup(), "lookup"), _named(Frozen(), "frozen"), _named(Constant(), "constant")],
+        console=Console(file=out, width=120),
+        overrides={"batch_interval_s": 3.0, "rate_per_s": 8.0, "questions_per_batch": 12, "correct_after_s": 3.0,
+                   "oltp_seconds": 1.0, "export_seconds": 1.0})
+    yield {"results": results, "dir": directory, "log": out.getvalue(), "seconds": time.monotonic() - started}
+    with psycopg.connect(pg_server.dsn(), autocommit=True) as c:
+        c.execute("select pg_terminate_backend(pid) from pg_stat_activity where datname = %s", (name,))
+        for (slot,) in c.execute("select slot_name from pg_replication_slots where database = %s", (name,)).fetchall():
+            c.execute("select pg_drop_replication_slot(%s)", (slot,))
+        c.execute(f'drop database if exists "{name}" with (force)')
+
+
+def _rates(summary):
+    for key in ("accuracy", "stale_rate", "hallucination_rate", "polluted_rate", "refusal_rate"):
+        v = summary[key]
+        assert v is None or 0.0 <= v <= 1.0, (key, v)
+
+
+def test_short_run_measures_every_metric(arena_run):
+    r = arena_run["results"]
+    assert json.loads((arena_run["dir"] / "results.json").read_text())["format"] == "pgfresh-arena/1"
+    assert r["questions"]["batches"] >= 3 and r["workload"]["changes"] > 20
+    assert set(r["questions"]["by_class"]) >= {"changed", "unchanged", "never"}
+    for name, s in r["strategies"].items():
+        _rates(s["overall"])
+        for c in s["by_class"].values():
+            _rates(c)
+        assert s["latency"]["p50_s"] is not None and s["latency"]["p50_s"] <= s["latency"]["p99_s"]
+        assert s["cost"]["cpu_s_per_1k_questions"] >= 0 and s["cost"]["cpu_s_per_1k_changes"] is not None
+        assert s["forgetting"]["start_accuracy"] is not None, name
+        assert s["time_to_fresh"]["watched"] > 0
+    lookup, frozen, constant = (r["strategies"][n] for n in ("lookup", "frozen", "constant"))
+    # The property the arena exists to show: an answer from current data beats a frozen copy on changed facts.
+    assert lookup["by_class"]["changed"]["accuracy"] > frozen["by_class"]["changed"]["accuracy"]
+    assert lookup["time_to_fresh"]["resolved"] > 0 and lookup["time_to_fresh"]["p50_s"] >= 0
+    assert frozen["overall"]["stale_rate"] > 0
+    assert constant["overall"]["hallucination_rate"] == 1.0
+    assert lookup["retrieval"]["measured"] and 0 < lookup["retrieval"]["hit_at_k"]["1"] <= 1
+    assert not frozen["retrieval"]["measured"]
+    assert r["ingest"]["changes"] > 0 and r["ingest"]["cpu_s_per_1k_changes"] > 0
+
+
+def test_short_run_measures_the_database(arena_run):
+    imp = arena_run["results"]["dbimpact"]
+    assert imp["sampler"]["samples"] and imp["sampler"]["max_xmin_age"] is not None and not imp["sampler"]["error"]
+    assert imp["oltp"]["without_pgfresh"]["tps"] > 0 and imp["oltp"]["with_pgfresh"]["tps"] > 0
+    assert imp["busiest_table"] == "shop.products"
+    for mode in ("naive", "chunked"):
+        assert imp["export"][mode]["rows_read"] > 0 and imp["export"][mode]["method"] == "pgstattuple"
+    rows = {v["claim"]: v for v in arena_run["results"]["verdict"]}
+    assert len(rows) == 8
+    assert rows["Training cost is prohibitive"]["evidence"] == "not measured"  # no tuned strategy ran
+    assert rows["Long training reads bloat PostgreSQL"]["measured"]
+    assert "frozen" in rows["Continual updates cause catastrophic forgetting"]["evidence"]
+
+
+# -- the long-transaction export ---------------------------------------------------------------
+def test_long_transaction_export_leaves_dead_tuples(db, dsn):
+    db.execute("create table public.items (id int primary key, qty int not null, pad text)")
+    db.execute("insert into public.items select g, 0, repeat('x', 100) from generate_series(1, 2000) g")
+    updates = iter(range(10**6))
+
+    def between():  # the workload: 200 single-row updates, each its own transaction
+        for _ in range(200):
+            db.execute("update public.items set qty = qty + 1 where id = %s", (next(updates) % 2000 + 1,))
+
+    result = dbimpact.export_comparison(dsn, "public.items", between, chunks=10)
+    naive, chunked = result["naive"], result["chunked"]
+    assert naive["rows_read"] == chunked["rows_read"] == 2000
+    assert naive["method"] == "pgstattuple"
+    assert naive["dead_tuples_after_vacuum"] > chunked["dead_tuples_after_vacuum"]
+    assert naive["dead_tuples_after_vacuum"] >= 1000  # most of the 2000 old versions stay behind the held xmin
+    assert naive["reader_xmin_age_at_vacuum"] >= 2000 > chunked["reader_xmin_age_at_vacuum"]
+
+
+# -- the report in a real browser --------------------------------------------------------------
+CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
+CAPTURE_ERRORS = """<script>
+(function () {
+  function note(kind, text) {
+    var el = document.documentElement;
+    el.setAttribute('data-' + kind, (el.getAttribute('data-' + kind) || '') + '|' + text);
+  }
+  window.addEventListener('error', function (e) { note('js-errors', e.message); });
+  window.addEventListener('unhandledrejection', function (e) { note('js-errors', String(e.reason)); });
+  var original = console.error;
+  console.error = function () { note('console-errors', Array.prototype.join.call(arguments, ' ')); original.apply(console, arguments); };
+})();
+</script>"""
+
+
+class _Plots(HTMLParser):
+    """For each plot div (by id), whether a rendered plotly SVG appears inside it."""
+
+    def __init__(self, ids):
+        super().__init__()
+        self.ids, self.stack, self.rendered, self.classes = set(ids), [], {}, {}
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag in ("br", "img", "meta", "input", "link", "hr"):
+            return
+        self.stack.append(a.get("id"))
+        if a.get("id") in self.ids:
+            self.classes[a["id"]] = a.get("class", "")
+        if tag == "svg" and "main-svg" in (a.get("class") or ""):
+            for i in self.stack:
+                if i in self.ids:
+                    self.rendered[i] = True
+
+    def handle_endtag(self, tag):
+        if tag in ("br", "img", "meta", "input", "link", "hr"):
+            return
+        if self.stack:
+            self.stack.pop()
+
+
+def _open_in_chromium(html_text: str, directory: Path) -> str:
+    page = directory / f"page-{uuid.uuid4().hex[:6]}.html"
+    page.write_text(html_text.replace("<head>", "<head>" + CAPTURE_ERRORS, 1), encoding="utf-8")
+    with tempfile.TemporaryDirectory() as profile:
+        proc = subprocess.run(
+            [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={profile}",
+             "--virtual-time-budget=10000", "--window-size=1280,900", "--dump-dom", page.as_uri()],
+            capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (Debian package `chromium`; "
+                                             "`make test` installs it when run as root)")
+def test_report_renders_in_chromium_without_errors(arena_run, tmp_path):
+    text = (arena_run["dir"] / "report.html").read_text()
+    assert "cdn" not in re.sub(r"<script>.*?</script>", "", text, flags=re.S).lower()  # nothing fetched
+    dom = _open_in_chromium(text, tmp_path)
+    root = re.search(r"<html[^>]*>", dom).group(0)
+    assert "data-js-errors" not in root and "data-console-errors" not in root, root
+    plots = _Plots(report.PLOTS)
+    plots.feed(dom)
+    assert set(plots.rendered) == set(report.PLOTS), set(report.PLOTS) - set(plots.rendered)
+    assert all("js-plotly-plot" in plots.classes[p] for p in report.PLOTS)
+    assert "Verdict" in dom and "pgfresh-results" in dom
+    # The harness can fail: a page with a script error is caught.
+    broken = _open_in_chromium(text.replace("</body>", "<script>undefinedFunction()</script></body>"), tmp_path)
+    assert "data-js-errors" in re.search(r"<html[^>]*>", broken).group(0)
