@@ -25,7 +25,7 @@ from psycopg import sql
 from psycopg.types.json import Jsonb
 
 from pgfresh.capture import pgoutput as po
-from pgfresh.capture.change import Change, row_json
+from pgfresh.capture.change import Change, key_text, row_json
 from pgfresh.capture.setup import TableInfo
 from pgfresh.capture.stream import Transaction
 
@@ -33,29 +33,38 @@ SINK = "rows"
 
 _STAGE = """
 create temp table if not exists pgfresh_stage (
-    tbl text, key text, tenant text, row jsonb, lsn pg_lsn, commit_time timestamptz, deleted boolean,
-    xid xid8, versions integer
+    ord integer, tbl text, key text, tenant text, op text, row jsonb, lsn pg_lsn, commit_time timestamptz, xid xid8
 ) on commit delete rows
+"""
+
+_LOG_STAGE = """
+insert into pgfresh.changes (tbl, key, tenant, op, row, lsn, commit_time)
+select tbl, key, tenant, op, row, lsn, commit_time from pgfresh_stage order by ord
 """
 
 _UPSERT_STREAM = """
 insert into pgfresh.rows as r (tbl, key, tenant, row, lsn, commit_time, deleted, xid, snap, versions)
-select tbl, key, tenant, row, lsn, commit_time, deleted, xid, null, versions from pgfresh_stage
+select distinct on (tbl, key) tbl, key, tenant, row, lsn, commit_time, op = 'delete', xid, null::pg_snapshot,
+       count(*) over (partition by tbl, key)
+from pgfresh_stage order by tbl, key, ord desc
 on conflict (tbl, key) do update set
     tenant = excluded.tenant, row = excluded.row, lsn = excluded.lsn, commit_time = excluded.commit_time,
     deleted = excluded.deleted, xid = excluded.xid, snap = null, versions = r.versions + excluded.versions
 """
 
 _UPSERT_CHUNK = """
-insert into pgfresh.rows as r (tbl, key, tenant, row, lsn, commit_time, deleted, xid, snap, versions)
-select tbl, key, tenant, row, '0/0', null, false, null, %(snap)s::pg_snapshot, 1 from pgfresh_stage
-on conflict (tbl, key) do update set
-    tenant = excluded.tenant, row = excluded.row, deleted = false, snap = excluded.snap
-    where r.xid is null or pg_visible_in_snapshot(r.xid, excluded.snap)
-returning key
+with up as (
+    insert into pgfresh.rows as r (tbl, key, tenant, row, lsn, commit_time, deleted, xid, snap, versions)
+    select tbl, key, tenant, row, '0/0', null, false, null, %(snap)s::pg_snapshot, 1 from pgfresh_stage
+    on conflict (tbl, key) do update set
+        tenant = excluded.tenant, row = excluded.row, deleted = false, snap = excluded.snap
+        where r.xid is null or pg_visible_in_snapshot(r.xid, excluded.snap)
+    returning tbl, key
+)
+insert into pgfresh.changes (tbl, key, tenant, op, row, lsn, commit_time)
+select s.tbl, s.key, s.tenant, 'read', s.row, '0/0', null from pgfresh_stage s join up using (tbl, key) order by s.ord
 """
 
-_LOG_COLUMNS = "copy pgfresh.changes (tbl, key, tenant, op, row, lsn, commit_time) from stdin"
 
 
 @dataclass
@@ -173,12 +182,13 @@ class RowStore:
     def _apply_changes(self, changes: list[Change]) -> list[Change]:
         state = self._state(changes)
         applied: list[Change] = []
-        final: dict[tuple[str, str], list] = {}  # key -> [change, versions]
+        segment: list[Change] = []  # changes up to the next TRUNCATE, staged and applied together
         for c in changes:
             if c.op == "truncate":
-                self._flush(final)
-                final = {}
+                self._flush(segment)
+                segment = []
                 self._truncate(c)
+                self._log_truncate(c)
                 applied.append(c)
                 continue
             k = (c.table, c.key_text)
@@ -190,36 +200,28 @@ class RowStore:
                 old_k = (c.table, gone.key_text)
                 gone.row = state.get(old_k, (None, None))[0]
                 state[old_k] = (gone.row, None)
-                self._note(final, gone, old_k)
+                segment.append(gone)
                 applied.append(gone)
             if c.op == "delete":
                 c.row = row  # the last known row: later stages render "no longer exists" from it
             elif c.unchanged and row is not None:
                 c.row = {**{col: row.get(col) for col in c.unchanged}, **c.row}
             state[k] = (c.row, None)
-            self._note(final, c, k)
+            segment.append(c)
             applied.append(c)
-        self._flush(final)
-        self._log(applied)
+        self._flush(segment)
         return applied
 
-    @staticmethod
-    def _note(final: dict, c: Change, k: tuple) -> None:
-        if k in final:
-            final[k][0] = c
-            final[k][1] += 1
-        else:
-            final[k] = [c, 1]
-
-    def _flush(self, final: dict) -> None:
-        if not final:
+    def _flush(self, changes: list[Change]) -> None:
+        """Stage the changes once; the server logs each and upserts the last one per key."""
+        if not changes:
             return
         cur = self.conn.cursor()
-        with cur.copy("copy pgfresh_stage (tbl, key, tenant, row, lsn, commit_time, deleted, xid, versions)"
-                      " from stdin") as cp:
-            for (tbl, key), (c, n) in final.items():
-                cp.write_row((tbl, key, c.tenant, _json(c), po.format_lsn(c.lsn), c.commit_time,
-                              c.op == "delete", c.xid, n))
+        with cur.copy("copy pgfresh_stage (ord, tbl, key, tenant, op, row, lsn, commit_time, xid) from stdin") as cp:
+            for i, c in enumerate(changes):
+                cp.write_row((i, c.table, c.key_text, c.tenant, c.op, _json(c), po.format_lsn(c.lsn), c.commit_time,
+                              c.xid))
+        cur.execute(_LOG_STAGE)
         cur.execute(_UPSERT_STREAM)
         cur.execute("truncate pgfresh_stage")
 
@@ -230,12 +232,10 @@ class RowStore:
         self.conn.execute("update pgfresh.snapshot_progress set truncate_xid = %s::xid8 where tbl = %s and not done",
                           (str(c.xid), c.table))
 
-    def _log(self, changes: list[Change]) -> None:
-        if not changes:
-            return
-        with self.conn.cursor().copy(_LOG_COLUMNS) as cp:
-            for c in changes:
-                cp.write_row((c.table, c.key_text, c.tenant, c.op, _json(c), po.format_lsn(c.lsn), c.commit_time))
+    def _log_truncate(self, c: Change) -> None:
+        self.conn.execute("insert into pgfresh.changes (tbl, key, tenant, op, row, lsn, commit_time)"
+                          " values (%s, '[]', null, 'truncate', null, %s, %s)",
+                          (c.table, po.format_lsn(c.lsn), c.commit_time))
 
     # -- snapshot --------------------------------------------------------------------------------
     def snapshot_step(self, max_rows: int) -> tuple[int, float]:
@@ -257,8 +257,8 @@ class RowStore:
                 rows = self._read_chunk(info, last_key, max_rows)
                 snap = Snapshot.parse(snap_text)
                 skip = truncate_xid is not None and not snap.visible(int(truncate_xid))
-                applied = [] if skip else self._apply_chunk(info, rows, snap_text)
-                self._log(applied)
+                if not skip:
+                    self._apply_chunk(info, rows, snap_text)
                 key_idx = [info.columns.index(k) for k in info.key]
                 new_last = [rows[-1][i] for i in key_idx] if rows else last_key
                 done = len(rows) < max_rows
@@ -289,22 +289,20 @@ class RowStore:
         with cur.copy(query, params or None) as cp:
             return list(cp.rows())
 
-    def _apply_chunk(self, info: TableInfo, rows: list[tuple], snap_text: str) -> list[Change]:
+    def _apply_chunk(self, info: TableInfo, rows: list[tuple], snap_text: str) -> int:
+        """Stage the chunk's rows; the server keeps those the stream has not superseded and logs them."""
         if not rows:
-            return []
-        cols, oids = info.columns, info.type_oids
+            return 0
+        cols, convs = info.columns, [po.converter(o) for o in info.type_oids]
         key_idx = [cols.index(k) for k in info.key]
         tenant_idx = cols.index(info.tenant) if info.tenant else None
-        changes = {}
         cur = self.conn.cursor()
-        with cur.copy("copy pgfresh_stage (tbl, key, tenant, row) from stdin") as cp:
-            for raw in rows:
-                row = {c: po.convert(o, v) for c, o, v in zip(cols, oids, raw)}
-                key = [row[cols[i]] for i in key_idx]
-                tenant = raw[tenant_idx] if tenant_idx is not None else None
-                c = Change(info.name, "read", key, row, 0, None, tenant=tenant)
-                changes[c.key_text] = c
-                cp.write_row((info.name, c.key_text, tenant, _json(c)))
-        applied = [r[0] for r in cur.execute(_UPSERT_CHUNK, {"snap": snap_text})]
+        with cur.copy("copy pgfresh_stage (ord, tbl, key, tenant, row) from stdin") as cp:
+            for i, raw in enumerate(rows):
+                row = {c: (v if f is None or v is None else f(v)) for c, f, v in zip(cols, convs, raw)}
+                cp.write_row((i, info.name, key_text([row[cols[j]] for j in key_idx]),
+                              raw[tenant_idx] if tenant_idx is not None else None, row_json(row)))
+        cur.execute(_UPSERT_CHUNK, {"snap": snap_text})
+        applied = cur.rowcount
         cur.execute("truncate pgfresh_stage")
-        return [changes[k] for k in applied]
+        return applied
