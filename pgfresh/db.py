@@ -6,11 +6,15 @@ sees in `pg_stat_activity` who holds what, and where the server supports it (Pos
 goes wrong in pgfresh itself.
 
 `migrate` applies the numbered SQL files in `pgfresh/migrations/` in order, once each, under an
-advisory lock; a released migration is never edited.
+advisory lock; a released migration is never edited. A migration whose first lines say
+`-- requires extension: NAME` is deferred while the server cannot install NAME (e.g. pgvector on
+a server without it), so capture works there; the stage that needs it reports the missing
+extension when it runs.
 """
 
 from __future__ import annotations
 
+import re
 from importlib import resources
 
 import psycopg
@@ -54,14 +58,26 @@ def migrate(conn: psycopg.Connection) -> list[str]:
             (f for f in resources.files("pgfresh.migrations").iterdir() if f.name.endswith(".sql")),
             key=lambda f: f.name,
         )
+        available = {r[0] for r in conn.execute("select name from pg_available_extensions")}
         for f in files:
             version = int(f.name.split("_", 1)[0])
             if version in done:
                 continue
+            text = f.read_text()
+            needs = set(re.findall(r"^-- requires extension: (\w+)", text, re.M))
+            if needs - available:
+                continue
             try:
-                conn.execute(f.read_text())
+                conn.execute(text)
             except pgerr.UndefinedFile as exc:
                 raise SourceError(f"migration {f.name} needs an extension the server lacks: {exc}") from None
             conn.execute("insert into pgfresh.migrations (version, name) values (%s, %s)", (version, f.name))
             applied_now.append(f.name)
     return applied_now
+
+
+def missing_migrations(conn: psycopg.Connection) -> list[str]:
+    """Migrations not applied (deferred for a missing extension), e.g. to explain a missing table."""
+    done = {r[0] for r in conn.execute("select version from pgfresh.migrations")}
+    return sorted(f.name for f in resources.files("pgfresh.migrations").iterdir()
+                  if f.name.endswith(".sql") and int(f.name.split("_", 1)[0]) not in done)

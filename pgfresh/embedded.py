@@ -62,11 +62,12 @@ def _port_in_use(port: int) -> bool:
 class EmbeddedServer:
     """One PostgreSQL server on a data directory pgfresh owns."""
 
-    def __init__(self, path: str | Path, settings: dict[str, str] | None = None):
+    def __init__(self, path: str | Path, settings: dict[str, str] | None = None, bin_dir: str | Path | None = None):
+        """`bin_dir`: another PostgreSQL's binaries (e.g. Debian's 15, for version tests)."""
         self.settings = {**SERVER_SETTINGS, **(settings or {})}
         self.path = Path(path).resolve()
         self.pgdata = self.path
-        self.bin = _bin_dir()
+        self.bin = Path(bin_dir) if bin_dir else _bin_dir()
         self.user = None
         if os.geteuid() == 0:
             self.user = "embedded_postgres"

@@ -325,3 +325,31 @@ def test_unknown_message_stops_loudly_with_lsn_and_bytes():
     assert "'Z'" in str(info.value) and "1/AB" in str(info.value) and "5a736f6d" in str(info.value)
     with pytest.raises(DecodeError):
         Decoder().decode(b"I\x00\x00\x00\x07N\x00\x01", lsn=5)  # a change before its Relation message
+
+
+PG15_BIN = "/usr/lib/postgresql/15/bin"
+
+
+@pytest.mark.skipif(not os.path.exists(f"{PG15_BIN}/postgres"), reason="Debian's PostgreSQL 15 is not installed")
+def test_capture_on_postgresql_15_without_pgvector(tmp_path):
+    """A second server version: protocol 2 on 15, no transaction_timeout, no pgvector (RAG deferred)."""
+    from pgfresh.embedded import EmbeddedServer
+
+    settings = {"logical_decoding_work_mem": "'64kB'"}
+    server = EmbeddedServer(tmp_path / "pg15", settings=settings, bin_dir=PG15_BIN)
+    try:
+        dsn = server.start()
+        with psycopg.connect(dsn, autocommit=True) as db:
+            assert db.info.server_version // 10000 == 15
+            db.execute("create table t (id int primary key, name text, n numeric)")
+            db.execute("insert into t select g, 'row ' || g, g / 3.0 from generate_series(1, 3000) g")
+            conf = make_config(dsn, [{"name": "t"}], snapshot_chunk_rows=500)
+            sync.run(conf, once=True)
+            db.execute("update t set name = 'changed' where id % 7 = 0")
+            db.execute("delete from t where id > 2900")
+            with psycopg.connect(dsn) as w:  # large enough to be streamed
+                w.execute("insert into t select g, repeat('z', 100), 1 from generate_series(5000, 7000) g")
+            sync.run(conf, once=True)
+            assert diff_count(db, "t") == 0
+    finally:
+        server.destroy()
