@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test install clean
+.PHONY: demo test install clean chromium
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,7 +18,13 @@ install: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(VENV)/bin/pgfresh demo
 
-test: $(VENV)/.installed
+# The arena report test opens a report in Debian's chromium: install it when missing and we are root
+# (elsewhere that test skips and says why).
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium; } \
+		|| echo "chromium not installed: tests/test_arena.py skips the browser test"
+
+test: $(VENV)/.installed chromium
 	$(PY) -m pytest -q
 
 clean:

@@ -90,6 +90,110 @@ def demo(
     demo_mod.run(workdir, seconds=seconds, console=console)
 
 
+quarantine_app = typer.Typer(help="Changes the quality gate rejected; `release ID` re-admits one.")
+app.add_typer(quarantine_app, name="quarantine")
+
+
+@quarantine_app.callback(invoke_without_command=True)
+def quarantine(
+    ctx: typer.Context,
+    config: Path = ConfigOpt,
+    table: Optional[str] = typer.Option(None, "--table", help="Only this table (schema.table)."),
+    check: Optional[str] = typer.Option(None, "--check", help="Only this check (junk, required, render, ...)."),
+    path: Optional[str] = typer.Option(None, "--path", help="Only this model path: rag or train."),
+    released: bool = typer.Option(False, "--released", help="Include entries already released."),
+    limit: int = typer.Option(100, "--limit", help="At most this many, newest first."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+):
+    """List quarantined changes (table, key, LSN, check, reason, row)."""
+    if ctx.invoked_subcommand:
+        return
+    from pgfresh.gate import quarantine as q
+
+    items = q.entries(_load(config), table, check, path, released, limit)
+    if as_json:
+        _print_json(items)
+    else:
+        q.show(items, console)
+
+
+@quarantine_app.command("release")
+def quarantine_release(
+    qid: int = typer.Argument(..., metavar="ID", help="Quarantine entry id (from `pgfresh quarantine`)."),
+    config: Path = ConfigOpt,
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+):
+    """Re-admit one quarantined change: its path's worker takes it on the next sync step."""
+    from pgfresh.gate import quarantine as q
+
+    entry = q.release_entry(_load(config), qid)
+    if as_json:
+        _print_json(entry)
+    else:
+        console.print(f"released #{entry['id']} ({entry['path']} {entry['tbl']} {entry['key']}): "
+                      "pgfresh sync re-admits it on its next step")
+
+
+@app.command()
+def search(
+    text: str = typer.Argument(..., help="What to look for."),
+    config: Path = ConfigOpt,
+    tenant: Optional[str] = typer.Option(None, "--tenant", help="Tenant whose rows may be returned (required on tenant tables)."),
+    k: Optional[int] = typer.Option(None, "--k", help="How many documents (default rag.k, 10)."),
+    mode: Optional[str] = typer.Option(None, "--mode", help="dense, lexical or hybrid (default rag.mode)."),
+    as_json: bool = typer.Option(False, "--json", help="Documents with every stage's score, table/key, LSN, commit time."),
+):
+    """Hybrid search over the indexed documents (dense HNSW + full text, fused, reranked)."""
+    from pgfresh import rag
+    from pgfresh.rag import view
+
+    hits = rag.run_search(_load(config), text, tenant=tenant, k=k, mode=mode)
+    if as_json:
+        _print_json([h.as_dict() for h in hits])
+    else:
+        view.show_hits(hits, console)
+
+
+@app.command()
+def ask(
+    text: str = typer.Argument(..., help="The question."),
+    config: Path = ConfigOpt,
+    mode: str = typer.Option("rag", "--mode", help="rag, tuned or hybrid."),
+    tenant: Optional[str] = typer.Option(None, "--tenant", help="Tenant asking (required on tenant tables)."),
+    as_json: bool = typer.Option(False, "--json", help="Answer, sources (table, key, LSN), cache, timings."),
+):
+    """Answer a question from live data, with the source rows used."""
+    from pgfresh import rag
+    from pgfresh.rag import view
+
+    result = rag.ask(_load(config), text, tenant=tenant, mode=mode)
+    if as_json:
+        _print_json(result)
+    else:
+        view.show_answer(result, console)
+
+
+@app.command()
+def arena(
+    config: Path = ConfigOpt,
+    workload: Optional[str] = typer.Option(None, "--workload", help="shop (built in) or custom (see docs/ARENA.md)."),
+    minutes: Optional[float] = typer.Option(None, "--minutes", help="Length of the live phase in minutes (default 3, or arena.minutes)."),
+    noise: Optional[float] = typer.Option(None, "--noise", help="Share of changes that are noise, 0 to 0.5."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the workload and the questions."),
+    report: Path = typer.Option(Path("report.html"), "--report", help="Where to write the HTML report."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the results as JSON here."),
+    strategies: Optional[str] = typer.Option(None, "--strategies", help="Comma-separated strategy names (default: all)."),
+):
+    """Live workload, every strategy on the same questions, a report with a verdict. Writes to the source: use a database of its own."""
+    from pgfresh.arena import runner
+
+    results = runner.arena_command(config, workload=workload, minutes=minutes, noise=noise, seed=seed, report=report,
+                                   json_path=json_out, strategies=strategies.split(",") if strategies else None,
+                                   console=err_console)
+    runner.print_verdict(results, console)
+    console.print(f"report: {report}" + (f"; data: {json_out}" if json_out else ""))
+
+
 def main() -> None:
     try:
         app(standalone_mode=False)

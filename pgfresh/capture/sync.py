@@ -122,7 +122,7 @@ def run(config: cfg.Config, once: bool = False, console=None, stop: threading.Ev
                     {n: i.key for n, i in infos.items()}, {n: i.tenant for n, i in infos.items()})
     workers = downstream_workers(config) if workers is None else workers
     heartbeat = _Heartbeat(conn, "capture")
-    _install_signals(stop)
+    previous_handlers = _install_signals(stop)
     target = po.parse_lsn(conn.execute("select pg_current_wal_lsn()::text").fetchone()[0]) if once else None
     stats = {"changes": 0, "transactions": 0, "snapshot_rows": 0, "lsn": po.format_lsn(start_lsn), "lag_seconds": 0.0}
     try:
@@ -131,6 +131,8 @@ def run(config: cfg.Config, once: bool = False, console=None, stop: threading.Ev
         heartbeat.error(exc)
         raise
     finally:
+        for sig, handler in previous_handlers.items():
+            signal.signal(sig, handler)
         stream.close()
         for w in workers:
             w.close()
@@ -202,15 +204,18 @@ def _prune(conn) -> None:
             conn.execute("delete from pgfresh.changes where captured_at < now() - interval '1 hour'")
 
 
-def _install_signals(stop: threading.Event) -> None:
+def _install_signals(stop: threading.Event) -> dict:
+    """SIGTERM/SIGINT set `stop`; returns the previous handlers, which `run` puts back."""
     if threading.current_thread() is not threading.main_thread():
-        return
+        return {}
 
     def handler(signum, frame):
         stop.set()
 
-    signal.signal(signal.SIGTERM, handler)
-    signal.signal(signal.SIGINT, handler)
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    for sig in previous:
+        signal.signal(sig, handler)
+    return previous
 
 
 def once(config: cfg.Config) -> dict:

@@ -1,0 +1,234 @@
+"""What pgfresh does to the source database during a run, measured on the server itself.
+
+- `XminSampler`: once a second, the oldest snapshot (age of `backend_xmin`) and the longest open
+  transaction held by pgfresh's own backends (`application_name` `pgfresh-*`; the arena's
+  workload, sampler and exports, named `pgfresh-arena-*`, are not pgfresh and are left out),
+  and the WAL the replication slot retains.
+- `table_stats`: dead tuples and size of a table, by `pgstattuple` (exact; the extension ships
+  with the embedded server) or, where it cannot be created, the statistics collector's estimate.
+- `oltp_throughput`: transactions per second of a pgbench load (the `pgbench` binary shipped with
+  the embedded server, a custom script of one UPDATE and one SELECT on `arena.oltp`); a Python
+  loop of the same transaction where no pgbench binary exists. The runner measures it with and
+  without pgfresh working.
+- `export_comparison`: the naive training export (read a table inside ONE long REPEATABLE READ
+  transaction while the workload updates it) against the pgfresh way (the same reads in short
+  transactions, one per chunk), each followed by VACUUM at the end of the read: the dead tuples
+  VACUUM could not remove, the table's growth and the xmin age the reader held.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+from psycopg import errors as pgerr
+from psycopg import sql
+
+from pgfresh import db
+
+PGFRESH_BACKENDS = ("select coalesce(max(age(backend_xmin)), 0), coalesce(max(extract(epoch from clock_timestamp()"
+                    " - xact_start)), 0), count(*) from pg_stat_activity where application_name like 'pgfresh-%%'"
+                    " and application_name not like 'pgfresh-arena%%' and pid <> pg_backend_pid()"
+                    " and datname = current_database()")
+OLTP_SCRIPT = "\\set aid random(1, 1000)\nupdate arena.oltp set balance = balance + 1 where id = :aid;\n" \
+              "select balance from arena.oltp where id = :aid;\n"
+
+
+def ensure_pgstattuple(conn) -> bool:
+    """Create the pgstattuple extension if possible; False when the server lacks it or we may not."""
+    try:
+        conn.execute("create extension if not exists pgstattuple")
+        return True
+    except (pgerr.UndefinedFile, pgerr.FeatureNotSupported, pgerr.InsufficientPrivilege):
+        conn.rollback()
+        return False
+
+
+def table_stats(conn, table: str, exact: bool = True) -> dict:
+    """Live and dead tuples and size of `table` (schema.table); `method` says how they were counted."""
+    regclass = sql.Literal(table)
+    if exact:
+        row = conn.execute(sql.SQL("select tuple_count, dead_tuple_count, table_len, dead_tuple_percent,"
+                                   " pg_total_relation_size({}::regclass) from pgstattuple({}::regclass)").format(
+            regclass, regclass)).fetchone()
+        method = "pgstattuple"
+    else:
+        row = conn.execute(sql.SQL("select n_live_tup, n_dead_tup, pg_relation_size({0}::regclass), null,"
+                                   " pg_total_relation_size({0}::regclass) from pg_stat_user_tables"
+                                   " where relid = {0}::regclass").format(regclass)).fetchone()
+        method = "pg_stat_user_tables (estimate)"
+    return {"table": table, "method": method, "live_tuples": int(row[0]), "dead_tuples": int(row[1]),
+            "table_bytes": int(row[2]), "dead_percent": None if row[3] is None else float(row[3]),
+            "total_bytes": int(row[4])}
+
+
+def write_counts(conn) -> dict[str, int]:
+    """Rows inserted + updated + deleted so far per user table (schemas arena and pgfresh excluded)."""
+    return {f"{s}.{t}": int(n) for s, t, n in conn.execute(
+        "select schemaname, relname, n_tup_ins + n_tup_upd + n_tup_del from pg_stat_user_tables"
+        " where schemaname not in ('arena', 'pgfresh')")}
+
+
+def busiest(before: dict[str, int], after: dict[str, int]) -> str | None:
+    deltas = {t: n - before.get(t, 0) for t, n in after.items()}
+    return max(deltas, key=lambda t: (deltas[t], t)) if deltas and max(deltas.values()) > 0 else None
+
+
+class XminSampler(threading.Thread):
+    """Samples pgfresh's hold on the source once per `interval_s` until `stop()`."""
+
+    def __init__(self, dsn: str, interval_s: float = 1.0, t0: float | None = None):
+        super().__init__(name="arena-xmin-sampler", daemon=True)
+        self.dsn, self.interval_s = dsn, interval_s
+        self.t0 = t0 or time.monotonic()
+        self.samples: list[dict] = []
+        self.error: str | None = None
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        try:
+            with db.connect(self.dsn, "arena-sampler", autocommit=True) as conn:
+                while not self._stop_event.is_set():
+                    self.samples.append(self.sample(conn))
+                    self._stop_event.wait(self.interval_s)
+        except Exception as exc:  # surfaced in the results; the run itself goes on
+            self.error = f"{type(exc).__name__}: {exc}"
+
+    def sample(self, conn) -> dict:
+        xmin_age, longest, backends = conn.execute(PGFRESH_BACKENDS).fetchone()
+        (retained,) = conn.execute(
+            "select coalesce(max(pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)), 0) from pg_replication_slots"
+            " where database = current_database()").fetchone()
+        return {"t_s": round(time.monotonic() - self.t0, 3), "xmin_age": int(xmin_age),
+                "longest_xact_s": round(float(longest), 3), "backends": int(backends),
+                "slot_retained_bytes": int(retained)}
+
+    def stop(self) -> dict:
+        self._stop_event.set()
+        self.join(timeout=10)
+        s = self.samples
+        return {"samples": s, "error": self.error,
+                "max_xmin_age": max((x["xmin_age"] for x in s), default=None),
+                "max_xact_s": max((x["longest_xact_s"] for x in s), default=None),
+                "max_slot_retained_bytes": max((x["slot_retained_bytes"] for x in s), default=None)}
+
+
+def pgbench_path() -> Path | None:
+    try:
+        from pgfresh.embedded import _bin_dir  # the server's own client programs, same version
+
+        path = _bin_dir() / "pgbench"
+        if path.exists():
+            return path
+    except Exception:  # no embedded wheel: fall back to PATH
+        pass
+    found = shutil.which("pgbench")
+    return Path(found) if found else None
+
+
+def oltp_throughput(dsn: str, seconds: float, clients: int = 2) -> dict:
+    """TPS of the OLTP load on arena.oltp for `seconds` (pgbench, else a Python loop)."""
+    exe = pgbench_path()
+    if exe is None:
+        return _python_oltp(dsn, seconds, clients)
+    with tempfile.NamedTemporaryFile("w", suffix=".sql", delete=False) as f:
+        f.write(OLTP_SCRIPT)
+    try:
+        proc = subprocess.run([str(exe), "-n", "-T", str(max(1, round(seconds))), "-c", str(clients), "-j", "1",
+                               "-f", f.name, dsn], capture_output=True, text=True, timeout=seconds + 60)
+    finally:
+        Path(f.name).unlink(missing_ok=True)
+    m = re.search(r"tps = ([0-9.]+)", proc.stdout)
+    done = re.search(r"number of transactions actually processed: (\d+)", proc.stdout)
+    if proc.returncode != 0 or not m:
+        return {"tool": "pgbench", "tps": None, "error": (proc.stderr or proc.stdout).strip()[-300:]}
+    return {"tool": "pgbench", "tps": float(m.group(1)), "seconds": max(1, round(seconds)), "clients": clients,
+            "transactions": int(done.group(1)) if done else None}
+
+
+def _python_oltp(dsn: str, seconds: float, clients: int) -> dict:
+    counts = [0] * clients
+    deadline = time.monotonic() + seconds
+
+    def client(i: int) -> None:
+        import random
+
+        rng = random.Random(i)
+        with db.connect(dsn, "arena-oltp", autocommit=True) as conn:
+            while time.monotonic() < deadline:
+                aid = rng.randint(1, 1000)
+                with conn.transaction():
+                    conn.execute("update arena.oltp set balance = balance + 1 where id = %s", (aid,))
+                    conn.execute("select balance from arena.oltp where id = %s", (aid,)).fetchone()
+                counts[i] += 1
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return {"tool": "python", "tps": sum(counts) / seconds, "seconds": seconds, "clients": clients,
+            "transactions": sum(counts)}
+
+
+def _key_columns(conn, table: str) -> list[str]:
+    from pgfresh.arena.workload import primary_key
+
+    return primary_key(conn, table)
+
+
+def _export(dsn: str, table: str, chunks: int, between: Callable[[], None], long: bool, exact: bool) -> dict:
+    mode = "naive" if long else "chunked"
+    with db.connect(dsn, "arena-vacuum", autocommit=True) as admin, \
+            db.connect(dsn, f"arena-export-{mode}", autocommit=True) as reader:
+        ident = sql.Identifier(*table.split(".", 1))
+        admin.execute(sql.SQL("vacuum {}").format(ident))
+        before = table_stats(admin, table, exact)
+        key = _key_columns(admin, table)
+        cols = sql.SQL(", ").join(map(sql.Identifier, key))
+        per_chunk = max(1, before["live_tuples"] // chunks + 1)
+        started, rows, last = time.monotonic(), 0, None
+        if long:
+            reader.execute("begin isolation level repeatable read")
+        for _ in range(chunks):
+            after_key = sql.SQL("where ({}) > ({})").format(cols, sql.SQL(", ").join(sql.Placeholder() * len(key))) \
+                if last else sql.SQL("")
+            # The key columns first, so the next chunk starts after the last key read.
+            query = sql.SQL("select {}, * from {} {} order by {} limit %s").format(cols, ident, after_key, cols)
+            with (contextlib.nullcontext() if long else reader.transaction()):
+                got = reader.execute(query, [*(last or []), per_chunk]).fetchall()
+            rows += len(got)
+            if got:
+                last = list(got[-1][: len(key)])
+            between()
+        (pid,) = reader.execute("select pg_backend_pid()").fetchone()
+        (xmin_age,) = admin.execute("select coalesce(age(backend_xmin), 0) from pg_stat_activity where pid = %s",
+                                    (pid,)).fetchone()
+        admin.execute(sql.SQL("vacuum {}").format(ident))
+        after = table_stats(admin, table, exact)
+        if long:
+            reader.execute("commit")
+        return {"mode": mode, "rows_read": rows, "chunks": chunks, "seconds": round(time.monotonic() - started, 3),
+                "reader_xmin_age_at_vacuum": int(xmin_age), "dead_tuples_after_vacuum": after["dead_tuples"],
+                "table_bytes_before": before["table_bytes"], "table_bytes_after": after["table_bytes"],
+                "table_growth_bytes": after["table_bytes"] - before["table_bytes"], "method": after["method"]}
+
+
+def export_comparison(dsn: str, table: str, between: Callable[[], None], chunks: int = 10) -> dict:
+    """Naive (one long transaction) vs chunked (short transactions) export of `table`.
+
+    `between()` is called after each chunk: the caller makes the workload change the table then
+    (the runner waits while the live workload runs; the test makes a fixed number of updates).
+    """
+    with db.connect(dsn, "arena-vacuum", autocommit=True) as conn:
+        exact = ensure_pgstattuple(conn)
+    naive = _export(dsn, table, chunks, between, long=True, exact=exact)
+    chunked = _export(dsn, table, chunks, between, long=False, exact=exact)
+    return {"table": table, "naive": naive, "chunked": chunked}

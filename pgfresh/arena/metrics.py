@@ -1,0 +1,234 @@
+"""Scoring answers and summarising a run: every number the report shows is computed here.
+
+Matching (`outcome`): answers and truths are normalised (case, whitespace, surrounding
+punctuation, currency signs; numbers compared as numbers, so "12.5" == "12.50" == "$12.50").
+An answer is right when it equals the truth after normalisation, when it ends with the truth
+("The price is $12.50"), or, for a numeric truth, when the only number it contains is the truth.
+For a row that is gone the right answer says so ("no longer available", "does not exist"); for a
+row that never existed any refusal is right ("I don't know" too).
+
+Outcomes: correct | stale (an earlier value of the fact) | polluted (a wrong value the noise put
+in the row) | refused | hallucinated (a value for a row that never existed) | wrong | error.
+
+Percentiles are nearest-rank over the samples. Time-to-fresh counts a change that was asked
+about but never answered right as infinitely late, so a p50 of `None` means more than half of the
+changes never became fresh during the run (the counts say how many).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from decimal import Decimal, InvalidOperation
+
+_NUMBER = re.compile(r"(?<![\w.])[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?![\w])")
+_CURRENCY = re.compile(r"[$€£¥]|\b(?:usd|eur|gbp|dollars?|euros?)\b")
+_EDGE = re.compile(r"^[\s\"'`.,;:!?()\[\]]+|[\s\"'`.,;:!?()\[\]]+$")
+_GONE = re.compile(r"no longer (?:available|exists?|sold|offered|listed|in (?:the )?catalog(?:ue)?)|not available"
+                   r"|(?:does not|doesn't|did not|didn't) exist|no such|not found|discontinued|was (?:deleted|removed)"
+                   r"|(?:is|has been) (?:deleted|removed)|unavailable")
+_UNKNOWN = re.compile(r"\b(?:i (?:do not|don't) know|unknown|not sure|no information|cannot (?:find|answer)"
+                      r"|can't (?:find|answer)|no (?:record|data)|not in (?:the|my) (?:data|records|context))\b")
+BUCKETS = [(0, 10), (10, 30), (30, 60), (60, 120), (120, 300), (300, math.inf)]
+
+
+def _canon_number(text: str) -> str:
+    try:
+        d = Decimal(text.replace(",", ""))
+    except InvalidOperation:
+        return text
+    return format(d.normalize(), "f")
+
+
+def normalise(text: str) -> str:
+    """Lower case, no currency signs, single spaces, no edge punctuation, numbers canonical."""
+    t = _CURRENCY.sub(" ", (text or "").lower())
+    t = _NUMBER.sub(lambda m: _canon_number(m.group(0)), t)
+    t = " ".join(t.split())
+    return _EDGE.sub("", t)
+
+
+def numbers(text: str) -> list[str]:
+    return [_canon_number(m.group(0)) for m in _NUMBER.finditer(_CURRENCY.sub(" ", (text or "").lower()))]
+
+
+def says_gone(text: str) -> bool:
+    return bool(_GONE.search((text or "").lower()))
+
+
+def says_unknown(text: str) -> bool:
+    return bool(_UNKNOWN.search((text or "").lower())) or normalise(text) in ("", "none", "n/a", "?")
+
+
+def matches(answer: str, value: str) -> bool:
+    """Exact match after normalisation (see the module docstring for the two relaxations)."""
+    a, v = normalise(answer), normalise(value)
+    if not v:
+        return not a
+    if a == v or a.endswith(" " + v):
+        return True
+    truth_numbers = numbers(value)
+    if len(truth_numbers) == 1 and normalise(value) == truth_numbers[0]:
+        return set(numbers(answer)) == {truth_numbers[0]}
+    return False
+
+
+def outcome(probe, text: str) -> str:
+    """Score one answer against the probe's truth; see the module docstring for the outcomes."""
+    if probe.truth_kind == "never":
+        return "correct" if says_gone(text) or says_unknown(text) else "hallucinated"
+    if probe.truth_kind == "gone":
+        if says_gone(text):
+            return "correct"
+        if any(matches(text, v) for v in probe.old_values):
+            return "stale"
+        return "refused" if says_unknown(text) else "wrong"
+    if matches(text, probe.truth):
+        return "correct"
+    if any(matches(text, v) for v in probe.noisy_values):
+        return "polluted"
+    if any(matches(text, v) for v in probe.old_values):
+        return "stale"
+    return "refused" if says_unknown(text) or says_gone(text) else "wrong"
+
+
+def hits(probe, retrieved: list[tuple[str, str]], ks=(1, 3, 5, 10)) -> dict | None:
+    """Whether the question's row is in the first k retrieved keys, for each k (None: not applicable)."""
+    if probe.truth_kind != "value" or not retrieved:
+        return None
+    import json
+
+    want = (probe.table, tuple(str(v) for v in probe.key))
+    got = []
+    for tbl, key in retrieved:
+        try:
+            values = json.loads(key) if isinstance(key, str) else key
+        except ValueError:
+            values = [key]
+        got.append((tbl, tuple(str(v) for v in values)))
+    return {str(k): want in got[:k] for k in ks}
+
+
+def percentile(samples: list[float], q: float) -> float | None:
+    """Nearest-rank percentile; None for no samples or when the rank falls on an infinite sample."""
+    if not samples:
+        return None
+    s = sorted(samples)
+    v = s[max(0, math.ceil(q / 100 * len(s)) - 1)]
+    return None if math.isinf(v) else v
+
+
+def _rate(part: int, whole: int) -> float | None:
+    return None if whole == 0 else part / whole
+
+
+def scores(records: list[dict]) -> dict:
+    """Accuracy and error rates over a list of records (one strategy's answers)."""
+    n = len(records)
+    count = Counter(r["outcome"] for r in records)
+    with_prior = [r for r in records if r["has_prior"]]
+    never = [r for r in records if r["truth_kind"] == "never"]
+    noisy = [r for r in records if r["noisy_values"]]
+    return {
+        "n": n,
+        "accuracy": _rate(count["correct"], n),
+        "stale_rate": _rate(sum(r["outcome"] == "stale" for r in with_prior), len(with_prior)),
+        "hallucination_rate": _rate(sum(r["outcome"] == "hallucinated" for r in never), len(never)),
+        "polluted_rate": _rate(sum(r["outcome"] == "polluted" for r in noisy), len(noisy)),
+        "refusal_rate": _rate(count["refused"], n),
+        "errors": count["error"],
+        "outcomes": dict(count),
+    }
+
+
+def time_to_fresh(records: list[dict]) -> dict:
+    """From each change's commit to the first right answer about it (changed class only)."""
+    first: dict[int, float] = {}
+    for r in records:
+        if r["cls"] != "changed" or r["event_id"] is None:
+            continue
+        delay = r["answered_t"] - r["event_t"] if r["outcome"] == "correct" else math.inf
+        first[r["event_id"]] = min(first.get(r["event_id"], math.inf), delay)
+    samples = list(first.values())
+    resolved = sorted(s for s in samples if not math.isinf(s))
+    return {"watched": len(samples), "resolved": len(resolved), "p50_s": percentile(samples, 50),
+            "p99_s": percentile(samples, 99), "samples_s": [round(s, 3) for s in resolved]}
+
+
+def by_staleness(records: list[dict]) -> list[dict]:
+    out = []
+    before = [r for r in records if r["truth_kind"] != "never" and r["fact_age_s"] is None]
+    out.append({"bucket": "since seeding", "n": len(before), "accuracy": scores(before)["accuracy"]})
+    for lo, hi in BUCKETS:
+        rs = [r for r in records if r["fact_age_s"] is not None and lo <= r["fact_age_s"] < hi]
+        label = f"{lo}-{hi} s" if not math.isinf(hi) else f">= {lo} s"
+        out.append({"bucket": label, "n": len(rs), "accuracy": scores(rs)["accuracy"]})
+    return out
+
+
+def forgetting(records: list[dict], batches: int) -> dict:
+    """Accuracy on the unchanged panel in the first vs the last third of the batches."""
+    unchanged = [r for r in records if r["cls"] == "unchanged"]
+    if batches < 2:
+        return {"start_accuracy": None, "end_accuracy": None, "forgetting": None, "n_start": 0, "n_end": 0}
+    third = max(1, batches // 3)
+    start = [r for r in unchanged if r["batch"] < third]
+    end = [r for r in unchanged if r["batch"] >= batches - third]
+    a, b = scores(start)["accuracy"], scores(end)["accuracy"]
+    return {"start_accuracy": a, "end_accuracy": b, "forgetting": None if a is None or b is None else a - b,
+            "n_start": len(start), "n_end": len(end)}
+
+
+def fuar(records: list[dict], forgot: dict) -> dict:
+    """Forgotten / (Updated + Acquired), after Jang et al. 2022 (CKL), on accuracy rates.
+
+    F = max(0, unchanged accuracy at start - at end); U = accuracy on updated facts; A = accuracy on
+    acquired facts (rows that became facts during the run). Lower is better; None when U + A = 0.
+    """
+    f = max(0.0, forgot["forgetting"]) if forgot["forgetting"] is not None else None
+    u = scores([r for r in records if r["cls"] == "changed" and r["change_kind"] == "updated"])["accuracy"]
+    a = scores([r for r in records if r["cls"] == "changed" and r["change_kind"] == "acquired"])["accuracy"]
+    denominator = (u or 0.0) + (a or 0.0)
+    value = None if f is None or denominator == 0 else f / denominator
+    return {"value": value, "forgotten": f, "updated": u, "acquired": a}
+
+
+def retrieval(records: list[dict]) -> dict:
+    value_questions = [r for r in records if r["truth_kind"] == "value"]
+    with_hits = [r for r in value_questions if r["hits"] is not None]
+    if not with_hits:
+        return {"measured": False, "retrieval_rate": None, "hit_at_k": {}}
+    ks = sorted(with_hits[0]["hits"], key=int)
+    return {"measured": True, "retrieval_rate": _rate(len(with_hits), len(value_questions)),
+            "hit_at_k": {k: _rate(sum(r["hits"][k] for r in with_hits), len(with_hits)) for k in ks}}
+
+
+def summarise_strategy(records: list[dict], batches: int, cost: dict, changes: int) -> dict:
+    """Every per-strategy metric of the report, from its records and its measured CPU."""
+    lat = [r["latency_s"] for r in records if r["outcome"] != "error"]
+    forgot = forgetting(records, batches)
+    classes = sorted({r["cls"] for r in records})
+    answer_cpu = sum(r["cpu_s"] for r in records)
+    ingest = cost.get("refresh_cpu_s", 0.0) + cost.get("background_cpu_s", 0.0)
+    return {
+        "overall": scores(records),
+        "by_class": {c: scores([r for r in records if r["cls"] == c]) for c in classes},
+        "by_phrasing": {p: scores([r for r in records if r["phrasing"] == p])
+                        for p in sorted({r["phrasing"] for r in records})},
+        "by_change_kind": {k: scores([r for r in records if r["change_kind"] == k])
+                           for k in ("updated", "acquired")},
+        "by_staleness": by_staleness(records),
+        "over_time": [{"batch": b, "t_s": round(min(r["answered_t"] for r in rs), 3), **scores(rs)}
+                      for b in range(batches) if (rs := [r for r in records if r["batch"] == b])],
+        "time_to_fresh": time_to_fresh(records),
+        "latency": {"p50_s": percentile(lat, 50), "p99_s": percentile(lat, 99),
+                    "mean_s": sum(lat) / len(lat) if lat else None, "samples_s": [round(x, 5) for x in lat]},
+        "cost": {**cost, "answer_cpu_s": answer_cpu,
+                 "cpu_s_per_1k_questions": None if not records else answer_cpu / len(records) * 1000,
+                 "cpu_s_per_1k_changes": None if not changes else ingest / changes * 1000,
+                 "gpu_s": sum(r["gpu_s"] for r in records if r["gpu_s"] is not None) or None},
+        "forgetting": forgot,
+        "fuar": fuar(records, forgot),
+        "retrieval": retrieval(records),
+    }
