@@ -194,6 +194,95 @@ def arena(
     console.print(f"report: {report}" + (f"; data: {json_out}" if json_out else ""))
 
 
+model_app = typer.Typer(no_args_is_help=True, help="The base model: `build` the built-in one, `info` on the one in use.")
+app.add_typer(model_app, name="model")
+
+
+@model_app.command("build")
+def model_build(config: Path = ConfigOpt, as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")):
+    """Train the built-in model (tokenizer + small Llama) on the current facts; saved in the data directory."""
+    from pgfresh import model
+
+    meta = model.build(_load(config), console=err_console)
+    if as_json:
+        _print_json(meta)
+    else:
+        acc = meta["accuracy"]
+        console.print(f"built {meta['params']:,} parameters on {meta['facts']} facts (LSN {meta['lsn']}) in "
+                      f"{meta['seconds']} s, {meta['tokens_per_s']:,} tokens/s; accuracy: own {acc['own']}, "
+                      f"held-out phrasings {acc['held_out']}, open-book {acc.get('open_book')}")
+
+
+@model_app.command("info")
+def model_info(config: Path = ConfigOpt, as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")):
+    """Size, training tokens, LSN and accuracy of the base model."""
+    from pgfresh import model
+
+    meta = model.info(_load(config))
+    if as_json:
+        _print_json(meta)
+    else:
+        for k, v in meta.items():
+            if k not in ("format",):
+                console.print(f"{k}: {v}", highlight=False)
+
+
+@app.command()
+def train(
+    config: Path = ConfigOpt,
+    once: bool = typer.Option(False, "--once", help="One round per slice with waiting facts, then exit."),
+    as_json: bool = typer.Option(False, "--json", help="Print the rounds run as JSON."),
+):
+    """Training rounds as facts arrive: LoRA slices per tenant, gated, published or rejected."""
+    from pgfresh import train as tr
+
+    results = tr.run(_load(config), once=once, console=err_console)
+    if as_json:
+        _print_json(results)
+    elif once and not results:
+        console.print("no facts waiting: every slice is up to date")
+
+
+slices_app = typer.Typer(help="Model slices (one lineage per tenant): versions with metrics; `rollback TENANT VERSION`.")
+app.add_typer(slices_app, name="slices")
+
+
+@slices_app.callback(invoke_without_command=True)
+def slices(
+    ctx: typer.Context,
+    config: Path = ConfigOpt,
+    tenant: Optional[str] = typer.Option(None, "--tenant", help="Only this tenant's slice (_shared: no tenant)."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+):
+    """List published slice versions with their metrics."""
+    if ctx.invoked_subcommand:
+        return
+    from pgfresh import train as tr
+
+    rows = tr.list_slices(_load(config), tenant)
+    if as_json:
+        _print_json(rows)
+        return
+    for r in rows:
+        m = r["metrics"]
+        console.print(f"{'*' if r['current'] else ' '} {r['slice']} v{r['version']} ({r['kind']}, parent {r['parent']}) "
+                      f"lsn {r['lsn']}, {r['facts']} facts; new {m.get('new_accuracy')}, forgetting "
+                      f"{m.get('forgetting')}, stale {m.get('stale_rate')}", highlight=False)
+
+
+@slices_app.command("rollback")
+def slices_rollback(
+    tenant: str = typer.Argument(..., help="The tenant (_shared: facts without a tenant)."),
+    version: int = typer.Argument(..., help="The version to serve again."),
+    config: Path = ConfigOpt,
+):
+    """Serve an earlier published version again (its lineage's later facts wait for the next round)."""
+    from pgfresh import train as tr
+
+    r = tr.rollback(_load(config), tenant, version)
+    console.print(f"slice {r['slice']}: version {r['from']} -> {r['to']} (knows LSN {r['lsn']})")
+
+
 def main() -> None:
     try:
         app(standalone_mode=False)
