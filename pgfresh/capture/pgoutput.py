@@ -25,7 +25,6 @@ from pgfresh.errors import DecodeError
 
 PG_EPOCH = datetime(2000, 1, 1, tzinfo=timezone.utc)
 
-UNCHANGED_TOAST = object()  # marker: the column is TOASTed and did not change; keep the old value
 
 _INT_OIDS = {20, 21, 23, 26}  # int8, int2, int4, oid
 _FLOAT_OIDS = {700, 701}
@@ -183,6 +182,7 @@ class Decoder:
     def __init__(self) -> None:
         self.relations: dict[int, Relation] = {}
         self.in_stream = False
+        self.unchanged: list[str] = []  # columns the last new tuple left out as unchanged TOAST
 
     # -- primitives ------------------------------------------------------------------------------
     @staticmethod
@@ -194,6 +194,7 @@ class Decoder:
         (ncols,) = _i16(buf, pos)
         pos += 2
         names, convs = rel.columns, rel.converters
+        unchanged = self.unchanged = []
         if ncols > len(names):
             raise DecodeError(
                 f"tuple for {rel.qualified} has {ncols} columns but its Relation message named {len(names)}"
@@ -211,8 +212,8 @@ class Decoder:
                 pos += n
             elif kind == 0x6E:  # 'n' null
                 row[names[i]] = None
-            elif kind == 0x75:  # 'u' unchanged TOASTed value
-                row[names[i]] = UNCHANGED_TOAST
+            elif kind == 0x75:  # 'u' unchanged TOASTed value: not sent, the row store has it
+                unchanged.append(names[i])
             elif kind == 0x62:  # 'b' binary: only sent when asked for with binary=true, which we never do
                 raise DecodeError(f"binary column value for {rel.qualified}.{names[i]}; pgfresh asks for text")
             else:

@@ -151,9 +151,7 @@ class Stream:
             return Change(table, "delete", [old.get(k) for k in key_cols], None, 0, None,
                           tenant=_text(old.get(tenant_col)) if tenant_col else None)
         row = m.new
-        unchanged = [c for c, v in row.items() if v is po.UNCHANGED_TOAST]
-        for c in unchanged:
-            del row[c]
+        unchanged = self.decoder.unchanged  # set by the new tuple, decoded last
         key = [row.get(k) for k in key_cols]
         old_key = None
         if m.old is not None and any(k in m.old for k in key_cols):
