@@ -81,13 +81,15 @@ def status(config: Path = ConfigOpt, as_json: bool = typer.Option(False, "--json
 
 @app.command()
 def demo(
-    workdir: Path = typer.Option(Path(".pgfresh/demo"), "--workdir", help="Where the demo keeps its server and files."),
-    seconds: float = typer.Option(20.0, "--seconds", help="How long the live workload runs."),
+    workdir: Path = typer.Option(Path(".pgfresh/demo"), "--workdir", help="Where the demo keeps its server, report and data."),
+    minutes: float = typer.Option(2.0, "--minutes", help="Length of the live phase."),
+    noise: float = typer.Option(0.1, "--noise", help="Share of changes that are noise, 0 to 0.5."),
+    seed: int = typer.Option(7, "--seed", help="Seed of the workload and the questions."),
 ):
-    """Embedded PostgreSQL + a small live workload + capture, printing what was captured."""
-    from pgfresh import demo as demo_mod
+    """Embedded PostgreSQL + the shop workload + a short arena: the verdict, report.html and results.json."""
+    from pgfresh.arena import runner
 
-    demo_mod.run(workdir, seconds=seconds, console=console)
+    runner.run_demo(workdir, minutes=minutes, noise=noise, seed=seed, console=console)
 
 
 quarantine_app = typer.Typer(help="Changes the quality gate rejected; `release ID` re-admits one.")
@@ -237,6 +239,8 @@ def train(
     from pgfresh import train as tr
 
     results = tr.run(_load(config), once=once, console=err_console)
+    if results is None:  # a secondary process of `accelerate launch`: the main one reports
+        return
     if as_json:
         _print_json(results)
     elif once and not results:

@@ -22,7 +22,6 @@ import json
 import multiprocessing as mp
 import os
 import platform
-import signal
 import threading
 import time
 from dataclasses import asdict, replace
@@ -43,25 +42,25 @@ MAX_ASKS_PER_CHANGE = 50  # a change still wrong after this many batches stops b
 
 
 class CapturePipeline:
-    """pgfresh itself between batches: capture and the downstream workers catch up (sync --once)."""
+    """pgfresh itself between batches: capture and the downstream workers catch up (sync --once).
+
+    The workers (facts, RAG index) live as long as the pipeline, so the embedder loads once.
+    """
 
     def __init__(self, config):
+        from pgfresh.capture import sync
+
         self.config = config
+        self.workers = sync.downstream_workers(config)
 
     def step(self) -> int:
         from pgfresh.capture import sync
 
-        # sync installs SIGINT/SIGTERM handlers for its own stop event; give the arena its own back.
-        saved = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
-        try:
-            return int(sync.run(self.config, once=True).get("changes", 0))
-        finally:
-            if threading.current_thread() is threading.main_thread():
-                signal.signal(signal.SIGINT, saved[0])
-                signal.signal(signal.SIGTERM, saved[1])
+        return int(sync.run(self.config, once=True, workers=self.workers).get("changes", 0))
 
     def close(self) -> None:
-        pass
+        for w in self.workers:
+            w.close()
 
 
 class _Clock:
@@ -479,6 +478,11 @@ def print_verdict(results: dict, console) -> None:
     console.print(summary)
 
 
+# `make demo` must finish in minutes on 2 cores, model build included: a small shop.
+DEMO_SIZE = {"scale": {"shops": 3, "products_per_shop": 12, "notes_per_shop": 4}, "questions_per_batch": 8,
+             "oltp_seconds": 4.0, "export_seconds": 4.0}
+
+
 def run_demo(workdir: Path, minutes: float = 2.0, noise: float = 0.1, seed: int = 7, strategies: list | None = None,
              console=None) -> dict:
     """The shop arena on the embedded server in `workdir`, in a fresh database `pgfresh_arena`.
@@ -502,7 +506,8 @@ def run_demo(workdir: Path, minutes: float = 2.0, noise: float = 0.1, seed: int 
     path = workdir / "pgfresh.toml"
     path.write_text(shop_config_text({"dsn": server.dsn("pgfresh_arena")}))
     results = run_arena(cfg.load(path), minutes=minutes, noise=noise, seed=seed, report=workdir / "report.html",
-                        json_path=workdir / "results.json", strategies=strategies, console=console)
+                        json_path=workdir / "results.json", strategies=strategies, console=console,
+                        overrides=DEMO_SIZE)
     if console is not None:
         print_verdict(results, console)
         console.print(f"report: {workdir / 'report.html'}; data: {workdir / 'results.json'}")

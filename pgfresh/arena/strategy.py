@@ -85,7 +85,13 @@ Factory = Callable[[ArenaContext], Strategy]
 _REGISTRY: dict[str, Factory] = {}
 # name -> "module:callable"; imported on first use. Filled as the stages land (stale, rag-dense,
 # rag-hybrid, tuned, hybrid, each with the gate on and off).
-BUILTIN: dict[str, str] = {}
+BUILTIN: dict[str, str] = {
+    "stale": "pgfresh.arena.strategies:stale",
+    "rag-dense": "pgfresh.arena.strategies:rag_dense",
+    "rag-hybrid": "pgfresh.arena.strategies:rag_hybrid",
+    "tuned": "pgfresh.arena.strategies:tuned",
+    "hybrid": "pgfresh.arena.strategies:hybrid",
+}
 
 
 def register(name: str, factory: Factory | None = None):

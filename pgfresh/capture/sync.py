@@ -104,7 +104,8 @@ def run(config: cfg.Config, once: bool = False, console=None, stop: threading.Ev
         workers: list | None = None) -> dict:
     """Capture until stopped (or, with once, until caught up). Returns counts for the caller.
 
-    `workers`: the downstream workers to drive (default: those the config asks for).
+    `workers`: the downstream workers to drive (default: those the config asks for). Workers
+    passed in stay open for the caller's next run (the arena keeps its embedder loaded).
     """
     stop = stop or threading.Event()
     dsn = setup.resolve_dsn(config)
@@ -120,7 +121,8 @@ def run(config: cfg.Config, once: bool = False, console=None, stop: threading.Ev
     start_lsn = store.stored_lsn()
     stream = Stream(dsn, src.slot, src.publication, po.format_lsn(start_lsn),
                     {n: i.key for n, i in infos.items()}, {n: i.tenant for n, i in infos.items()})
-    workers = downstream_workers(config) if workers is None else workers
+    own_workers = workers is None
+    workers = downstream_workers(config) if own_workers else workers
     heartbeat = _Heartbeat(conn, "capture")
     previous_handlers = _install_signals(stop)
     target = po.parse_lsn(conn.execute("select pg_current_wal_lsn()::text").fetchone()[0]) if once else None
@@ -134,7 +136,7 @@ def run(config: cfg.Config, once: bool = False, console=None, stop: threading.Ev
         for sig, handler in previous_handlers.items():
             signal.signal(sig, handler)
         stream.close()
-        for w in workers:
+        for w in workers if own_workers else []:
             w.close()
         conn.close()
     return stats
