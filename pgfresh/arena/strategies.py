@@ -129,7 +129,8 @@ class Tuned(Strategy):
     def refresh(self, ctx: ArenaContext) -> None:
         from pgfresh import train
 
-        train.run(ctx.config, once=True)  # the rounds that are due (enough new facts, or waited long)
+        # Only the rounds that are due (enough new facts, or waited long; back-off after a rejection).
+        train.run(ctx.config, once=True, due_only=True)
 
     def answer(self, question: Question) -> Answer:
         from pgfresh import train

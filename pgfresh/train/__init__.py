@@ -1,0 +1,187 @@
+"""train: continual fine-tuning of model slices from the facts `render` writes.
+
+A *slice* is one lineage of model versions per tenant (facts without a tenant go to the shared
+slice `_shared`). Version 0 of a lineage is the base model (with the facts the built-in model
+learnt); each round trains a LoRA adapter (or, `method = "full"`, all weights of the tiny built-in
+model) on top of the published version: the new and changed facts in their training phrasings,
+explicit updates for superseded facts, and a replay sample of unchanged ones. A gate evaluates
+the candidate on held-out phrasings (never trained on) and publishes it or records why not.
+
+Promises: a fact is marked trained only in the transaction that publishes the version that
+learnt it; `kill -9` at any point leaves the published version untouched and the next round
+redoes the work; a slice trains only on its own tenant's facts.
+
+Entry points: `run` (`pgfresh train [--once]`), `ask_tuned`, `list_slices`, `rollback`,
+`check_config` (the `[train]` section). Heavy imports (torch, transformers, peft) stay inside
+functions so loading the config stays fast.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+SHARED = "_shared"  # the slice of facts without a tenant
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+MODEL_DEFAULTS = {
+    "hidden": None,  # None: sized for the number of facts (128 up to 1k facts, 256 to 10k, then 384)
+    "layers": None,
+    "heads": None,
+    "vocab_size": 1024,
+    "epochs": 30,  # passes over the facts (each in every training phrasing)
+    "min_steps": 400,  # few facts still get enough optimizer steps to get past the plateau
+    "batch_size": 32,
+    "learning_rate": 2e-3,
+    "warmup_steps": 100,
+    "open_book_ratio": 0.25,  # open-book examples per closed-book example
+    "distractors": 2,  # distractor documents per open-book example
+    "tenant_facts": False,  # learn tenants' facts into the shared base (breaks tenant isolation)
+}
+
+
+@dataclass
+class Settings:
+    base_model: str | None = None  # a local HF causal-LM directory; None: the built-in model
+    method: str = "lora"  # lora | full (full: every weight, sensible only for the tiny built-in model)
+    lora_rank: int = 16
+    lora_alpha: float | None = None  # None: 2 x rank
+    lora_targets: list = field(default_factory=lambda: list(LORA_TARGETS))
+    learning_rate: float = 1e-3
+    epochs: int = 30  # at most this many passes over a round's examples (see stop_loss)
+    min_steps: int = 0
+    stop_loss: float | None = 0.05  # stop once an epoch's mean answer loss is below this (facts learnt)
+    batch_size: int = 32
+    warmup_steps: int = 10
+    replay_ratio: float = 0.10  # share of the slice's unchanged known facts replayed each round
+    replay_max: int = 2000  # at most this many replay facts per round
+    min_new_facts: int = 10  # a round starts when this many facts wait ...
+    max_wait_seconds: float = 300.0  # ... or the oldest waiting fact is this old
+    poll_seconds: float = 5.0
+    max_facts_per_round: int = 5000
+    max_phrasings: int = 6  # training phrasings per fact (canonical + paraphrases); one more is held out
+    probe_size: int = 50  # fixed probe set of old facts, per slice (forgetting)
+    gate_min_new_accuracy: float = 0.6  # held-out accuracy on the round's new facts needed to publish
+    gate_max_forgetting: float = 0.3  # share of probe answers the parent got right and the candidate lost
+    gate_max_stale_rate: float = 1.0  # share of changed facts still answered with the superseded value
+    unknown_answer: str = "unknown"  # taught for a deleted row's questions when it has no `gone` template
+    eval_max_facts: int = 500
+    seed: int = 0
+    threads: int = 2  # CPU threads for torch
+    device: str = "auto"  # auto | cpu | cuda
+    model: dict = field(default_factory=lambda: dict(MODEL_DEFAULTS))
+
+
+_SPEC = {  # key: (kind, lower bound or choices, upper bound)
+    "base_model": ("str", None, None), "method": ("choice", ("lora", "full"), None),
+    "lora_rank": ("int", 1, 1024), "lora_alpha": ("num", 0, None), "lora_targets": ("strlist", None, None),
+    "learning_rate": ("num", 0, 1), "epochs": ("int", 1, 100_000), "min_steps": ("int", 0, 10**9),
+    "stop_loss": ("num", 0, None), "batch_size": ("int", 1, 65536), "warmup_steps": ("int", 0, 10**9), "replay_ratio": ("num", 0, 1),
+    "replay_max": ("int", 0, 10**9), "min_new_facts": ("int", 1, 10**9), "max_wait_seconds": ("num", 0, None),
+    "poll_seconds": ("num", 0, None), "max_facts_per_round": ("int", 1, 10**9), "max_phrasings": ("int", 1, 1000),
+    "probe_size": ("int", 0, 10**6), "gate_min_new_accuracy": ("num", 0, 1), "gate_max_forgetting": ("num", 0, 1),
+    "gate_max_stale_rate": ("num", 0, 1), "unknown_answer": ("str", None, None), "eval_max_facts": ("int", 1, 10**9),
+    "seed": ("int", 0, 2**31), "threads": ("int", 1, 1024), "device": ("choice", ("auto", "cpu", "cuda"), None),
+    "model": ("table", None, None),
+}
+_MODEL_SPEC = {
+    "hidden": ("int", 16, 8192), "layers": ("int", 1, 128), "heads": ("int", 1, 128), "vocab_size": ("int", 300, 10**6),
+    "epochs": ("int", 1, 100_000), "min_steps": ("int", 0, 10**9), "batch_size": ("int", 1, 65536),
+    "learning_rate": ("num", 0, 1), "warmup_steps": ("int", 0, 10**9), "open_book_ratio": ("num", 0, 100),
+    "distractors": ("int", 0, 20), "tenant_facts": ("bool", None, None),
+}
+
+
+def _check(path: str, value, spec: tuple) -> str | None:
+    """A problem with one value (None: fine)."""
+    kind, lo, hi = spec
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind == "str":
+        ok, expected = isinstance(value, str), "a string"
+    elif kind == "bool":
+        ok, expected = isinstance(value, bool), "true or false"
+    elif kind == "strlist":
+        ok = isinstance(value, list) and bool(value) and all(isinstance(x, str) and x for x in value)
+        expected = "a non-empty list of module names"
+    elif kind == "choice":
+        ok, expected = value in lo, "one of " + ", ".join(map(repr, lo))
+    elif kind == "table":
+        ok, expected = isinstance(value, dict), "a table"
+    elif kind == "int":
+        ok = number and isinstance(value, int) and lo <= value <= hi
+        expected = f"an integer from {lo} to {hi}"
+    else:  # a number; a learning rate must be > 0
+        positive = path.endswith("learning_rate")
+        ok = number and (value > lo if positive else value >= lo) and (hi is None or value <= hi)
+        expected = f"a number {'>' if positive else '>='} {lo}" + (f" and <= {hi}" if hi is not None else "")
+    return None if ok else f"{path}: expected {expected}, got {value!r}"
+
+
+def check_config(config) -> list[str]:
+    """Every problem in `[train]` (and `[train.model]`), each starting with its key path."""
+    problems = []
+    for section, raw, spec in (("train", config.train, _SPEC), ("train.model", config.train.get("model", {}), _MODEL_SPEC)):
+        if not isinstance(raw, dict):
+            continue  # reported as train.model above
+        for key, value in raw.items():
+            if key not in spec:
+                problems.append(f"{section}.{key}: unknown key (known: {', '.join(spec)})")
+            elif (p := _check(f"{section}.{key}", value, spec[key])) is not None:
+                problems.append(p)
+    return problems
+
+
+def settings(config) -> Settings:
+    """The `[train]` section with defaults filled in (already validated by check_config)."""
+    raw = dict(config.train)
+    model = {**MODEL_DEFAULTS, **raw.pop("model", {})}
+    known = {f.name for f in fields(Settings)}
+    s = Settings(**{k: v for k, v in raw.items() if k in known})
+    s.model = {k: v for k, v in model.items() if v is not None}
+    return s
+
+
+def slice_of(tenant: str | None) -> str:
+    """The slice that holds a tenant's facts."""
+    return SHARED if tenant is None else str(tenant)
+
+
+def run(config, once: bool = False, console=None, due_only: bool = False) -> list[dict] | None:
+    """`pgfresh train`: rounds as facts arrive (`once`: one round per slice with waiting facts;
+    with `due_only`, only where enough facts wait or the oldest waited long enough)."""
+    from pgfresh.train import rounds
+
+    return rounds.run(config, once=once, console=console, due_only=due_only)
+
+
+def ask_tuned(config, question: str, tenant: str | None = None) -> dict:
+    """Answer closed-book with the tenant's published slice: answer, slice, version, LSN."""
+    from pgfresh.train import slices
+
+    return slices.ask(config, question, tenant)
+
+
+def answer(config, question: str, tenant: str | None = None, mode: str = "tuned") -> dict:
+    """`pgfresh ask --mode tuned` (called by pgfresh.rag.ask): `ask_tuned` in the shape of a RAG answer."""
+    import time
+
+    from pgfresh.errors import PgfreshError
+
+    if mode != "tuned":
+        raise PgfreshError(f"ask --mode {mode}: the training stage answers --mode tuned only")
+    started = time.perf_counter()
+    out = ask_tuned(config, question, tenant)
+    out.update(cache="off", sources=[], timings={"total_ms": round((time.perf_counter() - started) * 1000, 1)},
+               note=f"closed-book: slice {out['slice']} version {out['version']}, knows LSN {out['lsn']}")
+    return out
+
+
+def list_slices(config, tenant: str | None = None) -> list[dict]:
+    from pgfresh.train import slices
+
+    return slices.list_versions(config, tenant)
+
+
+def rollback(config, tenant: str, version: int) -> dict:
+    from pgfresh.train import slices
+
+    return slices.rollback(config, tenant, version)

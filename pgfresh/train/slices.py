@@ -1,0 +1,236 @@
+"""Slices: versions of a tenant's model, where they are stored, and how they are loaded and served.
+
+A version is a row of `pgfresh.slice_versions` plus, for a trained version, a directory in
+`<data_dir>/slices/<slice>/` holding its LoRA adapter (or, for `method = "full"`, all weights),
+whose sha256 is recorded so a corrupted file is caught before it serves. A version is loaded as
+its lineage: the base model, then every adapter from the base to it, merged in order.
+
+`ask` always serves the slice's current published version: it reads the pointer on every call
+and reloads when it moved (a publish or a rollback), so serving switches without a restart. If
+the new version cannot be loaded, the version already in memory keeps serving, with a warning.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from pgfresh import db
+from pgfresh.errors import PgfreshError
+from pgfresh.train import SHARED, settings, slice_of
+
+WEIGHT_FILES = {"lora": "adapter_model.safetensors", "full": "model.safetensors"}
+
+
+class SliceError(PgfreshError):
+    """A slice or version is missing, or its files are corrupted or do not fit the base model."""
+
+
+@dataclass
+class Version:
+    slice: str
+    version: int
+    parent: int | None
+    kind: str
+    base_id: str
+    path: str
+    sha256: str | None
+    lsn: str
+    facts: int
+    metrics: dict
+    round_id: int | None
+    created_at: object = None
+
+
+_VERSION_COLS = "slice, version, parent, kind, base_id, path, sha256, lsn::text, facts, metrics, round_id, created_at"
+
+
+def connect(config, role: str = "train"):
+    """An autocommit connection with pgfresh's schema migrated (reads are single statements)."""
+    from pgfresh.capture.setup import resolve_dsn
+
+    conn = db.connect(resolve_dsn(config), role, autocommit=True)
+    db.migrate(conn)
+    return conn
+
+
+def slice_dir(config, name: str) -> Path:
+    """Where a slice's versions live: the name made safe for a path, plus a hash against collisions."""
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", name)[:40]
+    return config.data_dir / "slices" / f"{safe}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def get_version(conn, name: str, version: int) -> Version | None:
+    row = conn.execute(f"select {_VERSION_COLS} from pgfresh.slice_versions where slice = %s and version = %s",
+                       (name, version)).fetchone()
+    return Version(*row) if row else None
+
+
+def current(conn, name: str) -> Version | None:
+    """The slice's published version now serving (None: no slice yet)."""
+    row = conn.execute("select current_version from pgfresh.slices where name = %s", (name,)).fetchone()
+    return get_version(conn, name, row[0]) if row and row[0] is not None else None
+
+
+def lineage(conn, v: Version) -> list[Version]:
+    """The versions from the lineage's base to `v`, in order."""
+    chain = [v]
+    while chain[-1].parent is not None:
+        chain.append(get_version(conn, v.slice, chain[-1].parent))
+    return chain[::-1]
+
+
+def ensure_slice(conn, name: str, tenant: str | None) -> None:
+    conn.execute("insert into pgfresh.slices (name, tenant) values (%s, %s) on conflict (name) do nothing",
+                 (name, tenant))
+
+
+# --- loading ------------------------------------------------------------------------------------
+
+def load_version(config, conn, v: Version, device: str = "cpu"):
+    """The model of version `v`: its base, then each adapter of its lineage merged in order."""
+    from pgfresh import model as base_model
+
+    chain = lineage(conn, v)
+    start = max(i for i, x in enumerate(chain) if x.kind in ("base", "full"))
+    root = chain[0]
+    loaded = base_model.load(root.path, device=device)
+    if loaded.base_id != root.base_id:
+        raise SliceError(f"slice {v.slice!r} version {v.version} was trained on base model {root.base_id} at "
+                         f"{root.path}, which now holds {loaded.base_id}; run `pgfresh train --once` to train the "
+                         "slice on the new base (or restore the old model directory)")
+    if chain[start].kind == "full":
+        _check_file(chain[start])
+        loaded = _load_full(loaded, chain[start], device)
+    for x in chain[start + 1:]:
+        _check_file(x)
+        loaded.model = _merge_adapter(loaded.model, x)
+    loaded.model.eval()
+    return loaded
+
+
+def _check_file(v: Version) -> None:
+    path = Path(v.path) / WEIGHT_FILES[v.kind]
+    if not path.exists():
+        raise SliceError(f"slice {v.slice!r} version {v.version}: {path} is missing; roll back with "
+                         f"`pgfresh slices rollback {v.slice} {v.parent}`")
+    if file_sha256(path) != v.sha256:
+        raise SliceError(f"slice {v.slice!r} version {v.version}: {path} is corrupted (sha256 differs from the one "
+                         f"recorded at publish); roll back with `pgfresh slices rollback {v.slice} {v.parent}`")
+
+
+def _merge_adapter(model, v: Version):
+    from peft import PeftModel
+
+    try:
+        return PeftModel.from_pretrained(model, v.path).merge_and_unload()
+    except (ValueError, RuntimeError, OSError, KeyError) as exc:
+        raise SliceError(f"slice {v.slice!r} version {v.version}: the adapter in {v.path} does not fit the base "
+                         f"model ({str(exc).splitlines()[0][:200]})") from None
+
+
+def _load_full(loaded, v: Version, device: str):
+    from transformers import AutoModelForCausalLM
+
+    try:
+        loaded.model = AutoModelForCausalLM.from_pretrained(v.path).to(device)
+    except (ValueError, RuntimeError, OSError) as exc:
+        raise SliceError(f"slice {v.slice!r} version {v.version}: weights in {v.path} cannot be loaded "
+                         f"({str(exc).splitlines()[0][:200]})") from None
+    return loaded
+
+
+# --- serving ------------------------------------------------------------------------------------
+
+_SERVING: dict[tuple[str, str], tuple[int, object]] = {}  # (data_dir, slice) -> (version, Loaded)
+_LOCK = threading.Lock()
+
+
+def ask(config, question: str, tenant: str | None = None) -> dict:
+    """Closed-book answer from the tenant's current published version (see the module docstring)."""
+    from pgfresh.train import fit
+    from pgfresh.model import format_prompt, generate
+
+    name = slice_of(tenant)
+    with connect(config, "serve") as conn:
+        v = current(conn, name)
+        if v is None:
+            raise SliceError(f"no published slice for {'tenant ' + repr(tenant) if tenant else 'shared facts'} yet; "
+                             "run `pgfresh model build` and `pgfresh train --once`")
+        key, warning = (str(config.data_dir), name), None
+        with _LOCK:
+            held = _SERVING.get(key)
+            if held is None or held[0] != v.version:
+                try:
+                    s = settings(config)
+                    fit.set_threads(s.threads)
+                    _SERVING[key] = (v.version, load_version(config, conn, v, device=fit.pick_device(s.device)[0]))
+                except PgfreshError as exc:
+                    if held is None:
+                        raise
+                    warning = f"version {v.version} cannot be loaded, version {held[0]} keeps serving: {exc}"
+            version, loaded = _SERVING[key]
+        if version != v.version:
+            v = get_version(conn, name, version)
+    answer = generate(loaded, [format_prompt(question)], max_new_tokens=32)[0]
+    out = {"answer": answer, "mode": "tuned", "tenant": tenant, "slice": name, "version": v.version, "lsn": v.lsn,
+           "base_id": v.base_id}
+    if warning:
+        out["warning"] = warning
+    return out
+
+
+# --- listing and rollback -----------------------------------------------------------------------
+
+def list_versions(config, tenant: str | None = None) -> list[dict]:
+    """Every published version (of one tenant's slice, or all), with its metrics and whether it serves."""
+    with connect(config, "train") as conn:
+        where = "where v.slice = %s" if tenant is not None else ""
+        params = (_slice_arg(tenant),) if tenant is not None else ()
+        rows = conn.execute(
+            f"select v.slice, s.tenant, v.version, v.parent, v.kind, v.lsn::text, v.facts, v.metrics, v.round_id,"
+            f" v.created_at, v.version = s.current_version, v.base_id"
+            f" from pgfresh.slice_versions v join pgfresh.slices s on s.name = v.slice {where}"
+            f" order by v.slice, v.version", params).fetchall()
+        rejected = dict(conn.execute("select slice, count(*) from pgfresh.train_rounds where status = 'rejected'"
+                                     " group by slice").fetchall())
+    keys = ("slice", "tenant", "version", "parent", "kind", "lsn", "facts", "metrics", "round", "created_at", "current",
+            "base_id")
+    out = [dict(zip(keys, r)) for r in rows]
+    for r in out:
+        r["rejected_rounds"] = rejected.get(r["slice"], 0)
+    return out
+
+
+def _slice_arg(tenant: str) -> str:
+    """The CLI names the shared slice '_shared' (or '-')."""
+    return SHARED if tenant in (SHARED, "-") else tenant
+
+
+def rollback(config, tenant: str, version: int) -> dict:
+    """Make `version` the slice's serving version again; later versions stay listed but do not serve."""
+    name = _slice_arg(tenant)
+    with connect(config, "train") as conn:
+        with conn.transaction():
+            row = conn.execute("select current_version from pgfresh.slices where name = %s for update", (name,)).fetchone()
+            if row is None:
+                raise SliceError(f"no slice {name!r}; `pgfresh slices` lists them")
+            v = get_version(conn, name, version)
+            if v is None:
+                raise SliceError(f"slice {name!r} has no version {version}; `pgfresh slices --tenant {name}` lists them")
+            if v.kind != "base":
+                _check_file(v)
+            conn.execute("update pgfresh.slices set current_version = %s, updated_at = now() where name = %s",
+                         (version, name))
+    return {"slice": name, "from": row[0], "to": version, "lsn": v.lsn}

@@ -1,0 +1,136 @@
+"""pgfresh.model: the built-in model (built once per session, real PostgreSQL, real capture and render),
+loading any HF directory with clear errors, the prompt format, and the accelerate launch line."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+
+import psycopg
+import pytest
+
+from pgfresh import config as cfg
+from pgfresh import model
+from pgfresh.train import data, fit
+from tests.conftest import run_cli, write_config
+from tests.train_support import N_PRODUCTS, base_model  # noqa: F401  (session fixture)
+
+
+def _facts(dsn: str):
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        return data.load_facts(conn, tenant=None)
+
+
+def test_build_answers_its_own_facts_and_held_out_paraphrases(base_model):
+    facts = _facts(base_model.dsn)
+    assert len(facts) == N_PRODUCTS
+    loaded = model.load(base_model.dir)
+    own = fit.correct(loaded, [(f.question, f.answer) for f in facts])
+    held = fit.correct(loaded, [(data.held_out(f, 6), f.answer) for f in facts])
+    # the phrasings held out were never trained on; chance is about 1 in N_PRODUCTS
+    assert sum(own) / len(own) >= 0.9, sum(own)
+    assert sum(held) / len(held) >= 0.5, sum(held)
+    meta = base_model.meta
+    assert meta["facts"] == N_PRODUCTS and meta["accuracy"]["own"] >= 0.9
+    assert meta["training_tokens"] > 0 and meta["params"] < 5_000_000
+    assert sorted(model.known_facts(base_model.dir)) == sorted(f.fact_id for f in facts)
+
+
+def test_model_dir_is_a_plain_hugging_face_directory(base_model):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pgfresh.rag.reader import HFReader
+
+    f = _facts(base_model.dsn)[0]
+    tok = AutoTokenizer.from_pretrained(str(base_model.dir))
+    lm = AutoModelForCausalLM.from_pretrained(str(base_model.dir))
+    ids = tok(model.format_prompt(f.question), return_tensors="pt")["input_ids"]
+    out = lm.generate(ids, max_new_tokens=12, do_sample=False)  # stops at EOS from generation_config
+    assert tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip() == f.answer
+    assert HFReader(base_model.dir).generate(model.format_prompt(f.question), 12) == f.answer
+
+
+def test_model_info_cli(base_model):
+    out = run_cli("model", "info", "--json", "--config", str(base_model.config_path))
+    assert out.returncode == 0, out.stderr
+    info = json.loads(out.stdout)
+    assert info["builtin"] and info["architecture"] == "LlamaForCausalLM"
+    assert info["lsn"] != "0/0" and info["params"] == base_model.meta["params"]
+    assert {"training_tokens", "tokens_per_s", "accuracy", "layers", "hidden", "vocab_size"} <= set(info)
+
+
+def test_tokenizer_spells_numbers_digit_by_digit():
+    tok = model.train_tokenizer(["The price of Calm Lamp is 123.45 today"] * 20, 400)
+    pieces = tok.convert_ids_to_tokens(tok(" 123.45", add_special_tokens=False)["input_ids"])
+    assert [p.lstrip("Ġ") for p in pieces if p.lstrip("Ġ")] == ["1", "2", "3", ".", "4", "5"]
+    assert tok.decode(tok("Q: naïve café 42?\nA:")["input_ids"]) == "Q: naïve café 42?\nA:"
+
+
+def test_format_prompt_closed_and_open_book():
+    assert model.format_prompt("What is  the price\nof X?") == "Q: What is the price of X?\nA:"
+    p = model.format_prompt("Q?", ["products\nname: X\nprice: 1", "other  doc"])
+    assert p == "D: products name: X price: 1\nD: other doc\nQ: Q?\nA:"
+    assert model.answer_text(" 12.50 ") == " 12.50"
+
+
+def test_load_errors_are_one_clear_line(tmp_path, base_model):
+    with pytest.raises(model.ModelError, match="model build"):
+        model.load(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(model.ModelError, match="no config.json"):
+        model.load(tmp_path / "empty")
+    broken = tmp_path / "broken"
+    shutil.copytree(base_model.dir, broken)
+    (broken / "config.json").write_text('{"model_type": "no-such-architecture"}')
+    with pytest.raises(model.ModelError, match="cannot be read"):
+        model.load(broken)
+    # a tokenizer with more tokens than the model has embeddings
+    mismatch = tmp_path / "mismatch"
+    shutil.copytree(base_model.dir, mismatch)
+    rng = random.Random(0)
+    texts = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(8)) for _ in range(5000)]
+    bigger = model.train_tokenizer(texts, 3000)
+    assert len(bigger) > base_model.meta["vocab_size"]
+    bigger.save_pretrained(str(mismatch))
+    with pytest.raises(model.ModelError, match="tokenizer mismatch"):
+        model.load(mismatch)
+
+
+def test_cli_without_a_model_says_how_to_build_one(tmp_path, dsn):
+    path = write_config(tmp_path, dsn, 'data_dir = "data"\n[[tables]]\nname = "public.t"\n')
+    with psycopg.connect(dsn, autocommit=True) as c:
+        c.execute("create table t (id int primary key, v text)")
+    out = run_cli("model", "info", "--config", str(path))
+    assert out.returncode == 2 and "pgfresh model build" in out.stderr
+    out = run_cli("model", "build", "--config", str(path))  # the table is empty: no facts yet
+    assert out.returncode == 2 and "no facts" in out.stderr
+
+
+def test_check_config_reports_every_train_problem_with_its_key(tmp_path):
+    raw = {"source": {"dsn": "postgresql://x"}, "train": {
+        "replay_ratio": 1.5, "method": "qlora", "lora_rank": 0, "epochs": "ten", "bogus": 1,
+        "model": {"hidden": 8, "tenant_facts": "yes", "what": 2}}}
+    with pytest.raises(cfg.ConfigError) as err:
+        cfg.parse(raw, tmp_path / "pgfresh.toml")
+    problems = err.value.problems
+    for key in ("train.replay_ratio", "train.method", "train.lora_rank", "train.epochs", "train.bogus",
+                "train.model.hidden", "train.model.tenant_facts", "train.model.what"):
+        assert any(p.startswith(key + ":") for p in problems), (key, problems)
+    ok = cfg.parse({"source": {"dsn": "postgresql://x"}, "train": {"replay_ratio": 0.25, "model": {"layers": 3}}})
+    from pgfresh.train import settings
+
+    s = settings(ok)
+    assert s.replay_ratio == 0.25 and s.model["layers"] == 3 and s.model["vocab_size"] == 1024
+
+
+def test_accelerate_launch_line_from_the_docs_parses():
+    """docs/TRAINING.md's multi-GPU line, parsed by accelerate's own parser."""
+    from accelerate.commands.launch import launch_command_parser
+
+    line = ("--multi_gpu --num_processes 4 --mixed_precision bf16 -m pgfresh train --once "
+            "--config pgfresh.toml").split()
+    args = launch_command_parser().parse_args(line)
+    assert args.module and args.training_script == "pgfresh"
+    assert args.training_script_args == ["train", "--once", "--config", "pgfresh.toml"]
+    assert args.num_processes == 4 and args.mixed_precision == "bf16" and args.multi_gpu
