@@ -1,0 +1,117 @@
+"""The rag stage: a hybrid index kept current by the change log, search, answers, and an answer cache.
+
+Public entry points:
+- `workers(config)`: the 'index' worker that `pgfresh sync` drives (pgfresh.rag.index);
+- `search(conn, config, text, tenant, k, mode) -> list[Hit]` (pgfresh.rag.retrieval);
+- `ask(config, question, tenant, mode)` (pgfresh.rag.answer);
+- `status_counts(conn)` for `pgfresh status`; `check_config(config)` for the `[rag]` section.
+"""
+
+from __future__ import annotations
+
+import re
+
+from pgfresh.rag.retrieval import FUSIONS, MODES, RERANKS, Hit, search  # noqa: F401  (re-exported)
+
+_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+# key -> (kind, check, expected): every key `[rag]` accepts, with what it must be.
+_NUM = (int, float)
+_SPEC = {
+    "enabled": (bool, None, "true or false"),
+    "embedder": (str, None, "an embedder name: minilm, static-minilm (or any name with embedder_path)"),
+    "embedder_path": (str, None, "a sentence-transformers model directory"),
+    "device": (str, lambda v: bool(_DEVICE.match(v)), "auto, cpu, cuda, cuda:N or mps"),
+    "embed_batch": (int, lambda v: v > 0, "a positive integer (texts per embedder call)"),
+    "embed_threads": (int, lambda v: v >= 0, "an integer >= 0 (CPU threads for the embedder; 0: torch's default)"),
+    "index_batch_changes": (int, lambda v: v > 0, "a positive integer (changes per admit transaction)"),
+    "index_batch_docs": (int, lambda v: v > 0, "a positive integer (documents per apply transaction)"),
+    "hnsw_m": (int, lambda v: 2 <= v <= 100, "an integer in 2..100"),
+    "hnsw_ef_construction": (int, lambda v: 4 <= v <= 1000, "an integer in 4..1000"),
+    "ef_search": (int, lambda v: 1 <= v <= 1000, "an integer in 1..1000"),
+    "text_search_config": (str, lambda v: bool(re.match(r"^[a-z_][a-z0-9_]*$", v)), "a text search configuration like 'english'"),
+    "lexical_max_df": (_NUM, lambda v: 0 < v <= 1, "a fraction in (0, 1] (words in more documents are left out of lexical matching)"),
+    "mode": (str, lambda v: v in MODES, f"one of {', '.join(MODES)}"),
+    "ask_search_mode": (str, lambda v: v in MODES, f"one of {', '.join(MODES)}"),
+    "fusion": (str, lambda v: v in FUSIONS, f"one of {', '.join(FUSIONS)}"),
+    "rrf_k": (_NUM, lambda v: v > 0, "a number > 0"),
+    "dense_weight": (_NUM, lambda v: v >= 0, "a number >= 0"),
+    "lexical_weight": (_NUM, lambda v: v >= 0, "a number >= 0"),
+    "candidates": (int, lambda v: 1 <= v <= 1000, "an integer in 1..1000"),
+    "rerank": (str, lambda v: v in RERANKS, f"one of {', '.join(RERANKS)}"),
+    "rerank_depth": (int, lambda v: 1 <= v <= 100, "an integer in 1..100"),
+    "rerank_overlap_weight": (_NUM, lambda v: v >= 0, "a number >= 0"),
+    "rerank_model": (str, None, "a local cross-encoder model directory"),
+    "k": (int, lambda v: v > 0, "a positive integer (search results)"),
+    "ask_k": (int, lambda v: v > 0, "a positive integer (documents in the prompt)"),
+    "max_new_tokens": (int, lambda v: v > 0, "a positive integer"),
+    "reader": (dict, None, "a table ([rag.reader])"),
+    "cache": (dict, None, "a table ([rag.cache])"),
+}
+
+
+def check_config(config) -> list[str]:
+    """Every problem in `[rag]`, each starting with its key path."""
+    from pgfresh.rag import embed, reader
+
+    rag, problems = config.rag, []
+    for key, value in rag.items():
+        if key not in _SPEC:
+            problems.append(f"rag.{key}: unknown key (known: {', '.join(_SPEC)})")
+            continue
+        kind, ok, expected = _SPEC[key]
+        bad_bool = isinstance(value, bool) and kind is not bool
+        if bad_bool or not isinstance(value, kind) or (ok is not None and not ok(value)):
+            problems.append(f"rag.{key}: expected {expected}, got {value!r}")
+    if isinstance(rag.get("embedder"), str) and not rag.get("embedder_path") and rag["embedder"] not in embed.BUILTIN:
+        problems.append(f"rag.embedder: expected one of {', '.join(embed.BUILTIN)} (or set rag.embedder_path), "
+                        f"got {rag['embedder']!r}")
+    if rag.get("rerank") == "cross-encoder" and not rag.get("rerank_model"):
+        problems.append("rag.rerank: 'cross-encoder' needs rag.rerank_model (a local cross-encoder directory)")
+    if isinstance(rag.get("reader"), dict):
+        reader.check(rag["reader"], problems)
+    if isinstance(rag.get("cache"), dict):
+        for key, value in rag["cache"].items():
+            if key == "enabled" and not isinstance(value, bool):
+                problems.append(f"rag.cache.enabled: expected true or false, got {value!r}")
+            elif key == "similarity" and (isinstance(value, bool) or not isinstance(value, _NUM) or not 0 < value <= 1):
+                problems.append(f"rag.cache.similarity: expected a number in (0, 1] (1: exact matches only), got {value!r}")
+            elif key not in ("enabled", "similarity"):
+                problems.append(f"rag.cache.{key}: unknown key (known: enabled, similarity)")
+    return problems
+
+
+def workers(config) -> list:
+    """The 'index' worker, unless `[rag] enabled = false`."""
+    if not config.rag.get("enabled", True):
+        return []
+    from pgfresh.rag.index import IndexWorker
+
+    return [IndexWorker(config)]
+
+
+def ask(config, question: str, tenant: str | None = None, mode: str = "rag", **kw) -> dict:
+    from pgfresh.rag.answer import ask as _ask
+
+    return _ask(config, question, tenant, mode, **kw)
+
+
+def status_counts(conn) -> dict:
+    """Documents, queue, generations, freshness p50/p99 and cache counters, for `pgfresh status`."""
+    from pgfresh.rag.status import counts
+
+    return counts(conn)
+
+
+def run_search(config, text: str, tenant: str | None = None, k: int | None = None, mode: str | None = None) -> list[Hit]:
+    """`search` on a connection of its own (the form the CLI and the HTTP API use)."""
+    from pgvector.psycopg import register_vector
+
+    from pgfresh import db
+    from pgfresh.capture.setup import resolve_dsn
+    from pgfresh.rag.retrieval import tenant_filter
+
+    tenant_filter(config, tenant)  # refuse before connecting
+    with db.connect(resolve_dsn(config), "search", autocommit=True) as conn:
+        register_vector(conn)
+        return search(conn, config, text, tenant, k or int(config.rag.get("k", 10)), mode)

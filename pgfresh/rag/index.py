@@ -1,0 +1,206 @@
+"""The 'index' worker: the change log becomes searchable documents, exactly once, within about a second.
+
+Each `step` runs up to three short transactions and never embeds inside one:
+
+1. admit: read the next changes of consumer 'index' from `pgfresh.changes`, pass them through the
+   quality gate (`Gate(config, 'rag')`, which quarantines or holds back what it must), render the
+   accepted rows to document text, append them to `pgfresh.index_queue`, advance the consumer.
+2. embed, outside any transaction: the newest queued version of each row at the head of the queue
+   (older versions of the same row are consumed with it: a hot row is embedded once per batch, not
+   once per change), with the embedder of every live generation (the active one, and a building
+   one during a re-embedding).
+3. apply: delete exactly those queue entries and upsert/delete the documents in one transaction,
+   recording for each streamed change its commit -> searchable delay in `pgfresh.rag_freshness`.
+
+A crash anywhere leaves either the change unread, or the entry queued: it is done again, never
+twice (the queue entry and the document write commit together). Deletes and truncates remove the
+documents (the gate never holds a tombstone back).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from pgvector.psycopg import register_vector
+from psycopg import Rollback, sql
+
+from pgfresh import db
+from pgfresh.capture.change import Change, advance, read_changes
+from pgfresh.rag import generations
+from pgfresh.rag.lexical import TSVECTOR_SQL, bigram_text
+
+CONSUMER = "index"
+
+
+def format_lsn(lsn: int) -> str:
+    return f"{lsn >> 32:X}/{lsn & 0xFFFFFFFF:X}"
+
+
+class IndexWorker:
+    """Consumer 'index' of the change log; runs inside `pgfresh sync` (or alone, for tests)."""
+
+    name = "index"
+
+    def __init__(self, config, dsn: str | None = None):
+        self.config = config
+        self.rag = config.rag
+        self.dsn = dsn
+        self.conn = None
+        self.gate = None
+        self.active = self.building = None
+        self.batch_changes = int(self.rag.get("index_batch_changes", 1000))
+        self.batch_docs = int(self.rag.get("index_batch_docs", 128))
+        self.text_config = self.rag.get("text_search_config", "english")
+
+    def _connect(self):
+        if self.conn is None:
+            from pgfresh.capture.setup import resolve_dsn
+            from pgfresh.gate import Gate
+
+            self.conn = db.connect(self.dsn or resolve_dsn(self.config), "index", autocommit=True,
+                                   max_txn_seconds=self.config.source.max_txn_seconds)
+            db.migrate(self.conn)
+            register_vector(self.conn)
+            self.gate = Gate(self.config, "rag")
+            self.active, self.building = generations.ensure(self.conn, self.config)
+        return self.conn
+
+    def step(self) -> int:
+        """Admit, embed and apply one batch; then one batch of background re-embedding or cleanup."""
+        conn = self._connect()
+        done = self._admit(conn) + self._apply(conn)
+        if self.building is not None:
+            if self.building.model is None:
+                raise RuntimeError("the building generation's embedder is the configured one; it must load")
+            n = generations.backfill_batch(conn, self.active, self.building, self.batch_docs)
+            if n == 0:  # complete and switched, or rows appeared behind the cursor: not idle either way
+                self.active, self.building = generations.ensure(conn, self.config)
+                n = 1
+            done += n
+        else:
+            done += generations.cleanup_batch(conn)
+        return done
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
+
+    # -- 1. admit ------------------------------------------------------------------------------
+    def _admit(self, conn) -> int:
+        with conn.transaction():
+            changes = read_changes(conn, CONSUMER, self.batch_changes)
+            accepted = self.gate.admit(conn, changes) if changes else []
+            released = self.gate.release_due(conn)
+            entries = [e for e in (self._queue_entry(conn, c) for c in accepted + released) if e is not None]
+            if entries:
+                with conn.cursor() as cur:
+                    cur.executemany(
+                        "insert into pgfresh.index_queue (tbl, key, tenant, op, text, lsn, commit_time, live)"
+                        " values (%s, %s, %s, %s, %s, %s::pg_lsn, %s, %s)", entries)
+            if changes:
+                advance(conn, CONSUMER, changes[-1].seq)
+        return len(changes) + len(released)
+
+    def _queue_entry(self, conn, c: Change) -> tuple | None:
+        """The queue row of an accepted change; None (and the change quarantined) if it cannot render."""
+        from pgfresh.render import RenderError, plain_table, render_document
+
+        op = {"delete": "delete", "truncate": "truncate"}.get(c.op, "upsert")
+        text = None
+        if op == "upsert":
+            try:
+                table = self.config.table(c.table)
+            except KeyError:  # captured before the table left pgfresh.toml: render it plainly
+                table = plain_table(c.table)
+            try:
+                text = render_document(table, c.row)
+            except RenderError as exc:
+                self.gate.reject_accepted(conn, c, "render", str(exc))
+                return None
+        return (c.table, c.key_text if op != "truncate" else "[]", c.tenant, op, text, format_lsn(c.lsn),
+                c.commit_time, c.op != "read")
+
+    # -- 2 + 3. embed, apply -------------------------------------------------------------------
+    def _apply(self, conn) -> int:
+        """Apply the rows at the head of the queue, each at its newest queued version."""
+        head = conn.execute(
+            "select id, tbl, key, op from pgfresh.index_queue order by id limit %s", (self.batch_docs,)).fetchall()
+        if not head:
+            return 0
+        if head[0][3] == "truncate":
+            return self._apply_truncate(conn, head[0])
+        # A truncate applies alone, in order: only versions queued before it may be applied now.
+        bound = conn.execute("select coalesce(min(id), 9223372036854775807) from pgfresh.index_queue"
+                             " where op = 'truncate'").fetchone()[0]
+        rows = sorted({(e[1], e[2]) for e in head if e[0] < bound})
+        # The newest version of each row is the only one worth embedding; the older ones queued for
+        # the same row are consumed with it (an update-heavy table is embedded per row, not per change).
+        latest = conn.execute(
+            "select distinct on (q.tbl, q.key) q.id, q.tbl, q.key, q.tenant, q.op, q.text, q.lsn::text, q.commit_time"
+            " from pgfresh.index_queue q join unnest(%s::text[], %s::text[]) u(tbl, key) on q.tbl = u.tbl and q.key = u.key"
+            " where q.id < %s order by q.tbl, q.key, q.id desc",
+            ([r[0] for r in rows], [r[1] for r in rows], bound)).fetchall()
+        upserts = [e for e in latest if e[4] == "upsert"]
+        gens = [g for g in (self.active, self.building) if g is not None]
+        vectors = {g.id: (g.model.embed([e[5] for e in upserts]) if g.model is not None and upserts else None)
+                   for g in gens}
+        with conn.transaction() as tx:
+            consumed = conn.execute(
+                "delete from pgfresh.index_queue q using unnest(%s::text[], %s::text[], %s::bigint[]) u(tbl, key, id)"
+                " where q.tbl = u.tbl and q.key = u.key and q.id <= u.id returning q.id, q.commit_time, q.live",
+                ([e[1] for e in latest], [e[2] for e in latest], [e[0] for e in latest])).fetchall()
+            if not {e[0] for e in latest} <= {c[0] for c in consumed}:
+                raise Rollback(tx)  # another index worker applied them meanwhile: its write stands
+            for g in gens:
+                self._write(conn, g, latest, upserts, vectors[g.id])
+            ctimes = [c[1] for c in consumed if c[2] and c[1] is not None]
+            if ctimes:
+                _record_freshness(conn, ctimes)
+        return len(consumed)
+
+    def _apply_truncate(self, conn, entry) -> int:
+        with conn.transaction():
+            conn.execute("delete from pgfresh.index_queue where id = %s", (entry[0],))
+            for g in (self.active, self.building):
+                if g is not None:
+                    conn.execute("delete from pgfresh.documents where index_id = %s and tbl = %s", (g.id, entry[1]))
+        return 1
+
+    def _write(self, conn, g, latest, upserts, vectors) -> None:
+        deletes = [e for e in latest if e[4] == "delete"]
+        if deletes:
+            conn.execute("delete from pgfresh.documents d using unnest(%s::text[], %s::text[]) u(tbl, key)"
+                         " where d.index_id = %s and d.tbl = u.tbl and d.key = u.key",
+                         ([e[1] for e in deletes], [e[2] for e in deletes], g.id))
+        if not upserts:
+            return
+        tsv = sql.SQL(TSVECTOR_SQL).format(cfg=sql.Literal(self.text_config), text=sql.Placeholder("text"),
+                                           bigrams=sql.Placeholder("bigrams"))
+        query = sql.SQL(
+            "insert into pgfresh.documents as d (index_id, tbl, key, tenant, text, tsv, embedding, embedder,"
+            " embedder_version, lsn, commit_time)"
+            " values (%(gid)s, %(tbl)s, %(key)s, %(tenant)s, %(text)s, {tsv}, %(embedding)s, %(embedder)s,"
+            " %(version)s, %(lsn)s::pg_lsn, %(ctime)s)"
+            " on conflict (index_id, tbl, key) do update set tenant = excluded.tenant, text = excluded.text,"
+            " tsv = excluded.tsv, embedding = excluded.embedding, embedder = excluded.embedder,"
+            " embedder_version = excluded.embedder_version, lsn = excluded.lsn, commit_time = excluded.commit_time,"
+            " indexed_at = clock_timestamp()"
+        ).format(tsv=tsv)
+        params = [
+            {"gid": g.id, "tbl": e[1], "key": e[2], "tenant": e[3], "text": e[5], "bigrams": bigram_text(e[5]),
+             "embedding": None if vectors is None else vectors[i], "embedder": g.embedder, "version": g.version,
+             "lsn": e[6], "ctime": e[7]}
+            for i, e in enumerate(upserts)]
+        with conn.cursor() as cur:
+            cur.executemany(query, params)
+
+
+def _record_freshness(conn, commit_times: list[datetime]) -> None:
+    """Histogram of commit -> searchable milliseconds, measured just before this transaction commits."""
+    conn.execute(
+        "insert into pgfresh.rag_freshness (bucket, n)"
+        " select b, count(*) from (select floor(ln(1 + greatest(0, extract(epoch from clock_timestamp() - ct))"
+        " * 1000) / ln(1.1))::int as b from unnest(%s::timestamptz[]) as ct) s group by b"
+        " on conflict (bucket) do update set n = pgfresh.rag_freshness.n + excluded.n",
+        (commit_times,))

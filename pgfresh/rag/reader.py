@@ -1,0 +1,147 @@
+"""Readers: the language model that turns retrieved documents into an answer.
+
+One interface, `generate(prompt, max_new_tokens) -> str`, and an `id` naming the model (the answer
+cache keys on it). Built-ins, chosen by `[rag.reader] kind`:
+- `openai`: any OpenAI-compatible chat-completions endpoint (vLLM, Ollama, llama.cpp server, ...):
+  `base_url`, `model`, and the *name* of the environment variable holding the API key.
+- `hf`: a local Hugging Face causal-LM directory loaded with transformers (greedy decoding), e.g.
+  the built-in model the training stage writes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Protocol
+
+from pgfresh.errors import PgfreshError
+
+KINDS = ("openai", "hf")
+_LOADED: dict[tuple, "Reader"] = {}
+_LOCK = threading.Lock()
+
+
+class ReaderError(PgfreshError):
+    """The reader failed (endpoint unreachable, bad reply, model directory unusable)."""
+
+
+class Reader(Protocol):
+    id: str
+
+    def generate(self, prompt: str, max_new_tokens: int) -> str: ...
+
+
+class OpenAIReader:
+    """Chat completions over HTTP, temperature 0."""
+
+    def __init__(self, base_url: str, model: str, api_key: str | None = None, timeout_seconds: float = 60.0):
+        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.model, self.api_key, self.timeout = model, api_key, timeout_seconds
+        self.id = f"openai:{base_url.rstrip('/')}:{model}"
+
+    def generate(self, prompt: str, max_new_tokens: int) -> str:
+        body = json.dumps({"model": self.model, "messages": [{"role": "user", "content": prompt}],
+                           "max_tokens": max_new_tokens, "temperature": 0}).encode()
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        req = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                reply = json.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            raise ReaderError(f"reader {self.url} answered HTTP {exc.code}: {exc.read()[:200]!r}") from None
+        except (urllib.error.URLError, TimeoutError, OSError) as exc:
+            raise ReaderError(f"reader {self.url} is unreachable ({exc}); check rag.reader.base_url") from None
+        try:
+            return reply["choices"][0]["message"]["content"].strip()
+        except (KeyError, IndexError, TypeError):
+            raise ReaderError(f"reader {self.url} sent no choices[0].message.content: {str(reply)[:200]}") from None
+
+
+class HFReader:
+    """A local causal LM directory; prompts go in as raw text unless `chat` asks for the chat template."""
+
+    def __init__(self, path: str | Path, chat: bool = False, device: str = "cpu"):
+        path = Path(path).expanduser().resolve()
+        if not (path / "config.json").exists():
+            raise ReaderError(f"{path} is not a Hugging Face model directory (no config.json); check rag.reader.path")
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(str(path))
+        self.model = AutoModelForCausalLM.from_pretrained(str(path)).to(device).eval()
+        self.chat, self.device = chat, device
+        self.id = f"hf:{path}"
+
+    def generate(self, prompt: str, max_new_tokens: int) -> str:
+        import torch
+
+        if self.chat and getattr(self.tokenizer, "chat_template", None):
+            ids = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                                     return_tensors="pt", return_dict=True)["input_ids"]
+        else:
+            ids = self.tokenizer(prompt, return_tensors="pt")["input_ids"]
+        ids = ids.to(self.device)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        with torch.inference_mode():
+            out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                      do_sample=False, pad_token_id=pad)
+        return self.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+
+
+def from_config(rag: dict, base_dir: Path | None = None, environ: dict | None = None) -> Reader | None:
+    """The reader `[rag.reader]` configures, or None when there is none (cached per process).
+
+    A relative `path` is relative to `base_dir` (pgfresh.toml's directory); the API key is read
+    from the environment variable the config names, here at the edge.
+    """
+    spec = rag.get("reader")
+    if not spec:
+        return None
+    environ = os.environ if environ is None else environ
+    kind = spec.get("kind", "openai")
+    key = (kind, json.dumps(spec, sort_keys=True), str(base_dir), environ.get(spec.get("api_key_env") or "", ""))
+    with _LOCK:
+        if key not in _LOADED:
+            if kind == "openai":
+                env = spec.get("api_key_env")
+                _LOADED[key] = OpenAIReader(spec["base_url"], spec["model"], environ.get(env) if env else None,
+                                            float(spec.get("timeout_seconds", 60)))
+            else:
+                path = Path(spec["path"]).expanduser()
+                if not path.is_absolute() and base_dir is not None:
+                    path = Path(base_dir) / path
+                _LOADED[key] = HFReader(path, chat=bool(spec.get("chat", False)), device=spec.get("device", "cpu"))
+        return _LOADED[key]
+
+
+def check(spec, problems: list[str]) -> None:
+    """Validate `[rag.reader]` (called by pgfresh.rag.check_config)."""
+    if not isinstance(spec, dict):
+        problems.append("rag.reader: expected a table ([rag.reader]) with kind = 'openai' or 'hf'")
+        return
+    kind = spec.get("kind", "openai")
+    if kind not in KINDS:
+        problems.append(f"rag.reader.kind: expected one of {', '.join(KINDS)}, got {kind!r}")
+        return
+    known = {"openai": {"kind", "base_url", "model", "api_key_env", "timeout_seconds", "max_new_tokens"},
+             "hf": {"kind", "path", "chat", "device", "max_new_tokens"}}[kind]
+    for k in spec:
+        if k not in known:
+            problems.append(f"rag.reader.{k}: unknown key for kind {kind!r} (known: {', '.join(sorted(known))})")
+    required = ("base_url", "model") if kind == "openai" else ("path",)
+    for k in required:
+        if not isinstance(spec.get(k), str) or not spec.get(k):
+            problems.append(f"rag.reader.{k}: required for kind {kind!r} (a string)")
+    if "api_key_env" in spec and not isinstance(spec["api_key_env"], str):
+        problems.append(f"rag.reader.api_key_env: expected the NAME of an environment variable, got {spec['api_key_env']!r}")
+    for k in ("timeout_seconds", "max_new_tokens"):
+        v = spec.get(k)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0):
+            problems.append(f"rag.reader.{k}: expected a number > 0, got {v!r}")
+    if "chat" in spec and not isinstance(spec["chat"], bool):
+        problems.append(f"rag.reader.chat: expected true or false, got {spec['chat']!r}")

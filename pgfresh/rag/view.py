@@ -1,0 +1,28 @@
+"""How search hits and answers look on a terminal (the CLI's `--json` prints the dicts instead)."""
+
+from __future__ import annotations
+
+from rich.table import Table
+
+
+def show_hits(hits, console) -> None:
+    if not hits:
+        console.print("no matching document")
+        return
+    t = Table("#", "score", "table", "key", "lsn", "committed", "document")
+    for i, h in enumerate(hits, start=1):
+        text = h.text if len(h.text) <= 160 else h.text[:157] + "..."
+        t.add_row(str(i), f"{h.score:.4f}", h.tbl, h.key, h.lsn,
+                  h.commit_time.strftime("%Y-%m-%d %H:%M:%S") if h.commit_time else "snapshot", text)
+    console.print(t)
+
+
+def show_answer(result: dict, console) -> None:
+    if result.get("answer") is not None:
+        console.print(f"[bold]{result['answer']}[/]")
+    if result.get("note"):
+        console.print(f"[yellow]{result['note']}[/]")
+    cache = result.get("cache")
+    console.print(f"cache: {cache}" + (f", {result['timings']['total_ms']} ms" if result.get("timings") else ""))
+    for i, s in enumerate(result.get("sources", []), start=1):
+        console.print(f"[{i}] {s['tbl']} {s['key']} (lsn {s['lsn']}): {s['text']}", highlight=False)
