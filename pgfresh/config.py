@@ -176,6 +176,24 @@ def _parse_table(i: int, raw: Any, problems: list[str]) -> TableConfig | None:
     return t
 
 
+def stage_functions(modules, name: str) -> list:
+    """Function `name` of each stage module that is installed and has it, in the order given.
+
+    A stage left out of an installation is skipped; an import error inside a stage is not.
+    """
+    found = []
+    for module_name in modules:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name != module_name:
+                raise
+            continue
+        if hasattr(module, name):
+            found.append(getattr(module, name))
+    return found
+
+
 def parse(raw: dict, path: Path = Path("pgfresh.toml")) -> Config:
     """Build a Config from parsed TOML; raise ConfigError listing every problem."""
     problems: list[str] = []
@@ -207,16 +225,8 @@ def parse(raw: dict, path: Path = Path("pgfresh.toml")) -> Config:
         sections[name] = value
     config = Config(source=source, tables=tables, path=path, sections=frozenset(raw), **sections)
     if not problems:
-        for module_name in STAGE_MODULES:
-            try:
-                module = importlib.import_module(module_name)
-            except ModuleNotFoundError as exc:
-                if exc.name != module_name:
-                    raise
-                continue
-            check = getattr(module, "check_config", None)
-            if check is not None:
-                problems.extend(check(config))
+        for check in stage_functions(STAGE_MODULES, "check_config"):
+            problems.extend(check(config))
     if problems:
         raise ConfigError(problems, str(path))
     return config

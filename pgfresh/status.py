@@ -10,8 +10,6 @@
 
 from __future__ import annotations
 
-import importlib
-
 from pgfresh import config as cfg
 from pgfresh import db
 from pgfresh.capture import setup
@@ -29,14 +27,8 @@ def collect(config: cfg.Config) -> dict:
             return report
         report["capture"] = _capture(conn)
         for name in STAGE_STATUS:
-            try:
-                module = importlib.import_module(name)
-            except ModuleNotFoundError as exc:
-                if exc.name != name:
-                    raise
-                continue
-            if hasattr(module, "status_counts"):
-                report[name.rsplit(".", 1)[1]] = module.status_counts(conn)
+            for counts in cfg.stage_functions([name], "status_counts"):
+                report[name.rsplit(".", 1)[1]] = counts(conn)
     return report
 
 

@@ -14,7 +14,6 @@ on PostgreSQL 17+ the server enforces the limit itself (`transaction_timeout`).
 
 from __future__ import annotations
 
-import importlib
 import os
 import signal
 import threading
@@ -40,34 +39,15 @@ PRUNE_SECONDS = 30.0
 
 def downstream_workers(config: cfg.Config) -> list:
     """Workers of the later stages, in data-flow order (each module's `workers(config)`)."""
-    out = []
-    for name, wanted in DOWNSTREAM_MODULES.items():
-        if not wanted(config):
-            continue
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name != name:
-                raise
-            continue
-        if hasattr(module, "workers"):
-            out.extend(module.workers(config))
-    return out
+    wanted = [name for name, asked in DOWNSTREAM_MODULES.items() if asked(config)]
+    return [w for workers in cfg.stage_functions(wanted, "workers") for w in workers(config)]
 
 
 def check_stage_columns(config: cfg.Config, infos: dict) -> None:
     """Templates and validators that name columns the tables lack: all reported before anything runs."""
     columns = {name: info.columns for name, info in infos.items()}
-    problems: list[str] = []
-    for name in ("pgfresh.gate", "pgfresh.render"):
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name != name:
-                raise
-            continue
-        if hasattr(module, "check_against_columns"):
-            problems.extend(module.check_against_columns(config, columns))
+    problems = [p for check in cfg.stage_functions(("pgfresh.gate", "pgfresh.render"), "check_against_columns")
+                for p in check(config, columns)]
     if problems:
         from pgfresh.errors import ConfigError
 
