@@ -99,7 +99,7 @@ def test_hybrid_beats_or_equals_each_mode_and_hnsw_matches_exact_knn(db, dsn, tm
             keys = search_keys(db, config, q, k=5, mode=mode, rerank="none", qvec=qvec)
             hits[mode] += f"[{pid}]" in keys
         ann = search_keys(db, config, q, k=10, mode="dense", rerank="none", qvec=qvec)
-        exact = [key for _, key in retrieval.exact_dense(db, config, qvec, None, 10)]
+        exact = [key for _, key, _ in retrieval.exact_dense(db, config, qvec, None, 10)]
         recall += len(set(ann) & set(exact))
         total += 10
     assert hits["hybrid"] >= hits["dense"] and hits["hybrid"] >= hits["lexical"], hits

@@ -70,8 +70,8 @@ class IndexWorker:
         conn = self._connect()
         done = self._admit(conn) + self._apply(conn)
         if self.building is not None:
-            if self.building.model is None:
-                raise RuntimeError("the building generation's embedder is the configured one; it must load")
+            # ensure() built it for the configured embedder, which it has just loaded
+            assert self.building.model is not None, "a building generation always has the configured embedder"
             n = generations.backfill_batch(conn, self.active, self.building, self.batch_docs)
             if n == 0:  # complete and switched, or rows appeared behind the cursor: not idle either way
                 self.active, self.building = generations.ensure(conn, self.config)

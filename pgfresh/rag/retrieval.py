@@ -291,12 +291,13 @@ def _cross_encoder(rag: dict):
         return _CROSS[path]
 
 
-def exact_dense(conn, config, qvec, tenant: str | None, k: int) -> list[tuple[str, str]]:
-    """Exact k nearest neighbours (no index): the yardstick for HNSW recall."""
+def exact_dense(conn, config, qvec, tenant: str | None, k: int) -> list[tuple[str, str, float]]:
+    """Exact k nearest neighbours (no index) as (tbl, key, cosine): the yardstick for HNSW recall."""
     where, params = tenant_filter(config, tenant)
     active = active_generation(conn, config)
     query = sql.SQL(
-        "select d.tbl, d.key from pgfresh.documents d where d.index_id = {gid} and d.embedding is not null"
+        "select d.tbl, d.key, 1 - (d.embedding <=> %(qvec)s::vector) from pgfresh.documents d"
+        " where d.index_id = {gid} and d.embedding is not null"
         " and {where} order by (d.embedding <=> %(qvec)s::vector) + 0, d.tbl, d.key limit %(k)s"
     ).format(gid=sql.Literal(active.id), where=where)
     with conn.transaction():
