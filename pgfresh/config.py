@@ -236,7 +236,7 @@ def load(path: str | Path = "pgfresh.toml") -> Config:
     """Read and validate pgfresh.toml. A missing file is an error that says how to create one."""
     path = Path(path)
     if not path.exists():
-        raise ConfigError([f"not found; create it with `pgfresh init` (or pass --config PATH)"], str(path))
+        raise ConfigError(["not found; create it with `pgfresh init` (or pass --config PATH)"], str(path))
     try:
         raw = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as exc:

@@ -75,9 +75,3 @@ def migrate(conn: psycopg.Connection) -> list[str]:
             applied_now.append(f.name)
     return applied_now
 
-
-def missing_migrations(conn: psycopg.Connection) -> list[str]:
-    """Migrations not applied (deferred for a missing extension), e.g. to explain a missing table."""
-    done = {r[0] for r in conn.execute("select version from pgfresh.migrations")}
-    return sorted(f.name for f in resources.files("pgfresh.migrations").iterdir()
-                  if f.name.endswith(".sql") and int(f.name.split("_", 1)[0]) not in done)

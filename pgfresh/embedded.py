@@ -16,7 +16,6 @@ import pwd
 import shutil
 import socket
 import subprocess
-import time
 from pathlib import Path
 
 from pgfresh.errors import SourceError
@@ -166,16 +165,3 @@ class EmbeddedServer:
         """Path to a client program shipped with the server (psql, pgbench, pg_recvlogical)."""
         return self.bin / exe
 
-
-def wait_ready(dsn: str, seconds: float = 30) -> None:
-    import psycopg
-
-    deadline = time.monotonic() + seconds
-    while True:
-        try:
-            psycopg.connect(dsn, connect_timeout=2).close()
-            return
-        except psycopg.OperationalError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from psycopg import sql
-from psycopg.types.json import Jsonb
 
 
 @dataclass(slots=True)
@@ -77,17 +76,8 @@ def read_changes(conn, consumer: str, limit: int = 1000, tables: list[str] | Non
     return out
 
 
-def log_position(conn) -> int:
-    """Highest seq in the change log (0 when empty)."""
-    return conn.execute("select coalesce(max(seq), 0) from pgfresh.changes").fetchone()[0]
-
-
 def advance(conn, consumer: str, seq: int) -> None:
     """Record that `consumer` has processed the log up to `seq` (same transaction as its writes)."""
     conn.execute(
         "update pgfresh.consumers set seq = greatest(seq, %s), updated_at = now() where name = %s", (seq, consumer)
     )
-
-
-def as_jsonb(row: dict | None):
-    return None if row is None else Jsonb(row)

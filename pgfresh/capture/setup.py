@@ -186,7 +186,7 @@ def init_project(path: Path, dsn: str | None = None, tables: list[str] | None = 
 
     path = Path(path)
     if path.exists() and not force:
-        raise ConfigError([f"already exists; pass --force to overwrite it"], str(path))
+        raise ConfigError(["already exists; pass --force to overwrite it"], str(path))
     probe = cfg.Config(source=cfg.SourceConfig(dsn=dsn), tables=[], path=path.resolve())
     conn = db.connect(resolve_dsn(probe), "init")
     with conn:

@@ -25,7 +25,6 @@ from pgfresh.capture import pgoutput as po
 from pgfresh.capture import setup
 from pgfresh.capture.rowstore import RowStore
 from pgfresh.capture.stream import Stream
-from pgfresh.errors import PgfreshError
 
 # Later stages that run inside `pgfresh sync`, and when: the facts worker when a table has fact
 # templates or [train] is present, the RAG index when [rag] is present (`pgfresh init` writes it).
@@ -199,10 +198,3 @@ def _install_signals(stop: threading.Event) -> dict:
         signal.signal(sig, handler)
     return previous
 
-
-def once(config: cfg.Config) -> dict:
-    """Catch up and return; the form tests and the arena use."""
-    return run(config, once=True)
-
-
-__all__ = ["run", "once", "downstream_workers", "PgfreshError"]
