@@ -436,6 +436,17 @@ def run(config, once: bool = False, console=None, due_only: bool = False) -> lis
     stop = threading.Event()
     if not once and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, lambda *_: stop.set())  # finish the round in progress, then exit
+    try:
+        results = _rounds(config, s, state, main, once, due_only, stop, console)
+        if state is not None:
+            state.wait_for_everyone()
+        return results
+    finally:
+        if state is not None:  # leave the process group cleanly: gloo's threads abort the process
+            state.destroy_process_group()  # when the interpreter exits with the group still open
+
+
+def _rounds(config, s, state, main: bool, once: bool, due_only: bool, stop, console) -> list[dict] | None:
     results = []
     while True:
         todo = None
