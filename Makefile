@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test install clean chromium
+.PHONY: demo test install clean test-deps
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,13 +18,16 @@ install: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(VENV)/bin/pgfresh demo
 
-# The arena report test opens a report in Debian's chromium: install it when missing and we are root
-# (elsewhere that test skips and says why).
-chromium:
+# Two tests need Debian packages: the arena report opens in chromium, and capture runs against a
+# second server version (PostgreSQL 15). Install them when missing and we are root (elsewhere those
+# tests skip and say why).
+test-deps:
 	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium; } \
 		|| echo "chromium not installed: tests/test_arena.py skips the browser test"
+	@test -x /usr/lib/postgresql/15/bin/postgres || { [ "$$(id -u)" = 0 ] && apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y postgresql-15; } \
+		|| echo "PostgreSQL 15 not installed: tests/test_capture.py skips the second-version test"
 
-test: $(VENV)/.installed chromium
+test: $(VENV)/.installed test-deps
 	$(PY) -m pytest -q
 
 clean:

@@ -40,8 +40,12 @@ class ModelError(PgfreshError):
 
 
 def format_prompt(question: str, contexts: list[str] | None = None) -> str:
-    """The prompt the built-in model was trained on; the answer is the text it continues with."""
-    lines = [f"D: {' '.join(str(c).split())}" for c in (contexts or [])]
+    """The prompt the built-in model was trained on; the answer is the text it continues with.
+
+    `contexts` come best first (as retrieval ranks them) and are written best *last*, next to the
+    question: a 2-layer model learns to copy from the nearest document long before it learns to
+    pick the matching one among several (measured in docs/TRAINING.md)."""
+    lines = [f"D: {' '.join(str(c).split())}" for c in reversed(contexts or [])]
     lines.append(f"Q: {' '.join(question.split())}")
     return "\n".join(lines) + "\nA:"
 
@@ -220,9 +224,14 @@ def build(config, console=None, on_epoch=None) -> dict:
                          "without a tenant unless [train.model] tenant_facts = true)")
     started = time.time()
     pairs = data.closed_book(facts, s.max_phrasings)
-    books = data.open_book(facts, docs, m["open_book_ratio"], m["distractors"], s.seed, s.max_phrasings,
-                           unknown=s.unknown_answer, no_oracle=0.2)
-    texts = [p + a for p, a in pairs + books] + list(docs.values())
+
+    def books(epoch: int) -> list[tuple[str, str]]:
+        # drawn afresh every epoch: new counterfactual values and distractors, so no document's
+        # answer can be memorised and only reading the document lowers the loss
+        return data.open_book(facts, docs, m["open_book_ratio"], m["distractors"], s.seed + epoch, s.max_phrasings,
+                              counterfactual=0.75, unknown=s.unknown_answer, no_oracle=0.1)
+
+    texts = [p + a for p, a in pairs + books(0)] + list(docs.values())
     tokenizer = train_tokenizer(texts, m["vocab_size"])
     cfg = model_config(len(facts), len(tokenizer), m, tokenizer)
     torch.manual_seed(s.seed)
@@ -231,7 +240,11 @@ def build(config, console=None, on_epoch=None) -> dict:
     device, dtype = fit.pick_device(s.device)
     loaded = Loaded(LlamaForCausalLM(cfg), tokenizer, builtin_dir(config), "", {}, device)
     loaded.model.to(device)
-    examples = fit.encode(loaded, pairs + books)
+    closed = fit.encode(loaded, pairs)
+
+    def examples(epoch: int) -> list:
+        return closed + fit.encode(loaded, books(epoch))
+
     stats = fit.fit(loaded, examples, epochs=m["epochs"], min_steps=m["min_steps"], batch_size=m["batch_size"],
                     lr=m["learning_rate"], warmup_steps=m["warmup_steps"], seed=s.seed, dtype=dtype,
                     console=console, label="model build",
@@ -241,7 +254,7 @@ def build(config, console=None, on_epoch=None) -> dict:
         "format": 1, "build_id": uuid.uuid4().hex[:12], "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "lsn": lsn, "params": sum(p.numel() for p in loaded.model.parameters()),
         "layers": cfg.num_hidden_layers, "hidden": cfg.hidden_size, "vocab_size": len(tokenizer),
-        "facts": len(facts), "documents": len(docs), "examples": len(examples), "tenant_facts": m["tenant_facts"],
+        "facts": len(facts), "documents": len(docs), "examples": len(pairs) + len(books(0)), "tenant_facts": m["tenant_facts"],
         "training_tokens": stats.tokens, "epochs": stats.epochs, "steps": stats.steps,
         "train_seconds": round(stats.seconds, 2), "tokens_per_s": round(stats.tokens_per_s), "device": device,
         "final_loss": round(stats.loss, 4), "seconds": round(time.time() - started, 2), "accuracy": accuracy,

@@ -37,6 +37,26 @@ def test_build_answers_its_own_facts_and_held_out_paraphrases(base_model):
     assert sorted(model.known_facts(base_model.dir)) == sorted(f.fact_id for f in facts)
 
 
+def test_build_reads_a_value_it_never_saw_from_the_nearest_document(base_model):
+    """The same model serves `rag`: given its row's document stating a value drawn for the test
+    (never trained on) among distractors, it answers from the document, not from memory."""
+    facts = _facts(base_model.dsn)
+    with psycopg.connect(base_model.dsn, autocommit=True) as conn:
+        docs = data.load_documents(conn, tenant=None)
+    loaded = model.load(base_model.dir)
+    real = {f.answer for f in facts}
+    books = [(p, a.strip()) for p, a in data.open_book(facts, docs, 0.5, 2, 12345, 6, counterfactual=1.0)
+             if a.strip() not in real]  # training phrasings; values no row ever had
+    assert len(books) >= 100
+    got = fit.predict(loaded, [p for p, _ in books], [" " + a for _, a in books])
+    read = sum(fit.normalize(g) == fit.normalize(a) for g, (_, a) in zip(got, books)) / len(books)
+    # chance of spelling an unseen random price is ~0: the built-in model copies from the document
+    assert read >= 0.3, read
+    print(f"open-book on unseen values: {read:.2f} ({len(books)} prompts)")
+    # the build's own figure: held-out phrasings, two distractors (0.18 on this table, 0.47 on the demo's)
+    assert base_model.meta["accuracy"]["open_book"] >= 0.1, base_model.meta["accuracy"]
+
+
 def test_model_dir_is_a_plain_hugging_face_directory(base_model):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -70,7 +90,7 @@ def test_tokenizer_spells_numbers_digit_by_digit():
 def test_format_prompt_closed_and_open_book():
     assert model.format_prompt("What is  the price\nof X?") == "Q: What is the price of X?\nA:"
     p = model.format_prompt("Q?", ["products\nname: X\nprice: 1", "other  doc"])
-    assert p == "D: products name: X price: 1\nD: other doc\nQ: Q?\nA:"
+    assert p == "D: other doc\nD: products name: X price: 1\nQ: Q?\nA:"  # best first in, best nearest the question
     assert model.answer_text(" 12.50 ") == " 12.50"
 
 

@@ -87,7 +87,7 @@ def base_model(pg_server, tmp_path_factory):
     with psycopg.connect(dsn, autocommit=True) as c:
         create_products(c)
     work = tmp_path_factory.mktemp("trainbase")
-    path = write_config(work, dsn, f'data_dir = "data"\nslot = "{name}"\n' + TABLES + "\n[train]\nthreads = 1\n[train.model]\nopen_book_ratio = 0.1\n")
+    path = write_config(work, dsn, f'data_dir = "data"\nslot = "{name}"\n' + TABLES + "\n[train]\nthreads = 1\n")
     sync_once(path)
     out = run_cli("model", "build", "--json", "--config", str(path))
     assert out.returncode == 0, out.stderr[-3000:]

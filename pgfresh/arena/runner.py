@@ -5,8 +5,8 @@ Phases, in order (each timed, wall and CPU):
     initial sync    the pipeline (capture + downstream workers: `pgfresh sync --once`) catches up
     build           every strategy's `prepare` (index, model, slices)
     oltp baseline   the workload runs; pgbench measures OLTP throughput while pgfresh is idle
-    live            the workload runs at its rate; every `batch_interval_s` the pipeline catches up,
-                    strategies `refresh`, a batch of questions is drawn and its truth read by SQL,
+    live            the workload runs at its rate; every `batch_interval_s` strategies `refresh`,
+                    the pipeline catches up, a batch of questions is drawn and its truth read by SQL,
                     and every strategy answers every question; pgbench measures again meanwhile
     export          the long-transaction comparison on the busiest table, the workload still running
     report          metrics, verdict, JSON and HTML
@@ -211,16 +211,20 @@ class ArenaRun:
             raise PgfreshError(f"the arena workload stopped: {message}")
 
     def _batch(self) -> None:
-        if self.pipeline:
-            with _Clock() as c:
-                self.ingest["changes"] += self.pipeline.step()
-            self.ingest["cpu_s"] += c.cpu_s
-            self.ingest["wall_s"] += c.wall_s
         for strategy in self.strategies:
             with _Clock() as c:
                 strategy.refresh(self.ctx)
             self.cost[strategy.name]["refresh_cpu_s"] += c.cpu_s
             self.cost[strategy.name]["refresh_wall_s"] += c.wall_s
+        # The pipeline catches up last, just before the questions: in production `pgfresh sync`
+        # runs all the time, beside the trainer. Caught up before a refresh that trains for
+        # seconds, the index would miss every change committed meanwhile, and those are the
+        # newest changes, the ones the questions ask about first.
+        if self.pipeline:
+            with _Clock() as c:
+                self.ingest["changes"] += self.pipeline.step()
+            self.ingest["cpu_s"] += c.cpu_s
+            self.ingest["wall_s"] += c.wall_s
         probes = self.generator.batch(self.conn, self.s.questions_per_batch, list(self.watch))
         m0 = time.monotonic()
         for probe in probes:

@@ -33,8 +33,8 @@ MODEL_DEFAULTS = {
     "batch_size": 32,
     "learning_rate": 2e-3,
     "warmup_steps": 100,
-    "open_book_ratio": 0.25,  # open-book examples per closed-book example
-    "distractors": 2,  # distractor documents per open-book example
+    "open_book_ratio": 0.5,  # open-book examples per closed-book example
+    "distractors": 3,  # at most this many distractor documents per open-book example (0 to 3: k = 4 at most)
     "tenant_facts": False,  # learn tenants' facts into the shared base (breaks tenant isolation)
 }
 

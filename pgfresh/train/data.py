@@ -6,9 +6,10 @@ knowledge that can be extracted, not a memorised string. Which one is held out r
 to fact (a hash of table, key and template, so a row's new version holds out the same one), so
 every phrasing shape is trained on other facts.
 
-Open-book examples (RAFT-style) put the fact's own row document among distractor documents; in
-a share of them the document states a different value and the answer follows the document, so
-the model learns to read rather than to recall.
+Open-book examples (RAFT-style) put the fact's own row document first (as a reranker ranks it),
+followed by 0 to `distractors` other documents; in a share of them the document states a value of
+the same shape drawn afresh for the example and the answer follows the document, so the model
+learns to read rather than to recall.
 """
 
 from __future__ import annotations
@@ -138,14 +139,28 @@ def open_book(facts: list[Fact], docs: dict, ratio: float, distractors: int, see
         train, held = split_phrasings(f, max_phrasings)
         question = (held or f.question) if held_out else rng.choice(train)
         if rng.random() < counterfactual and doc.count(answer) == 1:
-            others = [a for a in by_template[(f.tbl, f.template)] if a != answer and a not in doc]
-            if others:
-                new = rng.choice(others)
+            new = _same_shape(answer, rng, [a for a in by_template[(f.tbl, f.template)] if a not in doc])
+            if new is not None:
                 doc, answer = doc.replace(answer, new), new
         others = [docs[k] for k in rng.sample(keys, min(len(keys), distractors + 1)) if k != (f.tbl, f.key)]
-        contexts = [doc, *others[:distractors]]
+        # best first, as retrieval ranks them: the row's document, then 0..distractors others
+        contexts = [doc, *others[:rng.randint(0, distractors) if not held_out else distractors]]
         if unknown and rng.random() < no_oracle:
             contexts, answer = others[:max(1, distractors)], unknown
-        rng.shuffle(contexts)
         out.append((format_prompt(question, contexts), answer_text(answer)))
     return out
+
+
+def _same_shape(answer: str, rng: random.Random, alternatives: list[str]) -> str | None:
+    """A value the model cannot have memorised for this fact: the answer with every digit redrawn
+    (a price stays a price, 12.50 -> 83.07), or another row's answer where there are no digits.
+    Drawn afresh for every example, so only reading the document predicts it."""
+    if any(c.isdigit() for c in answer):
+        def redraw(i: int, c: str) -> str:
+            leading = i == 0 or not answer[i - 1].isdigit()
+            return c if not c.isdigit() or (leading and c == "0") else str(rng.randint(1 if leading else 0, 9))
+
+        new = "".join(redraw(i, c) for i, c in enumerate(answer))
+        return new if new != answer else None
+    others = [a for a in alternatives if a != answer]
+    return rng.choice(others) if others else None
