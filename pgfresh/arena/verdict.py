@@ -10,6 +10,7 @@ from __future__ import annotations
 NOT_MEASURED = "not measured"
 DROP_POINTS = 0.05  # a change of accuracy / hit rate smaller than 5 points reads as "about the same"
 SLOWER = 1.2  # a latency ratio above 1.2 reads as "slower"
+READER_GAP = 0.3  # retrieval hit@1 this far above answer accuracy: the reader, not retrieval, limits RAG
 
 
 def _pct(v) -> str:
@@ -204,8 +205,18 @@ def rag_enough(results: dict) -> dict:
                  f" {_pct(_acc(os_, 'changed'))}, time-to-fresh p50 {_sec(os_['time_to_fresh']['p50_s'])}")
     diff = None if os_["overall"]["accuracy"] is None or rs["overall"]["accuracy"] is None else \
         os_["overall"]["accuracy"] - rs["overall"]["accuracy"]
-    meaning = f"{on} is {_points(diff)} against {rn} overall"
+    meaning = f"{on} is {_points(diff)} against {rn} overall" + _reader_limit(rn, rs)
     return _row(claim, evidence, meaning)
+
+
+def _reader_limit(name: str, s: dict) -> str:
+    """A caveat when retrieval found the rows but the reader did not answer from them."""
+    hit1, acc = (s["retrieval"].get("hit_at_k") or {}).get("1"), s["overall"]["accuracy"]
+    if hit1 is None or acc is None or hit1 - acc <= READER_GAP:
+        return ""
+    return (f"; but retrieval put the right row first for {_pct(hit1)} of questions and {name} answered"
+            f" {_pct(acc)}: the reader model, not retrieval, limits RAG here (a real instruct model as"
+            " [rag.reader] / train.base_model would test the claim)")
 
 
 def bloat(results: dict) -> dict:
