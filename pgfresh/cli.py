@@ -82,7 +82,7 @@ def status(config: Path = ConfigOpt, as_json: bool = typer.Option(False, "--json
 @app.command()
 def demo(
     workdir: Path = typer.Option(Path(".pgfresh/demo"), "--workdir", help="Where the demo keeps its server, report and data."),
-    minutes: float = typer.Option(2.0, "--minutes", help="Length of the live phase."),
+    minutes: float = typer.Option(1.5, "--minutes", help="Length of the live phase."),
     noise: float = typer.Option(0.1, "--noise", help="Share of changes that are noise, 0 to 0.5."),
     seed: int = typer.Option(7, "--seed", help="Seed of the workload and the questions."),
 ):

@@ -1,9 +1,10 @@
 """The arena: SQL ground truth checked independently, metrics on a short real run with strategies
 defined here, the long-transaction export measured on the server, the report in real chromium.
 
-The strategies below exist only to exercise the metric pipeline; pgfresh ships none of them:
+Most strategies below exist only to exercise the metric pipeline; pgfresh ships none of them:
 `lookup` reads the row store (pgfresh.rows, kept current by capture between batches), `frozen`
 answers from a copy of the row store taken before the live phase, `constant` always says "42".
+One run uses pgfresh's own `stale` and `rag-hybrid` with the built-in model it builds.
 """
 
 from __future__ import annotations
@@ -293,6 +294,36 @@ def test_short_run_measures_the_database(arena_run):
     assert rows["Training cost is prohibitive"]["evidence"] == "not measured"  # no tuned strategy ran
     assert rows["Long training reads bloat PostgreSQL"]["measured"]
     assert "frozen" in rows["Continual updates cause catastrophic forgetting"]["evidence"]
+
+
+# -- the built-in strategies, with the built-in model ------------------------------------------
+def test_builtin_rag_beats_the_stale_model_on_changed_facts(pg_server, tmp_path):
+    """The property the arena exists to show, with pgfresh's own strategies and its own tiny model
+    (built here on a 16-product shop): retrieval + the built-in reader answer changed facts, the
+    model frozen at the snapshot cannot."""
+    name = "t_" + uuid.uuid4().hex[:12]
+    with psycopg.connect(pg_server.dsn(), autocommit=True) as c:
+        c.execute(f'create database "{name}"')
+    try:
+        config = shop_config(tmp_path, pg_server.dsn(name))
+        r = runner.run_arena(
+            config, minutes=0.3, noise=0.0, seed=5, strategies=["stale", "rag-hybrid"],
+            overrides={"batches": 5, "batch_interval_s": 3.0, "rate_per_s": 6.0, "questions_per_batch": 10,
+                       "oltp_seconds": 0.0, "export_seconds": 0.0,
+                       "scale": {"shops": 2, "products_per_shop": 8, "notes_per_shop": 2}})
+    finally:
+        with psycopg.connect(pg_server.dsn(), autocommit=True) as c:
+            c.execute("select pg_terminate_backend(pid) from pg_stat_activity where datname = %s", (name,))
+            for (slot,) in c.execute("select slot_name from pg_replication_slots where database = %s", (name,)):
+                c.execute("select pg_drop_replication_slot(%s)", (slot,))
+            c.execute(f'drop database if exists "{name}" with (force)')
+    rag, stale = r["strategies"]["rag-hybrid"], r["strategies"]["stale"]
+    changed = rag["by_class"]["changed"]
+    print(f"changed: rag-hybrid {changed['accuracy']:.2f} of {changed['n']}, stale "
+          f"{stale['by_class']['changed']['accuracy']:.2f}; hit@1 {rag['retrieval']['hit_at_k']['1']:.2f}")
+    assert changed["n"] >= 5
+    assert changed["accuracy"] > stale["by_class"]["changed"]["accuracy"]
+    assert rag["retrieval"]["hit_at_k"]["1"] >= 0.6
 
 
 # -- the long-transaction export ---------------------------------------------------------------

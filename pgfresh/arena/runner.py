@@ -483,11 +483,11 @@ def print_verdict(results: dict, console) -> None:
 
 
 # `make demo` must finish in minutes on 2 cores, model build included: a small shop.
-DEMO_SIZE = {"scale": {"shops": 3, "products_per_shop": 12, "notes_per_shop": 4}, "questions_per_batch": 8,
+DEMO_SIZE = {"scale": {"shops": 3, "products_per_shop": 10, "notes_per_shop": 4}, "questions_per_batch": 8,
              "oltp_seconds": 4.0, "export_seconds": 4.0}
 
 
-def run_demo(workdir: Path, minutes: float = 2.0, noise: float = 0.1, seed: int = 7, strategies: list | None = None,
+def run_demo(workdir: Path, minutes: float = 1.5, noise: float = 0.1, seed: int = 7, strategies: list | None = None,
              console=None) -> dict:
     """The shop arena on the embedded server in `workdir`, in a fresh database `pgfresh_arena`.
 

@@ -108,11 +108,13 @@ def _batch(examples, pad_id: int, device: str):
 
 def fit(loaded: Loaded, examples: list, *, epochs: int, min_steps: int, batch_size: int, lr: float,
         warmup_steps: int, seed: int, dtype=None, console=None, label: str = "training", on_epoch=None,
-        should_stop=None, stop_loss: float | None = None) -> FitStats:
+        should_stop=None, stop_loss: float | None = None, total_steps: int | None = None) -> FitStats:
     """Train the model's trainable parameters on `examples` (from `encode`); returns throughput and loss.
 
     `examples` may be a function of the epoch number returning that epoch's examples (a round draws
     a fresh replay sample each epoch); every epoch should have about as many.
+
+    `total_steps`: the schedule's length when epochs differ in size (default: epochs x the first's).
 
     `stop_loss`: stop after the first epoch (past `min_steps`) whose mean loss is below it: a round
     trains until its facts are learnt and no further, because every extra step erodes other facts.
@@ -128,7 +130,7 @@ def fit(loaded: Loaded, examples: list, *, epochs: int, min_steps: int, batch_si
                       cpu=loaded.device == "cpu")
     per_epoch = math.ceil(len(examples) / batch_size)
     epochs = max(epochs, math.ceil(min_steps / per_epoch))
-    total = epochs * per_epoch
+    total = max(total_steps or 0, epochs * per_epoch)
     params = [p for p in loaded.model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(
