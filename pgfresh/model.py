@@ -229,7 +229,7 @@ def build(config, console=None, on_epoch=None) -> dict:
     # Open-book examples are drawn afresh every epoch (new counterfactual values and distractors), so
     # no document's answer can be memorised and only reading the document lowers the loss.
     def drills(epoch: int) -> list[tuple[str, str]]:
-        # the first `reading_epochs`: the row's document alone, every value redrawn; a 2-layer model
+        # the first `reading_steps`: the row's document alone, every value redrawn; a 2-layer model
         # that mixes recall and reading from the start stays near 40% open-book, after these
         # drills it reads ~97% of 1-4 document prompts (docs/TRAINING.md)
         return data.open_book(facts, docs, 1.0, 0, s.seed + epoch, s.max_phrasings, counterfactual=1.0)
@@ -249,15 +249,17 @@ def build(config, console=None, on_epoch=None) -> dict:
     loaded.model.to(device)
     closed = fit.encode(loaded, pairs)
 
-    reading = m["reading_epochs"] if drills(0) else 0  # no documents: nothing to read
+    def steps(n: int) -> int:
+        return math.ceil(n / m["batch_size"])
+
+    # drills are counted in steps: a small table's epoch is a few steps, and copying takes ~300
+    per_drill = steps(len(drills(0)))
+    reading = math.ceil(m["reading_steps"] / per_drill) if per_drill else 0  # no documents: nothing to read
 
     def examples(epoch: int) -> list:
         return fit.encode(loaded, drills(epoch)) if epoch < reading else closed + fit.encode(loaded, books(epoch))
 
-    def steps(n: int) -> int:
-        return math.ceil(n / m["batch_size"])
-
-    total = reading * steps(len(drills(0))) + m["epochs"] * steps(len(pairs) + len(books(0)))
+    total = reading * per_drill + m["epochs"] * steps(len(pairs) + len(books(0)))
     stats = fit.fit(loaded, examples, epochs=reading + m["epochs"], total_steps=total, min_steps=m["min_steps"],
                     batch_size=m["batch_size"],
                     lr=m["learning_rate"], warmup_steps=m["warmup_steps"], seed=s.seed, dtype=dtype,

@@ -33,7 +33,7 @@ MODEL_DEFAULTS = {
     "batch_size": 32,
     "learning_rate": 2e-3,
     "warmup_steps": 100,
-    "reading_epochs": 10,  # first: reading drills only (one document, values drawn afresh), before `epochs`
+    "reading_steps": 300,  # first: optimizer steps of reading drills (one document, values drawn afresh)
     "open_book_ratio": 0.5,  # open-book examples per closed-book example
     "distractors": 3,  # at most this many distractor documents per open-book example (0 to 3: k = 4 at most)
     "tenant_facts": False,  # learn tenants' facts into the shared base (breaks tenant isolation)
@@ -88,7 +88,7 @@ _MODEL_SPEC = {
     "hidden": ("int", 16, 8192), "layers": ("int", 1, 128), "heads": ("int", 1, 128), "vocab_size": ("int", 300, 10**6),
     "epochs": ("int", 1, 100_000), "min_steps": ("int", 0, 10**9), "batch_size": ("int", 1, 65536),
     "learning_rate": ("num", 0, 1), "warmup_steps": ("int", 0, 10**9), "open_book_ratio": ("num", 0, 100),
-    "distractors": ("int", 0, 20), "tenant_facts": ("bool", None, None), "reading_epochs": ("int", 0, 100_000),
+    "distractors": ("int", 0, 20), "tenant_facts": ("bool", None, None), "reading_steps": ("int", 0, 10**9),
 }
 
 
