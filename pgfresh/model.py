@@ -44,8 +44,8 @@ def format_prompt(question: str, contexts: list[str] | None = None) -> str:
     """The prompt the built-in model was trained on; the answer is the text it continues with.
 
     `contexts` come best first (as retrieval ranks them) and are written best *last*, next to the
-    question: a 2-layer model learns to copy from the nearest document long before it learns to
-    pick the matching one among several (measured in docs/TRAINING.md)."""
+    question: a 2-layer model learns to copy from a document at a fixed place long before it learns
+    to pick the matching one at any place (measured in docs/TRAINING.md)."""
     lines = [f"D: {' '.join(str(c).split())}" for c in reversed(contexts or [])]
     lines.append(f"Q: {' '.join(question.split())}")
     return "\n".join(lines) + "\nA:"
@@ -230,8 +230,8 @@ def build(config, console=None, on_epoch=None) -> dict:
     # no document's answer can be memorised and only reading the document lowers the loss.
     def drills(epoch: int) -> list[tuple[str, str]]:
         # the first `reading_steps`: the row's document alone, every value redrawn; a 2-layer model
-        # that mixes recall and reading from the start stays near 40% open-book, after these
-        # drills it reads ~97% of 1-4 document prompts (docs/TRAINING.md)
+        # that mixes recall and reading from the start stayed near 40% open-book, after these drills
+        # 97% (known rows; far less on rows added later: docs/TRAINING.md, bench/reader.py)
         return data.open_book(facts, docs, 1.0, 0, s.seed + epoch, s.max_phrasings, counterfactual=1.0)
 
     def books(epoch: int) -> list[tuple[str, str]]:

@@ -305,7 +305,9 @@ def test_builtin_rag_is_fresher_than_the_stale_model_on_changed_facts(pg_server,
     with psycopg.connect(pg_server.dsn(), autocommit=True) as c:
         c.execute(f'create database "{name}"')
     try:
-        config = shop_config(tmp_path, pg_server.dsn(name))
+        path = tmp_path / "pgfresh.toml"  # a slot of its own: the module's other arena database keeps "pgfresh"
+        path.write_text(workload.shop_config_text({"dsn": pg_server.dsn(name), "max_txn_seconds": 5.0, "slot": name}))
+        config = cfg.load(path)
         r = runner.run_arena(
             config, minutes=0.3, noise=0.0, seed=5, strategies=["stale", "rag-hybrid"],
             overrides={"batches": 5, "batch_interval_s": 3.0, "rate_per_s": 6.0, "questions_per_batch": 10,

@@ -37,7 +37,7 @@ def test_build_answers_its_own_facts_and_held_out_paraphrases(base_model):
     assert sorted(model.known_facts(base_model.dir)) == sorted(f.fact_id for f in facts)
 
 
-def test_build_reads_a_value_it_never_saw_from_the_nearest_document(base_model):
+def test_build_reads_a_value_it_never_saw_from_the_document(base_model):
     """The same model serves `rag`: given its row's document stating a value drawn for the test
     (never trained on) among distractors, it answers from the document, not from memory."""
     facts = _facts(base_model.dsn)
