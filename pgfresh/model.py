@@ -238,7 +238,8 @@ def build(config, console=None, on_epoch=None) -> dict:
         return data.open_book(facts, docs, m["open_book_ratio"], m["distractors"], s.seed + epoch, s.max_phrasings,
                               counterfactual=0.75, unknown=s.unknown_answer, no_oracle=0.1)
 
-    texts = [p + a for p, a in pairs + books(0)] + list(docs.values())
+    first_books = books(0)
+    texts = [p + a for p, a in pairs + first_books] + list(docs.values())
     tokenizer = train_tokenizer(texts, m["vocab_size"])
     cfg = model_config(len(facts), len(tokenizer), m, tokenizer)
     torch.manual_seed(s.seed)
@@ -259,7 +260,7 @@ def build(config, console=None, on_epoch=None) -> dict:
     def examples(epoch: int) -> list:
         return fit.encode(loaded, drills(epoch)) if epoch < reading else closed + fit.encode(loaded, books(epoch))
 
-    total = reading * per_drill + m["epochs"] * steps(len(pairs) + len(books(0)))
+    total = reading * per_drill + m["epochs"] * steps(len(pairs) + len(first_books))
     stats = fit.fit(loaded, examples, epochs=reading + m["epochs"], total_steps=total, min_steps=m["min_steps"],
                     batch_size=m["batch_size"],
                     lr=m["learning_rate"], warmup_steps=m["warmup_steps"], seed=s.seed, dtype=dtype,
@@ -270,7 +271,7 @@ def build(config, console=None, on_epoch=None) -> dict:
         "format": 1, "build_id": uuid.uuid4().hex[:12], "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "lsn": lsn, "params": sum(p.numel() for p in loaded.model.parameters()),
         "layers": cfg.num_hidden_layers, "hidden": cfg.hidden_size, "vocab_size": len(tokenizer),
-        "facts": len(facts), "documents": len(docs), "examples": len(pairs) + len(books(0)), "tenant_facts": m["tenant_facts"],
+        "facts": len(facts), "documents": len(docs), "examples": len(pairs) + len(first_books), "tenant_facts": m["tenant_facts"],
         "training_tokens": stats.tokens, "reading_epochs": reading, "epochs": stats.epochs, "steps": stats.steps,
         "train_seconds": round(stats.seconds, 2), "tokens_per_s": round(stats.tokens_per_s), "device": device,
         "final_loss": round(stats.loss, 4), "seconds": round(time.time() - started, 2), "accuracy": accuracy,
