@@ -7,7 +7,7 @@ epochs: closed-book recall (trained phrasing), open-book accuracy on training an
 phrasings (1 to --docs documents, values never seen), tokens/s. No database needed.
 
     .venv/bin/python bench/reading_study.py [--facts 120] [--epochs 30] [--docs 4] [--place last]
-        [--open-book 0.5] [--closed 1] [--drill-epochs 10] [--threads 1]
+        [--open-book 0.5] [--closed 1] [--drill-epochs 10] [--threads 1] [--lr 2e-3]
 
 --place: where the row's document is written among the others (first, last = next to the
 question, random). --drill-epochs: epochs of drills first (the row's document alone, no
@@ -44,6 +44,7 @@ def main() -> None:
     ap.add_argument("--closed", type=int, default=1, help="0: open-book examples only")
     ap.add_argument("--drill-epochs", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (the build's default)")
     a = ap.parse_args()
     import torch
     from transformers import LlamaForCausalLM
@@ -107,7 +108,7 @@ def main() -> None:
                   f" | {stats.tokens_per_s:,.0f} tokens/s", flush=True)
 
     started = time.time()
-    stats = fit.fit(loaded, examples, epochs=a.epochs, min_steps=0, batch_size=32, lr=2e-3, warmup_steps=100,
+    stats = fit.fit(loaded, examples, epochs=a.epochs, min_steps=0, batch_size=32, lr=a.lr, warmup_steps=100,
                     seed=0, on_epoch=report)
     print(f"{time.time() - started:.0f} s, {stats.tokens:,} tokens")
 

@@ -254,11 +254,14 @@ def build(config, console=None, on_epoch=None) -> dict:
         return math.ceil(n / m["batch_size"])
 
     # drills are counted in steps: a small table's epoch is a few steps, and copying takes ~300
-    per_drill = steps(len(drills(0)))
+    first_drills = drills(0)
+    per_drill = steps(len(first_drills))
     reading = math.ceil(m["reading_steps"] / per_drill) if per_drill else 0  # no documents: nothing to read
 
     def examples(epoch: int) -> list:
-        return fit.encode(loaded, drills(epoch)) if epoch < reading else closed + fit.encode(loaded, books(epoch))
+        if epoch < reading:
+            return fit.encode(loaded, drills(epoch) if epoch else first_drills)
+        return closed + fit.encode(loaded, books(epoch))
 
     total = reading * per_drill + m["epochs"] * steps(len(pairs) + len(first_books))
     stats = fit.fit(loaded, examples, epochs=reading + m["epochs"], total_steps=total, min_steps=m["min_steps"],
