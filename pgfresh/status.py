@@ -1,8 +1,10 @@
 """`pgfresh status`: is capture current, is the source healthy, what did each stage do.
 
 `collect(config)` returns a plain dict (the stable `--json` shape, docs/CLI.md):
-- `capture`: stored LSN, lag in bytes (server WAL position - stored) and seconds, per-table live
-  and deleted row counts, snapshot progress, heartbeat and last error of each worker;
+- `capture`: of this config's pipeline (its slot): stored LSN, lag in bytes (server WAL position -
+  stored) and seconds, per-table live and deleted row counts, snapshot progress, heartbeat and last
+  error of each worker, changes dropped per table no longer configured (`dropped_changes`);
+- `pipelines`: every pipeline on this database: LSN, tables, live rows, change-log entries;
 - `slot`: WAL retained by the slot, its wal_status, and a warning past `source.wal_warn_mb`;
 - `source`: the oldest transaction age and xmin age any pgfresh backend holds right now;
 - one section per later stage that exposes `status_counts(conn)` (gate, rag, train).
@@ -13,6 +15,7 @@ from __future__ import annotations
 from pgfresh import config as cfg
 from pgfresh import db
 from pgfresh.capture import setup
+from pgfresh.capture.change import pipeline_of
 
 STAGE_STATUS = ("pgfresh.gate", "pgfresh.rag", "pgfresh.train")
 
@@ -25,7 +28,12 @@ def collect(config: cfg.Config) -> dict:
         if not has_schema:
             report["capture"] = {"state": "not initialised: run `pgfresh sync`"}
             return report
-        report["capture"] = _capture(conn)
+        has_pipelines = conn.execute("select to_regclass('pgfresh.tables') is not null").fetchone()[0]
+        if not has_pipelines:
+            report["capture"] = {"state": "schema out of date: run `pgfresh sync` to migrate it"}
+            return report
+        report["capture"] = _capture(conn, pipeline_of(config))
+        report["pipelines"] = _pipelines(conn)
         for name in STAGE_STATUS:
             for counts in cfg.stage_functions([name], "status_counts"):
                 report[name.rsplit(".", 1)[1]] = counts(conn)
@@ -73,27 +81,37 @@ def _slot(conn, config: cfg.Config) -> dict:
     return out
 
 
-def _capture(conn) -> dict:
+def _capture(conn, pipeline: str) -> dict:
     lsn = conn.execute("select lsn::text, pg_wal_lsn_diff(pg_current_wal_lsn(), lsn)::bigint from pgfresh.sink_progress"
-                       " where sink = 'rows'").fetchone()
+                       " where pipeline = %s and sink = 'rows'", (pipeline,)).fetchone()
     tables = {
         t: {"rows": live, "deleted": dead}
         for t, live, dead in conn.execute(
-            "select tbl, count(*) filter (where not deleted), count(*) filter (where deleted) from pgfresh.rows group by tbl")
+            "select tbl, count(*) filter (where not deleted), count(*) filter (where deleted) from pgfresh.rows"
+            " where pipeline = %s group by tbl", (pipeline,))
     }
-    for t, done, read, last in conn.execute("select tbl, done, rows_read, finished_at from pgfresh.snapshot_progress"):
+    for t, done, read, last in conn.execute("select tbl, done, rows_read, finished_at from pgfresh.snapshot_progress"
+                                            " where pipeline = %s", (pipeline,)):
         tables.setdefault(t, {"rows": 0, "deleted": 0})["snapshot"] = {"done": done, "rows_read": read, "finished_at": last}
     # Lag in seconds is measured by capture itself (commit time -> applied) and kept in its heartbeat.
-    info = conn.execute("select info from pgfresh.workers where name = 'capture'").fetchone()
+    info = conn.execute("select info from pgfresh.workers where pipeline = %s and name like 'capture%%'",
+                        (pipeline,)).fetchone()
     lag_seconds = float((info[0] or {}).get("lag_seconds", 0.0)) if info else None
     workers = {
         name: {"pid": pid, "heartbeat": hb, "last_error": err, "last_error_at": err_at, "info": info}
         for name, pid, hb, err, err_at, info in conn.execute(
-            "select name, pid, heartbeat, last_error, last_error_at, info from pgfresh.workers order by name")
+            "select name, pid, heartbeat, last_error, last_error_at, info from pgfresh.workers where pipeline = %s"
+            " order by name", (pipeline,))
     }
-    consumers = {n: s for n, s in conn.execute("select name, seq from pgfresh.consumers")}
-    log_head = conn.execute("select coalesce(max(seq), 0) from pgfresh.changes").fetchone()[0]
+    consumers = {n: s for n, s in conn.execute("select name, seq from pgfresh.consumers where pipeline = %s",
+                                               (pipeline,))}
+    log_head = conn.execute("select coalesce(max(seq), 0) from pgfresh.changes where pipeline = %s",
+                            (pipeline,)).fetchone()[0]
+    dropped = dict(conn.execute("select tbl, changes from pgfresh.dropped_changes where pipeline = %s order by tbl",
+                                (pipeline,)).fetchall())
     return {
+        "pipeline": pipeline,
+        "dropped_changes": dropped,
         "lsn": lsn[0] if lsn else None,
         "lag_bytes": int(lsn[1]) if lsn else None,
         "lag_seconds": None if lag_seconds is None else round(lag_seconds, 3),
@@ -103,6 +121,23 @@ def _capture(conn) -> dict:
     }
 
 
+def _pipelines(conn) -> dict:
+    """Every pipeline on this database (each its own slot): position, tables, rows, change-log entries."""
+    out: dict[str, dict] = {}
+    for p, lsn in conn.execute("select pipeline, lsn::text from pgfresh.sink_progress where sink = 'rows'"):
+        out[p] = {"lsn": lsn, "tables": [], "rows": 0, "change_log": 0, "dropped_changes": 0}
+    for p, tbl in conn.execute("select pipeline, tbl from pgfresh.tables where configured order by tbl"):
+        out.setdefault(p, {"lsn": None, "tables": [], "rows": 0, "change_log": 0, "dropped_changes": 0})["tables"].append(tbl)
+    for field, query in (
+            ("rows", "select pipeline, count(*) from pgfresh.rows where not deleted group by 1"),
+            ("change_log", "select pipeline, count(*) from pgfresh.changes group by 1"),
+            ("dropped_changes", "select pipeline, sum(changes)::bigint from pgfresh.dropped_changes group by 1")):
+        for p, n in conn.execute(query):
+            if p in out:
+                out[p][field] = int(n)
+    return out
+
+
 def show(report: dict, console) -> None:
     """Human-readable status."""
     from rich.table import Table
@@ -110,7 +145,7 @@ def show(report: dict, console) -> None:
     cap = report.get("capture", {})
     slot = report.get("slot", {})
     src = report.get("source", {})
-    console.print(f"[bold]capture[/] lsn {cap.get('lsn')}  lag {cap.get('lag_bytes')} bytes / {cap.get('lag_seconds')} s")
+    console.print(f"[bold]capture[/] pipeline {cap.get('pipeline')} lsn {cap.get('lsn')}  lag {cap.get('lag_bytes')} bytes / {cap.get('lag_seconds')} s")
     if slot.get("exists"):
         console.print(f"[bold]slot[/] {slot['name']} active={slot['active']} wal_status={slot['wal_status']} "
                       f"retained {slot['retained_wal_bytes'] / 2**20:.1f} MB")
@@ -124,6 +159,11 @@ def show(report: dict, console) -> None:
             snap = v.get("snapshot", {})
             t.add_row(name, str(v["rows"]), str(v["deleted"]), "done" if snap.get("done") else f"{snap.get('rows_read', 0)} read")
         console.print(t)
+    for name, n in cap.get("dropped_changes", {}).items():
+        console.print(f"[yellow]dropped:[/] {n} changes of {name} (no longer in pgfresh.toml)")
+    others = [p for p in report.get("pipelines", {}) if p != cap.get("pipeline")]
+    if others:
+        console.print(f"other pipelines on this database: {', '.join(sorted(others))}")
     for name, w in cap.get("workers", {}).items():
         err = f" last error: {w['last_error']}" if w["last_error"] else ""
         console.print(f"worker {name}: heartbeat {w['heartbeat']}{err}")

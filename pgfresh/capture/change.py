@@ -4,6 +4,10 @@ Capture writes each change it applied to the row store into `pgfresh.changes` (t
 the same transaction. A later stage is a *consumer* of that log: it reads changes after its own
 position with `read_changes`, does its work, and calls `advance` in the same transaction as its
 own writes, so each consumer sees every change exactly once, whatever crashes in between.
+
+Several pipelines (each a slot + publication + its tables; issue 10 calls them sources) can share
+one database: every change-log entry and every consumer position is keyed by the pipeline, whose
+name is the slot's (`pipeline_of`). A consumer reads only its own pipeline's changes.
 """
 
 from __future__ import annotations
@@ -15,6 +19,19 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from psycopg import sql
+
+
+DEFAULT_PIPELINE = "pgfresh"  # the default slot's name: existing installations' rows belong to it
+
+
+def pipeline_of(config) -> str:
+    """The pipeline a config runs: named after its slot (one slot, one position in the stream)."""
+    return config.source.slot
+
+
+def worker_name(role: str, pipeline: str) -> str:
+    """Heartbeat name in pgfresh.workers: the role, suffixed with a non-default pipeline."""
+    return role if pipeline == DEFAULT_PIPELINE else f"{role}@{pipeline}"
 
 
 @dataclass(slots=True)
@@ -54,20 +71,22 @@ def row_json(row: dict | None) -> str | None:
     return None if row is None else orjson.dumps(row, default=str).decode()
 
 
-def read_changes(conn, consumer: str, limit: int = 1000, tables: list[str] | None = None) -> list[Change]:
-    """The next changes after `consumer`'s position (registering the consumer on first use).
+def read_changes(conn, consumer: str, limit: int = 1000, tables: list[str] | None = None,
+                 pipeline: str = DEFAULT_PIPELINE) -> list[Change]:
+    """The next changes of `pipeline` after `consumer`'s position (registering the consumer on first use).
 
     Call inside the transaction that will also `advance` the consumer.
     """
     conn.execute(
-        "insert into pgfresh.consumers (name, seq) values (%s, 0) on conflict (name) do nothing", (consumer,)
-    )
-    (pos,) = conn.execute("select seq from pgfresh.consumers where name = %s for update", (consumer,)).fetchone()
+        "insert into pgfresh.consumers (pipeline, name, seq) values (%s, %s, 0) on conflict (pipeline, name) do nothing",
+        (pipeline, consumer))
+    (pos,) = conn.execute("select seq from pgfresh.consumers where pipeline = %s and name = %s for update",
+                          (pipeline, consumer)).fetchone()
     query = sql.SQL(
         "select seq, tbl, key, tenant, op, row, lsn::text, commit_time from pgfresh.changes"
-        " where seq > %s {} order by seq limit %s"
+        " where pipeline = %s and seq > %s {} order by seq limit %s"
     ).format(sql.SQL("and tbl = any(%s)") if tables else sql.SQL(""))
-    params = (pos, tables, limit) if tables else (pos, limit)
+    params = (pipeline, pos, tables, limit) if tables else (pipeline, pos, limit)
     out = []
     for seq, tbl, key, tenant, op, row, lsn, ctime in conn.execute(query, params):
         hi, lo = lsn.split("/")
@@ -76,8 +95,8 @@ def read_changes(conn, consumer: str, limit: int = 1000, tables: list[str] | Non
     return out
 
 
-def advance(conn, consumer: str, seq: int) -> None:
-    """Record that `consumer` has processed the log up to `seq` (same transaction as its writes)."""
+def advance(conn, consumer: str, seq: int, pipeline: str = DEFAULT_PIPELINE) -> None:
+    """Record that `consumer` has processed `pipeline`'s log up to `seq` (same transaction as its writes)."""
     conn.execute(
-        "update pgfresh.consumers set seq = greatest(seq, %s), updated_at = now() where name = %s", (seq, consumer)
-    )
+        "update pgfresh.consumers set seq = greatest(seq, %s), updated_at = now() where pipeline = %s and name = %s",
+        (seq, pipeline, consumer))

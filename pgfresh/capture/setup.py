@@ -3,7 +3,8 @@
 `check_source` verifies, before anything is created, everything capture needs: `wal_level=logical`,
 a role allowed to replicate, every configured table present with a usable key. Each failure is one
 line saying what is wrong and how to fix it. `ensure_publication` / `ensure_slot` then create the
-publication (only the configured tables, never schema pgfresh) and the pgoutput slot.
+publication (exactly the configured tables, never schema pgfresh: tables added to or removed from
+the config are added to or dropped from it) and the pgoutput slot.
 `init_project` writes a starting pgfresh.toml from the database's tables.
 """
 
@@ -118,21 +119,30 @@ def check_source(conn: psycopg.Connection, config: cfg.Config) -> dict[str, Tabl
     return infos
 
 
-def ensure_publication(conn: psycopg.Connection, config: cfg.Config) -> None:
-    """Create the publication on exactly the configured tables, or add tables missing from it."""
+def ensure_publication(conn: psycopg.Connection, config: cfg.Config) -> tuple[list[str], list[str]]:
+    """Make the publication hold exactly the configured tables. Returns (tables added, tables removed).
+
+    A table removed from pgfresh.toml leaves the publication, so its changes stop arriving (the
+    few already in the WAL before this are dropped by the row store, with a count).
+    """
     pub = config.source.publication
     with conn.transaction():
         exists = conn.execute("select 1 from pg_publication where pubname = %s", (pub,)).fetchone()
         names = [sql.Identifier(t.schema, t.table) for t in config.tables]
         if not exists:
             conn.execute(sql.SQL("create publication {} for table {}").format(sql.Identifier(pub), sql.SQL(", ").join(names)))
-            return
-        have = {f"{s}.{t}" for s, t in conn.execute(
+            return [t.name for t in config.tables], []
+        have = {f"{s}.{t}": (s, t) for s, t in conn.execute(
             "select schemaname, tablename from pg_publication_tables where pubname = %s", (pub,))}
-        for t in config.tables:
-            if t.name not in have:
-                conn.execute(sql.SQL("alter publication {} add table {}").format(
-                    sql.Identifier(pub), sql.Identifier(t.schema, t.table)))
+        added = [t for t in config.tables if t.name not in have]
+        removed = sorted(set(have) - {t.name for t in config.tables})
+        for t in added:
+            conn.execute(sql.SQL("alter publication {} add table {}").format(
+                sql.Identifier(pub), sql.Identifier(t.schema, t.table)))
+        for name in removed:
+            conn.execute(sql.SQL("alter publication {} drop table {}").format(
+                sql.Identifier(pub), sql.Identifier(*have[name])))
+    return [t.name for t in added], removed
 
 
 def ensure_slot(conn: psycopg.Connection, config: cfg.Config) -> tuple[str, bool]:

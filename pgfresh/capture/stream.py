@@ -139,6 +139,8 @@ class Stream:
     def _change(self, m: po.RowMessage) -> Change:
         rel = m.relation
         table = rel.qualified
+        if table not in self.keys:  # left the config, still in the WAL: the row store counts and drops it
+            return Change(table, m.op, [], None, 0, None)
         key_cols = self.keys.get(table) or rel.key_columns
         if not key_cols:
             raise SourceError(

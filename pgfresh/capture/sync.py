@@ -23,7 +23,8 @@ from pgfresh import config as cfg
 from pgfresh import db
 from pgfresh.capture import pgoutput as po
 from pgfresh.capture import setup
-from pgfresh.capture.rowstore import RowStore
+from pgfresh.capture.change import pipeline_of, worker_name
+from pgfresh.capture.rowstore import RowStore, register_tables
 from pgfresh.capture.stream import Stream
 
 # Later stages that run inside `pgfresh sync`, and when: the facts worker when a table has fact
@@ -54,8 +55,8 @@ def check_stage_columns(config: cfg.Config, infos: dict) -> None:
 
 
 class _Heartbeat:
-    def __init__(self, conn, name: str):
-        self.conn, self.name, self.last = conn, name, 0.0
+    def __init__(self, conn, name: str, pipeline: str):
+        self.conn, self.name, self.pipeline, self.last = conn, worker_name(name, pipeline), pipeline, 0.0
 
     def beat(self, info: dict, force: bool = False) -> None:
         now = time.monotonic()
@@ -65,16 +66,16 @@ class _Heartbeat:
         from psycopg.types.json import Jsonb
 
         self.conn.execute(
-            "insert into pgfresh.workers (name, pid, heartbeat, info) values (%s, %s, now(), %s)"
+            "insert into pgfresh.workers (name, pipeline, pid, heartbeat, info) values (%s, %s, %s, now(), %s)"
             " on conflict (name) do update set pid = excluded.pid, heartbeat = now(), info = excluded.info",
-            (self.name, os.getpid(), Jsonb(info)))
+            (self.name, self.pipeline, os.getpid(), Jsonb(info)))
 
     def error(self, exc: BaseException) -> None:
         try:
             self.conn.execute(
-                "insert into pgfresh.workers (name, last_error, last_error_at) values (%s, %s, now())"
+                "insert into pgfresh.workers (name, pipeline, last_error, last_error_at) values (%s, %s, %s, now())"
                 " on conflict (name) do update set last_error = excluded.last_error, last_error_at = now()",
-                (self.name, f"{type(exc).__name__}: {exc}"[:2000]))
+                (self.name, self.pipeline, f"{type(exc).__name__}: {exc}"[:2000]))
         except Exception:  # the database itself may be what failed; the error is re-raised anyway
             pass
 
@@ -93,16 +94,21 @@ def run(config: cfg.Config, once: bool = False, console=None, stop: threading.Ev
     infos = setup.check_source(conn, config)  # everything checked before anything is created
     check_stage_columns(config, infos)
     db.migrate(conn)
-    setup.ensure_publication(conn, config)
+    pipeline = pipeline_of(config)
+    register_tables(conn, pipeline, infos, str(config.path))
+    added, removed = setup.ensure_publication(conn, config)
+    for verb, names, prep in (("added", added, "to"), ("removed", removed, "from")):
+        for name in names if console is not None else []:
+            console.print(f"{verb} {name} {prep} publication {src.publication}")
     slot_lsn, created = setup.ensure_slot(conn, config)
-    store = RowStore(conn, infos)
+    store = RowStore(conn, infos, pipeline)
     store.start(slot_lsn, created)
     start_lsn = store.stored_lsn()
     stream = Stream(dsn, src.slot, src.publication, po.format_lsn(start_lsn),
                     {n: i.key for n, i in infos.items()}, {n: i.tenant for n, i in infos.items()})
     own_workers = workers is None
     workers = downstream_workers(config) if own_workers else workers
-    heartbeat = _Heartbeat(conn, "capture")
+    heartbeat = _Heartbeat(conn, "capture", pipeline)
     previous_handlers = _install_signals(stop)
     target = po.parse_lsn(conn.execute("select pg_current_wal_lsn()::text").fetchone()[0]) if once else None
     stats = {"changes": 0, "transactions": 0, "snapshot_rows": 0, "lsn": po.format_lsn(start_lsn), "lag_seconds": 0.0}
@@ -161,7 +167,7 @@ def _loop(config, store, stream, workers, heartbeat, stats, stop, target, proces
         heartbeat.beat({"lsn": stats["lsn"], "changes": stats["changes"], "lag_seconds": stats["lag_seconds"],
                         "snapshot_pending": store.snapshot_pending})
         if time.monotonic() - last_prune > PRUNE_SECONDS:
-            _prune(store.conn)
+            _prune(store.conn, store.pipeline)
             last_prune = time.monotonic()
         if stop.is_set() and not batch:
             break
@@ -172,17 +178,19 @@ def _loop(config, store, stream, workers, heartbeat, stats, stop, target, proces
                 stream.request_position()
     heartbeat.beat({"lsn": stats["lsn"], "changes": stats["changes"], "lag_seconds": stats["lag_seconds"],
                     "snapshot_pending": []}, force=True)
-    _prune(store.conn)
+    _prune(store.conn, store.pipeline)
 
 
-def _prune(conn) -> None:
-    """Drop change-log entries every consumer has processed (with no consumer: older than an hour)."""
+def _prune(conn, pipeline: str) -> None:
+    """Drop the pipeline's change-log entries every consumer of it has processed (with no consumer:
+    older than an hour)."""
     with conn.transaction():
-        row = conn.execute("select min(seq) from pgfresh.consumers").fetchone()
+        row = conn.execute("select min(seq) from pgfresh.consumers where pipeline = %s", (pipeline,)).fetchone()
         if row[0] is not None:
-            conn.execute("delete from pgfresh.changes where seq <= %s", (row[0],))
+            conn.execute("delete from pgfresh.changes where pipeline = %s and seq <= %s", (pipeline, row[0]))
         else:
-            conn.execute("delete from pgfresh.changes where captured_at < now() - interval '1 hour'")
+            conn.execute("delete from pgfresh.changes where pipeline = %s and captured_at < now() - interval '1 hour'",
+                         (pipeline,))
 
 
 def _install_signals(stop: threading.Event) -> dict:
