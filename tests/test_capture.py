@@ -390,6 +390,8 @@ def test_table_removed_from_config_leaves_publication_and_its_changes_are_droppe
     path.write_text(path.read_text() + '[[tables]]\nname = "products"\ntenant = "shop_id"\n')
     result = run_cli("sync", "--once", "--config", str(path))
     assert "added public.products to publication pgfresh" in result.stderr, result.stderr
+    assert db.execute("select row->>'name', tenant from pgfresh.rows where tbl = 'public.products' and key = '[1]'"
+                      ).fetchone() == ("Secret mug v3", "A")  # read again: its changes were dropped while away
 
 
 def test_two_pipelines_on_one_database_keep_their_own_progress(db, dsn, tmp_path):
