@@ -446,3 +446,7 @@ def test_a_table_belongs_to_one_pipeline(db, dsn, tmp_path):
     _assert_one_line_error(run_cli("sync", "--once", "--config", str(tmp_path / "two" / "pgfresh.toml")),
                            "public.t", "pipeline one")
     assert db.execute("select count(*) from pg_replication_slots where slot_name = 'two'").fetchone()[0] == 0
+    # Once pipeline one's slot is dropped (renamed, retired), another pipeline may take the table.
+    db.execute("select pg_drop_replication_slot('one')")
+    assert run_cli("sync", "--once", "--config", str(tmp_path / "two" / "pgfresh.toml")).returncode == 0
+    assert db.execute("select pipeline from pgfresh.tables where tbl = 'public.t'").fetchone()[0] == "two"

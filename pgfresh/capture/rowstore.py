@@ -114,18 +114,22 @@ def full_xid(xid32: int, reference: int) -> int:
 def register_tables(conn: psycopg.Connection, pipeline: str, infos: dict[str, TableInfo], config_path: str) -> None:
     """Record the pipeline's configured tables (with tenant columns) in pgfresh.tables; commit.
 
-    A table belongs to one pipeline per database; one configured in another pipeline is refused
-    (ConfigError) before anything is created. A table that left the config is kept, marked not
+    A table belongs to one pipeline per database; one configured in another pipeline whose slot
+    exists is refused (ConfigError) before anything is created. A table that left the config is kept, marked not
     configured (its changes are dropped from now on); one that comes back is snapshotted again.
     """
     names = sorted(infos)
     with conn.transaction():
         conn.execute("select pg_advisory_xact_lock(hashtext('pgfresh.tables'))")
-        taken = conn.execute("select tbl, pipeline from pgfresh.tables where tbl = any(%s) and pipeline <> %s"
-                             " and configured order by tbl", (names, pipeline)).fetchall()
+        # A pipeline whose slot is gone (renamed, dropped) no longer holds its tables.
+        taken = conn.execute(
+            "select t.tbl, t.pipeline from pgfresh.tables t where t.tbl = any(%s) and t.pipeline <> %s and t.configured"
+            " and exists (select 1 from pg_replication_slots s where s.slot_name = t.pipeline"
+            " and s.database = current_database()) order by t.tbl", (names, pipeline)).fetchall()
         if taken:
             raise ConfigError([f"table {t} is captured by pipeline {p} (slot {p}) on this database; a table belongs "
-                               "to one pipeline: remove it from one of the configs" for t, p in taken], config_path)
+                               f"to one pipeline: remove it from one of the configs, or drop slot {p} if that "
+                               "pipeline is gone" for t, p in taken], config_path)
         conn.execute("delete from pgfresh.tables where tbl = any(%s) and pipeline <> %s", (names, pipeline))
         back = [t for (t,) in conn.execute(
             "select tbl from pgfresh.tables where pipeline = %s and tbl = any(%s) and not configured", (pipeline, names))]
