@@ -450,3 +450,32 @@ def test_a_table_belongs_to_one_pipeline(db, dsn, tmp_path):
     db.execute("select pg_drop_replication_slot('one')")
     assert run_cli("sync", "--once", "--config", str(tmp_path / "two" / "pgfresh.toml")).returncode == 0
     assert db.execute("select pipeline from pgfresh.tables where tbl = 'public.t'").fetchone()[0] == "two"
+
+
+def test_an_installation_from_before_pipelines_keeps_its_progress(db, dsn):
+    """Migration 005 on a database with 001-004's state: existing rows and positions become pipeline 'pgfresh'."""
+    from importlib import resources
+
+    db.execute("create table t (id int primary key, v text)")
+    db.execute("insert into t values (1, 'a'), (2, 'b')")
+    db.execute("create schema pgfresh")
+    db.execute("create table pgfresh.migrations (version integer primary key, name text not null,"
+               " applied_at timestamptz not null default now())")
+    for f in sorted(resources.files("pgfresh.migrations").iterdir(), key=lambda f: f.name):
+        if f.name.endswith(".sql") and int(f.name[:3]) < 5:
+            db.execute(f.read_text())
+            db.execute("insert into pgfresh.migrations values (%s, %s)", (int(f.name[:3]), f.name))
+    # What 001-004's capture left behind: publication, slot, position, finished snapshot, rows, a consumer.
+    db.execute("create publication pgfresh for table t")
+    lsn = db.execute("select lsn::text from pg_create_logical_replication_slot('pgfresh', 'pgoutput')").fetchone()[0]
+    db.execute("insert into pgfresh.sink_progress (sink, lsn) values ('rows', %s)", (lsn,))
+    db.execute("insert into pgfresh.snapshot_progress (tbl, done, rows_read) values ('public.t', true, 2)")
+    db.execute("insert into pgfresh.rows (tbl, key, row, lsn) select 'public.t', json_build_array(id)::text,"
+               " to_jsonb(t), '0/0' from t")
+    db.execute("insert into pgfresh.consumers (name, seq) values ('index', 0)")
+    db.execute("update t set v = 'changed' where id = 2")
+    stats = sync.run(make_config(dsn, [{"name": "t"}]), once=True)
+    assert (stats["snapshot_rows"], stats["changes"]) == (0, 1)  # resumed from the stored position, no re-read
+    assert diff_count(db, "t") == 0
+    assert db.execute("select distinct pipeline from pgfresh.rows").fetchall() == [("pgfresh",)]
+    assert db.execute("select pipeline, name from pgfresh.consumers").fetchall() == [("pgfresh", "index")]

@@ -244,3 +244,6 @@ def test_gone_facts_of_a_tenant_table_keep_their_tenant(db, dsn, tmp_path):
     with pytest.raises(psycopg.errors.CheckViolation):
         db.execute("insert into pgfresh.facts (fact_id, tbl, key, tenant, kind, template, question, answer, lsn)"
                    " values ('x', 'public.products', '[9]', null, 'gone', 'price', 'q', 'a', '0/0')")
+    with pytest.raises(psycopg.errors.CheckViolation):  # nor a captured delete whose row has one
+        db.execute("insert into pgfresh.changes (tbl, key, tenant, op, row, lsn) values"
+                   " ('public.products', '[9]', null, 'delete', '{\"shop_id\": \"A\"}', '0/0')")
