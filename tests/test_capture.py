@@ -431,6 +431,10 @@ def test_two_pipelines_on_one_database_keep_their_own_progress(db, dsn, tmp_path
             " and f.key = json_build_array(s.id)::text and f.status = 'active' and f.kind = 'qa'"
             " and f.answer = s.v::text and f.pipeline = %s)", (name,)).fetchone()[0]
         assert missing == 0, (tbl, missing)
+    from pgfresh.train import data
+
+    head = db.execute("select max(lsn)::text from pgfresh.sink_progress").fetchone()[0]
+    assert data.max_lsn(db) == head  # both facts workers have read their whole change log
     report = json.loads(run_cli("status", "--json", "--config", str(paths["two"])).stdout)
     assert set(report["capture"]["tables"]) == {"public.t2"}
     assert set(report["pipelines"]) == {"one", "two"}
