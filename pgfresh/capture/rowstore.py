@@ -115,8 +115,9 @@ def register_tables(conn: psycopg.Connection, pipeline: str, infos: dict[str, Ta
     """Record the pipeline's configured tables (with tenant columns) in pgfresh.tables; commit.
 
     A table belongs to one pipeline per database; one configured in another pipeline whose slot
-    exists is refused (ConfigError) before anything is created. A table that left the config is kept, marked not
-    configured (its changes are dropped from now on); one that comes back is snapshotted again.
+    exists is refused (ConfigError) before anything is created. A table that left the config is
+    kept, marked not configured (its changes are dropped from now on); one that comes back is
+    snapshotted again.
     """
     names = sorted(infos)
     with conn.transaction():

@@ -97,9 +97,10 @@ def run(config: cfg.Config, once: bool = False, console=None, stop: threading.Ev
     pipeline = pipeline_of(config)
     register_tables(conn, pipeline, infos, str(config.path))
     added, removed = setup.ensure_publication(conn, config)
-    for verb, names, prep in (("added", added, "to"), ("removed", removed, "from")):
-        for name in names if console is not None else []:
-            console.print(f"{verb} {name} {prep} publication {src.publication}")
+    if console is not None:  # the publication follows the config: say what changed
+        for line in [f"added {n} to publication {src.publication}" for n in added] + [
+                f"removed {n} from publication {src.publication} (its changes are dropped)" for n in removed]:
+            console.print(line)
     slot_lsn, created = setup.ensure_slot(conn, config)
     store = RowStore(conn, infos, pipeline)
     store.start(slot_lsn, created)
