@@ -68,6 +68,21 @@ def sync(
 
 
 @app.command()
+def resync(config: Path = ConfigOpt, as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")):
+    """After a lost slot: re-create it, re-read every table, delete downstream what the source no longer has."""
+    from pgfresh.capture import resync as rs
+
+    stats = rs.run(_load(config), console=err_console)
+    if as_json:
+        _print_json(stats)
+        return
+    console.print(f"resync: slot {stats['slot']} re-created at {stats['slot_lsn']}; {stats['snapshot_rows']} rows re-read, "
+                  f"{stats['deleted']} rows deleted ("
+                  + ", ".join(f"{t} {v['deleted']}" for t, v in stats["tables"].items()) + f"); caught up to {stats['lsn']}",
+                  highlight=False)
+
+
+@app.command()
 def status(config: Path = ConfigOpt, as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")):
     """Lag, row counts, quarantine, slot and WAL health."""
     from pgfresh import status as st

@@ -19,12 +19,16 @@ import signal
 import threading
 import time
 
+import psycopg
+import psycopg2
+
 from pgfresh import config as cfg
 from pgfresh import db
 from pgfresh.capture import pgoutput as po
 from pgfresh.capture import setup
 from pgfresh.capture.rowstore import RowStore
 from pgfresh.capture.stream import Stream
+from pgfresh.errors import ConnectionLostError, SourceError
 
 # Later stages that run inside `pgfresh sync`, and when: the facts worker when a table has fact
 # templates or [train] is present, the RAG index when [rag] is present (`pgfresh init` writes it).
@@ -34,6 +38,9 @@ DOWNSTREAM_MODULES = {
 }
 HEARTBEAT_SECONDS = 2.0
 PRUNE_SECONDS = 30.0
+RECONNECT_MAX_SECONDS = 10.0  # the cap of the backoff between reconnect attempts
+# SQLSTATEs of a server shutting down, crashed, or still starting up: the connection is gone, not the data.
+SHUTDOWN_STATES = ("57P01", "57P02", "57P03")
 
 
 def downstream_workers(config: cfg.Config) -> list:
@@ -78,6 +85,70 @@ class _Heartbeat:
         except Exception:  # the database itself may be what failed; the error is re-raised anyway
             pass
 
+    def reconnected(self, lost: "_Lost") -> None:
+        """After a reconnect: the error on the row of the part that lost it, one more reconnect on ours."""
+        self.conn.execute(
+            "insert into pgfresh.workers (name, last_error, last_error_at) values (%s, %s, now())"
+            " on conflict (name) do update set last_error = excluded.last_error, last_error_at = now()",
+            (lost.component, str(lost)[:2000]))
+        self.conn.execute(
+            "insert into pgfresh.workers (name, reconnects) values (%s, 1)"
+            " on conflict (name) do update set reconnects = pgfresh.workers.reconnects + 1", (self.name,))
+
+
+class _Capture:
+    """The capture side's connections: checked source, row store, stream, heartbeat."""
+
+    def __init__(self, config: cfg.Config, dsn: str):
+        src = config.source
+        self.conn = db.connect(dsn, "capture", max_txn_seconds=src.max_txn_seconds, autocommit=True)
+        self.stream = None
+        try:
+            self.infos = setup.check_source(self.conn, config)  # everything checked before anything is created
+            check_stage_columns(config, self.infos)
+            self.warning = setup.check_wal_keep_size(self.conn, config)
+            db.migrate(self.conn)
+            setup.ensure_publication(self.conn, config)
+            self.store = RowStore(self.conn, self.infos)
+            # A stored position and no usable slot: refuse (SlotLostError), never re-snapshot silently.
+            slot_lsn, created = setup.ensure_slot(self.conn, config, self.store.stored_lsn())
+            self.store.start(slot_lsn, created)
+            self.start_lsn = self.store.stored_lsn()
+            self.stream = Stream(dsn, src.slot, src.publication, po.format_lsn(self.start_lsn),
+                                 {n: i.key for n, i in self.infos.items()}, {n: i.tenant for n, i in self.infos.items()})
+        except BaseException:
+            self.conn.close()
+            raise
+        self.heartbeat = _Heartbeat(self.conn, "capture")
+
+    def close(self) -> None:
+        if self.stream is not None:
+            self.stream.close()
+        self.conn.close()
+
+
+class _Lost(Exception):
+    """A connection of `component` broke (raised from `_loop` so `run` can reconnect)."""
+
+    def __init__(self, component: str, cause: BaseException):
+        super().__init__(f"{component}: {type(cause).__name__}: {str(cause).strip()}")
+        self.component, self.cause = component, cause
+
+
+def connection_lost(exc: BaseException) -> bool:
+    """Is `exc` the source going away (retry) rather than an error to report? By class and SQLSTATE."""
+    if isinstance(exc, (_Lost, ConnectionLostError)):
+        return True
+    if isinstance(exc, psycopg.Error):
+        state = exc.sqlstate
+        return (state is None and isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError))) or \
+            (state is not None and (state.startswith("08") or state in SHUTDOWN_STATES))
+    if isinstance(exc, psycopg2.Error):
+        state = exc.pgcode
+        # libpq's own errors carry no SQLSTATE: the connection or the COPY stream ended under us.
+        return state is None or state.startswith("08") or state in SHUTDOWN_STATES
+    return False
+
 
 def run(config: cfg.Config, once: bool = False, console=None, stop: threading.Event | None = None,
         workers: list | None = None) -> dict:
@@ -85,40 +156,78 @@ def run(config: cfg.Config, once: bool = False, console=None, stop: threading.Ev
 
     `workers`: the downstream workers to drive (default: those the config asks for). Workers
     passed in stay open for the caller's next run (the arena keeps its embedder loaded).
+
+    A lost connection (server restarted, network gone) closes every connection and opens them again
+    with capped backoff, resuming from the stored position: the row store skips what it already
+    applied, so nothing is applied twice. After `source.reconnect_give_up_seconds` of failing to
+    reconnect, SourceError. Errors and reconnects are recorded in pgfresh.workers.
     """
     stop = stop or threading.Event()
     dsn = setup.resolve_dsn(config)
-    src = config.source
-    conn = db.connect(dsn, "capture", max_txn_seconds=src.max_txn_seconds, autocommit=True)
-    infos = setup.check_source(conn, config)  # everything checked before anything is created
-    check_stage_columns(config, infos)
-    db.migrate(conn)
-    setup.ensure_publication(conn, config)
-    slot_lsn, created = setup.ensure_slot(conn, config)
-    store = RowStore(conn, infos)
-    store.start(slot_lsn, created)
-    start_lsn = store.stored_lsn()
-    stream = Stream(dsn, src.slot, src.publication, po.format_lsn(start_lsn),
-                    {n: i.key for n, i in infos.items()}, {n: i.tenant for n, i in infos.items()})
+    cap = _Capture(config, dsn)
+    if cap.warning and console is not None:
+        console.print(f"warning: {cap.warning}", highlight=False, soft_wrap=True)
     own_workers = workers is None
     workers = downstream_workers(config) if own_workers else workers
-    heartbeat = _Heartbeat(conn, "capture")
     previous_handlers = _install_signals(stop)
-    target = po.parse_lsn(conn.execute("select pg_current_wal_lsn()::text").fetchone()[0]) if once else None
-    stats = {"changes": 0, "transactions": 0, "snapshot_rows": 0, "lsn": po.format_lsn(start_lsn), "lag_seconds": 0.0}
+    target = po.parse_lsn(cap.conn.execute("select pg_current_wal_lsn()::text").fetchone()[0]) if once else None
+    stats = {"changes": 0, "transactions": 0, "snapshot_rows": 0, "lsn": po.format_lsn(cap.start_lsn),
+             "lag_seconds": 0.0, "reconnects": 0}
     try:
-        _loop(config, store, stream, workers, heartbeat, stats, stop, target, start_lsn, console)
+        while cap is not None:
+            try:
+                _loop(config, cap.store, cap.stream, workers, cap.heartbeat, stats, stop, target, cap.start_lsn, console)
+                break
+            except Exception as exc:
+                if not connection_lost(exc):
+                    raise
+                lost = exc if isinstance(exc, _Lost) else _Lost("capture", exc)
+            cap.close()
+            for w in workers:
+                w.close()  # each worker opens its connection again on its next step
+            cap = _reconnect(config, dsn, lost, stop, console)
+            if cap is not None:
+                stats["reconnects"] += 1
+                cap.heartbeat.reconnected(lost)
     except BaseException as exc:
-        heartbeat.error(exc)
+        if cap is not None:
+            cap.heartbeat.error(exc)
         raise
     finally:
         for sig, handler in previous_handlers.items():
             signal.signal(sig, handler)
-        stream.close()
         for w in workers if own_workers else []:
             w.close()
-        conn.close()
+        if cap is not None:
+            cap.close()
     return stats
+
+
+def _reconnect(config: cfg.Config, dsn: str, lost: _Lost, stop: threading.Event, console) -> _Capture | None:
+    """Open capture again, waiting 0.5 s, 1 s, 2 s ... (at most RECONNECT_MAX_SECONDS) between tries.
+
+    Returns None when stopped meanwhile; SourceError after source.reconnect_give_up_seconds.
+    """
+    give_up = config.source.reconnect_give_up_seconds
+    started, delay, last = time.monotonic(), 0.5, lost
+    if console is not None:
+        console.print(f"connection lost ({lost}); reconnecting", highlight=False, soft_wrap=True)
+    while not stop.wait(delay):
+        try:
+            return _Capture(config, dsn)
+        except Exception as exc:
+            if not connection_lost(exc):
+                raise
+            last = exc
+        elapsed = time.monotonic() - started
+        if elapsed >= give_up:
+            first = str(last).strip().splitlines()[0] if str(last).strip() else type(last).__name__
+            raise SourceError(
+                f"lost the source connection {elapsed:.0f} s ago and could not reconnect ({first}); gave up after "
+                f"source.reconnect_give_up_seconds = {give_up:g}: start pgfresh sync again once the server is back "
+                "(it resumes from the stored position)")
+        delay = min(delay * 2, RECONNECT_MAX_SECONDS, max(0.1, give_up - elapsed))
+    return None
 
 
 def _loop(config, store, stream, workers, heartbeat, stats, stop, target, processed, console) -> None:
@@ -156,7 +265,14 @@ def _loop(config, store, stream, workers, heartbeat, stats, stop, target, proces
                 chunk_rows //= 2
             elif seconds < src.max_txn_seconds / 20 and chunk_rows < src.snapshot_chunk_rows:
                 chunk_rows = min(src.snapshot_chunk_rows, chunk_rows * 2)
-        busy = sum(w.step() for w in workers) if workers else 0
+        busy = 0
+        for w in workers:
+            try:
+                busy += w.step()
+            except Exception as exc:
+                if connection_lost(exc):
+                    raise _Lost(w.name, exc) from exc
+                raise
         stats["lsn"] = po.format_lsn(processed)
         heartbeat.beat({"lsn": stats["lsn"], "changes": stats["changes"], "lag_seconds": stats["lag_seconds"],
                         "snapshot_pending": store.snapshot_pending})
