@@ -3,9 +3,18 @@
 from __future__ import annotations
 
 import json
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
 
 import psycopg
+import pytest
 
+from pgfresh.embedded import EmbeddedServer
 from tests.conftest import run_cli, write_config
 from tests.test_capture import diff_count
 
@@ -86,3 +95,104 @@ def test_dropped_slot_sync_refuses_and_resync_reconciles(db, dsn, tmp_path):
     _assert_downstream_equals_source(db)
     status = json.loads(run_cli("status", "--json", "--config", str(path)).stdout)
     assert status["slot"]["state"] == "ok" and not any("resync" in w for w in status["slot"]["warnings"])
+
+
+# -- the server goes away ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def own_server(tmp_path_factory):
+    """A server of this module's own, which its tests stop, restart and reconfigure."""
+    server = EmbeddedServer(tmp_path_factory.mktemp("ops") / "data", settings={"logical_decoding_work_mem": "'64kB'"})
+    server.start()
+    yield server
+    server.destroy()
+
+
+@pytest.fixture
+def own_dsn(own_server):
+    name = "o_" + uuid.uuid4().hex[:12]
+    with psycopg.connect(own_server.dsn(), autocommit=True) as c:
+        c.execute(f'create database "{name}"')
+    yield own_server.dsn(name)
+    own_server.start()
+    with psycopg.connect(own_server.dsn(), autocommit=True) as c:
+        c.execute("select pg_terminate_backend(pid) from pg_stat_activity where datname = %s and pid <> pg_backend_pid()",
+                  (name,))
+        for (slot,) in c.execute("select slot_name from pg_replication_slots where database = %s", (name,)).fetchall():
+            c.execute("select pg_drop_replication_slot(%s)", (slot,))
+        c.execute(f'drop database if exists "{name}" with (force)')
+
+
+def _writer(dsn: str, stop: threading.Event, counts: dict, first_id: int) -> None:
+    """Updates, inserts and deletes until stopped, through every restart (it reconnects too)."""
+    rng = random.Random(11)
+    next_id = first_id
+    while not stop.is_set():
+        try:
+            with psycopg.connect(dsn, autocommit=True, connect_timeout=2) as w:
+                while not stop.is_set():
+                    r = rng.random()
+                    if r < 0.6:
+                        w.execute("update acct set v = v + 1 where id = any(%s)",
+                                  ([rng.randint(1, next_id - 1) for _ in range(3)],))
+                    elif r < 0.9:
+                        w.execute("insert into acct (id) values (%s)", (next_id,))
+                        next_id += 1
+                    else:
+                        w.execute("delete from acct where id = %s", (rng.randint(1, next_id - 1),))
+                    counts["writes"] += 1
+                    time.sleep(0.003)
+        except psycopg.OperationalError:
+            counts["writer_errors"] += 1
+            stop.wait(0.2)
+
+
+def test_sync_survives_server_restarts_under_a_live_writer(own_server, own_dsn, tmp_path):
+    with psycopg.connect(own_dsn, autocommit=True) as db:
+        db.execute("create table acct (id int primary key, v int not null default 1, note text default 'n')")
+        db.execute("insert into acct (id) select generate_series(1, 3000)")
+    body = ('[[tables]]\nname = "acct"\n\n[[tables.facts]]\nname = "v"\nquestion = "What is v of {id}?"\n'
+            'answer = "{v}"\n')
+    path = write_config(tmp_path, own_dsn, body)
+    first = run_cli("sync", "--once", "--config", str(path))
+    assert first.returncode == 0, first.stderr
+    stop, counts = threading.Event(), {"writes": 0, "writer_errors": 0}
+    writer = threading.Thread(target=_writer, args=(own_dsn, stop, counts, 3001))
+    writer.start()
+    proc = subprocess.Popen([sys.executable, "-m", "pgfresh", "sync", "--config", str(path)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        for mode in ("fast", "immediate", "fast", "immediate"):
+            time.sleep(2.5)
+            own_server.stop(mode)
+            time.sleep(1.0)
+            own_server.start()
+            assert proc.poll() is None, proc.stderr.read()
+        time.sleep(3)
+    finally:
+        stop.set()
+        writer.join()
+    time.sleep(2)
+    assert proc.poll() is None, proc.stderr.read()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err, err
+    assert counts["writes"] > 200 and counts["writer_errors"] >= 4
+    last = run_cli("sync", "--once", "--config", str(path))
+    assert last.returncode == 0, last.stderr
+    with psycopg.connect(own_dsn, autocommit=True) as db:
+        assert diff_count(db, "acct") == 0
+        # Exactly once: no row counts more applied changes than its source version.
+        over = db.execute("select count(*) from pgfresh.rows r join acct a on r.key = json_build_array(a.id)::text"
+                          " where r.versions > a.v").fetchone()[0]
+        assert over == 0
+        born = db.execute("select count(*) from pgfresh.rows r join acct a on r.key = json_build_array(a.id)::text"
+                          " where a.id > 3000 and r.versions <> a.v").fetchone()[0]
+        assert born == 0  # rows the stream alone built: exactly their source version
+        facts = dict(db.execute("select key, answer from pgfresh.facts where status = 'active' and kind = 'qa'").fetchall())
+        assert facts == {f"[{i}]": str(v) for i, v in db.execute("select id, v from acct")}
+    report = json.loads(run_cli("status", "--json", "--config", str(path)).stdout)
+    capture = report["capture"]["workers"]["capture"]
+    assert capture["reconnects"] >= 4, capture
+    assert capture["last_error"], capture
