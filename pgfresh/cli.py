@@ -50,7 +50,8 @@ def init(
     """Write pgfresh.toml from the database's tables and create schema pgfresh."""
     from pgfresh.capture import setup
 
-    path = setup.init_project(config, dsn=dsn, tables=tables.split(",") if tables else None, force=force)
+    path = setup.init_project(config, dsn=dsn, tables=tables.split(",") if tables else None, force=force,
+                              warn=lambda text: err_console.print(f"warning: {text}", highlight=False, soft_wrap=True))
     console.print(f"wrote {path}; schema pgfresh is ready")
 
 

@@ -196,3 +196,96 @@ def test_sync_survives_server_restarts_under_a_live_writer(own_server, own_dsn, 
     capture = report["capture"]["workers"]["capture"]
     assert capture["reconnects"] >= 4, capture
     assert capture["last_error"], capture
+
+
+def test_sync_gives_up_with_one_line_after_reconnect_give_up_seconds(own_server, own_dsn, tmp_path):
+    with psycopg.connect(own_dsn, autocommit=True) as db:
+        db.execute("create table t (id int primary key)")
+    path = write_config(tmp_path, own_dsn, '[[tables]]\nname = "t"\n')
+    path.write_text(path.read_text().replace("[source]\n", "[source]\nreconnect_give_up_seconds = 4\n"))
+    proc = subprocess.Popen([sys.executable, "-m", "pgfresh", "sync", "--config", str(path)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(4)
+        assert proc.poll() is None, proc.stderr.read()
+        own_server.stop("fast")
+        _, err = proc.communicate(timeout=120)
+    finally:
+        own_server.start()
+    assert proc.returncode == 2, err
+    assert "Traceback" not in err, err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and err.strip().splitlines()[-1] == errors[0], err
+    assert "source.reconnect_give_up_seconds = 4" in errors[0] and "resumes from the stored position" in errors[0]
+
+
+def test_invalidated_slot_is_reported_refused_and_resynced(own_server, own_dsn, tmp_path):
+    with psycopg.connect(own_dsn, autocommit=True) as db:
+        db.execute("create table items (id int primary key, name text, price numeric(10,2))")
+        db.execute("insert into items select g, 'item ' || g, g from generate_series(1, 100) g")
+        path = write_config(tmp_path, own_dsn, ITEMS_TOML)
+        assert run_cli("sync", "--once", "--config", str(path)).returncode == 0
+        db.execute("delete from items where id <= 10")
+        # pgfresh is stopped; the server removes the WAL its slot needs (1 MB bound, 3 segments written).
+        db.execute("alter system set max_slot_wal_keep_size = '1MB'")
+        db.execute("select pg_reload_conf()")
+        try:
+            for _ in range(3):
+                db.execute("create temp table if not exists filler (x text)")
+                db.execute("insert into filler select repeat('x', 100) from generate_series(1, 1000)")
+                db.execute("select pg_switch_wal()")
+            db.execute("checkpoint")
+            state = db.execute("select wal_status, invalidation_reason from pg_replication_slots"
+                               " where database = current_database()").fetchone()
+            assert state == ("lost", "wal_removed"), state
+            refused = run_cli("sync", "--once", "--config", str(path))
+            _one_line_error(refused, "replication slot pgfresh was invalidated (wal_removed)", "pgfresh resync")
+            slot = json.loads(run_cli("status", "--json", "--config", str(path)).stdout)["slot"]
+            assert slot["state"] == "invalidated" and slot["invalidation_reason"] == "wal_removed"
+            assert any("pgfresh resync" in w for w in slot["warnings"])
+        finally:
+            db.execute("alter system reset max_slot_wal_keep_size")
+            db.execute("select pg_reload_conf()")
+        resync = run_cli("resync", "--config", str(path))
+        assert resync.returncode == 0, resync.stderr
+        assert "10 rows deleted" in resync.stdout, resync.stdout
+        _assert_downstream_equals_source(db)
+
+
+def test_max_slot_wal_keep_size_mb_is_validated_and_enforced(db, dsn, tmp_path):
+    db.execute("create table t (id int primary key)")
+    bad = write_config(tmp_path, dsn, '[[tables]]\nname = "t"\n')
+    bad.write_text(bad.read_text().replace("[source]\n", "[source]\nmax_slot_wal_keep_size_mb = -5\n"))
+    _one_line_error(run_cli("sync", "--once", "--config", str(bad)), "source.max_slot_wal_keep_size_mb",
+                    "an integer >= 0")
+    # The session server bounds slot WAL to 4 GB: a config asking for at most 1 GB is refused.
+    strict = write_config(tmp_path, dsn, '[[tables]]\nname = "t"\n')
+    strict.write_text(strict.read_text().replace("[source]\n", "[source]\nmax_slot_wal_keep_size_mb = 1024\n"))
+    _one_line_error(run_cli("sync", "--once", "--config", str(strict)), "max_slot_wal_keep_size is 4096 MB",
+                    "source.max_slot_wal_keep_size_mb = 1024", "ALTER SYSTEM SET max_slot_wal_keep_size = '1024MB'")
+    assert db.execute("select count(*) from pg_replication_slots where database = current_database()").fetchone()[0] == 0
+    slot = json.loads(run_cli("status", "--json", "--config", str(strict)).stdout)["slot"]
+    assert slot["max_slot_wal_keep_size_mb"] == 4096
+    assert any("more than source.max_slot_wal_keep_size_mb = 1024" in w for w in slot["warnings"])
+    ok = write_config(tmp_path, dsn, '[[tables]]\nname = "t"\n')
+    ok.write_text(ok.read_text().replace("[source]\n", "[source]\nmax_slot_wal_keep_size_mb = 8192\n"))
+    assert run_cli("sync", "--once", "--config", str(ok)).returncode == 0
+
+
+def test_unlimited_max_slot_wal_keep_size_is_warned_about(own_server, own_dsn, tmp_path):
+    with psycopg.connect(own_dsn, autocommit=True) as db:
+        db.execute("create table t (id int primary key)")
+        db.execute("alter system set max_slot_wal_keep_size = -1")
+        db.execute("select pg_reload_conf()")
+        try:
+            path = tmp_path / "pgfresh.toml"
+            init = run_cli("init", "--dsn", own_dsn, "--config", str(path))
+            assert init.returncode == 0 and "max_slot_wal_keep_size is unlimited" in init.stderr, init.stderr
+            sync_run = run_cli("sync", "--once", "--config", str(path))
+            assert sync_run.returncode == 0 and "max_slot_wal_keep_size is unlimited" in sync_run.stderr
+            slot = json.loads(run_cli("status", "--json", "--config", str(path)).stdout)["slot"]
+            assert slot["max_slot_wal_keep_size_mb"] == -1
+            assert any("unlimited" in w for w in slot["warnings"])
+        finally:
+            db.execute("alter system reset max_slot_wal_keep_size")
+            db.execute("select pg_reload_conf()")

@@ -284,8 +284,12 @@ def list_user_tables(conn: psycopg.Connection) -> list[tuple[str, list[str], str
     return out
 
 
-def init_project(path: Path, dsn: str | None = None, tables: list[str] | None = None, force: bool = False) -> Path:
-    """Write a starting pgfresh.toml from the database's tables and create schema pgfresh."""
+def init_project(path: Path, dsn: str | None = None, tables: list[str] | None = None, force: bool = False,
+                 warn=None) -> Path:
+    """Write a starting pgfresh.toml from the database's tables and create schema pgfresh.
+
+    `warn(text)` receives what the operator should fix but need not (an unlimited slot WAL bound).
+    """
     from pgfresh import db
 
     path = Path(path)
@@ -295,6 +299,9 @@ def init_project(path: Path, dsn: str | None = None, tables: list[str] | None = 
     conn = db.connect(resolve_dsn(probe), "init")
     with conn:
         check_server(conn)
+        unbounded = check_wal_keep_size(conn, probe)
+        if unbounded and warn is not None:
+            warn(unbounded)
         found = list_user_tables(conn)
         if tables:
             wanted = {t if "." in t else f"public.{t}" for t in tables}
