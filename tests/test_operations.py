@@ -152,7 +152,7 @@ def test_sync_survives_server_restarts_under_a_live_writer(own_server, own_dsn, 
         db.execute("create table acct (id int primary key, v int not null default 1, note text default 'n')")
         db.execute("insert into acct (id) select generate_series(1, 3000)")
     body = ('[[tables]]\nname = "acct"\n\n[[tables.facts]]\nname = "v"\nquestion = "What is v of {id}?"\n'
-            'answer = "{v}"\n')
+            'answer = "{v}"\n\n[rag]\n')  # both downstream workers, each with connections of its own
     path = write_config(tmp_path, own_dsn, body)
     first = run_cli("sync", "--once", "--config", str(path))
     assert first.returncode == 0, first.stderr
@@ -192,6 +192,11 @@ def test_sync_survives_server_restarts_under_a_live_writer(own_server, own_dsn, 
         assert born == 0  # rows the stream alone built: exactly their source version
         facts = dict(db.execute("select key, answer from pgfresh.facts where status = 'active' and kind = 'qa'").fetchall())
         assert facts == {f"[{i}]": str(v) for i, v in db.execute("select id, v from acct")}
+        docs = dict(db.execute("select d.key, d.text from pgfresh.documents d join pgfresh.rag_indexes i"
+                               " on i.id = d.index_id and i.state = 'active'").fetchall())
+        assert set(docs) == set(facts)
+        stale = [i for i, v in db.execute("select id, v from acct") if f"v: {v}" not in docs[f"[{i}]"].splitlines()]
+        assert not stale, stale[:5]
     report = json.loads(run_cli("status", "--json", "--config", str(path)).stdout)
     capture = report["capture"]["workers"]["capture"]
     assert capture["reconnects"] >= 4, capture

@@ -86,14 +86,16 @@ class _Heartbeat:
             pass
 
     def reconnected(self, lost: "_Lost") -> None:
-        """After a reconnect: the error on the row of the part that lost it, one more reconnect on ours."""
+        """After a reconnect: the error and one more reconnect on our row; the error on the part that lost it too."""
         self.conn.execute(
-            "insert into pgfresh.workers (name, last_error, last_error_at) values (%s, %s, now())"
-            " on conflict (name) do update set last_error = excluded.last_error, last_error_at = now()",
-            (lost.component, str(lost)[:2000]))
-        self.conn.execute(
-            "insert into pgfresh.workers (name, reconnects) values (%s, 1)"
-            " on conflict (name) do update set reconnects = pgfresh.workers.reconnects + 1", (self.name,))
+            "insert into pgfresh.workers (name, last_error, last_error_at, reconnects) values (%s, %s, now(), 1)"
+            " on conflict (name) do update set last_error = excluded.last_error, last_error_at = now(),"
+            " reconnects = pgfresh.workers.reconnects + 1", (self.name, str(lost)[:2000]))
+        if lost.component != self.name:
+            self.conn.execute(
+                "insert into pgfresh.workers (name, last_error, last_error_at) values (%s, %s, now())"
+                " on conflict (name) do update set last_error = excluded.last_error, last_error_at = now()",
+                (lost.component, str(lost)[:2000]))
 
 
 class _Capture:
