@@ -133,7 +133,8 @@ class _Lost(Exception):
     """A connection of `component` broke (raised from `_loop` so `run` can reconnect)."""
 
     def __init__(self, component: str, cause: BaseException):
-        super().__init__(f"{component}: {type(cause).__name__}: {str(cause).strip()}")
+        first = str(cause).strip().splitlines()[0] if str(cause).strip() else "connection closed"
+        super().__init__(f"{component}: {type(cause).__name__}: {first}")
         self.component, self.cause = component, cause
 
 
@@ -175,6 +176,7 @@ def run(config: cfg.Config, once: bool = False, console=None, stop: threading.Ev
     target = po.parse_lsn(cap.conn.execute("select pg_current_wal_lsn()::text").fetchone()[0]) if once else None
     stats = {"changes": 0, "transactions": 0, "snapshot_rows": 0, "lsn": po.format_lsn(cap.start_lsn),
              "lag_seconds": 0.0, "reconnects": 0}
+    outage_started, reconnected_at = 0.0, 0.0
     try:
         while cap is not None:
             try:
@@ -187,8 +189,13 @@ def run(config: cfg.Config, once: bool = False, console=None, stop: threading.Ev
             cap.close()
             for w in workers:
                 w.close()  # each worker opens its connection again on its next step
-            cap = _reconnect(config, dsn, lost, stop, console)
+            # An outage lasts until a connection holds for a while: one that breaks again at once
+            # (a storm of reconnects) still counts toward reconnect_give_up_seconds.
+            if time.monotonic() - reconnected_at > RECONNECT_MAX_SECONDS:
+                outage_started = time.monotonic()
+            cap = _reconnect(config, dsn, lost, stop, console, outage_started)
             if cap is not None:
+                reconnected_at = time.monotonic()
                 stats["reconnects"] += 1
                 cap.heartbeat.reconnected(lost)
     except BaseException as exc:
@@ -205,22 +212,17 @@ def run(config: cfg.Config, once: bool = False, console=None, stop: threading.Ev
     return stats
 
 
-def _reconnect(config: cfg.Config, dsn: str, lost: _Lost, stop: threading.Event, console) -> _Capture | None:
+def _reconnect(config: cfg.Config, dsn: str, lost: _Lost, stop: threading.Event, console,
+               started: float) -> _Capture | None:
     """Open capture again, waiting 0.5 s, 1 s, 2 s ... (at most RECONNECT_MAX_SECONDS) between tries.
 
     Returns None when stopped meanwhile; SourceError after source.reconnect_give_up_seconds.
     """
     give_up = config.source.reconnect_give_up_seconds
-    started, delay, last = time.monotonic(), 0.5, lost
+    delay, last = 0.5, lost
     if console is not None:
         console.print(f"connection lost ({lost}); reconnecting", highlight=False, soft_wrap=True)
     while not stop.wait(delay):
-        try:
-            return _Capture(config, dsn)
-        except Exception as exc:
-            if not connection_lost(exc):
-                raise
-            last = exc
         elapsed = time.monotonic() - started
         if elapsed >= give_up:
             first = str(last).strip().splitlines()[0] if str(last).strip() else type(last).__name__
@@ -228,7 +230,13 @@ def _reconnect(config: cfg.Config, dsn: str, lost: _Lost, stop: threading.Event,
                 f"lost the source connection {elapsed:.0f} s ago and could not reconnect ({first}); gave up after "
                 f"source.reconnect_give_up_seconds = {give_up:g}: start pgfresh sync again once the server is back "
                 "(it resumes from the stored position)")
-        delay = min(delay * 2, RECONNECT_MAX_SECONDS, max(0.1, give_up - elapsed))
+        try:
+            return _Capture(config, dsn)
+        except Exception as exc:
+            if not connection_lost(exc):
+                raise
+            last = exc
+        delay = min(delay * 2, RECONNECT_MAX_SECONDS, max(0.1, give_up - (time.monotonic() - started)))
     return None
 
 
