@@ -80,7 +80,7 @@ def resync(config: Path = ConfigOpt, as_json: bool = typer.Option(False, "--json
     console.print(f"resync: slot {stats['slot']} re-created at {stats['slot_lsn']}; {stats['snapshot_rows']} rows re-read, "
                   f"{stats['deleted']} rows deleted ("
                   + ", ".join(f"{t} {v['deleted']}" for t, v in stats["tables"].items()) + f"); caught up to {stats['lsn']}",
-                  highlight=False)
+                  highlight=False, soft_wrap=True)
 
 
 @app.command()
