@@ -157,7 +157,7 @@ def test_sync_survives_server_restarts_under_a_live_writer(own_server, own_dsn, 
     first = run_cli("sync", "--once", "--config", str(path))
     assert first.returncode == 0, first.stderr
     stop, counts = threading.Event(), {"writes": 0, "writer_errors": 0}
-    writer = threading.Thread(target=_writer, args=(own_dsn, stop, counts, 3001))
+    writer = threading.Thread(target=_writer, args=(own_dsn, stop, counts, 1001))
     writer.start()
     proc = subprocess.Popen([sys.executable, "-m", "pgfresh", "sync", "--config", str(path)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -188,7 +188,7 @@ def test_sync_survives_server_restarts_under_a_live_writer(own_server, own_dsn, 
                           " where r.versions > a.v").fetchone()[0]
         assert over == 0
         born = db.execute("select count(*) from pgfresh.rows r join acct a on r.key = json_build_array(a.id)::text"
-                          " where a.id > 3000 and r.versions <> a.v").fetchone()[0]
+                          " where a.id > 1000 and r.versions <> a.v").fetchone()[0]
         assert born == 0  # rows the stream alone built: exactly their source version
         facts = dict(db.execute("select key, answer from pgfresh.facts where status = 'active' and kind = 'qa'").fetchall())
         assert facts == {f"[{i}]": str(v) for i, v in db.execute("select id, v from acct")}

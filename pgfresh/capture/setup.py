@@ -3,7 +3,10 @@
 `check_source` verifies, before anything is created, everything capture needs: `wal_level=logical`,
 a role allowed to replicate, every configured table present with a usable key. Each failure is one
 line saying what is wrong and how to fix it. `ensure_publication` / `ensure_slot` then create the
-publication (only the configured tables, never schema pgfresh) and the pgoutput slot.
+publication (only the configured tables, never schema pgfresh) and the pgoutput slot; `slot_health`
+tells a usable slot from a missing, lost or invalidated one, and `ensure_slot` refuses to re-create
+one silently while pgfresh holds a stored position. `check_wal_keep_size` holds the server to
+`source.max_slot_wal_keep_size_mb`.
 `init_project` writes a starting pgfresh.toml from the database's tables.
 """
 

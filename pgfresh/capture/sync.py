@@ -7,6 +7,12 @@ downstream worker (gate/render facts, RAG index) consume the change log. `--once
 stream has reached the WAL position current at start, the snapshot is complete and every worker is
 idle. SIGTERM/SIGINT finish the current batch, then exit.
 
+The source going away (restart, crash, network) is not an error: every connection is opened again
+with capped backoff and capture resumes from the stored position, exactly once; only after
+`source.reconnect_give_up_seconds` without a connection does `sync` exit (code 2). A slot that is
+gone or invalidated while a stored position needs it stops `sync` with one line pointing to
+`pgfresh resync` (capture/resync.py); it is never silently re-created.
+
 No transaction opened here lives longer than `source.max_txn_seconds`: a batch is bounded in
 changes and seconds, a snapshot chunk shrinks when it takes more than a quarter of the limit, and
 on PostgreSQL 17+ the server enforces the limit itself (`transaction_timeout`).
