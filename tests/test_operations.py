@@ -150,7 +150,7 @@ def _writer(dsn: str, stop: threading.Event, counts: dict, first_id: int) -> Non
 def test_sync_survives_server_restarts_under_a_live_writer(own_server, own_dsn, tmp_path):
     with psycopg.connect(own_dsn, autocommit=True) as db:
         db.execute("create table acct (id int primary key, v int not null default 1, note text default 'n')")
-        db.execute("insert into acct (id) select generate_series(1, 3000)")
+        db.execute("insert into acct (id) select generate_series(1, 1000)")
     body = ('[[tables]]\nname = "acct"\n\n[[tables.facts]]\nname = "v"\nquestion = "What is v of {id}?"\n'
             'answer = "{v}"\n\n[rag]\n')  # both downstream workers, each with connections of its own
     path = write_config(tmp_path, own_dsn, body)
