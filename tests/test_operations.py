@@ -153,7 +153,8 @@ def _wait_for_heartbeat(dsn: str, proc, seconds: float = 120) -> None:
     with psycopg.connect(dsn, autocommit=True) as c:
         while time.monotonic() < deadline:
             assert proc.poll() is None, proc.stderr.read()
-            if c.execute("select 1 from pgfresh.workers where name = 'capture' and pid = %s", (proc.pid,)).fetchone():
+            if c.execute("select to_regclass('pgfresh.workers') is not null").fetchone()[0] and c.execute(
+                    "select 1 from pgfresh.workers where name = 'capture' and pid = %s", (proc.pid,)).fetchone():
                 return
             time.sleep(0.2)
     pytest.fail("pgfresh sync wrote no heartbeat")
