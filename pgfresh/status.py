@@ -2,10 +2,13 @@
 
 `collect(config)` returns a plain dict (the stable `--json` shape, docs/CLI.md):
 - `capture`: of this config's pipeline (its slot): stored LSN, lag in bytes (server WAL position -
-  stored) and seconds, per-table live and deleted row counts, snapshot progress, heartbeat and last
-  error of each worker, changes dropped per table no longer configured (`dropped_changes`);
+  stored) and seconds, per-table live and deleted row counts, snapshot progress, heartbeat, last
+  error and reconnects of each worker, changes dropped per table no longer configured
+  (`dropped_changes`);
 - `pipelines`: every pipeline on this database: LSN, tables, live rows, change-log entries;
-- `slot`: WAL retained by the slot, its wal_status, and a warning past `source.wal_warn_mb`;
+- `slot`: its state (ok, missing, lost, invalidated: then a warning naming `pgfresh resync`), WAL
+  retained, wal_status, the server's max_slot_wal_keep_size, warnings past `source.wal_warn_mb` or
+  when that bound is unlimited;
 - `source`: the oldest transaction age and xmin age any pgfresh backend holds right now;
 - one section per later stage that exposes `status_counts(conn)` (gate, rag, train).
 """
@@ -24,7 +27,7 @@ def collect(config: cfg.Config) -> dict:
     dsn = setup.resolve_dsn(config)
     with db.connect(dsn, "status", autocommit=True) as conn:
         has_schema = conn.execute("select to_regclass('pgfresh.sink_progress') is not null").fetchone()[0]
-        report = {"source": _source(conn), "slot": _slot(conn, config)}
+        report = {"source": _source(conn), "slot": _slot(conn, config, has_schema)}
         if not has_schema:
             report["capture"] = {"state": "not initialised: run `pgfresh sync`"}
             return report
@@ -54,29 +57,46 @@ def _source(conn) -> dict:
     }
 
 
-def _slot(conn, config: cfg.Config) -> dict:
+def _slot(conn, config: cfg.Config, has_schema: bool) -> dict:
+    """The slot: state (ok | missing | lost | invalidated), WAL it retains, the server's bound, warnings."""
+    from pgfresh.capture.pgoutput import format_lsn, parse_lsn
+
+    slot = config.source.slot
+    health = setup.slot_health(conn, slot)
+    keep_mb = setup.wal_keep_size_mb(conn)
+    out = {"name": slot, "exists": health.state != "missing", "state": health.state,
+           "invalidation_reason": health.reason, "max_slot_wal_keep_size_mb": keep_mb}
+    warnings = []
+    stored = conn.execute("select lsn::text from pgfresh.sink_progress where pipeline = %s and sink = 'rows'",
+                          (pipeline_of(config),)).fetchone() if has_schema else None
+    if not health.usable and (stored or health.state != "missing"):
+        warnings.append(setup.slot_lost_message(health, format_lsn(parse_lsn(stored[0])) if stored else "none"))
+    limit = config.source.max_slot_wal_keep_size_mb
+    if keep_mb < 0:
+        warnings.append("max_slot_wal_keep_size is unlimited: a stopped pgfresh could fill the primary's disk; "
+                        "set it (e.g. ALTER SYSTEM SET max_slot_wal_keep_size = '10GB')")
+    elif limit and keep_mb > limit:
+        warnings.append(f"max_slot_wal_keep_size is {keep_mb} MB, more than source.max_slot_wal_keep_size_mb = {limit}")
+    if health.state == "missing":
+        out["warnings"] = warnings
+        return out
     row = conn.execute(
-        "select active, wal_status, pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint,"
+        "select active, pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint,"
         " pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint, safe_wal_size,"
         " current_setting('max_slot_wal_keep_size')"
-        " from pg_replication_slots where slot_name = %s", (config.source.slot,)).fetchone()
-    if row is None:
-        return {"name": config.source.slot, "exists": False}
-    retained = int(row[2] or 0)
-    out = {
-        "name": config.source.slot, "exists": True, "active": row[0], "wal_status": row[1],
-        "retained_wal_bytes": retained, "unconfirmed_bytes": int(row[3] or 0),
-        "safe_wal_size_bytes": row[4], "max_slot_wal_keep_size": row[5],
-    }
-    warnings = []
+        " from pg_replication_slots where slot_name = %s", (slot,)).fetchone()
+    retained = int(row[1] or 0) if row else 0
+    out.update({
+        "active": row[0] if row else False, "wal_status": health.wal_status,
+        "retained_wal_bytes": retained, "unconfirmed_bytes": int(row[2] or 0) if row else 0,
+        "safe_wal_size_bytes": row[3] if row else None, "max_slot_wal_keep_size": row[4] if row else None,
+    })
     if retained > config.source.wal_warn_mb * 1024 * 1024:
         warnings.append(f"slot retains {retained // 2**20} MB of WAL (warn at {config.source.wal_warn_mb} MB): "
                         "is pgfresh sync running?")
-    if row[5] == "-1":
-        warnings.append("max_slot_wal_keep_size is unlimited: a stopped pgfresh could fill the primary's disk; "
-                        "set it (e.g. ALTER SYSTEM SET max_slot_wal_keep_size = '10GB')")
-    if row[1] in ("unreserved", "lost"):
-        warnings.append(f"slot wal_status is {row[1]}: WAL needed by pgfresh is being removed; re-run the snapshot")
+    if health.wal_status == "unreserved":
+        warnings.append("slot wal_status is unreserved: WAL pgfresh still needs is past max_slot_wal_keep_size and "
+                        "goes at the next checkpoint; start pgfresh sync now")
     out["warnings"] = warnings
     return out
 
@@ -98,9 +118,12 @@ def _capture(conn, pipeline: str) -> dict:
                         (pipeline,)).fetchone()
     lag_seconds = float((info[0] or {}).get("lag_seconds", 0.0)) if info else None
     workers = {
-        name: {"pid": pid, "heartbeat": hb, "last_error": err, "last_error_at": err_at, "info": info}
-        for name, pid, hb, err, err_at, info in conn.execute(
-            "select name, pid, heartbeat, last_error, last_error_at, info from pgfresh.workers where pipeline = %s"
+        name: {"pid": pid, "heartbeat": hb, "last_error": err, "last_error_at": err_at, "info": info,
+               "reconnects": reconnects}
+        for name, pid, hb, err, err_at, info, reconnects in conn.execute(
+            # reconnects: migration 006; read through to_jsonb so status works before sync applied it
+            "select name, pid, heartbeat, last_error, last_error_at, info,"
+            " coalesce((to_jsonb(w) ->> 'reconnects')::bigint, 0) from pgfresh.workers w where pipeline = %s"
             " order by name", (pipeline,))
     }
     consumers = {n: s for n, s in conn.execute("select name, seq from pgfresh.consumers where pipeline = %s",
@@ -147,10 +170,12 @@ def show(report: dict, console) -> None:
     src = report.get("source", {})
     console.print(f"[bold]capture[/] pipeline {cap.get('pipeline')} lsn {cap.get('lsn')}  lag {cap.get('lag_bytes')} bytes / {cap.get('lag_seconds')} s")
     if slot.get("exists"):
-        console.print(f"[bold]slot[/] {slot['name']} active={slot['active']} wal_status={slot['wal_status']} "
-                      f"retained {slot['retained_wal_bytes'] / 2**20:.1f} MB")
-        for w in slot.get("warnings", []):
-            console.print(f"[yellow]warning:[/] {w}")
+        console.print(f"[bold]slot[/] {slot['name']} {slot['state']} active={slot['active']} "
+                      f"wal_status={slot['wal_status']} retained {slot['retained_wal_bytes'] / 2**20:.1f} MB")
+    else:
+        console.print(f"[bold]slot[/] {slot.get('name')} missing")
+    for w in slot.get("warnings", []):
+        console.print(f"[yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
     console.print(f"[bold]source[/] oldest pgfresh transaction {src.get('oldest_xact_seconds')} s, "
                   f"xmin age {src.get('oldest_xmin_age_xids')}")
     if cap.get("tables"):
@@ -166,7 +191,8 @@ def show(report: dict, console) -> None:
         console.print(f"other pipelines on this database: {', '.join(sorted(others))}")
     for name, w in cap.get("workers", {}).items():
         err = f" last error: {w['last_error']}" if w["last_error"] else ""
-        console.print(f"worker {name}: heartbeat {w['heartbeat']}{err}")
+        again = f" reconnects {w['reconnects']}" if w.get("reconnects") else ""
+        console.print(f"worker {name}: heartbeat {w['heartbeat']}{again}{err}", highlight=False)
     for stage in ("gate", "rag", "train"):
         if stage in report:
             console.print(f"[bold]{stage}[/] {report[stage]}")

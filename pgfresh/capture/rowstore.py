@@ -22,6 +22,11 @@ per table in `pgfresh.dropped_changes`, in the same transaction as the batch.
 Tenants: a DELETE carries only the replica-identity columns, so a delete (and the old key of a key
 change) takes its tenant from the stored row; migration 005's triggers reject a row or change of a
 tenant table that would be stored without one.
+
+Resync (`pgfresh resync`, after a lost slot): `mark_resync` records the new slot's start and a
+marker transaction and queues every table for a new snapshot; when a table's last chunk is read,
+`_RESYNC_DELETES` tombstones the rows no new chunk saw and no new streamed change touched, and logs
+each as a delete, so documents, facts and cache entries follow through the change log.
 """
 
 from __future__ import annotations
@@ -76,6 +81,59 @@ select %(pipeline)s, s.tbl, s.key, s.tenant, 'read', s.row, '0/0', null from pgf
 order by s.ord
 """
 
+# Resync, one place for its SQL. A row the new snapshot read carries a chunk snapshot in which the
+# marker transaction resync_xid is visible; a row streamed after resync_lsn is current. Any other
+# live row is gone from the source: tombstone it and log a delete with its last known row.
+_RESYNC_MARK = """
+insert into pgfresh.snapshot_progress (pipeline, tbl, resync_xid, resync_lsn)
+values (%(pipeline)s, %(tbl)s, %(xid)s::xid8, %(lsn)s)
+on conflict (pipeline, tbl) do update set last_key = null, done = false, rows_read = 0, truncate_xid = null,
+    reconcile_until = null, started_at = now(), finished_at = null,
+    resync_xid = excluded.resync_xid, resync_lsn = excluded.resync_lsn, resync_deleted = null
+"""
+
+_RESYNC_DELETES = """
+with mark as (
+    select resync_xid, resync_lsn from pgfresh.snapshot_progress
+    where pipeline = %(pipeline)s and tbl = %(tbl)s and resync_xid is not null
+), gone as (
+    update pgfresh.rows r set deleted = true, lsn = m.resync_lsn, commit_time = null, xid = null, snap = null,
+        versions = r.versions + 1
+    from mark m
+    where r.pipeline = %(pipeline)s and r.tbl = %(tbl)s and not r.deleted and r.lsn <= m.resync_lsn
+      and (r.snap is null or not pg_visible_in_snapshot(m.resync_xid, r.snap))
+    returning r.tbl, r.key, r.tenant, r.row, r.lsn
+), logged as (
+    insert into pgfresh.changes (pipeline, tbl, key, tenant, op, row, lsn, commit_time)
+    select %(pipeline)s, tbl, key, tenant, 'delete', row, lsn, null from gone order by key
+    returning 1
+), counted as (
+    update pgfresh.snapshot_progress set resync_xid = null, resync_deleted = (select count(*) from logged)
+    where pipeline = %(pipeline)s and tbl = %(tbl)s and resync_xid is not null
+)
+select count(*) from logged
+"""
+
+
+def mark_resync(conn: psycopg.Connection, pipeline: str, tables: list[str], slot_lsn: str) -> None:
+    """Queue `tables` for a resync snapshot that starts at `slot_lsn` (the new slot's start).
+
+    Commits one marker transaction first: every chunk read after it sees it (see _RESYNC_DELETES).
+    """
+    with conn.transaction():
+        (xid,) = conn.execute("select pg_current_xact_id()::text").fetchone()  # assigns this transaction's xid
+        conn.execute("insert into pgfresh.sink_progress (pipeline, sink, lsn) values (%s, %s, %s)"
+                     " on conflict (pipeline, sink) do update set lsn = excluded.lsn, updated_at = now()",
+                     (pipeline, SINK, slot_lsn))
+        for tbl in tables:
+            conn.execute(_RESYNC_MARK, {"pipeline": pipeline, "tbl": tbl, "xid": xid, "lsn": slot_lsn})
+
+
+def resync_counts(conn: psycopg.Connection, pipeline: str) -> dict[str, dict]:
+    """Per table of the last resync: rows re-read, rows deleted (None while its snapshot is still running)."""
+    rows = conn.execute("select tbl, rows_read, resync_deleted from pgfresh.snapshot_progress"
+                        " where pipeline = %s and resync_lsn is not null order by tbl", (pipeline,)).fetchall()
+    return {t: {"rows_read": read, "deleted": deleted} for t, read, deleted in rows}
 
 
 @dataclass
@@ -339,6 +397,8 @@ class RowStore:
                     "update pgfresh.snapshot_progress set last_key = %s, rows_read = rows_read + %s, done = %s,"
                     " finished_at = case when %s then now() end, reconcile_until = %s where pipeline = %s and tbl = %s",
                     (Jsonb(new_last), len(rows), done, done, wal_pos, self.pipeline, name))
+                if done:  # a resync ends here, in the last chunk's transaction: exactly once
+                    conn.execute(_RESYNC_DELETES, {"tbl": name, "pipeline": self.pipeline})
         finally:
             conn.isolation_level = None
         self.reconcile_until[name] = po.parse_lsn(wal_pos)

@@ -7,6 +7,12 @@ downstream worker (gate/render facts, RAG index) consume the change log. `--once
 stream has reached the WAL position current at start, the snapshot is complete and every worker is
 idle. SIGTERM/SIGINT finish the current batch, then exit.
 
+The source going away (restart, crash, network) is not an error: every connection is opened again
+with capped backoff and capture resumes from the stored position, exactly once; only after
+`source.reconnect_give_up_seconds` without a connection does `sync` exit (code 2). A slot that is
+gone or invalidated while a stored position needs it stops `sync` with one line pointing to
+`pgfresh resync` (capture/resync.py); it is never silently re-created.
+
 No transaction opened here lives longer than `source.max_txn_seconds`: a batch is bounded in
 changes and seconds, a snapshot chunk shrinks when it takes more than a quarter of the limit, and
 on PostgreSQL 17+ the server enforces the limit itself (`transaction_timeout`).
@@ -19,6 +25,9 @@ import signal
 import threading
 import time
 
+import psycopg
+import psycopg2
+
 from pgfresh import config as cfg
 from pgfresh import db
 from pgfresh.capture import pgoutput as po
@@ -26,6 +35,7 @@ from pgfresh.capture import setup
 from pgfresh.capture.change import pipeline_of, worker_name
 from pgfresh.capture.rowstore import RowStore, register_tables
 from pgfresh.capture.stream import Stream
+from pgfresh.errors import ConnectionLostError, SourceError
 
 # Later stages that run inside `pgfresh sync`, and when: the facts worker when a table has fact
 # templates or [train] is present, the RAG index when [rag] is present (`pgfresh init` writes it).
@@ -35,6 +45,9 @@ DOWNSTREAM_MODULES = {
 }
 HEARTBEAT_SECONDS = 2.0
 PRUNE_SECONDS = 30.0
+RECONNECT_MAX_SECONDS = 10.0  # the cap of the backoff between reconnect attempts
+# SQLSTATEs of a server shutting down, crashed, or still starting up: the connection is gone, not the data.
+SHUTDOWN_STATES = ("57P01", "57P02", "57P03")
 
 
 def downstream_workers(config: cfg.Config) -> list:
@@ -79,6 +92,80 @@ class _Heartbeat:
         except Exception:  # the database itself may be what failed; the error is re-raised anyway
             pass
 
+    def reconnected(self, lost: "_Lost") -> None:
+        """After a reconnect: the error and one more reconnect on our row; the error on the part that lost it too."""
+        self.conn.execute(
+            "insert into pgfresh.workers (name, pipeline, last_error, last_error_at, reconnects)"
+            " values (%s, %s, %s, now(), 1) on conflict (name) do update set last_error = excluded.last_error,"
+            " last_error_at = now(), reconnects = pgfresh.workers.reconnects + 1",
+            (self.name, self.pipeline, str(lost)[:2000]))
+        component = worker_name(lost.component, self.pipeline)
+        if component != self.name:
+            self.conn.execute(
+                "insert into pgfresh.workers (name, pipeline, last_error, last_error_at) values (%s, %s, %s, now())"
+                " on conflict (name) do update set last_error = excluded.last_error, last_error_at = now()",
+                (component, self.pipeline, str(lost)[:2000]))
+
+
+class _Capture:
+    """The capture side's connections: checked source, row store, stream, heartbeat."""
+
+    def __init__(self, config: cfg.Config, dsn: str):
+        src = config.source
+        self.conn = db.connect(dsn, "capture", max_txn_seconds=src.max_txn_seconds, autocommit=True)
+        self.stream = None
+        try:
+            self.infos = setup.check_source(self.conn, config)  # everything checked before anything is created
+            check_stage_columns(config, self.infos)
+            self.warning = setup.check_wal_keep_size(self.conn, config)
+            db.migrate(self.conn)
+            pipeline = pipeline_of(config)
+            register_tables(self.conn, pipeline, self.infos, str(config.path))
+            added, removed = setup.ensure_publication(self.conn, config)
+            # The publication follows the config: say what changed.
+            self.notes = [f"added {n} to publication {src.publication}" for n in added] + [
+                f"removed {n} from publication {src.publication} (its changes are dropped)" for n in removed]
+            self.store = RowStore(self.conn, self.infos, pipeline)
+            # A stored position and no usable slot: refuse (SlotLostError), never re-snapshot silently.
+            slot_lsn, created = setup.ensure_slot(self.conn, config, self.store.stored_lsn())
+            self.store.start(slot_lsn, created)
+            self.start_lsn = self.store.stored_lsn()
+            self.stream = Stream(dsn, src.slot, src.publication, po.format_lsn(self.start_lsn),
+                                 {n: i.key for n, i in self.infos.items()}, {n: i.tenant for n, i in self.infos.items()})
+        except BaseException:
+            self.conn.close()
+            raise
+        self.heartbeat = _Heartbeat(self.conn, "capture", pipeline)
+
+    def close(self) -> None:
+        if self.stream is not None:
+            self.stream.close()
+        self.conn.close()
+
+
+class _Lost(Exception):
+    """A connection of `component` broke (raised from `_loop` so `run` can reconnect)."""
+
+    def __init__(self, component: str, cause: BaseException):
+        first = str(cause).strip().splitlines()[0] if str(cause).strip() else "connection closed"
+        super().__init__(f"{component}: {type(cause).__name__}: {first}")
+        self.component, self.cause = component, cause
+
+
+def connection_lost(exc: BaseException) -> bool:
+    """Is `exc` the source going away (retry) rather than an error to report? By class and SQLSTATE."""
+    if isinstance(exc, (_Lost, ConnectionLostError)):
+        return True
+    if isinstance(exc, psycopg.Error):
+        state = exc.sqlstate
+        return (state is None and isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError))) or \
+            (state is not None and (state.startswith("08") or state in SHUTDOWN_STATES))
+    if isinstance(exc, psycopg2.Error):
+        state = exc.pgcode
+        # libpq's own errors carry no SQLSTATE: the connection or the COPY stream ended under us.
+        return state is None or state.startswith("08") or state in SHUTDOWN_STATES
+    return False
+
 
 def run(config: cfg.Config, once: bool = False, console=None, stop: threading.Event | None = None,
         workers: list | None = None) -> dict:
@@ -86,46 +173,86 @@ def run(config: cfg.Config, once: bool = False, console=None, stop: threading.Ev
 
     `workers`: the downstream workers to drive (default: those the config asks for). Workers
     passed in stay open for the caller's next run (the arena keeps its embedder loaded).
+
+    A lost connection (server restarted, network gone) closes every connection and opens them again
+    with capped backoff, resuming from the stored position: the row store skips what it already
+    applied, so nothing is applied twice. After `source.reconnect_give_up_seconds` of failing to
+    reconnect, SourceError. Errors and reconnects are recorded in pgfresh.workers.
     """
     stop = stop or threading.Event()
     dsn = setup.resolve_dsn(config)
-    src = config.source
-    conn = db.connect(dsn, "capture", max_txn_seconds=src.max_txn_seconds, autocommit=True)
-    infos = setup.check_source(conn, config)  # everything checked before anything is created
-    check_stage_columns(config, infos)
-    db.migrate(conn)
-    pipeline = pipeline_of(config)
-    register_tables(conn, pipeline, infos, str(config.path))
-    added, removed = setup.ensure_publication(conn, config)
-    if console is not None:  # the publication follows the config: say what changed
-        for line in [f"added {n} to publication {src.publication}" for n in added] + [
-                f"removed {n} from publication {src.publication} (its changes are dropped)" for n in removed]:
-            console.print(line)
-    slot_lsn, created = setup.ensure_slot(conn, config)
-    store = RowStore(conn, infos, pipeline)
-    store.start(slot_lsn, created)
-    start_lsn = store.stored_lsn()
-    stream = Stream(dsn, src.slot, src.publication, po.format_lsn(start_lsn),
-                    {n: i.key for n, i in infos.items()}, {n: i.tenant for n, i in infos.items()})
+    cap = _Capture(config, dsn)
+    if console is not None:
+        for line in cap.notes + ([f"warning: {cap.warning}"] if cap.warning else []):
+            console.print(line, highlight=False, soft_wrap=True, markup=False)
     own_workers = workers is None
     workers = downstream_workers(config) if own_workers else workers
-    heartbeat = _Heartbeat(conn, "capture", pipeline)
     previous_handlers = _install_signals(stop)
-    target = po.parse_lsn(conn.execute("select pg_current_wal_lsn()::text").fetchone()[0]) if once else None
-    stats = {"changes": 0, "transactions": 0, "snapshot_rows": 0, "lsn": po.format_lsn(start_lsn), "lag_seconds": 0.0}
+    target = po.parse_lsn(cap.conn.execute("select pg_current_wal_lsn()::text").fetchone()[0]) if once else None
+    stats = {"changes": 0, "transactions": 0, "snapshot_rows": 0, "lsn": po.format_lsn(cap.start_lsn),
+             "lag_seconds": 0.0, "reconnects": 0}
+    outage_started, reconnected_at = 0.0, 0.0
     try:
-        _loop(config, store, stream, workers, heartbeat, stats, stop, target, start_lsn, console)
+        while cap is not None:
+            try:
+                _loop(config, cap.store, cap.stream, workers, cap.heartbeat, stats, stop, target, cap.start_lsn, console)
+                break
+            except Exception as exc:
+                if not connection_lost(exc):
+                    raise
+                lost = exc if isinstance(exc, _Lost) else _Lost("capture", exc)
+            cap.close()
+            for w in workers:
+                w.close()  # each worker opens its connection again on its next step
+            # An outage lasts until a connection holds for a while: one that breaks again at once
+            # (a storm of reconnects) still counts toward reconnect_give_up_seconds.
+            if time.monotonic() - reconnected_at > RECONNECT_MAX_SECONDS:
+                outage_started = time.monotonic()
+            cap = _reconnect(config, dsn, lost, stop, console, outage_started)
+            if cap is not None:
+                reconnected_at = time.monotonic()
+                stats["reconnects"] += 1
+                cap.heartbeat.reconnected(lost)
     except BaseException as exc:
-        heartbeat.error(exc)
+        if cap is not None:
+            cap.heartbeat.error(exc)
         raise
     finally:
         for sig, handler in previous_handlers.items():
             signal.signal(sig, handler)
-        stream.close()
         for w in workers if own_workers else []:
             w.close()
-        conn.close()
+        if cap is not None:
+            cap.close()
     return stats
+
+
+def _reconnect(config: cfg.Config, dsn: str, lost: _Lost, stop: threading.Event, console,
+               started: float) -> _Capture | None:
+    """Open capture again, waiting 0.5 s, 1 s, 2 s ... (at most RECONNECT_MAX_SECONDS) between tries.
+
+    Returns None when stopped meanwhile; SourceError after source.reconnect_give_up_seconds.
+    """
+    give_up = config.source.reconnect_give_up_seconds
+    delay, last = 0.5, lost
+    if console is not None:
+        console.print(f"connection lost ({lost}); reconnecting", highlight=False, soft_wrap=True)
+    while not stop.wait(delay):
+        elapsed = time.monotonic() - started
+        if elapsed >= give_up:
+            first = str(last).strip().splitlines()[0] if str(last).strip() else type(last).__name__
+            raise SourceError(
+                f"lost the source connection {elapsed:.0f} s ago and could not reconnect ({first}); gave up after "
+                f"source.reconnect_give_up_seconds = {give_up:g}: start pgfresh sync again once the server is back "
+                "(it resumes from the stored position)")
+        try:
+            return _Capture(config, dsn)
+        except Exception as exc:
+            if not connection_lost(exc):
+                raise
+            last = exc
+        delay = min(delay * 2, RECONNECT_MAX_SECONDS, max(0.1, give_up - (time.monotonic() - started)))
+    return None
 
 
 def _loop(config, store, stream, workers, heartbeat, stats, stop, target, processed, console) -> None:
@@ -163,7 +290,14 @@ def _loop(config, store, stream, workers, heartbeat, stats, stop, target, proces
                 chunk_rows //= 2
             elif seconds < src.max_txn_seconds / 20 and chunk_rows < src.snapshot_chunk_rows:
                 chunk_rows = min(src.snapshot_chunk_rows, chunk_rows * 2)
-        busy = sum(w.step() for w in workers) if workers else 0
+        busy = 0
+        for w in workers:
+            try:
+                busy += w.step()
+            except Exception as exc:
+                if connection_lost(exc):
+                    raise _Lost(w.name, exc) from exc
+                raise
         stats["lsn"] = po.format_lsn(processed)
         heartbeat.beat({"lsn": stats["lsn"], "changes": stats["changes"], "lag_seconds": stats["lag_seconds"],
                         "snapshot_pending": store.snapshot_pending})
