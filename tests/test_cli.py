@@ -119,3 +119,26 @@ def test_real_processes_usage_errors_one_line():
                          (["quarantine", "--limit", "-1"], "--limit"), (["frobnicate"], "No such command")]:
         r = run_cli(*args)
         assert_one_line(r.returncode, r.stdout, r.stderr, needle)
+
+
+# --- config errors: one line, exit 2, every problem of the file at once -------------------------
+
+def test_config_nan_inf_core_and_stage_problems_all_at_once(tmp_path, capsys):
+    path = tmp_path / "pgfresh.toml"
+    path.write_text('[source]\nmax_txn_seconds = nan\nbatch_max_seconds = inf\nslot = "Bad"\n'
+                    '[[tables]]\nname = "a b"\ngate = { settle_seconds = nan }\n'
+                    '[[tables]]\nname = "ok"\ndocument = "{"\n'
+                    '[rag]\nk = 0\ncache = { similarity = -inf }\n[train]\nbogus = 2\n')
+    line = assert_one_line(*run_main(["sync", "--once", "--config", str(path)], capsys), "9 problems")
+    for needle in ("source.max_txn_seconds: expected a finite number, got nan", "source.batch_max_seconds",
+                   "source.slot", "tables[0].name", "tables[0].gate.settle_seconds: expected a finite number",
+                   "tables[1].document", "rag.k", "rag.cache.similarity: expected a finite number, got -inf",
+                   "train.bogus"):
+        assert needle in line, (needle, line)
+
+
+def test_config_not_utf8_or_a_directory_is_one_line(tmp_path, capsys):
+    path = tmp_path / "pgfresh.toml"
+    path.write_bytes(b'[source]\nslot = "\xff\xfe"\n')
+    assert_one_line(*run_main(["status", "--config", str(path)], capsys), "not UTF-8", "0xff")
+    assert_one_line(*run_main(["status", "--config", str(tmp_path)], capsys), "is a directory")
