@@ -68,7 +68,7 @@ def init(
     from pgfresh.capture import setup
 
     path = setup.init_project(config, dsn=dsn, tables=tables.split(",") if tables else None, force=force)
-    console.print(f"wrote {path}; schema pgfresh is ready")
+    console.print(f"wrote {path}; schema pgfresh is ready", markup=False)
 
 
 @app.command()
@@ -150,7 +150,7 @@ def quarantine_release(
         _print_json(entry)
     else:
         console.print(f"released #{entry['id']} ({entry['path']} {entry['tbl']} {entry['key']}): "
-                      "pgfresh sync re-admits it on its next step")
+                      "pgfresh sync re-admits it on its next step", markup=False)
 
 
 @app.command()
@@ -211,7 +211,7 @@ def arena(
                                    json_path=json_out, strategies=strategies.split(",") if strategies else None,
                                    console=err_console)
     runner.print_verdict(results, console)
-    console.print(f"report: {report}" + (f"; data: {json_out}" if json_out else ""))
+    console.print(f"report: {report}" + (f"; data: {json_out}" if json_out else ""), markup=False)
 
 
 model_app = typer.Typer(no_args_is_help=True, help="The base model: `build` the built-in one, `info` on the one in use.")
@@ -244,7 +244,7 @@ def model_info(config: Path = ConfigOpt, as_json: bool = typer.Option(False, "--
     else:
         for k, v in meta.items():
             if k not in ("format",):
-                console.print(f"{k}: {v}", highlight=False)
+                console.print(f"{k}: {v}", highlight=False, markup=False)
 
 
 @app.command()
@@ -289,7 +289,7 @@ def slices(
         m = r["metrics"]
         console.print(f"{'*' if r['current'] else ' '} {r['slice']} v{r['version']} ({r['kind']}, parent {r['parent']}) "
                       f"lsn {r['lsn']}, {r['facts']} facts; new {m.get('new_accuracy')}, forgetting "
-                      f"{m.get('forgetting')}, stale {m.get('stale_rate')}", highlight=False)
+                      f"{m.get('forgetting')}, stale {m.get('stale_rate')}", highlight=False, markup=False)
 
 
 @slices_app.command("rollback")
@@ -302,7 +302,7 @@ def slices_rollback(
     from pgfresh import train as tr
 
     r = tr.rollback(_load(config), tenant, version)
-    console.print(f"slice {r['slice']}: version {r['from']} -> {r['to']} (knows LSN {r['lsn']})")
+    console.print(f"slice {r['slice']}: version {r['from']} -> {r['to']} (knows LSN {r['lsn']})", markup=False)
 
 
 def _one_line(message: str) -> str:

@@ -4,7 +4,8 @@
 - `capture`: stored LSN, lag in bytes (server WAL position - stored) and seconds, per-table live
   and deleted row counts, snapshot progress, heartbeat and last error of each worker;
 - `slot`: WAL retained by the slot, its wal_status, and a warning past `source.wal_warn_mb`;
-- `source`: the oldest transaction age and xmin age any pgfresh backend holds right now;
+- `source`: pgfresh backends on the pipeline's own database, and the oldest transaction age and
+  xmin age any of them holds right now;
 - one section per later stage that exposes `status_counts(conn)` (gate, rag, train).
 """
 
@@ -36,7 +37,7 @@ def _source(conn) -> dict:
     row = conn.execute(
         "select count(*), coalesce(extract(epoch from max(now() - xact_start)), 0),"
         " coalesce(max(age(backend_xmin)), 0) from pg_stat_activity"
-        " where application_name like 'pgfresh-%%' and pid <> pg_backend_pid()"
+        " where application_name like 'pgfresh-%%' and pid <> pg_backend_pid() and datname = current_database()"
     ).fetchone()
     return {
         "pgfresh_backends": row[0],
@@ -104,7 +105,8 @@ def _capture(conn) -> dict:
 
 
 def show(report: dict, console) -> None:
-    """Human-readable status."""
+    """Human-readable status. Values (names, errors, counts) are escaped: only our labels are markup."""
+    from rich.markup import escape
     from rich.table import Table
 
     cap = report.get("capture", {})
@@ -112,21 +114,21 @@ def show(report: dict, console) -> None:
     src = report.get("source", {})
     console.print(f"[bold]capture[/] lsn {cap.get('lsn')}  lag {cap.get('lag_bytes')} bytes / {cap.get('lag_seconds')} s")
     if slot.get("exists"):
-        console.print(f"[bold]slot[/] {slot['name']} active={slot['active']} wal_status={slot['wal_status']} "
+        console.print(f"[bold]slot[/] {escape(str(slot['name']))} active={slot['active']} wal_status={slot['wal_status']} "
                       f"retained {slot['retained_wal_bytes'] / 2**20:.1f} MB")
         for w in slot.get("warnings", []):
-            console.print(f"[yellow]warning:[/] {w}")
+            console.print(f"[yellow]warning:[/] {escape(w)}")
     console.print(f"[bold]source[/] oldest pgfresh transaction {src.get('oldest_xact_seconds')} s, "
                   f"xmin age {src.get('oldest_xmin_age_xids')}")
     if cap.get("tables"):
         t = Table("table", "rows", "deleted", "snapshot")
         for name, v in sorted(cap["tables"].items()):
             snap = v.get("snapshot", {})
-            t.add_row(name, str(v["rows"]), str(v["deleted"]), "done" if snap.get("done") else f"{snap.get('rows_read', 0)} read")
+            t.add_row(escape(name), str(v["rows"]), str(v["deleted"]), "done" if snap.get("done") else f"{snap.get('rows_read', 0)} read")
         console.print(t)
     for name, w in cap.get("workers", {}).items():
         err = f" last error: {w['last_error']}" if w["last_error"] else ""
-        console.print(f"worker {name}: heartbeat {w['heartbeat']}{err}")
+        console.print(escape(f"worker {name}: heartbeat {w['heartbeat']}{err}"))
     for stage in ("gate", "rag", "train"):
         if stage in report:
-            console.print(f"[bold]{stage}[/] {report[stage]}")
+            console.print(f"[bold]{stage}[/] {escape(str(report[stage]))}")

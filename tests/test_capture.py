@@ -353,3 +353,17 @@ def test_capture_on_postgresql_15_without_pgvector(tmp_path):
             assert diff_count(db, "t") == 0
     finally:
         server.destroy()
+
+
+def test_status_counts_only_the_pipelines_own_backends(db, dsn, pg_server, tmp_path):
+    from pgfresh import status
+
+    db.execute("create table t (id int primary key)")
+    path = write_config(tmp_path, dsn, '[[tables]]\nname = "t"\n')
+    # A pgfresh backend of another pipeline, on another database of the same server.
+    with psycopg.connect(pg_server.dsn(), application_name="pgfresh-capture", autocommit=True) as other:
+        other.execute("select 1")
+        assert status.collect(cfg.load(path))["source"]["pgfresh_backends"] == 0
+        with psycopg.connect(dsn, application_name="pgfresh-capture", autocommit=True) as own:
+            own.execute("select 1")
+            assert status.collect(cfg.load(path))["source"]["pgfresh_backends"] == 1
