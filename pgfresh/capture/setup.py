@@ -58,7 +58,8 @@ def check_server(conn: psycopg.Connection) -> None:
     if not (superuser or replication):
         user = conn.info.user
         raise SourceError(
-            f"role {user} may not replicate: run ALTER ROLE {user} WITH REPLICATION (and grant SELECT on the tables)"
+            f"role {user} may not replicate: run ALTER ROLE {user} WITH REPLICATION "
+            "(the other privileges pgfresh needs: docs/PRIVILEGES.md, pgfresh/examples/grant.sql)"
         )
     if conn.info.server_version < 140000:
         raise SourceError(f"PostgreSQL {conn.info.server_version // 10000} is too old: pgfresh needs 14 or newer")
@@ -114,8 +115,74 @@ def check_source(conn: psycopg.Connection, config: cfg.Config) -> dict[str, Tabl
     if not config.tables:
         raise ConfigError(["tables: no [[tables]] configured; run `pgfresh init` or add one"], str(config.path))
     infos = {t.name: table_info(conn, t) for t in config.tables}
+    check_privileges(conn, config)
     conn.rollback()
     return infos
+
+
+def _ident(conn, *names: str) -> str:
+    return sql.Identifier(*names).as_string(conn)
+
+
+def missing_privileges(conn: psycopg.Connection, config: cfg.Config) -> list[str]:
+    """Each privilege the current role lacks for what pgfresh does today, as 'what (why): the GRANT that fixes it'.
+
+    Today pgfresh keeps its own schema in the source, so beyond REPLICATION (check_server) and SELECT
+    on the tables it needs: CREATE on the database (schema pgfresh, and the publication unless it
+    exists), extension vector installed by a superuser (it is not a trusted extension), and, to
+    create or change the publication, ownership of it and of the tables it adds. docs/PRIVILEGES.md.
+    """
+    user, dbname = conn.info.user, conn.info.dbname
+    role, database = _ident(conn, user), _ident(conn, dbname)
+    if conn.execute("select rolsuper from pg_roles where rolname = current_user").fetchone()[0]:
+        return []
+    missing: list[str] = []
+    can_create_in_db = conn.execute("select has_database_privilege(current_database(), 'CREATE')").fetchone()[0]
+    schema = conn.execute("select has_schema_privilege(oid, 'USAGE'), has_schema_privilege(oid, 'CREATE')"
+                          " from pg_namespace where nspname = 'pgfresh'").fetchone()
+    pub = config.source.publication
+    pub_row = conn.execute("select pg_has_role(pubowner, 'USAGE') from pg_publication where pubname = %s",
+                           (pub,)).fetchone()
+    need_db_create = []
+    if schema is None:
+        need_db_create.append("to create schema pgfresh")
+    elif not all(schema):
+        missing.append(f"USAGE and CREATE on schema pgfresh: GRANT USAGE, CREATE ON SCHEMA pgfresh TO {role}")
+    if pub_row is None:
+        need_db_create.append(f"to create publication {pub}")
+    if need_db_create and not can_create_in_db:
+        missing.append(f"CREATE on database {dbname} ({' and '.join(need_db_create)}): "
+                       f"GRANT CREATE ON DATABASE {database} TO {role}")
+    vector = conn.execute("select exists (select 1 from pg_available_extensions where name = 'vector'),"
+                          " exists (select 1 from pg_extension where extname = 'vector')").fetchone()
+    if vector[0] and not vector[1]:
+        missing.append(f"extension vector in database {dbname} (only a superuser may create it): CREATE EXTENSION vector")
+    in_pub = set() if pub_row is None else {f"{s}.{t}" for s, t in conn.execute(
+        "select schemaname, tablename from pg_publication_tables where pubname = %s", (pub,))}
+    configured = {t.name for t in config.tables}
+    if pub_row is not None and not pub_row[0] and in_pub != configured:
+        missing.append(f"ownership of publication {pub} (to make it match the configured tables): "
+                       f"ALTER PUBLICATION {_ident(conn, pub)} OWNER TO {role}, or have its owner make it match")
+    for t in config.tables:
+        select_ok, owner_ok = conn.execute(
+            "select has_table_privilege(c.oid, 'SELECT'), pg_has_role(c.relowner, 'USAGE') from pg_class c"
+            " join pg_namespace n on n.oid = c.relnamespace where n.nspname = %s and c.relname = %s",
+            (t.schema, t.table)).fetchone()
+        if not select_ok:
+            missing.append(f"SELECT on {t.name}: GRANT SELECT ON {_ident(conn, t.schema, t.table)} TO {role}")
+        if t.name not in in_pub and not owner_ok:
+            missing.append(f"ownership of {t.name} (to add it to publication {pub}): have its owner run "
+                           + (f"CREATE PUBLICATION {_ident(conn, pub)} FOR TABLE ..." if pub_row is None else
+                              f"ALTER PUBLICATION {_ident(conn, pub)} ADD TABLE {_ident(conn, t.schema, t.table)}"))
+    return missing
+
+
+def check_privileges(conn: psycopg.Connection, config: cfg.Config) -> None:
+    """SourceError naming every privilege the role lacks, in one line, before anything is created."""
+    missing = missing_privileges(conn, config)
+    if missing:
+        raise SourceError(f"role {conn.info.user} lacks what pgfresh needs: {'; '.join(missing)} "
+                          "(an administrator can run pgfresh/examples/grant.sql; see docs/PRIVILEGES.md)")
 
 
 def ensure_publication(conn: psycopg.Connection, config: cfg.Config) -> None:
