@@ -401,3 +401,16 @@ def test_role_with_replication_and_select_is_told_every_missing_privilege_then_g
             db.execute("select pg_drop_replication_slot(%s)", (slot,))
         db.execute("drop owned by pf_reader cascade")
         db.execute("drop role pf_reader")
+
+
+def test_a_key_that_is_not_unique_is_refused_before_anything_is_created(db, dsn, tmp_path):
+    db.execute("create table dupes (id int primary key, sku text not null, code text)")
+    db.execute("alter table dupes replica identity full")
+    db.execute("insert into dupes values (1, 'A', 'x'), (2, 'A', 'y')")
+    path = write_config(tmp_path, dsn, '[[tables]]\nname = "dupes"\nkey = ["sku"]\n')
+    _assert_one_line_error(run_cli("sync", "--once", "--config", str(path)), "key ['sku'] is not unique",
+                           "CREATE UNIQUE INDEX")
+    assert _nothing_created(db)  # no slot, no publication, no schema left behind
+    db.execute("delete from dupes where id = 2")
+    db.execute("create unique index on dupes (sku)")
+    assert run_cli("sync", "--once", "--config", str(path)).returncode == 0

@@ -106,6 +106,20 @@ def table_info(conn: psycopg.Connection, table: cfg.TableConfig) -> TableInfo:
     missing = [c for c in key + ([table.tenant] if table.tenant else []) if c not in names]
     if missing:
         raise SourceError(f"table {table.name} has no column {', '.join(missing)}: fix key/tenant in pgfresh.toml")
+    if table.key and not (pk and set(pk) <= set(key)):
+        # A key that is not unique would merge rows (and fail the row store's upsert mid-snapshot):
+        # it must contain the columns of a unique index over NOT NULL columns.
+        unique = conn.execute(
+            "select exists (select 1 from pg_index i where i.indrelid = %s and i.indisunique and i.indpred is null"
+            " and i.indexprs is null and not exists (select 1 from pg_attribute a where a.attrelid = i.indrelid"
+            " and a.attnum = any(i.indkey) and (not a.attnotnull or not a.attname = any(%s::text[]))))",
+            (oid, key)).fetchone()[0]
+        if not unique:
+            cols = ", ".join(key)
+            raise SourceError(
+                f"table {table.name}: key {key} is not unique (no unique index on NOT NULL columns among {cols}), "
+                f"so two rows could share it: set key to unique columns, or CREATE UNIQUE INDEX ON {table.name} ({cols})"
+            )
     return TableInfo(table.name, names, [c[1] for c in cols], [c[2] for c in cols], key, table.tenant)
 
 
