@@ -67,8 +67,11 @@ def init(
     """Write pgfresh.toml from the database's tables and create schema pgfresh."""
     from pgfresh.capture import setup
 
-    path = setup.init_project(config, dsn=dsn, tables=tables.split(",") if tables else None, force=force)
+    path, skipped = setup.init_project(config, dsn=dsn, tables=tables.split(",") if tables else None, force=force)
     console.print(f"wrote {path}; schema pgfresh is ready", markup=False)
+    if skipped:
+        err_console.print(f"left out {len(skipped)} table(s) pgfresh cannot capture as they are; "
+                          f"the reasons are at the end of {path}", markup=False)
 
 
 @app.command()

@@ -414,3 +414,25 @@ def test_a_key_that_is_not_unique_is_refused_before_anything_is_created(db, dsn,
     db.execute("delete from dupes where id = 2")
     db.execute("create unique index on dupes (sku)")
     assert run_cli("sync", "--once", "--config", str(path)).returncode == 0
+
+
+def test_init_checks_everything_before_creating_anything_and_writes_only_valid_configs(db, dsn, tmp_path):
+    db.execute("create table shops (id int primary key, name text)")
+    db.execute('create table "Order Items" (id int primary key, qty int)')  # not a plain identifier
+    db.execute("create table logs (at timestamptz, line text)")  # no primary key and no id column
+    missing_dir = tmp_path / "nope" / "pgfresh.toml"
+    _assert_one_line_error(run_cli("init", "--dsn", dsn, "--config", str(missing_dir)), "does not exist")
+    _assert_one_line_error(run_cli("init", "--dsn", dsn, "--config", str(tmp_path)), "is a directory")
+    _assert_one_line_error(run_cli("init", "--dsn", dsn, "--tables", "logs", "--config", str(tmp_path / "a.toml")),
+                           "public.logs has no primary key")
+    assert _nothing_created(db)
+    assert not list(tmp_path.iterdir())
+    path = tmp_path / "pgfresh.toml"
+    result = run_cli("init", "--dsn", dsn, "--config", str(path))
+    assert result.returncode == 0, result.stderr
+    assert "left out 2 table(s)" in result.stderr
+    conf = cfg.load(path)
+    assert [t.name for t in conf.tables] == ["public.shops"]
+    text = path.read_text()
+    assert "public.Order Items" in text and "public.logs" in text and 'key = ["id"]' not in text
+    assert run_cli("sync", "--once", "--config", str(path)).returncode == 0

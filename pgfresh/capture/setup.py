@@ -9,6 +9,8 @@ publication (only the configured tables, never schema pgfresh) and the pgoutput 
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -261,31 +263,76 @@ def list_user_tables(conn: psycopg.Connection) -> list[tuple[str, list[str], str
     return out
 
 
-def init_project(path: Path, dsn: str | None = None, tables: list[str] | None = None, force: bool = False) -> Path:
-    """Write a starting pgfresh.toml from the database's tables and create schema pgfresh."""
+def _init_target(path: Path, force: bool) -> None:
+    """Refuse a config path init could not write, before anything is created."""
+    if path.is_dir():
+        raise ConfigError(["is a directory; pass a file path (--config DIR/pgfresh.toml)"], str(path))
+    if path.exists() and not force:
+        raise ConfigError(["already exists; pass --force to overwrite it"], str(path))
+    parent = path.resolve().parent
+    if not parent.is_dir():
+        raise ConfigError([f"directory {parent} does not exist: create it first"], str(path))
+    if not os.access(parent, os.W_OK):
+        raise ConfigError([f"directory {parent} is not writable"], str(path))
+
+
+def init_project(path: Path, dsn: str | None = None, tables: list[str] | None = None,
+                 force: bool = False) -> tuple[Path, list[str]]:
+    """Write a starting pgfresh.toml from the database's tables and create schema pgfresh.
+
+    Everything is checked before anything is created: the target path, the server, each table
+    (capture must be able to use it as written), the privileges, and the rendered file itself
+    (config.parse), so init never writes a config that `sync` then rejects. A table that cannot be
+    captured as it is (no primary key, a name that is not a plain identifier, ...) is left out with a
+    comment saying why; one named in `tables` is an error instead. Returns (path, skipped tables).
+    """
+    import tomllib
+
     from pgfresh import db
 
     path = Path(path)
-    if path.exists() and not force:
-        raise ConfigError(["already exists; pass --force to overwrite it"], str(path))
+    _init_target(path, force)
     probe = cfg.Config(source=cfg.SourceConfig(dsn=dsn), tables=[], path=path.resolve())
     conn = db.connect(resolve_dsn(probe), "init")
     with conn:
         check_server(conn)
         found = list_user_tables(conn)
+        wanted = None
         if tables:
             wanted = {t if "." in t else f"public.{t}" for t in tables}
             unknown = wanted - {f[0] for f in found}
             if unknown:
                 raise SourceError(f"no such table: {', '.join(sorted(unknown))}")
             found = [f for f in found if f[0] in wanted]
-        entries = []
+        entries, skipped = [], []
         for name, pk, tenant in found:
-            entries.append({"name": name, "key": None if pk else ["id"], "tenant": tenant})
+            reason = None
+            if not all(cfg._NAME.match(part) for part in name.split(".", 1)):
+                reason = "its name is not a plain identifier, which pgfresh.toml cannot hold: rename it"
+            else:
+                try:
+                    table_info(conn, cfg.TableConfig(name=name, tenant=tenant))
+                except SourceError as exc:
+                    reason = str(exc)
+            if reason is None:
+                entries.append({"name": name, "tenant": tenant})
+            else:
+                skipped.append(f"{name}: {reason}")
+        if wanted and skipped:
+            raise SourceError(f"cannot capture {'; '.join(skipped)}")
+        text = cfg.render_toml({"dsn": dsn} if dsn else {"data_dir": ".pgfresh"}, entries)
+        text += "\n# The RAG index runs inside `pgfresh sync` while this section is present.\n[rag]\n"
+        if skipped:
+            text += "\n# Left out (add them once fixed):\n" + "".join(
+                f"# - {json.dumps(s, ensure_ascii=True)}\n" for s in skipped)
+        config = cfg.parse(tomllib.loads(text), path.resolve())  # never write what sync would reject
+        check_privileges(conn, config)
         conn.rollback()
-        db.migrate(conn)
-    source = {"dsn": dsn}
-    if not dsn:
-        source["data_dir"] = ".pgfresh"
-    path.write_text(cfg.render_toml(source, entries) + "\n# The RAG index runs inside `pgfresh sync` while this section is present.\n[rag]\n")
-    return path
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(text)  # written before the schema is created: a path that cannot be written fails first
+        try:
+            db.migrate(conn)
+            tmp.replace(path)
+        finally:
+            tmp.unlink(missing_ok=True)
+    return path, skipped
