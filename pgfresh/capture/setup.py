@@ -1,8 +1,9 @@
 """Preparing a source database for capture, and refusing clearly when it cannot be used.
 
 `check_source` verifies, before anything is created, everything capture needs: `wal_level=logical`,
-a role allowed to replicate, every configured table present with a usable key. Each failure is one
-line saying what is wrong and how to fix it. `ensure_publication` / `ensure_slot` then create the
+a role allowed to replicate, every configured table present with a usable (unique) key, and every
+privilege the role needs today (docs/PRIVILEGES.md). Each failure is one line saying what is wrong
+and how to fix it. `ensure_publication` / `ensure_slot` then create the
 publication (only the configured tables, never schema pgfresh) and the pgoutput slot.
 `init_project` writes a starting pgfresh.toml from the database's tables.
 """
