@@ -8,6 +8,7 @@ and documented in docs/CLI.md.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import warnings
@@ -36,6 +37,22 @@ def _load(config: Path):
     return cfg.load(config)
 
 
+def _number(low: float, high: float | None = None, *, low_open: bool = False):
+    """A typer callback: a finite number in [low, high] (or (low, high] with low_open); else a usage error."""
+
+    def check(value):
+        if value is None:
+            return value
+        bad = not math.isfinite(value) or value < low or (low_open and value == low) or (high is not None and value > high)
+        if bad:
+            lo = f"> {low}" if low_open else f">= {low}"
+            raise typer.BadParameter(f"expected a finite number {lo}" + (f" and <= {high}" if high is not None else "")
+                                     + f", got {value}")
+        return value
+
+    return check
+
+
 def _print_json(data) -> None:
     sys.stdout.write(json.dumps(data, indent=2, default=str, ensure_ascii=False) + "\n")
 
@@ -50,9 +67,13 @@ def init(
     """Write pgfresh.toml from the database's tables and create schema pgfresh."""
     from pgfresh.capture import setup
 
-    path = setup.init_project(config, dsn=dsn, tables=tables.split(",") if tables else None, force=force,
-                              warn=lambda text: err_console.print(f"warning: {text}", highlight=False, soft_wrap=True))
-    console.print(f"wrote {path}; schema pgfresh is ready")
+    path, skipped = setup.init_project(
+        config, dsn=dsn, tables=tables.split(",") if tables else None, force=force,
+        warn=lambda text: err_console.print(f"warning: {text}", highlight=False, soft_wrap=True, markup=False))
+    console.print(f"wrote {path}; schema pgfresh is ready", markup=False)
+    if skipped:
+        err_console.print(f"left out {len(skipped)} table(s) pgfresh cannot capture as they are; "
+                          f"the reasons are at the end of {path}", markup=False)
 
 
 @app.command()
@@ -98,8 +119,8 @@ def status(config: Path = ConfigOpt, as_json: bool = typer.Option(False, "--json
 @app.command()
 def demo(
     workdir: Path = typer.Option(Path(".pgfresh/demo"), "--workdir", help="Where the demo keeps its server, report and data."),
-    minutes: float = typer.Option(1.5, "--minutes", help="Length of the live phase."),
-    noise: float = typer.Option(0.1, "--noise", help="Share of changes that are noise, 0 to 0.5."),
+    minutes: float = typer.Option(1.5, "--minutes", help="Length of the live phase.", callback=_number(0, low_open=True)),
+    noise: float = typer.Option(0.1, "--noise", help="Share of changes that are noise, 0 to 0.5.", callback=_number(0, 0.5)),
     seed: int = typer.Option(7, "--seed", help="Seed of the workload and the questions."),
 ):
     """Embedded PostgreSQL + the shop workload + a short arena: the verdict, report.html and results.json."""
@@ -120,7 +141,7 @@ def quarantine(
     check: Optional[str] = typer.Option(None, "--check", help="Only this check (junk, required, render, ...)."),
     path: Optional[str] = typer.Option(None, "--path", help="Only this model path: rag or train."),
     released: bool = typer.Option(False, "--released", help="Include entries already released."),
-    limit: int = typer.Option(100, "--limit", help="At most this many, newest first."),
+    limit: int = typer.Option(100, "--limit", min=0, help="At most this many, newest first."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ):
     """List quarantined changes (table, key, LSN, check, reason, row)."""
@@ -149,7 +170,7 @@ def quarantine_release(
         _print_json(entry)
     else:
         console.print(f"released #{entry['id']} ({entry['path']} {entry['tbl']} {entry['key']}): "
-                      "pgfresh sync re-admits it on its next step")
+                      "pgfresh sync re-admits it on its next step", markup=False)
 
 
 @app.command()
@@ -157,7 +178,7 @@ def search(
     text: str = typer.Argument(..., help="What to look for."),
     config: Path = ConfigOpt,
     tenant: Optional[str] = typer.Option(None, "--tenant", help="Tenant whose rows may be returned (required on tenant tables)."),
-    k: Optional[int] = typer.Option(None, "--k", help="How many documents (default rag.k, 10)."),
+    k: Optional[int] = typer.Option(None, "--k", min=1, max=1000, help="How many documents, 1 to 1000 (default rag.k, 10)."),
     mode: Optional[str] = typer.Option(None, "--mode", help="dense, lexical or hybrid (default rag.mode)."),
     as_json: bool = typer.Option(False, "--json", help="Documents with every stage's score, table/key, LSN, commit time."),
 ):
@@ -195,8 +216,9 @@ def ask(
 def arena(
     config: Path = ConfigOpt,
     workload: Optional[str] = typer.Option(None, "--workload", help="shop (built in) or custom (see docs/ARENA.md)."),
-    minutes: Optional[float] = typer.Option(None, "--minutes", help="Length of the live phase in minutes (default 3, or arena.minutes)."),
-    noise: Optional[float] = typer.Option(None, "--noise", help="Share of changes that are noise, 0 to 0.5."),
+    minutes: Optional[float] = typer.Option(None, "--minutes", help="Length of the live phase in minutes (default 3, or arena.minutes).",
+                                            callback=_number(0, low_open=True)),
+    noise: Optional[float] = typer.Option(None, "--noise", help="Share of changes that are noise, 0 to 0.5.", callback=_number(0, 0.5)),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the workload and the questions."),
     report: Path = typer.Option(Path("report.html"), "--report", help="Where to write the HTML report."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the results as JSON here."),
@@ -209,7 +231,7 @@ def arena(
                                    json_path=json_out, strategies=strategies.split(",") if strategies else None,
                                    console=err_console)
     runner.print_verdict(results, console)
-    console.print(f"report: {report}" + (f"; data: {json_out}" if json_out else ""))
+    console.print(f"report: {report}" + (f"; data: {json_out}" if json_out else ""), markup=False)
 
 
 model_app = typer.Typer(no_args_is_help=True, help="The base model: `build` the built-in one, `info` on the one in use.")
@@ -242,7 +264,7 @@ def model_info(config: Path = ConfigOpt, as_json: bool = typer.Option(False, "--
     else:
         for k, v in meta.items():
             if k not in ("format",):
-                console.print(f"{k}: {v}", highlight=False)
+                console.print(f"{k}: {v}", highlight=False, markup=False)
 
 
 @app.command()
@@ -287,7 +309,7 @@ def slices(
         m = r["metrics"]
         console.print(f"{'*' if r['current'] else ' '} {r['slice']} v{r['version']} ({r['kind']}, parent {r['parent']}) "
                       f"lsn {r['lsn']}, {r['facts']} facts; new {m.get('new_accuracy')}, forgetting "
-                      f"{m.get('forgetting')}, stale {m.get('stale_rate')}", highlight=False)
+                      f"{m.get('forgetting')}, stale {m.get('stale_rate')}", highlight=False, markup=False)
 
 
 @slices_app.command("rollback")
@@ -300,27 +322,54 @@ def slices_rollback(
     from pgfresh import train as tr
 
     r = tr.rollback(_load(config), tenant, version)
-    console.print(f"slice {r['slice']}: version {r['from']} -> {r['to']} (knows LSN {r['lsn']})")
+    console.print(f"slice {r['slice']}: version {r['from']} -> {r['to']} (knows LSN {r['lsn']})", markup=False)
 
 
-def main() -> None:
+def _one_line(message: str) -> str:
+    """`message` on one line: a multi-line error (a server's DETAIL, say) joined with spaces."""
+    return " ".join(part.strip() for part in str(message).splitlines() if part.strip())
+
+
+def _error(message: str) -> None:
+    # Plain text, never rich markup: user values like "[source]" or "[/bold]" must print as they are.
+    # Arguments that were not valid UTF-8 arrive as surrogates: show them escaped, never fail on them.
+    line = _one_line(message).encode("utf-8", "backslashreplace").decode("utf-8")
+    sys.stderr.write(f"error: {line}\n")
+    sys.stderr.flush()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The `pgfresh` entry point: every error a user can cause is one line on stderr and exit 2.
+
+    A usage error (missing argument, bad option value, unknown command or option) is one line naming
+    the command and its --help; a `PgfreshError` is its one-line message and exit code. Anything else
+    is a bug and keeps its traceback. `argv` (default: sys.argv[1:]) lets tests drive it in-process.
+    """
+    from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageError
+
     try:
-        app(standalone_mode=False)
+        rv = app(args=argv, prog_name="pgfresh", standalone_mode=False)
     except PgfreshError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        _error(str(exc))
         sys.exit(exc.exit_code)
+    except NoArgsIsHelpError as exc:  # `pgfresh` or `pgfresh model` alone: the help, as click does
+        exc.show()
+        sys.exit(2)
+    except UsageError as exc:
+        where = exc.ctx.command_path if exc.ctx is not None else "pgfresh"
+        _error(f"{where}: {exc.format_message()} (see {where} --help)")
+        sys.exit(2)
+    except ClickException as exc:
+        _error(exc.format_message())
+        sys.exit(2)
     except (typer.Abort, KeyboardInterrupt):
-        err_console.print("aborted")
+        sys.stderr.write("aborted\n")
         sys.exit(130)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
-    except Exception as exc:  # click usage errors carry their own exit code
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        raise
+    # Without standalone mode, click returns the code of a `typer.Exit` (--help: 0; Ctrl-C: 130).
+    if isinstance(rv, int) and not isinstance(rv, bool) and rv:
+        sys.exit(rv)
 
 
 if __name__ == "__main__":

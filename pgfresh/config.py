@@ -13,6 +13,7 @@ Environment variables are read only at the edge (the CLI), never here.
 from __future__ import annotations
 
 import importlib
+import math
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -120,6 +121,8 @@ def _parse_source(raw: Any, problems: list[str]) -> SourceConfig:
         kinds, expected = spec[key]
         if not _check_type(problems, f"source.{key}", value, kinds, expected):
             continue
+        if isinstance(value, float) and not math.isfinite(value):
+            continue  # reported once, by _non_finite
         if isinstance(value, (int, float)) and (value < 0 if key == "max_slot_wal_keep_size_mb" else value <= 0):
             problems.append(f"source.{key}: expected {expected}, got {value!r}")
             continue
@@ -132,11 +135,11 @@ def _parse_source(raw: Any, problems: list[str]) -> SourceConfig:
     return src
 
 
-def _parse_table(i: int, raw: Any, problems: list[str]) -> TableConfig | None:
+def _parse_table(i: int, raw: Any, problems: list[str]) -> TableConfig:
     path = f"tables[{i}]"
     if not isinstance(raw, dict):
         problems.append(f"{path}: expected a table ([[tables]])")
-        return None
+        return TableConfig(name=f"invalid.tables_{i}")  # a stand-in that keeps later indices right
     known = {"name", "key", "tenant", "document", "facts", "gate"}
     for key in raw:
         if key not in known:
@@ -144,14 +147,17 @@ def _parse_table(i: int, raw: Any, problems: list[str]) -> TableConfig | None:
     name = raw.get("name")
     if not isinstance(name, str) or not name:
         problems.append(f"{path}.name: expected a table name like 'public.products'")
-        return None
-    if "." not in name:
+        name = None
+    elif "." not in name:
         name = f"public.{name}"
-    parts = name.split(".")
-    if len(parts) != 2 or not all(_NAME.match(p) for p in parts):
-        problems.append(f"{path}.name: expected schema.table of plain identifiers, got {raw['name']!r}")
-        return None
-    t = TableConfig(name=name)
+    if name is not None:
+        parts = name.split(".")
+        if len(parts) != 2 or not all(_NAME.match(p) for p in parts):
+            problems.append(f"{path}.name: expected schema.table of plain identifiers, got {raw['name']!r}")
+            name = None
+    # A table with a bad name stays in the list under a stand-in name, so the stages still check the
+    # rest of it and every tables[i] path keeps its index; the load fails on the name anyway.
+    t = TableConfig(name=name or f"invalid.tables_{i}")
     key = raw.get("key")
     if key is not None:
         if isinstance(key, str):
@@ -196,9 +202,23 @@ def stage_functions(modules, name: str) -> list:
     return found
 
 
+def _non_finite(value: Any, path: str, found: list[str]) -> None:
+    """Key paths of every nan or inf in the file: TOML allows them, no pgfresh setting means them."""
+    if isinstance(value, float) and not math.isfinite(value):
+        found.append(path)
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _non_finite(v, f"{path}.{k}" if path else str(k), found)
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _non_finite(v, f"{path}[{i}]", found)
+
+
 def parse(raw: dict, path: Path = Path("pgfresh.toml")) -> Config:
-    """Build a Config from parsed TOML; raise ConfigError listing every problem."""
+    """Build a Config from parsed TOML; raise ConfigError listing every problem (core and stages) at once."""
     problems: list[str] = []
+    non_finite: list[str] = []
+    _non_finite(raw, "", non_finite)
     known = {"source", "tables", "rag", "train", "arena"}
     for key in raw:
         if key not in known:
@@ -212,8 +232,6 @@ def parse(raw: dict, path: Path = Path("pgfresh.toml")) -> Config:
     seen = set()
     for i, rt in enumerate(raw_tables):
         t = _parse_table(i, rt, problems)
-        if t is None:
-            continue
         if t.name in seen:
             problems.append(f"tables[{i}].name: {t.name} is listed twice")
         seen.add(t.name)
@@ -226,21 +244,39 @@ def parse(raw: dict, path: Path = Path("pgfresh.toml")) -> Config:
             value = {}
         sections[name] = value
     config = Config(source=source, tables=tables, path=path, sections=frozenset(raw), **sections)
-    if not problems:
-        for check in stage_functions(STAGE_MODULES, "check_config"):
-            problems.extend(check(config))
+    # The stages check their sections even when the core has problems: one load reports them all.
+    for check in stage_functions(STAGE_MODULES, "check_config"):
+        problems.extend(check(config))
+    if non_finite:  # one problem per nan/inf, not a second one in a stage's own words
+        problems = [p for p in problems if not any(p.startswith(f"{k}:") for k in non_finite)]
+        problems += [f"{k}: expected a finite number, got {_lookup(raw, k)!r}" for k in non_finite]
     if problems:
         raise ConfigError(problems, str(path))
     return config
 
 
+def _lookup(raw: Any, key_path: str) -> Any:
+    for part in re.findall(r"[^.\[\]]+|\[\d+\]", key_path):
+        raw = raw[int(part[1:-1])] if part.startswith("[") else raw[part]
+    return raw
+
+
 def load(path: str | Path = "pgfresh.toml") -> Config:
-    """Read and validate pgfresh.toml. A missing file is an error that says how to create one."""
+    """Read and validate pgfresh.toml. A missing, unreadable or non-UTF-8 file is one clear error."""
     path = Path(path)
     if not path.exists():
         raise ConfigError(["not found; create it with `pgfresh init` (or pass --config PATH)"], str(path))
+    if path.is_dir():
+        raise ConfigError(["is a directory; pass the pgfresh.toml file inside it (--config PATH)"], str(path))
     try:
-        raw = tomllib.loads(path.read_text())
+        text = path.read_bytes().decode("utf-8")
+    except OSError as exc:
+        raise ConfigError([f"cannot be read ({exc.strerror or exc})"], str(path)) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}): "
+                           "save it as UTF-8"], str(path)) from None
+    try:
+        raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([f"not valid TOML: {exc}"], str(path)) from None
     return parse(raw, path.resolve())

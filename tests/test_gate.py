@@ -474,3 +474,22 @@ settle_seconds = 0
     assert kept_out["half"] == stats["half"]["n"]
     assert kept_out["junk"] / stats["junk"]["n"] >= 0.8
     assert precision >= 0.95 and recall >= 0.85
+
+
+def test_quarantine_listing_prints_keys_and_reasons_as_text_and_refuses_a_negative_limit(db, dsn, tmp_path):
+    from pgfresh.gate import quarantine as q
+
+    db.execute("create table marks (id text primary key, name text)")
+    path = write_config(tmp_path, dsn, TRAIN_ONLY + '[[tables]]\nname = "marks"\n[tables.gate]\nrequired = ["name"]\n'
+                                                    '[tables.gate.train]\nsettle_seconds = 0\n')
+    db.execute("insert into marks values ('[/bold]', null), ('[source]', null)")
+    sync_once(path)
+    listed = json.loads(run_cli("quarantine", "--json", "--config", str(path)).stdout)
+    assert sorted(e["key"] for e in listed) == ['["[/bold]"]', '["[source]"]'], listed
+    # rich markup in a key crashed the table printer ("[/bold]") or ate it ("[source]")
+    result = run_cli("quarantine", "--config", str(path), env={"COLUMNS": "200"})
+    assert result.returncode == 0, result.stderr
+    assert "[/bold]" in result.stdout and "[source]" in result.stdout
+    with pytest.raises(q.QuarantineError, match="limit"):
+        q.list_quarantine(db, limit=-1)
+    assert len(q.list_quarantine(db, limit=1)) == 1

@@ -416,3 +416,34 @@ def test_documents_of_a_tenant_table_have_a_tenant_and_name_their_pipeline(db, d
         db.execute("insert into pgfresh.documents (index_id, tbl, key, tenant, text, tsv, embedder, embedder_version,"
                    " lsn) select id, 'public.products', '[99]', null, 'x', ''::tsvector, embedder, embedder_version,"
                    " '0/0' from pgfresh.rag_indexes where state = 'active'")
+
+
+def test_question_limits_are_one_line_and_a_long_question_is_cached(db, dsn, tmp_path):
+    from pgfresh.rag.question import MAX_QUESTION_CHARS, QuestionError
+
+    rows = evalset.products(5, seed=3)
+    config = setup_products(db, tmp_path, dsn, rows)
+    sync.run(config, once=True)
+    # The longest accepted question, in characters that do not compress (~6 kB of UTF-8): the old
+    # B-tree key on the question text refused it ("index row size exceeds btree maximum").
+    rng = random.Random(1)
+    long_q = f"Where is the {rows[0]['name']} made? " + "".join(chr(rng.randrange(0x4E00, 0x9FFF)) for _ in range(2000))
+    long_q = long_q[:MAX_QUESTION_CHARS]
+    assert rag.ask(config, long_q)["cache"] == "miss"
+    assert rag.ask(config, long_q)["cache"] == "hit"
+    for bad, needle in [("", "empty"), ("   ", "empty"), ("x" * (MAX_QUESTION_CHARS + 1), "at most 2000"),
+                        ("price of \udcff", "not valid UTF-8"), ("a\x00b", "NUL")]:
+        with pytest.raises(QuestionError, match=needle):
+            rag.ask(config, bad)
+        with pytest.raises(QuestionError, match=needle):
+            rag.run_search(config, bad)
+    for k in (0, -1, 1001):
+        with pytest.raises(QuestionError, match="k: expected an integer from 1 to 1000"):
+            rag.run_search(config, "oak table", k=k)
+    assert db.execute("select count(*) from pgfresh.answer_cache").fetchone()[0] == 1  # nothing else was cached
+    # Through a real process: an argument that is not UTF-8, and an empty one, are one line and exit 2.
+    for arg in (b"price of \xff\xfe", b""):
+        out = subprocess.run([sys.executable, "-m", "pgfresh", "ask", arg, "--config", str(config.path)],
+                             capture_output=True)
+        err = out.stderr.decode("utf-8", "replace")
+        assert out.returncode == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err

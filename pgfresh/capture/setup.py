@@ -1,18 +1,20 @@
 """Preparing a source database for capture, and refusing clearly when it cannot be used.
 
 `check_source` verifies, before anything is created, everything capture needs: `wal_level=logical`,
-a role allowed to replicate, every configured table present with a usable key. Each failure is one
-line saying what is wrong and how to fix it. `ensure_publication` / `ensure_slot` then create the
-publication (exactly the configured tables, never schema pgfresh: tables added to or removed from
-the config are added to or dropped from it) and the pgoutput slot; `slot_health` tells a usable
-slot from a missing, lost or invalidated one, and `ensure_slot` refuses to re-create one silently
-while pgfresh holds a stored position. `check_wal_keep_size` holds the server to
-`source.max_slot_wal_keep_size_mb`.
+a role allowed to replicate, every configured table present with a usable (unique) key, and every
+privilege the role needs today (docs/PRIVILEGES.md). Each failure is one line saying what is wrong
+and how to fix it. `ensure_publication` / `ensure_slot` then create the publication (exactly the
+configured tables, never schema pgfresh: tables added to or removed from the config are added to or
+dropped from it) and the pgoutput slot; `slot_health` tells a usable slot from a missing, lost or
+invalidated one, and `ensure_slot` refuses to re-create one silently while pgfresh holds a stored
+position. `check_wal_keep_size` holds the server to `source.max_slot_wal_keep_size_mb`.
 `init_project` writes a starting pgfresh.toml from the database's tables.
 """
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,7 +64,8 @@ def check_server(conn: psycopg.Connection) -> None:
     if not (superuser or replication):
         user = conn.info.user
         raise SourceError(
-            f"role {user} may not replicate: run ALTER ROLE {user} WITH REPLICATION (and grant SELECT on the tables)"
+            f"role {user} may not replicate: run ALTER ROLE {user} WITH REPLICATION "
+            "(the other privileges pgfresh needs: docs/PRIVILEGES.md, pgfresh/examples/grant.sql)"
         )
     if conn.info.server_version < 140000:
         raise SourceError(f"PostgreSQL {conn.info.server_version // 10000} is too old: pgfresh needs 14 or newer")
@@ -109,6 +112,20 @@ def table_info(conn: psycopg.Connection, table: cfg.TableConfig) -> TableInfo:
     missing = [c for c in key + ([table.tenant] if table.tenant else []) if c not in names]
     if missing:
         raise SourceError(f"table {table.name} has no column {', '.join(missing)}: fix key/tenant in pgfresh.toml")
+    if table.key and not (pk and set(pk) <= set(key)):
+        # A key that is not unique would merge rows (and fail the row store's upsert mid-snapshot):
+        # it must contain the columns of a unique index over NOT NULL columns.
+        unique = conn.execute(
+            "select exists (select 1 from pg_index i where i.indrelid = %s and i.indisunique and i.indpred is null"
+            " and i.indexprs is null and not exists (select 1 from pg_attribute a where a.attrelid = i.indrelid"
+            " and a.attnum = any(i.indkey) and (not a.attnotnull or not a.attname = any(%s::text[]))))",
+            (oid, key)).fetchone()[0]
+        if not unique:
+            cols = ", ".join(key)
+            raise SourceError(
+                f"table {table.name}: key {key} is not unique (no unique index on NOT NULL columns among {cols}), "
+                f"so two rows could share it: set key to unique columns, or CREATE UNIQUE INDEX ON {table.name} ({cols})"
+            )
     return TableInfo(table.name, names, [c[1] for c in cols], [c[2] for c in cols], key, table.tenant)
 
 
@@ -118,8 +135,74 @@ def check_source(conn: psycopg.Connection, config: cfg.Config) -> dict[str, Tabl
     if not config.tables:
         raise ConfigError(["tables: no [[tables]] configured; run `pgfresh init` or add one"], str(config.path))
     infos = {t.name: table_info(conn, t) for t in config.tables}
+    check_privileges(conn, config)
     conn.rollback()
     return infos
+
+
+def _ident(conn, *names: str) -> str:
+    return sql.Identifier(*names).as_string(conn)
+
+
+def missing_privileges(conn: psycopg.Connection, config: cfg.Config) -> list[str]:
+    """Each privilege the current role lacks for what pgfresh does today, as 'what (why): the GRANT that fixes it'.
+
+    Today pgfresh keeps its own schema in the source, so beyond REPLICATION (check_server) and SELECT
+    on the tables it needs: CREATE on the database (schema pgfresh, and the publication unless it
+    exists), extension vector installed by a superuser (it is not a trusted extension), and, to
+    create or change the publication, ownership of it and of the tables it adds. docs/PRIVILEGES.md.
+    """
+    user, dbname = conn.info.user, conn.info.dbname
+    role, database = _ident(conn, user), _ident(conn, dbname)
+    if conn.execute("select rolsuper from pg_roles where rolname = current_user").fetchone()[0]:
+        return []
+    missing: list[str] = []
+    can_create_in_db = conn.execute("select has_database_privilege(current_database(), 'CREATE')").fetchone()[0]
+    schema = conn.execute("select has_schema_privilege(oid, 'USAGE'), has_schema_privilege(oid, 'CREATE')"
+                          " from pg_namespace where nspname = 'pgfresh'").fetchone()
+    pub = config.source.publication
+    pub_row = conn.execute("select pg_has_role(pubowner, 'USAGE') from pg_publication where pubname = %s",
+                           (pub,)).fetchone()
+    need_db_create = []
+    if schema is None:
+        need_db_create.append("to create schema pgfresh")
+    elif not all(schema):
+        missing.append(f"USAGE and CREATE on schema pgfresh: GRANT USAGE, CREATE ON SCHEMA pgfresh TO {role}")
+    if pub_row is None:
+        need_db_create.append(f"to create publication {pub}")
+    if need_db_create and not can_create_in_db:
+        missing.append(f"CREATE on database {dbname} ({' and '.join(need_db_create)}): "
+                       f"GRANT CREATE ON DATABASE {database} TO {role}")
+    vector = conn.execute("select exists (select 1 from pg_available_extensions where name = 'vector'),"
+                          " exists (select 1 from pg_extension where extname = 'vector')").fetchone()
+    if vector[0] and not vector[1]:
+        missing.append(f"extension vector in database {dbname} (only a superuser may create it): CREATE EXTENSION vector")
+    in_pub = set() if pub_row is None else {f"{s}.{t}" for s, t in conn.execute(
+        "select schemaname, tablename from pg_publication_tables where pubname = %s", (pub,))}
+    configured = {t.name for t in config.tables}
+    if pub_row is not None and not pub_row[0] and in_pub != configured:
+        missing.append(f"ownership of publication {pub} (to make it match the configured tables): "
+                       f"ALTER PUBLICATION {_ident(conn, pub)} OWNER TO {role}, or have its owner make it match")
+    for t in config.tables:
+        select_ok, owner_ok = conn.execute(
+            "select has_table_privilege(c.oid, 'SELECT'), pg_has_role(c.relowner, 'USAGE') from pg_class c"
+            " join pg_namespace n on n.oid = c.relnamespace where n.nspname = %s and c.relname = %s",
+            (t.schema, t.table)).fetchone()
+        if not select_ok:
+            missing.append(f"SELECT on {t.name}: GRANT SELECT ON {_ident(conn, t.schema, t.table)} TO {role}")
+        if t.name not in in_pub and not owner_ok:
+            missing.append(f"ownership of {t.name} (to add it to publication {pub}): have its owner run "
+                           + (f"CREATE PUBLICATION {_ident(conn, pub)} FOR TABLE ..." if pub_row is None else
+                              f"ALTER PUBLICATION {_ident(conn, pub)} ADD TABLE {_ident(conn, t.schema, t.table)}"))
+    return missing
+
+
+def check_privileges(conn: psycopg.Connection, config: cfg.Config) -> None:
+    """SourceError naming every privilege the role lacks, in one line, before anything is created."""
+    missing = missing_privileges(conn, config)
+    if missing:
+        raise SourceError(f"role {conn.info.user} lacks what pgfresh needs: {'; '.join(missing)} "
+                          "(an administrator can run pgfresh/examples/grant.sql; see docs/PRIVILEGES.md)")
 
 
 def ensure_publication(conn: psycopg.Connection, config: cfg.Config) -> tuple[list[str], list[str]]:
@@ -297,17 +380,36 @@ def list_user_tables(conn: psycopg.Connection) -> list[tuple[str, list[str], str
     return out
 
 
-def init_project(path: Path, dsn: str | None = None, tables: list[str] | None = None, force: bool = False,
-                 warn=None) -> Path:
+def _init_target(path: Path, force: bool) -> None:
+    """Refuse a config path init could not write, before anything is created."""
+    if path.is_dir():
+        raise ConfigError(["is a directory; pass a file path (--config DIR/pgfresh.toml)"], str(path))
+    if path.exists() and not force:
+        raise ConfigError(["already exists; pass --force to overwrite it"], str(path))
+    parent = path.resolve().parent
+    if not parent.is_dir():
+        raise ConfigError([f"directory {parent} does not exist: create it first"], str(path))
+    if not os.access(parent, os.W_OK):
+        raise ConfigError([f"directory {parent} is not writable"], str(path))
+
+
+def init_project(path: Path, dsn: str | None = None, tables: list[str] | None = None,
+                 force: bool = False, warn=None) -> tuple[Path, list[str]]:
     """Write a starting pgfresh.toml from the database's tables and create schema pgfresh.
 
+    Everything is checked before anything is created: the target path, the server, each table
+    (capture must be able to use it as written), the privileges, and the rendered file itself
+    (config.parse), so init never writes a config that `sync` then rejects. A table that cannot be
+    captured as it is (no primary key, a name that is not a plain identifier, ...) is left out with a
+    comment saying why; one named in `tables` is an error instead. Returns (path, skipped tables).
     `warn(text)` receives what the operator should fix but need not (an unlimited slot WAL bound).
     """
+    import tomllib
+
     from pgfresh import db
 
     path = Path(path)
-    if path.exists() and not force:
-        raise ConfigError(["already exists; pass --force to overwrite it"], str(path))
+    _init_target(path, force)
     probe = cfg.Config(source=cfg.SourceConfig(dsn=dsn), tables=[], path=path.resolve())
     conn = db.connect(resolve_dsn(probe), "init")
     with conn:
@@ -316,19 +418,42 @@ def init_project(path: Path, dsn: str | None = None, tables: list[str] | None = 
         if unbounded and warn is not None:
             warn(unbounded)
         found = list_user_tables(conn)
+        wanted = None
         if tables:
             wanted = {t if "." in t else f"public.{t}" for t in tables}
             unknown = wanted - {f[0] for f in found}
             if unknown:
                 raise SourceError(f"no such table: {', '.join(sorted(unknown))}")
             found = [f for f in found if f[0] in wanted]
-        entries = []
+        entries, skipped = [], []
         for name, pk, tenant in found:
-            entries.append({"name": name, "key": None if pk else ["id"], "tenant": tenant})
+            reason = None
+            if not all(cfg._NAME.match(part) for part in name.split(".", 1)):
+                reason = "its name is not a plain identifier, which pgfresh.toml cannot hold: rename it"
+            else:
+                try:
+                    table_info(conn, cfg.TableConfig(name=name, tenant=tenant))
+                except SourceError as exc:
+                    reason = str(exc)
+            if reason is None:
+                entries.append({"name": name, "tenant": tenant})
+            else:
+                skipped.append(f"{name}: {reason}")
+        if wanted and skipped:
+            raise SourceError(f"cannot capture {'; '.join(skipped)}")
+        text = cfg.render_toml({"dsn": dsn} if dsn else {"data_dir": ".pgfresh"}, entries)
+        text += "\n# The RAG index runs inside `pgfresh sync` while this section is present.\n[rag]\n"
+        if skipped:
+            text += "\n# Left out (add them once fixed):\n" + "".join(
+                f"# - {json.dumps(s, ensure_ascii=True)}\n" for s in skipped)
+        config = cfg.parse(tomllib.loads(text), path.resolve())  # never write what sync would reject
+        check_privileges(conn, config)
         conn.rollback()
-        db.migrate(conn)
-    source = {"dsn": dsn}
-    if not dsn:
-        source["data_dir"] = ".pgfresh"
-    path.write_text(cfg.render_toml(source, entries) + "\n# The RAG index runs inside `pgfresh sync` while this section is present.\n[rag]\n")
-    return path
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(text)  # written before the schema is created: a path that cannot be written fails first
+        try:
+            db.migrate(conn)
+            tmp.replace(path)
+        finally:
+            tmp.unlink(missing_ok=True)
+    return path, skipped

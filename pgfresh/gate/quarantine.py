@@ -25,6 +25,8 @@ def _ready(conn) -> bool:
 def list_quarantine(conn, table: str | None = None, check: str | None = None, path: str | None = None,
                     include_released: bool = False, limit: int = 100) -> list[dict]:
     """Quarantined changes, newest first, as dicts with the columns of pgfresh.quarantine."""
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+        raise QuarantineError(f"limit: expected an integer >= 0, got {limit!r}")
     if not _ready(conn):
         return []
     if table and "." not in table:
@@ -130,9 +132,12 @@ def show(items: list[dict], console) -> None:
     if not items:
         console.print("quarantine is empty")
         return
+    from rich.text import Text
+
     t = Table("id", "path", "table", "key", "check", "reason", "created", "released", box=None)
     for e in items:
         released = "" if e["released_at"] is None else (e["release_note"] or "pending re-admission")
-        t.add_row(str(e["id"]), e["path"], e["tbl"], e["key"], e["check_name"], e["reason"][:80],
-                  f"{e['created_at']:%Y-%m-%d %H:%M:%S}", released)
+        # Text, not markup: a key or reason like "[/bold]" is data and must print as it is.
+        t.add_row(*(Text(str(v)) for v in (e["id"], e["path"], e["tbl"], e["key"], e["check_name"], e["reason"][:80],
+                                            f"{e['created_at']:%Y-%m-%d %H:%M:%S}", released)))
     console.print(t)

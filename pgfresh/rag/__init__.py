@@ -109,8 +109,10 @@ def run_search(config, text: str, tenant: str | None = None, k: int | None = Non
 
     from pgfresh import db
     from pgfresh.capture.setup import resolve_dsn
+    from pgfresh.rag.question import check
     from pgfresh.rag.retrieval import tenant_filter
 
+    check(text, tenant=tenant, k=k, what="search text")
     tenant_filter(config, tenant)  # refuse before connecting
     with db.connect(resolve_dsn(config), "search", autocommit=True) as conn:
         register_vector(conn)

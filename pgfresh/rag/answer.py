@@ -11,7 +11,7 @@ import time
 
 from pgfresh import db
 from pgfresh.errors import PgfreshError
-from pgfresh.rag import cache, reader as readers, retrieval
+from pgfresh.rag import cache, question as questions, reader as readers, retrieval
 
 ASK_MODES = ("rag", "tuned", "hybrid")
 NO_READER = ("no reader is configured: add [rag.reader] to pgfresh.toml (kind = 'openai' with base_url and model, "
@@ -36,6 +36,7 @@ def prompt_for(question: str, contexts: list[str], reader=None) -> str:
 def ask(config, question: str, tenant: str | None = None, mode: str = "rag", *, k: int | None = None,
         environ: dict | None = None) -> dict:
     """Answer `question` for `tenant`; returns answer, sources (rows with table, key, LSN), cache, timings."""
+    questions.check(question, tenant=tenant, k=k)  # every mode, before anything loads or connects
     if mode not in ASK_MODES:
         raise PgfreshError(f"unknown ask mode {mode!r}: use one of {', '.join(ASK_MODES)}")
     if mode != "rag":

@@ -17,6 +17,8 @@ documented trade-off (docs/RAG.md), and `rag.cache.enabled = false` removes it.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 
 from psycopg.types.json import Jsonb
@@ -30,6 +32,11 @@ def normalise(question: str) -> str:
     return " ".join(question.lower().split()).rstrip(" ?!.。？！")
 
 
+def key_hash(tenant: str, reader: str, question: str) -> bytes:
+    """The exact-match key: SHA-256 of (tenant, reader, normalised question), so no length can break the index."""
+    return hashlib.sha256(json.dumps([tenant, reader, normalise(question)]).encode()).digest()
+
+
 def salient(question: str) -> str:
     """Numbers, identifiers and capitalised names (past the first word): what a similar question must share."""
     words = _WORD.findall(question)
@@ -41,8 +48,8 @@ def salient(question: str) -> str:
 def lookup(conn, tenant: str, reader: str, question: str, qvec, index_id: int, similarity: float) -> dict | None:
     """A cached result for this question (exact, then similar), counting the hit or the miss."""
     row = conn.execute(
-        "select id, result from pgfresh.answer_cache where tenant = %s and reader = %s and question = %s",
-        (tenant, reader, normalise(question))).fetchone()
+        "select id, result from pgfresh.answer_cache where key_hash = %s",
+        (key_hash(tenant, reader, question),)).fetchone()
     if row is None and qvec is not None and similarity < 1.0:
         row = conn.execute(
             "select id, result from (select id, result, 1 - (qvec <=> %s) as sim from pgfresh.answer_cache"
@@ -76,11 +83,12 @@ def store(conn, tenant: str, reader: str, question: str, qvec, index_id: int, re
             _count(conn, "cache_refused_stale")
             return False
         entry = conn.execute(
-            "insert into pgfresh.answer_cache (tenant, reader, question, salient, index_id, qvec, result)"
-            " values (%s, %s, %s, %s, %s, %s, %s) on conflict (tenant, reader, question) do update set"
+            "insert into pgfresh.answer_cache (key_hash, tenant, reader, question, salient, index_id, qvec, result)"
+            " values (%s, %s, %s, %s, %s, %s, %s, %s) on conflict (key_hash) do update set"
             " salient = excluded.salient, index_id = excluded.index_id, qvec = excluded.qvec,"
             " result = excluded.result, hits = 0, created_at = now() returning id",
-            (tenant, reader, normalise(question), salient(question), index_id, qvec, Jsonb(result))).fetchone()[0]
+            (key_hash(tenant, reader, question), tenant, reader, normalise(question), salient(question), index_id,
+             qvec, Jsonb(result))).fetchone()[0]
         conn.execute("delete from pgfresh.answer_cache_sources where entry_id = %s", (entry,))
         conn.execute(
             "insert into pgfresh.answer_cache_sources (entry_id, tbl, key, lsn)"
