@@ -71,6 +71,7 @@ class Settings:
     eval_max_facts: int = 500
     seed: int = 0
     threads: int = 2  # CPU threads for torch
+    deterministic: bool = False  # true: torch.use_deterministic_algorithms (same machine, same results; slower on GPUs)
     device: str = "auto"  # auto | cpu | cuda
     model: dict = field(default_factory=lambda: dict(MODEL_DEFAULTS))
 
@@ -84,7 +85,7 @@ _SPEC = {  # key: (kind, lower bound or choices, upper bound)
     "poll_seconds": ("num", 0, None), "max_facts_per_round": ("int", 1, 10**9), "max_phrasings": ("int", 1, 1000),
     "probe_size": ("int", 0, 10**6), "gate_min_new_accuracy": ("num", 0, 1), "gate_max_forgetting": ("num", 0, 1),
     "gate_max_stale_rate": ("num", 0, 1), "unknown_answer": ("str", None, None), "eval_max_facts": ("int", 1, 10**9),
-    "seed": ("int", 0, 2**31), "threads": ("int", 1, 1024), "device": ("choice", ("auto", "cpu", "cuda"), None),
+    "seed": ("int", 0, 2**31), "threads": ("int", 1, 1024), "deterministic": ("bool", None, None), "device": ("choice", ("auto", "cpu", "cuda"), None),
     "model": ("table", None, None),
 }
 _MODEL_SPEC = {

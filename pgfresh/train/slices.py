@@ -178,7 +178,7 @@ def ask(config, question: str, tenant: str | None = None) -> dict:
             if held is None or held[0] != v.version:
                 try:
                     s = settings(config)
-                    fit.set_threads(s.threads)
+                    fit.set_threads(s.threads, s.deterministic)
                     _SERVING[key] = (v.version, load_version(config, conn, v, device=fit.pick_device(s.device)[0]))
                 except PgfreshError as exc:
                     if held is None:
