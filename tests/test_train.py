@@ -18,7 +18,7 @@ import pytest
 from pgfresh import config as cfg
 from pgfresh.errors import PgfreshError
 from pgfresh.train import SHARED, rounds, slices
-from tests.conftest import run_cli
+from tests.conftest import run_cli, write_config
 from tests.train_support import base_model, new_price, products, sync_once, trained_env  # noqa: F401
 
 CHANGED = list(range(10))  # products whose price changes
@@ -315,3 +315,14 @@ def test_slice_names_never_collide():
     names = [slice_of(t) for t in tenants]
     assert len(set(names)) == len(names) and slice_of(None) == SHARED
     assert all(not (n.startswith("_") and not n.startswith("__")) for t, n in zip(tenants, names) if t is not None)
+
+
+def test_tuned_ask_without_a_tenant_is_refused_on_tenant_tables_as_search_is(tmp_path, dsn):
+    with psycopg.connect(dsn, autocommit=True) as c:
+        c.execute("create table accounts (id int primary key, org text not null, plan text)")
+    path = write_config(tmp_path, dsn, 'data_dir = "data"\n' + TENANT_TABLE)
+    for args in (("ask", "What is the plan of Acme Client 0?", "--mode", "tuned"), ("search", "Acme Client 0")):
+        out = run_cli(*args, "--config", str(path))
+        assert out.returncode == 2 and "--tenant" in out.stderr and out.stderr.strip().count("\n") == 0, out
+    with pytest.raises(PgfreshError, match="--tenant"):
+        slices.ask(cfg.load(path), "What is the plan of Acme Client 0?")
