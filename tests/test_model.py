@@ -16,6 +16,8 @@ from pgfresh.train import data, fit
 from tests.conftest import run_cli, write_config
 from tests.train_support import N_PRODUCTS, base_model  # noqa: F401  (session fixture)
 
+pytestmark = pytest.mark.timeout(1800)  # the first test's setup builds the model (500 s at load 12)
+
 
 def _facts(dsn: str):
     with psycopg.connect(dsn, autocommit=True) as conn:

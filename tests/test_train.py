@@ -21,6 +21,11 @@ from pgfresh.train import SHARED, rounds, slices
 from tests.conftest import run_cli, write_config
 from tests.train_support import base_model, new_price, products, sync_once, trained_env  # noqa: F401
 
+# Training on a 2-core machine shared with other work is slow (the base model build alone took
+# 500 s at load 12, inside the first test's setup): the suite's 600 s would fail a healthy run.
+# A hang still fails, after 30 minutes.
+pytestmark = pytest.mark.timeout(1800)
+
 CHANGED = list(range(10))  # products whose price changes
 DELETED = [10, 11]  # products deleted (no `gone` template: their questions are taught "unknown")
 
@@ -221,7 +226,7 @@ def test_kill_9_mid_round_leaves_the_published_slice_and_the_round_restarts(tmp_
     # --multi_gpu` does on GPUs): the main one plans and publishes, both train
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                           "-m", "pgfresh", "train", "--once", "--json", "--config", str(path)],
-                         capture_output=True, text=True, timeout=600, cwd=tmp_path)
+                         capture_output=True, text=True, timeout=1500, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     (r,) = json.loads(out.stdout)  # only the main process prints
     print(f"kill -9 restart (2 processes): forgetting {r['metrics']['forgetting']}, new-fact accuracy"

@@ -94,7 +94,7 @@ def base_model(pg_server, tmp_path_factory):
     work = tmp_path_factory.mktemp("trainbase")
     path = write_config(work, dsn, f'data_dir = "data"\nslot = "{name}"\n' + TABLES + "\n[train]\n" + DETERMINISTIC)
     sync_once(path)
-    out = run_cli("model", "build", "--json", "--config", str(path))
+    out = run_cli("model", "build", "--json", "--config", str(path), timeout=1500)  # slow on busy shared cores
     assert out.returncode == 0, out.stderr[-3000:]
     _BUILT.append(Base(work / "data" / "model", json.loads(out.stdout), dsn, path))
     yield _BUILT[0]
