@@ -6,8 +6,9 @@ whose sha256 is recorded so a corrupted file is caught before it serves. A versi
 its lineage: the base model, then every adapter from the base to it, merged in order.
 
 `ask` refuses a question without a tenant where tables declare a tenant column (one line, as
-`search` does), and always serves the slice's current published version: it reads the pointer on every call
-and reloads when it moved (a publish or a rollback), so serving switches without a restart. If
+`search` does), and always serves the slice's current published version: it reads the pointer on
+every call and reloads when it moved (a publish or a rollback), so serving switches without a
+restart. If
 the new version cannot be loaded, the version already in memory keeps serving, with a warning.
 """
 
@@ -160,10 +161,9 @@ _LOCK = threading.Lock()
 
 def ask(config, question: str, tenant: str | None = None) -> dict:
     """Closed-book answer from the tenant's current published version (see the module docstring)."""
-    from pgfresh.train import fit
     from pgfresh.model import format_prompt, generate
-
     from pgfresh.rag.retrieval import tenant_filter
+    from pgfresh.train import fit
 
     tenant_filter(config, tenant)  # refuse a tenant-less question on tenant tables, as `search` does
     name = slice_of(tenant)
