@@ -293,7 +293,7 @@ app.add_typer(slices_app, name="slices")
 def slices(
     ctx: typer.Context,
     config: Path = ConfigOpt,
-    tenant: Optional[str] = typer.Option(None, "--tenant", help="Only this tenant's slice (_shared: no tenant)."),
+    tenant: Optional[str] = typer.Option(None, "--tenant", help="Only this slice: the tenant (_shared: facts without a tenant; a tenant starting with _ gets one more _)."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ):
     """List published slice versions with their metrics."""
@@ -314,7 +314,7 @@ def slices(
 
 @slices_app.command("rollback")
 def slices_rollback(
-    tenant: str = typer.Argument(..., help="The tenant (_shared: facts without a tenant)."),
+    tenant: str = typer.Argument(..., help="The slice: the tenant (_shared: facts without a tenant; a tenant starting with _ gets one more _)."),
     version: int = typer.Argument(..., help="The version to serve again."),
     config: Path = ConfigOpt,
 ):

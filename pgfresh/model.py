@@ -215,7 +215,7 @@ def build(config, console=None, on_epoch=None) -> dict:
 
     s = settings(config)
     m = s.model
-    fit.set_threads(s.threads)
+    fit.set_threads(s.threads, s.deterministic)
     with connect(config) as conn:
         facts = data.load_facts(conn, tenant=data.ANY if m["tenant_facts"] else None, kinds=("qa", "gone"))
         docs = data.load_documents(conn, tenant=data.ANY if m["tenant_facts"] else None)

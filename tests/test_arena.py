@@ -306,7 +306,8 @@ def test_builtin_rag_is_fresher_than_the_stale_model_on_changed_facts(pg_server,
         c.execute(f'create database "{name}"')
     try:
         path = tmp_path / "pgfresh.toml"  # a slot of its own: the module's other arena database keeps "pgfresh"
-        path.write_text(workload.shop_config_text({"dsn": pg_server.dsn(name), "max_txn_seconds": 5.0, "slot": name}))
+        path.write_text(workload.shop_config_text({"dsn": pg_server.dsn(name), "max_txn_seconds": 5.0, "slot": name})
+                        + "\n[train]\nthreads = 1\ndeterministic = true\n")  # the model build repeats exactly
         config = cfg.load(path)
         r = runner.run_arena(
             config, minutes=0.3, noise=0.0, seed=5, strategies=["stale", "rag-hybrid"],

@@ -1,15 +1,18 @@
 """train: continual fine-tuning of model slices from the facts `render` writes.
 
 A *slice* is one lineage of model versions per tenant (facts without a tenant go to the shared
-slice `_shared`). Version 0 of a lineage is the base model (with the facts the built-in model
-learnt); each round trains a LoRA adapter (or, `method = "full"`, all weights of the tiny built-in
-model) on top of the published version: the new and changed facts in their training phrasings,
+slice `_shared`; a tenant's slice is named after it, with one more `_` in front when the tenant
+starts with `_`, so no tenant value can take the shared slice's name: `slice_of`). Version 0 of
+a lineage is the base model (with the facts the built-in model learnt); each round trains a LoRA
+adapter (or, `method = "full"`, all weights of the tiny built-in model) on top of the published
+version: the new and changed facts in their training phrasings,
 explicit updates for superseded facts, and a replay sample of unchanged ones. A gate evaluates
 the candidate on held-out phrasings (never trained on) and publishes it or records why not.
 
 Promises: a fact is marked trained only in the transaction that publishes the version that
 learnt it; `kill -9` at any point leaves the published version untouched and the next round
-redoes the work; a slice trains only on its own tenant's facts.
+redoes the work; a slice trains only on its own tenant's facts; a question without a tenant is
+refused where tables declare a tenant column (as `search` refuses it).
 
 Entry points: `run` (`pgfresh train [--once]`), `ask_tuned`, `list_slices`, `rollback`,
 `check_config` (the `[train]` section). Heavy imports (torch, transformers, peft) stay inside
@@ -20,7 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
-SHARED = "_shared"  # the slice of facts without a tenant
+SHARED = "_shared"  # the slice of facts without a tenant (no tenant value maps to it: slice_of)
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 MODEL_DEFAULTS = {
@@ -68,6 +71,7 @@ class Settings:
     eval_max_facts: int = 500
     seed: int = 0
     threads: int = 2  # CPU threads for torch
+    deterministic: bool = False  # true: torch.use_deterministic_algorithms (same machine, same results; slower on GPUs)
     device: str = "auto"  # auto | cpu | cuda
     model: dict = field(default_factory=lambda: dict(MODEL_DEFAULTS))
 
@@ -81,7 +85,7 @@ _SPEC = {  # key: (kind, lower bound or choices, upper bound)
     "poll_seconds": ("num", 0, None), "max_facts_per_round": ("int", 1, 10**9), "max_phrasings": ("int", 1, 1000),
     "probe_size": ("int", 0, 10**6), "gate_min_new_accuracy": ("num", 0, 1), "gate_max_forgetting": ("num", 0, 1),
     "gate_max_stale_rate": ("num", 0, 1), "unknown_answer": ("str", None, None), "eval_max_facts": ("int", 1, 10**9),
-    "seed": ("int", 0, 2**31), "threads": ("int", 1, 1024), "device": ("choice", ("auto", "cpu", "cuda"), None),
+    "seed": ("int", 0, 2**31), "threads": ("int", 1, 1024), "deterministic": ("bool", None, None), "device": ("choice", ("auto", "cpu", "cuda"), None),
     "model": ("table", None, None),
 }
 _MODEL_SPEC = {
@@ -142,8 +146,13 @@ def settings(config) -> Settings:
 
 
 def slice_of(tenant: str | None) -> str:
-    """The slice that holds a tenant's facts."""
-    return SHARED if tenant is None else str(tenant)
+    """The slice that holds a tenant's facts: the tenant itself, `_` + the tenant when it starts with
+    `_`, and `SHARED` for facts without a tenant. One-to-one, and no tenant maps to a name that starts
+    with a single `_` (migration 008 renamed the slices of existing installations to match)."""
+    if tenant is None:
+        return SHARED
+    tenant = str(tenant)
+    return "_" + tenant if tenant.startswith("_") else tenant
 
 
 def run(config, once: bool = False, console=None, due_only: bool = False) -> list[dict] | None:

@@ -36,15 +36,24 @@ class FitStats:
         return self.tokens / self.seconds if self.seconds else 0.0
 
 
-def set_threads(threads: int) -> None:
+def set_threads(threads: int, deterministic: bool = False) -> None:
     """Use `threads` CPU threads. OpenMP's default spin-waiting makes a tiny model train 5x slower
     when the cores are shared (measured: 1.8k vs 8.3k tokens/s on 2 busy cores), so unless torch
-    is already loaded, its threads sleep when idle."""
+    is already loaded, its threads sleep when idle.
+
+    `deterministic`: only algorithms that give the same result every run (torch raises where an
+    operation has none). With every sampler seeded (data order, replay, probe, LoRA init), one
+    thread and this, a run repeats exactly on the same machine and library versions; another CPU
+    (other vector instructions) or other versions still round differently, so tests assert
+    properties with margin, not figures (docs/TRAINING.md)."""
     if "torch" not in sys.modules:
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import torch
 
     torch.set_num_threads(threads)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # what cuBLAS needs to be deterministic
+        torch.use_deterministic_algorithms(True)
 
 
 def pick_device(setting: str = "auto"):

@@ -266,7 +266,7 @@ def _candidate(config, conn, s, p: Plan, label: str, console, should_stop, on_pa
 
     from pgfresh.train import fit
 
-    fit.set_threads(s.threads)
+    fit.set_threads(s.threads, s.deterministic)
     device, dtype = fit.pick_device(s.device)
     loaded = slices.load_version(config, conn, p.parent, device=device)
     if on_parent is not None:

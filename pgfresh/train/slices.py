@@ -5,8 +5,10 @@ A version is a row of `pgfresh.slice_versions` plus, for a trained version, a di
 whose sha256 is recorded so a corrupted file is caught before it serves. A version is loaded as
 its lineage: the base model, then every adapter from the base to it, merged in order.
 
-`ask` always serves the slice's current published version: it reads the pointer on every call
-and reloads when it moved (a publish or a rollback), so serving switches without a restart. If
+`ask` refuses a question without a tenant where tables declare a tenant column (one line, as
+`search` does), and always serves the slice's current published version: it reads the pointer on
+every call and reloads when it moved (a publish or a rollback), so serving switches without a
+restart. If
 the new version cannot be loaded, the version already in memory keeps serving, with a warning.
 """
 
@@ -20,7 +22,7 @@ from pathlib import Path
 
 from pgfresh import db
 from pgfresh.errors import PgfreshError
-from pgfresh.train import SHARED, settings, slice_of
+from pgfresh.train import settings, slice_of
 
 WEIGHT_FILES = {"lora": "adapter_model.safetensors", "full": "model.safetensors"}
 
@@ -159,9 +161,11 @@ _LOCK = threading.Lock()
 
 def ask(config, question: str, tenant: str | None = None) -> dict:
     """Closed-book answer from the tenant's current published version (see the module docstring)."""
-    from pgfresh.train import fit
     from pgfresh.model import format_prompt, generate
+    from pgfresh.rag.retrieval import tenant_filter
+    from pgfresh.train import fit
 
+    tenant_filter(config, tenant)  # refuse a tenant-less question on tenant tables, as `search` does
     name = slice_of(tenant)
     with connect(config, "serve") as conn:
         v = current(conn, name)
@@ -174,7 +178,7 @@ def ask(config, question: str, tenant: str | None = None) -> dict:
             if held is None or held[0] != v.version:
                 try:
                     s = settings(config)
-                    fit.set_threads(s.threads)
+                    fit.set_threads(s.threads, s.deterministic)
                     _SERVING[key] = (v.version, load_version(config, conn, v, device=fit.pick_device(s.device)[0]))
                 except PgfreshError as exc:
                     if held is None:
@@ -200,22 +204,23 @@ def list_versions(config, tenant: str | None = None) -> list[dict]:
         params = (_slice_arg(tenant),) if tenant is not None else ()
         rows = conn.execute(
             f"select v.slice, s.tenant, v.version, v.parent, v.kind, v.lsn::text, v.facts, v.metrics, v.round_id,"
-            f" v.created_at, v.version = s.current_version, v.base_id"
+            f" v.created_at, v.version = s.current_version, v.base_id, s.note"
             f" from pgfresh.slice_versions v join pgfresh.slices s on s.name = v.slice {where}"
             f" order by v.slice, v.version", params).fetchall()
         rejected = dict(conn.execute("select slice, count(*) from pgfresh.train_rounds where status = 'rejected'"
                                      " group by slice").fetchall())
     keys = ("slice", "tenant", "version", "parent", "kind", "lsn", "facts", "metrics", "round", "created_at", "current",
-            "base_id")
+            "base_id", "note")
     out = [dict(zip(keys, r)) for r in rows]
     for r in out:
         r["rejected_rounds"] = rejected.get(r["slice"], 0)
     return out
 
 
-def _slice_arg(tenant: str) -> str:
-    """The CLI names the shared slice '_shared' (or '-')."""
-    return SHARED if tenant in (SHARED, "-") else tenant
+def _slice_arg(name: str) -> str:
+    """The CLI names a slice as `pgfresh slices` lists it: the tenant (with one more '_' in front
+    when the tenant starts with '_'), '_shared' for facts without a tenant."""
+    return name
 
 
 def rollback(config, tenant: str, version: int) -> dict:
@@ -225,7 +230,8 @@ def rollback(config, tenant: str, version: int) -> dict:
         with conn.transaction():
             row = conn.execute("select current_version from pgfresh.slices where name = %s for update", (name,)).fetchone()
             if row is None:
-                raise SliceError(f"no slice {name!r}; `pgfresh slices` lists them")
+                raise SliceError(f"no slice {name!r}; `pgfresh slices` lists them (a tenant that starts with '_' is "
+                                 "named with one more '_' in front; '_shared' is the slice of facts without a tenant)")
             v = get_version(conn, name, version)
             if v is None:
                 raise SliceError(f"slice {name!r} has no version {version}; `pgfresh slices --tenant {name}` lists them")
