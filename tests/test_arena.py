@@ -169,6 +169,80 @@ def test_answers_are_scored_after_normalisation():
     assert metrics.percentile([1, 2, 3, 4], 50) == 2 and metrics.percentile([1, float("inf")], 99) is None
 
 
+# -- intervals, tests and the verdict's words -----------------------------------------------------
+def test_wilson_and_mcnemar_against_hand_checked_values():
+    # Wilson 95%: 5/10 -> 0.2366-0.7634; 0/10 -> [0, z^2 / (n + z^2)] = [0, 3.8415 / 13.8415].
+    lo, hi = metrics.wilson(5, 10)
+    assert round(lo, 4) == 0.2366 and round(hi, 4) == 0.7634
+    assert metrics.wilson(0, 10)[0] == 0.0 and round(metrics.wilson(0, 10)[1], 4) == 0.2775
+    assert round(metrics.wilson(10, 10)[0], 4) == 0.7225 and metrics.wilson(0, 0) is None
+    # McNemar exact: 0 vs 6 discordant pairs: 2 * 0.5^6; 1 vs 9: 2 * (1 + 10) / 2^10; none: 1.
+    assert metrics.mcnemar_exact(0, 6) == 2 / 64 and metrics.mcnemar_exact(9, 1) == 22 / 1024
+    assert metrics.mcnemar_exact(0, 0) == 1.0 and metrics.mcnemar_exact(3, 3) == 1.0
+
+
+def test_bootstrap_is_deterministic_with_a_seed():
+    xs = [0.01 * i for i in range(1, 201)]
+    a, b = metrics.bootstrap(xs), metrics.bootstrap(xs)
+    assert a == b and a[50][0] <= metrics.percentile(xs, 50) <= a[50][1]
+    assert metrics.bootstrap(xs, seed=1) != metrics.bootstrap(xs, seed=2)
+    # A change never fresh is infinitely late: an upper bound on it is unbounded (None).
+    ci = metrics.bootstrap([1.0] * 12 + [float("inf")] * 8)
+    assert ci[50][0] == 1.0 and ci[50][1] is None and ci[99] is None
+
+
+def _records(name: str, right: dict[str, list[bool]], batches: int = 3) -> list[dict]:
+    """One strategy's answers: per class, whether each question (same qids for every strategy) was right."""
+    out = []
+    for cls, answers in right.items():
+        for i, ok in enumerate(answers):
+            out.append({"strategy": name, "qid": f"{cls}{i}", "cls": cls, "batch": i % batches, "phrasing": "canonical",
+                        "truth_kind": "never" if cls == "never" else "value", "change_kind": None,
+                        "outcome": "correct" if ok else ("hallucinated" if cls == "never" else "wrong"),
+                        "has_prior": False, "noisy_values": False, "event_id": None, "event_t": None, "answered_t": 1.0,
+                        "fact_age_s": None, "latency_s": 0.01 + 0.001 * (i % 7), "cpu_s": 0.001, "gpu_s": None,
+                        "hits": None})
+    return out
+
+
+def _results(kinds: dict[str, str], answers: dict[str, dict[str, list[bool]]], batches: int = 3) -> dict:
+    records = [r for name in kinds for r in _records(name, answers[name], batches)]
+    cost = {"prepare_cpu_s": 0.0, "refresh_cpu_s": 0.0}
+    strategies = {n: {"kind": k, "gate": True, **metrics.summarise_strategy(
+        [r for r in records if r["strategy"] == n], batches, cost, 0)} for n, k in kinds.items()}
+    return {"strategies": strategies, "records": records, "questions": {"batches": batches}}
+
+
+def _pattern(n: int, share: float) -> list[bool]:
+    return [(i * share) % 1 + share >= 1 for i in range(n)]  # round(n * share) right, spread evenly
+
+
+def test_verdict_calls_a_difference_only_when_the_intervals_say_so():
+    from pgfresh.arena import verdict
+
+    kinds = {"rag-x": "rag", "tuned-x": "tuned", "router": "hybrid"}
+    close = _results(kinds, {"rag-x": {"unchanged": _pattern(60, 0.55), "changed": _pattern(60, 0.5)},
+                             "tuned-x": {"unchanged": _pattern(60, 0.5), "changed": _pattern(60, 0.45)},
+                             "router": {"unchanged": _pattern(60, 0.5), "changed": _pattern(60, 0.5)}})
+    assert "no measurable difference" in verdict.internalised(close)["meaning"]
+    assert "no measurable difference" in verdict.rag_enough(close)["meaning"]
+    assert "not measurably worse" in verdict.router_parts(close)["meaning"]
+    assert "[" in verdict.rag_enough(close)["evidence"]  # every rate quoted with its interval
+    apart = _results(kinds, {"rag-x": {"unchanged": _pattern(60, 0.2), "changed": [True] * 60},
+                             "tuned-x": {"unchanged": _pattern(60, 0.9), "changed": _pattern(60, 0.1)},
+                             "router": {"unchanged": _pattern(60, 0.9), "changed": _pattern(60, 0.3)}})
+    meaning = verdict.internalised(apart)["meaning"]
+    assert "no measurable difference" not in meaning.split(";")[0] and "rag-x: +68 points, McNemar" in meaning
+    router = verdict.router_parts(apart)["meaning"]
+    assert "measurably worse than the better part on: changed" in router and "unchanged" not in router
+    # Forgetting across the run: different questions, so only non-overlapping intervals count.
+    # Question i is in batch i % 3: right in the first third only, or right every other question.
+    forgot = _results({"tuned-x": "tuned"}, {"tuned-x": {"unchanged": [i % 3 == 0 for i in range(90)]}})
+    assert "measurable loss on the unchanged panel: tuned-x +100 points" in verdict.forgetting(forgot)["meaning"]
+    kept = _results({"tuned-x": "tuned"}, {"tuned-x": {"unchanged": [i % 2 == 0 for i in range(90)]}})
+    assert "no measurable difference" in verdict.forgetting(kept)["meaning"]
+
+
 # -- a short arena run with strategies defined here ----------------------------------------------
 WORDS = [("price", re.compile(r"price|cost|sell|pay|goes for")), ("stock", re.compile(r"stock|units|available|inventory|left")),
          ("category", re.compile(r"category|kind|section|classified|listed"))]
