@@ -169,6 +169,18 @@ def test_answers_are_scored_after_normalisation():
     assert metrics.percentile([1, 2, 3, 4], 50) == 2 and metrics.percentile([1, float("inf")], 99) is None
 
 
+def test_chinese_answers_are_scored_after_normalisation():
+    assert metrics.matches("１２.５０", "12.50") and metrics.matches("售价１２．５元。", "12.50")
+    assert metrics.matches("价格是12.50元", "12.50") and not metrics.matches("价格是112.50元", "12.50")
+    assert metrics.matches("库存还有１２件", "12") and metrics.matches("它属于厨房。", "厨房")
+    assert not metrics.matches("它属于橱房", "厨房")  # a wrong character is a wrong answer
+    assert metrics.outcome(_P(None, "gone", old=["12.50"]), "北欧橡木水壶已下架") == "correct"
+    assert metrics.outcome(_P(None, "never"), "我不知道。") == "correct"
+    assert metrics.outcome(_P(None, "never"), "没有相关信息") == "correct"
+    assert metrics.outcome(_P(None, "never"), "售价３５元") == "hallucinated"
+    assert metrics.outcome(_P("12.50", noisy=["125.00"]), "１２５元") == "polluted"
+
+
 # -- intervals, tests and the verdict's words -----------------------------------------------------
 def test_wilson_and_mcnemar_against_hand_checked_values():
     # Wilson 95%: 5/10 -> 0.2366-0.7634; 0/10 -> [0, z^2 / (n + z^2)] = [0, 3.8415 / 13.8415].
@@ -244,8 +256,9 @@ def test_verdict_calls_a_difference_only_when_the_intervals_say_so():
 
 
 # -- a short arena run with strategies defined here ----------------------------------------------
-WORDS = [("price", re.compile(r"price|cost|sell|pay|goes for")), ("stock", re.compile(r"stock|units|available|inventory|left")),
-         ("category", re.compile(r"category|kind|section|classified|listed"))]
+WORDS = [("price", re.compile(r"price|cost|sell|pay|goes for|价格|多少钱|售价|付多少")),
+         ("stock", re.compile(r"stock|units|available|inventory|left|库存|几件|多少件|有货")),
+         ("category", re.compile(r"category|kind|section|classified|listed|类别|分类|哪一类|哪个区"))]
 
 
 def _column(text: str) -> str | None:
@@ -303,6 +316,9 @@ def _named(strategy, name):
     return strategy
 
 
+MIN_QUESTIONS = 120  # per strategy, in 6 batches: the batches grow from 12 to what it takes
+
+
 @pytest.fixture(scope="module")
 def arena_run(pg_server, tmp_path_factory):
     name = "t_" + uuid.uuid4().hex[:12]
@@ -317,7 +333,7 @@ def arena_run(pg_server, tmp_path_factory):
         strategies=[_named(Lookup(), "lookup"), _named(Frozen(), "frozen"), _named(Constant(), "constant")],
         console=Console(file=out, width=120),
         overrides={"batches": 6, "batch_interval_s": 3.0, "rate_per_s": 8.0, "questions_per_batch": 12, "correct_after_s": 3.0,
-                   "oltp_seconds": 1.0, "export_seconds": 1.0})
+                   "min_questions": MIN_QUESTIONS, "oltp_seconds": 1.0, "export_seconds": 1.0})
     yield {"results": results, "dir": directory, "log": out.getvalue(), "seconds": time.monotonic() - started}
     with psycopg.connect(pg_server.dsn(), autocommit=True) as c:
         c.execute("select pg_terminate_backend(pid) from pg_stat_activity where datname = %s", (name,))
@@ -336,11 +352,15 @@ def test_short_run_measures_every_metric(arena_run):
     r = arena_run["results"]
     assert json.loads((arena_run["dir"] / "results.json").read_text())["format"] == "pgfresh-arena/1"
     assert r["questions"]["batches"] == 6 and r["workload"]["changes"] > 20
-    assert set(r["questions"]["by_class"]) >= {"changed", "unchanged", "never"}
+    assert set(r["questions"]["by_class"]) >= {"changed", "unchanged", "never", "deleted"}
+    assert all(n >= MIN_QUESTIONS for n in r["questions"]["per_strategy"].values()), r["questions"]
     for name, s in r["strategies"].items():
         _rates(s["overall"])
         for c in s["by_class"].values():
             _rates(c)
+            lo, hi = c["ci"]["accuracy"]  # every rate carries its 95% interval
+            assert lo <= c["accuracy"] <= hi
+        assert s["latency"]["p50_ci_s"][0] <= s["latency"]["p50_s"] <= s["latency"]["p50_ci_s"][1]
         assert s["latency"]["p50_s"] is not None and s["latency"]["p50_s"] <= s["latency"]["p99_s"]
         assert s["cost"]["cpu_s_per_1k_questions"] >= 0 and s["cost"]["cpu_s_per_1k_changes"] is not None
         assert s["forgetting"]["start_accuracy"] is not None, name
@@ -364,7 +384,8 @@ def test_short_run_measures_the_database(arena_run):
     for mode in ("naive", "chunked"):
         assert imp["export"][mode]["rows_read"] > 0 and imp["export"][mode]["method"] == "pgstattuple"
     rows = {v["claim"]: v for v in arena_run["results"]["verdict"]}
-    assert len(rows) == 8
+    assert len(rows) == 9
+    assert rows["The router is no worse than the better of its two parts on any class"]["evidence"] == "not measured"
     assert rows["Training cost is prohibitive"]["evidence"] == "not measured"  # no tuned strategy ran
     assert rows["Long training reads bloat PostgreSQL"]["measured"]
     assert "frozen" in rows["Continual updates cause catastrophic forgetting"]["evidence"]

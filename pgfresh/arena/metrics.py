@@ -1,11 +1,12 @@
 """Scoring answers and summarising a run: every number the report shows is computed here.
 
-Matching (`outcome`): answers and truths are normalised (case, whitespace, surrounding
-punctuation, currency signs; numbers compared as numbers, so "12.5" == "12.50" == "$12.50").
+Matching (`outcome`): answers and truths are normalised (NFKC, so full-width digits and
+punctuation are half-width; case, whitespace, surrounding punctuation, currency signs and
+words, 元 included; numbers compared as numbers, so "12.5" == "12.50" == "$12.50" == "１２.５元").
 An answer is right when it equals the truth after normalisation, when it ends with the truth
 ("The price is $12.50"), or, for a numeric truth, when the only number it contains is the truth.
-For a row that is gone the right answer says so ("no longer available", "does not exist"); for a
-row that never existed any refusal is right ("I don't know" too).
+For a row that is gone the right answer says so ("no longer available", "does not exist", "已下架",
+"不存在"); for a row that never existed any refusal is right ("I don't know", "不知道" too).
 
 Outcomes: correct | stale (an earlier value of the fact) | polluted (a wrong value the noise put
 in the row) | refused | hallucinated (a value for a row that never existed) | wrong | error.
@@ -26,17 +27,25 @@ from __future__ import annotations
 import math
 import random
 import re
+import unicodedata
 from collections import Counter
 from decimal import Decimal, InvalidOperation
 
-_NUMBER = re.compile(r"(?<![\w.])[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?![\w])")
-_CURRENCY = re.compile(r"[$€£¥]|\b(?:usd|eur|gbp|dollars?|euros?)\b")
-_EDGE = re.compile(r"^[\s\"'`.,;:!?()\[\]]+|[\s\"'`.,;:!?()\[\]]+$")
+# Digits next to Chinese characters are numbers too ("售价12.50元"): only ASCII letters, digits
+# and a decimal point glue a number into a word.
+_NUMBER = re.compile(r"(?<![A-Za-z0-9_.])[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?![A-Za-z0-9_])")
+_CURRENCY = re.compile(r"[$€£¥]|\b(?:usd|eur|gbp|rmb|cny|dollars?|euros?)\b|人民币|元")
+_EDGE = re.compile(r"^[\s\"'`.,;:!?()\[\]。、「」『』《》“”‘’]+|[\s\"'`.,;:!?()\[\]。、「」『』《》“”‘’]+$")
 _GONE = re.compile(r"no longer (?:available|exists?|sold|offered|listed|in (?:the )?catalog(?:ue)?)|not available"
                    r"|(?:does not|doesn't|did not|didn't) exist|no such|not found|discontinued|was (?:deleted|removed)"
-                   r"|(?:is|has been) (?:deleted|removed)|unavailable")
+                   r"|(?:is|has been) (?:deleted|removed)|unavailable"
+                   r"|下架|停售|停产|不再(?:销售|出售|供应|提供|有)|已(?:被)?(?:删除|移除)|不存在|没有这(?:个|款|种)|查无此")
 _UNKNOWN = re.compile(r"\b(?:i (?:do not|don't) know|unknown|not sure|no information|cannot (?:find|answer)"
                       r"|can't (?:find|answer)|no (?:record|data)|not in (?:the|my) (?:data|records|context))\b")
+# Chinese has no spaces, so no word boundaries around these.
+_UNKNOWN_ZH = re.compile(r"不知道|不清楚|不确定|没有(?:相关)?(?:信息|记录|数据|资料)|无法(?:回答|找到|确定)|未知|暂无(?:信息|数据)"
+                         r"|找不到")
+_CJK = re.compile("[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
 BUCKETS = [(0, 10), (10, 30), (30, 60), (60, 120), (120, 300), (300, math.inf)]
 Z95 = 1.959963984540054  # two-sided 95% normal quantile
 ALPHA = 0.05  # a comparison calls a difference when its two-sided p-value is below this
@@ -52,24 +61,30 @@ def _canon_number(text: str) -> str:
     return format(d.normalize(), "f")
 
 
+def _fold(text: str | None) -> str:
+    """NFKC (full-width digits, letters and punctuation become half-width: "１２．５０" -> "12.50"), lower case."""
+    return unicodedata.normalize("NFKC", text or "").lower()
+
+
 def normalise(text: str) -> str:
-    """Lower case, no currency signs, single spaces, no edge punctuation, numbers canonical."""
-    t = _CURRENCY.sub(" ", (text or "").lower())
+    """Half-width, lower case, no currency signs, single spaces, no edge punctuation, numbers canonical."""
+    t = _CURRENCY.sub(" ", _fold(text))
     t = _NUMBER.sub(lambda m: _canon_number(m.group(0)), t)
     t = " ".join(t.split())
     return _EDGE.sub("", t)
 
 
 def numbers(text: str) -> list[str]:
-    return [_canon_number(m.group(0)) for m in _NUMBER.finditer(_CURRENCY.sub(" ", (text or "").lower()))]
+    return [_canon_number(m.group(0)) for m in _NUMBER.finditer(_CURRENCY.sub(" ", _fold(text)))]
 
 
 def says_gone(text: str) -> bool:
-    return bool(_GONE.search((text or "").lower()))
+    return bool(_GONE.search(_fold(text)))
 
 
 def says_unknown(text: str) -> bool:
-    return bool(_UNKNOWN.search((text or "").lower())) or normalise(text) in ("", "none", "n/a", "?")
+    t = _fold(text)
+    return bool(_UNKNOWN.search(t) or _UNKNOWN_ZH.search(t)) or normalise(text) in ("", "none", "n/a", "?")
 
 
 def matches(answer: str, value: str) -> bool:
@@ -79,6 +94,8 @@ def matches(answer: str, value: str) -> bool:
         return not a
     if a == v or a.endswith(" " + v):
         return True
+    if _CJK.match(v) and a.endswith(v):
+        return True  # Chinese has no space before the value ("它属于厨房")
     truth_numbers = numbers(value)
     if len(truth_numbers) == 1 and normalise(value) == truth_numbers[0]:
         return set(numbers(answer)) == {truth_numbers[0]}
@@ -143,7 +160,8 @@ def wilson(k: int, n: int, z: float = Z95) -> list[float] | None:
     d = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / d
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
-    return [max(0.0, centre - half), min(1.0, centre + half)]
+    # At k = 0 or k = n one bound is exactly 0 or 1 (floating point would leave 1e-16 off).
+    return [0.0 if k == 0 else max(0.0, centre - half), 1.0 if k == n else min(1.0, centre + half)]
 
 
 def _boot_value(v: float | None):

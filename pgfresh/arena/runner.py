@@ -431,7 +431,7 @@ def run_arena(config, workload: str | None = None, minutes: float | None = None,
         raise PgfreshError(f"--noise: expected a share between 0 and 0.5, got {s.noise}")
     if s.minutes <= 0:
         raise PgfreshError(f"--minutes: expected a number > 0, got {s.minutes}")
-    if s.workload == "shop" and "shop.products" not in {t.name for t in config.tables}:
+    if s.workload in ("shop", "shop-zh") and "shop.products" not in {t.name for t in config.tables}:
         raise ConfigError(["tables: the shop workload needs its tables (shop.shops, shop.products, ...);"
                            " run `pgfresh arena --config arena.toml` to have a config of its own written"],
                           str(config.path))
@@ -479,10 +479,10 @@ def arena_command(config_path: Path, workload: str | None = None, minutes: float
     from pgfresh import config as cfg
     from pgfresh.arena.workload import shop_config_text
     config_path = Path(config_path)
-    if not config_path.exists() and workload in (None, "shop"):
-        config_path.write_text(shop_config_text({"data_dir": ".pgfresh"}))
+    if not config_path.exists() and workload in (None, "shop", "shop-zh"):
+        config_path.write_text(shop_config_text({"data_dir": ".pgfresh"}, workload or "shop"), encoding="utf-8")
         if console is not None:
-            console.print(f"wrote {config_path} for the shop workload (embedded PostgreSQL in .pgfresh)")
+            console.print(f"wrote {config_path} for the {workload or 'shop'} workload (embedded PostgreSQL in .pgfresh)")
     config = cfg.load(config_path)
     return run_arena(config, workload=workload, minutes=minutes, noise=noise, seed=seed, report=report,
                      json_path=json_path, strategies=strategies, console=console)

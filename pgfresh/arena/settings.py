@@ -1,7 +1,7 @@
 """The `[arena]` section of pgfresh.toml: typed, validated once, every problem reported at once.
 
     [arena]
-    workload = "shop"            # or "custom" (then setup_sql / change / change_sql below)
+    workload = "shop"            # "shop-zh" (in Chinese), or "custom" (then setup_sql / change / change_sql below)
     minutes = 3                  # length of the live phase
     noise = 0.1                  # share of changes that are noise, 0 to 0.5
     seed = 7
@@ -23,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-WORKLOADS = ("shop", "custom")
+WORKLOADS = ("shop", "shop-zh", "custom")
 
 
 @dataclass
