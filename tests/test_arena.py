@@ -520,3 +520,78 @@ def test_report_renders_in_chromium_without_errors(arena_run, tmp_path):
     # The harness can fail: a page with a script error is caught.
     broken = _open_in_chromium(text.replace("</body>", "<script>undefinedFunction()</script></body>"), tmp_path)
     assert "data-js-errors" in re.search(r"<html[^>]*>", broken).group(0)
+
+
+# -- shop-zh: the same shop in Chinese ---------------------------------------------------------
+def zh_config(directory: Path, dsn: str, extra: str = "") -> cfg.Config:
+    path = directory / "pgfresh.toml"
+    path.write_text(workload.shop_config_text({"dsn": dsn, "max_txn_seconds": 5.0, "slot": "pgfresh_zh"}, "shop-zh")
+                    + SMALL + extra, encoding="utf-8")
+    return cfg.load(path)
+
+
+def test_shop_zh_workload_is_chinese_and_deterministic(db, dsn, tmp_path):
+    config = zh_config(tmp_path, dsn)
+    s = replace(arena_settings(config), correct_after_s=2.0, noise=0.5)
+    assert s.workload == "shop-zh"
+    digests = []
+    for _ in range(2):
+        w = workload.load_workload(config, s)
+        assert isinstance(w, workload.ShopZhWorkload)
+        w.setup(db)
+        w.attach(db)
+        kinds = [w.step(db, 0.5) for _ in range(150)]
+        (rows,) = db.execute("select md5(string_agg(p::text, ',' order by product_id)) from"
+                             " (select product_id, name, category, price, description from shop.products) p").fetchone()
+        digests.append((rows, kinds))
+    assert digests[0] == digests[1]
+    names = [r[0] for r in db.execute("select name from shop.products")]
+    assert all(re.search("[\u4e00-\u9fff]", n) for n in names)
+    # Noise that fits Chinese: wrong characters in categories, full-width digits in descriptions.
+    wrong = [e[0] for e in db.execute("select new_row->>'category' from arena.events where kind = 'noise:wrong_value'"
+                                      " and new_row->>'category' is distinct from old_row->>'category'")]
+    assert wrong and not set(wrong) & set(workload.ZH_NOUNS)
+    typos = [e[0] for e in db.execute("select new_row->>'description' from arena.events where kind = 'noise:typo'")]
+    assert any(re.search("[０-９]", t or "") for t in typos) or any(
+        c in (t or "") for t in typos for c in workload.ZH_WRONG_CHARACTERS.values())
+
+
+def test_builtin_tokenizer_handles_chinese():
+    from pgfresh import model
+
+    texts = ["北欧橡木水壶（厨房）售价12.50元；库存12件。北欧风格的橡木水壶，经久耐用，保修２年。",
+             "北欧橡木水壶的价格是多少？ 12.50", "复古竹风筝已下架"] * 20
+    tok = model.train_tokenizer(texts, 300)
+    for text in ["北欧橡木水壶的价格是多少？", "售价１２.５０元", "没见过的字：鑫龘", "Oak Kettle 12.50"]:
+        assert tok.decode(tok(text)["input_ids"]) == text
+    assert tok.tokenize("12.50元")[:2] == ["1", "2"]  # digits one per token, as in English
+
+
+def test_shop_zh_short_run_end_to_end(pg_server, tmp_path):
+    """`pgfresh arena --workload shop-zh` in small: the capture pipeline, Chinese questions with SQL
+    truth, the lookup strategy answering from the row store, every class asked."""
+    name = "t_" + uuid.uuid4().hex[:12]
+    with psycopg.connect(pg_server.dsn(), autocommit=True) as c:
+        c.execute(f'create database "{name}"')
+    try:
+        config = zh_config(tmp_path, pg_server.dsn(name))
+        r = runner.run_arena(
+            config, minutes=0.3, noise=0.2, seed=3, report=tmp_path / "report.html",
+            strategies=[_named(Lookup(), "lookup"), _named(Constant(), "constant")],
+            overrides={"batches": 4, "batch_interval_s": 3.0, "rate_per_s": 8.0, "questions_per_batch": 15,
+                       "correct_after_s": 3.0, "oltp_seconds": 0.0, "export_seconds": 0.0})
+    finally:
+        with psycopg.connect(pg_server.dsn(), autocommit=True) as c:
+            c.execute("select pg_terminate_backend(pid) from pg_stat_activity where datname = %s", (name,))
+            for (slot,) in c.execute("select slot_name from pg_replication_slots where database = %s", (name,)).fetchall():
+                c.execute("select pg_drop_replication_slot(%s)", (slot,))
+            c.execute(f'drop database if exists "{name}" with (force)')
+    assert r["run"]["workload"] == "shop-zh"
+    assert set(r["questions"]["by_class"]) >= {"changed", "unchanged", "never", "held_out"}
+    questions_asked = [x["question"] for x in r["records"]]
+    assert all(re.search("[\u4e00-\u9fff]", q) for q in questions_asked)
+    lookup, constant = r["strategies"]["lookup"], r["strategies"]["constant"]
+    assert lookup["overall"]["accuracy"] > 0.5, lookup["overall"]
+    assert lookup["by_class"]["never"]["accuracy"] == 1.0  # "no longer available" counts as a refusal
+    assert constant["overall"]["hallucination_rate"] == 1.0
+    assert (tmp_path / "report.html").exists()
