@@ -247,6 +247,8 @@ def test_verdict_calls_a_difference_only_when_the_intervals_say_so():
     assert "no measurable difference" not in meaning.split(";")[0] and "rag-x: +68 points, McNemar" in meaning
     router = verdict.router_parts(apart)["meaning"]
     assert "measurably worse than the better part on: changed" in router and "unchanged" not in router
+    rows = {r[0]: r for r in report.router_rows(apart)}  # the report's table, class by class
+    assert rows["changed"][-1].startswith("worse than rag-x") and rows["unchanged"][-1].startswith("not measurably")
     # Forgetting across the run: different questions, so only non-overlapping intervals count.
     # Question i is in batch i % 3: right in the first third only, or right every other question.
     forgot = _results({"tuned-x": "tuned"}, {"tuned-x": {"unchanged": [i % 3 == 0 for i in range(90)]}})

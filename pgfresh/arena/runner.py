@@ -386,6 +386,7 @@ def assemble(run: ArenaRun, started_at: datetime, machine: dict) -> dict:
         "records": run.records,
     }
     results["verdict"] = verdict.verdict(results)
+    results["router"] = verdict.router_table(results)  # the router per class against its parts ([] without them)
     return results
 
 
