@@ -420,7 +420,9 @@ def test_builtin_rag_is_fresher_than_the_stale_model_on_changed_facts(pg_server,
     changed = rag["by_class"]["changed"]
     print(f"changed: rag-hybrid {changed['accuracy']:.2f} right, {changed['stale_rate']:.2f} stale of {changed['n']};"
           f" stale {stale['by_class']['changed']['accuracy']:.2f} right, {stale['by_class']['changed']['stale_rate']:.2f}"
-          f" stale; hit@1 {rag['retrieval']['hit_at_k']['1']:.2f}")
+          f" stale; hit@1 {rag['retrieval']['hit_at_k']['1']:.2f}; latency p50 rag-hybrid"
+          f" {rag['latency']['p50_s'] * 1000:.0f} ms {rag['latency']['p50_ci_s']}, stale {stale['latency']['p50_s'] * 1000:.0f} ms;"
+          f" questions per strategy {r['questions']['per_strategy']}")
     # At this size the built-in reader copies a changed value exactly for only 5-10% of these
     # questions (measured), so the strict "RAG beats stale" is asserted with `lookup` above; what
     # must hold here is that retrieval finds the row and RAG does not serve the old value, which
