@@ -88,6 +88,33 @@ def test_truth_matches_an_independent_check(db, dsn, tmp_path):
     assert any(p.noisy_values for p in noisy)  # the truth of a noisy row is its clean value, not what it holds
 
 
+def test_unchanged_panel_survives_changes_to_other_facts_of_its_rows(db, dsn, tmp_path):
+    """After enough changes that every row was touched, the unchanged class still has questions
+    (a stock update does not change the row's category fact), and each is about a fact whose
+    value no event changed."""
+    config = shop_config(tmp_path, dsn)
+    s = replace(arena_settings(config), correct_after_s=4.0, rate_per_s=5.0)
+    w = workload.load_workload(config, s)
+    w.setup(db)
+    (seeded_at,) = db.execute("select clock_timestamp()").fetchone()
+    w.attach(db)
+    gen = questions.QuestionGenerator(config, s, w, seeded_at)
+    gen.batch(db, 12)  # the panel is chosen at the first batch
+    for _ in range(400):
+        w.step(db, 0.1)
+    (touched,) = db.execute("select count(distinct key) from arena.events where tbl = 'shop.products'").fetchone()
+    (rows,) = db.execute("select count(*) from shop.products").fetchone()
+    assert touched >= 0.8 * rows  # nearly every row changed in some way
+    unchanged = [p for p in gen.batch(db, 30) if p.cls == "unchanged"]
+    assert unchanged
+    for p in unchanged:
+        (changed,) = db.execute(
+            "select count(*) from arena.events where tbl = 'shop.products' and key = %s and (op = 'delete'"
+            " or old_row->>%s is distinct from new_row->>%s or old_row->>'status' is distinct from new_row->>'status')",
+            (json.dumps(p.key), p.template, p.template)).fetchone()
+        assert changed == 0, (p.key, p.template)
+
+
 def test_workload_is_deterministic(db, dsn, tmp_path):
     config = shop_config(tmp_path, dsn)
     digests = []
