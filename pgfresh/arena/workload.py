@@ -147,9 +147,11 @@ class ShopWorkload(Workload):
         words = self.shop_words
         return f"{words[(shop_id - 1) % len(words)]} Goods" + ("" if shop_id <= len(words) else f" {shop_id}")
 
-    def _product_text(self, adj: str, material: str, noun: str, use: str) -> tuple[str, str]:
-        """(name, description) of a new product."""
-        return f"{adj} {material} {noun}", f"A {adj.lower()} {noun.lower()} made of {material.lower()}, {use}."
+    def _product_name(self, adj: str, material: str, noun: str) -> str:
+        return f"{adj} {material} {noun}"
+
+    def _description(self, adj: str, material: str, noun: str, use: str) -> str:
+        return f"A {adj.lower()} {noun.lower()} made of {material.lower()}, {use}."
 
     def _completed(self, name: str, use: str) -> str:
         return f"{name}, {use}."
@@ -189,10 +191,10 @@ class ShopWorkload(Workload):
         while True:
             noun = rng.choice(sorted(self.category_of))
             adj, material = rng.choice(self.adjectives), rng.choice(self.materials)
-            name, description = self._product_text(adj, material, noun, rng.choice(self.uses))
+            name = self._product_name(adj, material, noun)
             if name not in used:
                 used.add(name)
-                return name, self.category_of[noun], description
+                return name, self.category_of[noun], self._description(adj, material, noun, rng.choice(self.uses))
 
     @staticmethod
     def _random_price(rng: random.Random) -> Decimal:
@@ -404,8 +406,11 @@ class ShopZhWorkload(ShopWorkload):
         words = self.shop_words
         return f"{words[(shop_id - 1) % len(words)]}百货" + ("" if shop_id <= len(words) else f"{shop_id}号店")
 
-    def _product_text(self, adj: str, material: str, noun: str, use: str) -> tuple[str, str]:
-        return f"{adj}{material}{noun}", f"{adj}风格的{material}{noun}，{use}。"
+    def _product_name(self, adj: str, material: str, noun: str) -> str:
+        return f"{adj}{material}{noun}"
+
+    def _description(self, adj: str, material: str, noun: str, use: str) -> str:
+        return f"{adj}风格的{material}{noun}，{use}。"
 
     def _completed(self, name: str, use: str) -> str:
         return f"{name}，{use}。"
