@@ -215,7 +215,7 @@ def ask(
 @app.command()
 def arena(
     config: Path = ConfigOpt,
-    workload: Optional[str] = typer.Option(None, "--workload", help="shop (built in) or custom (see docs/ARENA.md)."),
+    workload: Optional[str] = typer.Option(None, "--workload", help="shop or shop-zh (built in, English / Chinese) or custom (see docs/ARENA.md)."),
     minutes: Optional[float] = typer.Option(None, "--minutes", help="Length of the live phase in minutes (default 3, or arena.minutes).",
                                             callback=_number(0, low_open=True)),
     noise: Optional[float] = typer.Option(None, "--noise", help="Share of changes that are noise, 0 to 0.5.", callback=_number(0, 0.5)),
