@@ -43,6 +43,17 @@ def connect(dsn: str, role: str, *, max_txn_seconds: float | None = None, autoco
     return conn
 
 
+def store_dsn(config) -> str:
+    """The DSN of pgfresh's store, where the read side (search, ask, serve, status) finds its state.
+
+    Today pgfresh's state lives in the source, so this is the source DSN (the embedded server,
+    started if needed); when the store moves to a database of its own only this function changes.
+    """
+    from pgfresh.capture.setup import resolve_dsn
+
+    return resolve_dsn(config)
+
+
 def migrate(conn: psycopg.Connection) -> list[str]:
     """Create schema pgfresh and apply pending migrations; return the names applied."""
     applied_now = []

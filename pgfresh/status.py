@@ -12,13 +12,12 @@ from __future__ import annotations
 
 from pgfresh import config as cfg
 from pgfresh import db
-from pgfresh.capture import setup
 
 STAGE_STATUS = ("pgfresh.gate", "pgfresh.rag", "pgfresh.train")
 
 
 def collect(config: cfg.Config) -> dict:
-    dsn = setup.resolve_dsn(config)
+    dsn = db.store_dsn(config)
     with db.connect(dsn, "status", autocommit=True) as conn:
         has_schema = conn.execute("select to_regclass('pgfresh.sink_progress') is not null").fetchone()[0]
         report = {"source": _source(conn), "slot": _slot(conn, config)}

@@ -6,6 +6,8 @@ cache keys on it). Built-ins, chosen by `[rag.reader] kind`:
   `base_url`, `model`, and the *name* of the environment variable holding the API key.
 - `hf`: a local Hugging Face causal-LM directory loaded with transformers (greedy decoding), e.g.
   the built-in model the training stage writes.
+- `builtin`: the base model (`train.base_model` or the built-in one) with its own prompt format,
+  loaded by the serve registry (pgfresh.serve.registry).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import Protocol
 
 from pgfresh.errors import PgfreshError
 
-KINDS = ("openai", "hf")
+KINDS = ("openai", "hf", "builtin")
 _LOADED: dict[tuple, "Reader"] = {}
 _LOCK = threading.Lock()
 
@@ -129,11 +131,12 @@ def check(spec, problems: list[str]) -> None:
         problems.append(f"rag.reader.kind: expected one of {', '.join(KINDS)}, got {kind!r}")
         return
     known = {"openai": {"kind", "base_url", "model", "api_key_env", "timeout_seconds", "max_new_tokens"},
-             "hf": {"kind", "path", "chat", "device", "max_new_tokens"}}[kind]
+             "hf": {"kind", "path", "chat", "device", "max_new_tokens"},
+             "builtin": {"kind", "max_new_tokens"}}[kind]
     for k in spec:
         if k not in known:
             problems.append(f"rag.reader.{k}: unknown key for kind {kind!r} (known: {', '.join(sorted(known))})")
-    required = ("base_url", "model") if kind == "openai" else ("path",)
+    required = {"openai": ("base_url", "model"), "hf": ("path",), "builtin": ()}[kind]
     for k in required:
         if not isinstance(spec.get(k), str) or not spec.get(k):
             problems.append(f"rag.reader.{k}: required for kind {kind!r} (a string)")
