@@ -22,6 +22,9 @@ def show_answer(result: dict, console) -> None:
         console.print(f"[bold]{result['answer']}[/]")
     if result.get("note"):
         console.print(f"[yellow]{result['note']}[/]")
+    route = result.get("route") or {}
+    if route.get("reason"):
+        console.print(f"route: {route['taken']} ({route['reason']})", highlight=False)
     cache = result.get("cache")
     console.print(f"cache: {cache}" + (f", {result['timings']['total_ms']} ms" if result.get("timings") else ""))
     for i, s in enumerate(result.get("sources", []), start=1):
