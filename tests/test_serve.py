@@ -124,7 +124,7 @@ def test_hybrid_routes_as_its_policy_says(db, dsn, tmp_path):
     busy = cfg.load(config.path)
     busy.serve = {"router": {"max_table_changes": 0}}
     routed = serve.answer(busy, f"How much does the {rows[5]['name']} cost?", None, "hybrid", registry=reg)
-    assert routed["route"]["taken"] == "rag" and "changes after slice" in routed["route"]["reason"]
+    assert routed["route"]["taken"] == "rag" and "changed after slice" in routed["route"]["reason"]
     assert "slices" in reg.loaded() and reg.loaded()["slices"] == ["_shared v0"]
     reg.close()
 

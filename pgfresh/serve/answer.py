@@ -212,7 +212,8 @@ def _hybrid(config, conn, reg, question, tenant, opts: Options) -> dict:
     version = _published(conn, tenant)
 
     def table_changes(tbl: str, lsn: str, limit: int) -> int:
-        return conn.execute("select count(*) from (select 1 from pgfresh.changes where tbl = %s and lsn > %s::pg_lsn"
+        # pgfresh.rows, not the change log: the log is pruned once every consumer has read it
+        return conn.execute("select count(*) from (select 1 from pgfresh.rows where tbl = %s and lsn > %s::pg_lsn"
                             " limit %s) c", (tbl, lsn, limit)).fetchone()[0]
 
     decision = router.route(router.Policy.from_config(config), hits[0] if hits else None, version, table_changes)

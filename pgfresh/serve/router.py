@@ -9,8 +9,8 @@ order; the first that fires decides, and its sentence is the `reason` every answ
 3. nothing retrieved                                              -> slice (closed-book is all there is)
 4. the best row changed after the slice's LSN (the slice has not
    learnt its current version)                                    -> retrieve
-5. the best row's table committed more than `max_table_changes`
-   changes after the slice's LSN (if set): the table changes
+5. more than `max_table_changes` rows of the best row's table
+   changed after the slice's LSN (if set): the table changes
    faster than slices are published                               -> retrieve
 6. otherwise (the slice knows the best row's current version)     -> slice
 
@@ -72,7 +72,7 @@ def lsn_int(lsn: str) -> int:
 
 def route(policy: Policy, best, version, table_changes=None, now: datetime | None = None) -> Route:
     """Decide for one question. `best`: the best retrieval hit (or None); `version`: the slice's
-    published version (or None); `table_changes(tbl, lsn, limit)`: changes of a table after an LSN
+    published version (or None); `table_changes(tbl, lsn, limit)`: rows of a table changed after an LSN
     (only called when rule 5 is on)."""
     if version is None:
         return Route(RETRIEVE, "no published slice for this tenant: retrieval answers")
@@ -91,7 +91,7 @@ def route(policy: Policy, best, version, table_changes=None, now: datetime | Non
     if policy.max_table_changes is not None and table_changes is not None:
         n = table_changes(best.tbl, version.lsn, policy.max_table_changes + 1)
         if n > policy.max_table_changes:
-            return Route(RETRIEVE, f"{best.tbl} committed more than {policy.max_table_changes} changes after slice "
+            return Route(RETRIEVE, f"more than {policy.max_table_changes} rows of {best.tbl} changed after slice "
                                    f"{version.slice} v{version.version} (LSN {version.lsn}): retrieval answers")
     return Route(SLICE, f"slice {version.slice} v{version.version} (LSN {version.lsn}) knows {row} at LSN {best.lsn}: "
                         "the slice answers")
