@@ -384,3 +384,26 @@ def test_dashboard_in_chromium(live_server, db, dsn):
         assert first[1] == "public.products" and first[2] == "[77]" and first[3] == row_lsn(db, "[77]")
         browser.close()
     assert not errors, errors
+
+
+# -- the arena's strategies are adapters over serve, registered like any other ----------------
+def test_builtin_strategies_register_and_a_missing_hook_fails_loudly(tmp_path):
+    from pgfresh.arena import strategies
+    from pgfresh.arena.strategy import ArenaContext, Strategy, available, create, register
+
+    assert {"stale", "rag-dense", "rag-hybrid", "tuned", "hybrid"} <= set(available())
+    config = cfg.load(write_config(tmp_path, "host=nowhere"))
+    ctx = ArenaContext(config, "host=nowhere", 0)
+    assert isinstance(create("hybrid", ctx), strategies.Hybrid) and create("hybrid", ctx).mode == "hybrid"
+
+    class NoAnswer(Strategy):
+        kind = "rag"
+
+    register("no-answer", lambda ctx: NoAnswer())
+    register("not-a-strategy", lambda ctx: object())
+    with pytest.raises(TypeError, match="does not implement answer"):
+        create("no-answer", ctx)
+    with pytest.raises(TypeError, match="not a Strategy"):
+        create("not-a-strategy", ctx)
+    # the arena reads with the built-in model unless the user configured a reader; cache off
+    assert strategies.arena_config(config).rag["reader"] == {"kind": "builtin"} and config.rag.get("reader") is None
