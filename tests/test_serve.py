@@ -407,3 +407,36 @@ def test_builtin_strategies_register_and_a_missing_hook_fails_loudly(tmp_path):
         create("not-a-strategy", ctx)
     # the arena reads with the built-in model unless the user configured a reader; cache off
     assert strategies.arena_config(config).rag["reader"] == {"kind": "builtin"} and config.rag.get("reader") is None
+
+
+def test_arena_builtin_strategies_answer_through_serve(pg_server, tmp_path):
+    """The built-in adapters in a short arena run (a tiny reader, so no model build): every answer
+    comes from serve.answer, hybrid records its route, and no strategy raises."""
+    import uuid
+
+    from pgfresh.arena import runner, workload
+
+    name = "t_" + uuid.uuid4().hex[:12]
+    with psycopg.connect(pg_server.dsn(), autocommit=True) as c:
+        c.execute(f'create database "{name}"')
+    try:
+        path = tmp_path / "pgfresh.toml"
+        path.write_text(workload.shop_config_text({"dsn": pg_server.dsn(name), "max_txn_seconds": 5.0, "slot": name}))
+        config = cfg.load(path)
+        config.train["base_model"] = str(tiny_model(tmp_path / "tiny"))
+        r = runner.run_arena(
+            config, minutes=0.2, noise=0.0, seed=5, strategies=["stale", "rag-hybrid", "hybrid"], report=tmp_path / "r.html",
+            overrides={"batches": 2, "batch_interval_s": 2.0, "rate_per_s": 4.0, "questions_per_batch": 4,
+                       "oltp_seconds": 0.0, "export_seconds": 0.0,
+                       "scale": {"shops": 1, "products_per_shop": 6, "notes_per_shop": 1}})
+    finally:
+        with psycopg.connect(pg_server.dsn(), autocommit=True) as c:
+            c.execute("select pg_terminate_backend(pid) from pg_stat_activity where datname = %s", (name,))
+            for (slot,) in c.execute("select slot_name from pg_replication_slots where database = %s", (name,)):
+                c.execute("select pg_drop_replication_slot(%s)", (slot,))
+            c.execute(f'drop database if exists "{name}" with (force)')
+    assert not r["errors"], r["errors"][:3]
+    assert set(r["strategies"]) == {"stale", "rag-hybrid", "hybrid"}
+    hybrid = [x for x in r["records"] if x["strategy"] == "hybrid"]
+    assert hybrid and all(x["sources"][0] == "route:rag" for x in hybrid if x["outcome"] != "error")  # no slice: rule 1
+    assert r["strategies"]["rag-hybrid"]["retrieval"]["hit_at_k"]["1"] is not None
