@@ -21,7 +21,6 @@ import queue
 import threading
 import time
 from contextlib import contextmanager
-from pathlib import Path
 
 from pgfresh import db
 from pgfresh.errors import PgfreshError
@@ -105,17 +104,8 @@ class Registry:
                 if kind == "builtin":
                     loaded, lock = self._base(config)
                     self._readers[key] = BuiltinReader(loaded, lock)
-                elif kind == "openai":
-                    env = spec.get("api_key_env")
-                    self._readers[key] = readers.OpenAIReader(spec["base_url"], spec["model"],
-                                                              environ.get(env) if env else None,
-                                                              float(spec.get("timeout_seconds", 60)))
                 else:
-                    path = Path(spec["path"]).expanduser()
-                    if not path.is_absolute():
-                        path = config.path.parent / path
-                    self._readers[key] = readers.HFReader(path, chat=bool(spec.get("chat", False)),
-                                                          device=spec.get("device", "cpu"))
+                    self._readers[key] = readers.build(spec, base_dir=config.path.parent, environ=environ)
                 self._event("load", f"reader {self._readers[key].id}")
             return self._readers[key]
 
