@@ -22,12 +22,11 @@ import json
 import threading
 import time
 import uuid
-from pathlib import Path
 from typing import Any, Literal
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -266,14 +265,18 @@ def _error(status: int, message: str, kind: str = "invalid_request_error") -> JS
 
 
 def _status_of(exc: PgfreshError) -> int:
-    from pgfresh.rag.retrieval import NotIndexed, TenantRequired
+    """The HTTP status of an error a client caused: 409 where the request is fine but the data it
+    needs is not there yet (nothing indexed, no slice), 404 for an unknown quarantine entry, else 400."""
+    from pgfresh.gate.quarantine import QuarantineError
+    from pgfresh.rag.retrieval import NotIndexed
 
-    name = type(exc).__name__
-    if isinstance(exc, TenantRequired):
-        return 400
-    if isinstance(exc, NotIndexed) or name in ("SliceError",):
-        return 409  # the request is fine; the data it needs is not there yet
-    if name in ("QuarantineError",):
+    try:
+        from pgfresh.train.slices import SliceError
+    except ImportError:  # an installation without the training stage
+        SliceError = ()
+    if isinstance(exc, (NotIndexed, SliceError)):
+        return 409
+    if isinstance(exc, QuarantineError):
         return 404
     return 400
 
