@@ -23,7 +23,7 @@ from typing import Any
 from pgfresh.errors import ConfigError
 
 # Stages that validate their own sections of the file, in data-flow order.
-STAGE_MODULES = ("pgfresh.gate", "pgfresh.render", "pgfresh.rag", "pgfresh.train", "pgfresh.arena")
+STAGE_MODULES = ("pgfresh.gate", "pgfresh.render", "pgfresh.rag", "pgfresh.train", "pgfresh.serve", "pgfresh.arena")
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]*$")
 
@@ -68,6 +68,7 @@ class Config:
     rag: dict = field(default_factory=dict)
     train: dict = field(default_factory=dict)
     arena: dict = field(default_factory=dict)
+    serve: dict = field(default_factory=dict)
     path: Path = Path("pgfresh.toml")
     sections: frozenset = frozenset()  # top-level sections present in the file: a stage runs only if asked for
 
@@ -219,7 +220,7 @@ def parse(raw: dict, path: Path = Path("pgfresh.toml")) -> Config:
     problems: list[str] = []
     non_finite: list[str] = []
     _non_finite(raw, "", non_finite)
-    known = {"source", "tables", "rag", "train", "arena"}
+    known = {"source", "tables", "rag", "train", "arena", "serve"}
     for key in raw:
         if key not in known:
             problems.append(f"{key}: unknown section (known: {', '.join(sorted(known))})")
@@ -237,7 +238,7 @@ def parse(raw: dict, path: Path = Path("pgfresh.toml")) -> Config:
         seen.add(t.name)
         tables.append(t)
     sections = {}
-    for name in ("rag", "train", "arena"):
+    for name in ("rag", "train", "arena", "serve"):
         value = raw.get(name, {})
         if not isinstance(value, dict):
             problems.append(f"{name}: expected a table ([{name}])")

@@ -46,6 +46,20 @@ def connect(dsn: str, role: str, *, max_txn_seconds: float | None = None, autoco
     return conn
 
 
+def store_dsn(config) -> str:
+    """The DSN of pgfresh's store, where the read side (search, ask, serve, status) finds its state.
+
+    Today pgfresh's state lives in the source, so this is the source DSN (what
+    `capture.setup.resolve_dsn` returns: the configured one, or the embedded server, started if
+    needed); when the store moves to a database of its own only this function changes.
+    """
+    if config.source.dsn:
+        return config.source.dsn
+    from pgfresh.embedded import EmbeddedServer
+
+    return EmbeddedServer(config.data_dir / "pg").start()
+
+
 def migrate(conn: psycopg.Connection) -> list[str]:
     """Create schema pgfresh and apply pending migrations; return the names applied."""
     applied_now = []

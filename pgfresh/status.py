@@ -25,7 +25,7 @@ STAGE_STATUS = ("pgfresh.gate", "pgfresh.rag", "pgfresh.train")
 
 
 def collect(config: cfg.Config) -> dict:
-    dsn = setup.resolve_dsn(config)
+    dsn = db.store_dsn(config)
     with db.connect(dsn, "status", autocommit=True) as conn:
         has_schema = conn.execute("select to_regclass('pgfresh.sink_progress') is not null").fetchone()[0]
         report = {"source": _source(conn), "slot": _slot(conn, config, has_schema)}
