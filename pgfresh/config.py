@@ -22,7 +22,7 @@ from typing import Any
 from pgfresh.errors import ConfigError
 
 # Stages that validate their own sections of the file, in data-flow order.
-STAGE_MODULES = ("pgfresh.gate", "pgfresh.render", "pgfresh.rag", "pgfresh.train", "pgfresh.arena")
+STAGE_MODULES = ("pgfresh.gate", "pgfresh.render", "pgfresh.rag", "pgfresh.train", "pgfresh.arena", "pgfresh.retention")
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]*$")
 
@@ -66,6 +66,7 @@ class Config:
     rag: dict = field(default_factory=dict)
     train: dict = field(default_factory=dict)
     arena: dict = field(default_factory=dict)
+    retention: dict = field(default_factory=dict)  # [retention]: pgfresh.retention owns its keys
     path: Path = Path("pgfresh.toml")
     sections: frozenset = frozenset()  # top-level sections present in the file: a stage runs only if asked for
 
@@ -197,7 +198,7 @@ def stage_functions(modules, name: str) -> list:
 def parse(raw: dict, path: Path = Path("pgfresh.toml")) -> Config:
     """Build a Config from parsed TOML; raise ConfigError listing every problem."""
     problems: list[str] = []
-    known = {"source", "tables", "rag", "train", "arena"}
+    known = {"source", "tables", "rag", "train", "arena", "retention"}
     for key in raw:
         if key not in known:
             problems.append(f"{key}: unknown section (known: {', '.join(sorted(known))})")
@@ -217,7 +218,7 @@ def parse(raw: dict, path: Path = Path("pgfresh.toml")) -> Config:
         seen.add(t.name)
         tables.append(t)
     sections = {}
-    for name in ("rag", "train", "arena"):
+    for name in ("rag", "train", "arena", "retention"):
         value = raw.get(name, {})
         if not isinstance(value, dict):
             problems.append(f"{name}: expected a table ([{name}])")

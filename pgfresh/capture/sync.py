@@ -21,6 +21,7 @@ import time
 
 from pgfresh import config as cfg
 from pgfresh import db
+from pgfresh import retention
 from pgfresh.capture import pgoutput as po
 from pgfresh.capture import setup
 from pgfresh.capture.rowstore import RowStore
@@ -33,7 +34,6 @@ DOWNSTREAM_MODULES = {
     "pgfresh.rag": lambda c: "rag" in c.sections,
 }
 HEARTBEAT_SECONDS = 2.0
-PRUNE_SECONDS = 30.0
 
 
 def downstream_workers(config: cfg.Config) -> list:
@@ -126,6 +126,8 @@ def _loop(config, store, stream, workers, heartbeat, stats, stop, target, proces
     chunk_rows = src.snapshot_chunk_rows
     batch, batch_changes, batch_started = [], 0, 0.0
     last_prune = time.monotonic()
+    keep = retention.settings(config)
+    consumers = [w.name for w in workers]  # a consumer the config no longer runs holds nothing back
     while True:
         txs = stream.poll(timeout=0.02 if (batch or store.snapshot_pending) else 0.25)
         if txs and not batch:
@@ -160,8 +162,8 @@ def _loop(config, store, stream, workers, heartbeat, stats, stop, target, proces
         stats["lsn"] = po.format_lsn(processed)
         heartbeat.beat({"lsn": stats["lsn"], "changes": stats["changes"], "lag_seconds": stats["lag_seconds"],
                         "snapshot_pending": store.snapshot_pending})
-        if time.monotonic() - last_prune > PRUNE_SECONDS:
-            _prune(store.conn)
+        if time.monotonic() - last_prune > keep.prune_interval_seconds:
+            retention.prune(store.conn, config, consumers)
             last_prune = time.monotonic()
         if stop.is_set() and not batch:
             break
@@ -172,17 +174,7 @@ def _loop(config, store, stream, workers, heartbeat, stats, stop, target, proces
                 stream.request_position()
     heartbeat.beat({"lsn": stats["lsn"], "changes": stats["changes"], "lag_seconds": stats["lag_seconds"],
                     "snapshot_pending": []}, force=True)
-    _prune(store.conn)
-
-
-def _prune(conn) -> None:
-    """Drop change-log entries every consumer has processed (with no consumer: older than an hour)."""
-    with conn.transaction():
-        row = conn.execute("select min(seq) from pgfresh.consumers").fetchone()
-        if row[0] is not None:
-            conn.execute("delete from pgfresh.changes where seq <= %s", (row[0],))
-        else:
-            conn.execute("delete from pgfresh.changes where captured_at < now() - interval '1 hour'")
+    retention.prune(store.conn, config, consumers)
 
 
 def _install_signals(stop: threading.Event) -> dict:

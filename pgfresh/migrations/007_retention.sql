@@ -1,0 +1,26 @@
+-- 007: retention. How far the change log has been pruned (a consumer behind that point backfills
+-- from the row store), each consumer's backfill cursor, and indexes that let the pruner find old
+-- rows in small batches without scanning whole tables.
+
+create table pgfresh.retention (
+    name           text        primary key,     -- 'changes', 'gate_log', 'tombstones', 'facts'
+    pruned_through bigint      not null default 0,  -- changes: every seq <= this may be gone
+    rows_pruned    bigint      not null default 0,
+    last_pruned_at timestamptz
+);
+
+-- A log that was pruned before this migration: whatever precedes its first entry is gone.
+insert into pgfresh.retention (name, pruned_through)
+select 'changes', coalesce((select min(seq) - 1 from pgfresh.changes),
+                           (select case when is_called then last_value else 0 end from pgfresh.changes_seq_seq));
+
+-- backfill_cursor: null, not backfilling; '{}', started; {tbl, key}, the last row handed out.
+-- backfill_deletes: also hand out tombstones as deletes (a consumer that existed before).
+alter table pgfresh.consumers
+    add column backfill_cursor  text[],
+    add column backfill_deletes boolean not null default false,
+    add column backfilled_at    timestamptz;
+
+create index gate_log_decided on pgfresh.gate_log using brin (decided_at);
+create index rows_tombstones on pgfresh.rows (commit_time) where deleted;
+create index facts_superseded on pgfresh.facts (superseded_at) where status = 'superseded';

@@ -1,0 +1,143 @@
+"""Retention: how long pgfresh keeps what it no longer needs, and the pruner that enforces it.
+
+What grows with every change, and when it may go (`[retention]` in pgfresh.toml, docs/CONFIG.md):
+
+- the change log (`pgfresh.changes`): once every consumer the config runs has passed an entry, and
+  `change_log_keep_seconds` after it was captured (with no consumer: after that window alone). A
+  consumer that comes back behind the pruned point backfills from the row store
+  (`capture.change.read_changes`), so a consumer the config no longer runs never holds pruning back;
+- `pgfresh.gate_log` (an outcome per change and path): `gate_log_keep_hours` after the decision,
+  except 'pending' rows (their change still waits in gate_pending);
+- tombstones in the row store (deleted rows): `tombstone_keep_hours` after the delete, and never
+  while their table's snapshot is still being read (a chunk read before the delete could
+  otherwise bring the row back);
+- superseded facts: `superseded_facts_keep_hours` after they were superseded, and never while a
+  slice version (`pgfresh.fact_training`, any version, so that every rollback target keeps its
+  lineage) or a slice's probe set names them.
+
+`prune` deletes in batches of `prune_batch_rows`, each batch its own short transaction, and stops
+after `prune_max_seconds`: the capture loop calls it every `prune_interval_seconds` between its
+batches, so pruning never holds a long transaction and never stalls capture for long. Each run is
+recorded in `pgfresh.retention` (rows pruned, last run), with the change log's pruned horizon.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, fields
+
+SECTION = "retention"
+
+
+@dataclass
+class Retention:
+    change_log_keep_seconds: float = 300.0  # safety window after every consumer passed an entry
+    gate_log_keep_hours: float = 1.0
+    tombstone_keep_hours: float = 168.0  # a stage switched off for less than this catches up deletes too
+    superseded_facts_keep_hours: float = 24.0
+    prune_interval_seconds: float = 30.0  # how often `pgfresh sync` prunes
+    prune_batch_rows: int = 5000  # rows deleted per transaction
+    prune_max_seconds: float = 1.0  # pruning time per run; the rest waits for the next run
+
+
+def settings(config) -> Retention:
+    """The [retention] section (defaults for what it leaves out); check_config has validated it."""
+    raw = getattr(config, "retention", None) or {}
+    r = Retention()
+    for f in fields(r):
+        if f.name in raw:
+            setattr(r, f.name, int(raw[f.name]) if f.type in (int, "int") else float(raw[f.name]))
+    return r
+
+
+def check_config(config) -> list[str]:
+    """Every problem in [retention], each with its key path."""
+    raw = getattr(config, "retention", None) or {}
+    problems = []
+    known = {f.name: f.type for f in fields(Retention)}
+    for key, value in raw.items():
+        kind = known.get(key)
+        if kind is None:
+            problems.append(f"{SECTION}.{key}: unknown key (known: {', '.join(known)})")
+        elif kind in (int, "int"):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                problems.append(f"{SECTION}.{key}: expected a positive integer, got {value!r}")
+        elif isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            problems.append(f"{SECTION}.{key}: expected a number >= 0 ({key.rsplit('_', 1)[-1]}), got {value!r}")
+        elif key in ("prune_interval_seconds", "prune_max_seconds") and value == 0:
+            problems.append(f"{SECTION}.{key}: expected a number > 0 (seconds), got {value!r}")
+    return problems
+
+
+# Each target: one batch of at most %(n)s rows, oldest first. `changes` also needs the consumers'
+# lowest position (%(upto)s). Every statement returns the rows it deleted (first column: a seq for
+# the change log, whose horizon is then moved).
+_TARGETS = {
+    "changes": """
+        delete from pgfresh.changes c using (
+            select seq from pgfresh.changes where seq <= %(upto)s
+               and captured_at < now() - make_interval(secs => %(change_log_keep_seconds)s)
+             order by seq limit %(n)s) d
+        where c.seq = d.seq returning c.seq""",
+    "gate_log": """
+        delete from pgfresh.gate_log g using (
+            select path, seq from pgfresh.gate_log where outcome <> 'pending'
+               and decided_at < now() - make_interval(secs => %(gate_log_keep_hours)s * 3600) limit %(n)s) d
+        where g.path = d.path and g.seq = d.seq returning g.seq""",
+    "tombstones": """
+        delete from pgfresh.rows r using (
+            select tbl, key from pgfresh.rows
+             where deleted and commit_time < now() - make_interval(secs => %(tombstone_keep_hours)s * 3600)
+               and tbl not in (select tbl from pgfresh.snapshot_progress where not done)
+             order by commit_time limit %(n)s) d
+        where r.tbl = d.tbl and r.key = d.key and r.deleted returning 0""",
+    "facts": """
+        delete from pgfresh.facts f using (
+            select fact_id from pgfresh.facts x where status = 'superseded'
+               and superseded_at < now() - make_interval(secs => %(superseded_facts_keep_hours)s * 3600)
+               and not exists (select 1 from pgfresh.fact_training t where t.fact_id = x.fact_id)
+               and not exists (select 1 from pgfresh.slices s where x.fact_id = any(s.probe))
+             order by superseded_at limit %(n)s) d
+        where f.fact_id = d.fact_id and f.status = 'superseded' returning 0""",
+}
+
+
+def prune(conn, config, consumers: list[str], budget_seconds: float | None = None) -> dict[str, int]:
+    """Delete what retention allows, in short transactions; returns rows deleted per target.
+
+    `consumers`: the change-log consumers the config runs; only their positions hold the log back
+    (a consumer left out backfills from the row store when it returns). Stops when nothing is left
+    to prune or after `budget_seconds` (default `prune_max_seconds`); what is left waits.
+    """
+    r = settings(config)
+    budget = r.prune_max_seconds if budget_seconds is None else budget_seconds
+    started = time.monotonic()
+    params = {f.name: getattr(r, f.name) for f in fields(r)} | {"n": r.prune_batch_rows}
+    with conn.transaction():
+        row = conn.execute("select min(seq) from pgfresh.consumers where name = any(%s)", (list(consumers),)).fetchone()
+    params["upto"] = row[0] if row[0] is not None else 2**63 - 1
+    done = {name: 0 for name in _TARGETS}
+    pending = list(_TARGETS)
+    while pending and time.monotonic() - started < budget:
+        for name in list(pending):
+            n = _batch(conn, name, params)
+            done[name] += n
+            if n < r.prune_batch_rows:
+                pending.remove(name)
+            if time.monotonic() - started >= budget:
+                break
+    return done
+
+
+def _batch(conn, name: str, params: dict) -> int:
+    with conn.transaction():
+        deleted = conn.execute(_TARGETS[name], params).fetchall()
+        if deleted:
+            horizon = max(d[0] for d in deleted) if name == "changes" else 0
+            conn.execute(
+                "insert into pgfresh.retention as r (name, pruned_through, rows_pruned, last_pruned_at)"
+                " values (%s, %s, %s, now()) on conflict (name) do update set"
+                " pruned_through = greatest(r.pruned_through, excluded.pruned_through),"
+                " rows_pruned = r.rows_pruned + excluded.rows_pruned, last_pruned_at = now()",
+                (name, horizon, len(deleted)))
+    return len(deleted)
