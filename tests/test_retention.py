@@ -10,7 +10,8 @@ from pgfresh.capture import sync
 from pgfresh.errors import ConfigError
 from tests.conftest import write_config
 
-TABLE = '[[tables]]\nname = "items"\ndocument = "Item {name} costs {price}."\n'
+TABLE = ('[[tables]]\nname = "items"\ndocument = "Item {name} costs {price}."\n'
+         '[tables.gate.train]\nsettle_seconds = 0\n')  # facts at once, so one `sync --once` shows them
 FACTS = ('[[tables.facts]]\nname = "price"\nquestion = "What does {name} cost?"\nanswer = "{price}"\n'
          'gone = "{name} is no longer sold"\n')
 # Everything prunable at once, so that the tests need not wait an hour.
@@ -101,7 +102,8 @@ def test_prune_bounds_gate_log_tombstones_and_superseded_facts_but_keeps_trained
     db.execute("delete from items where id > 25")
     sync.run(config, once=True)
     superseded = count(db, "facts where status = 'superseded'")
-    assert superseded == 65 and count(db, "rows where deleted") == 5 and count(db, "gate_log") >= 95
+    # 20 rows x 3 updates + 5 deletes, each superseding a question and a statement fact
+    assert superseded == 130 and count(db, "rows where deleted") == 5 and count(db, "gate_log") >= 95
     # A published slice version learnt one of the superseded facts: it must stay (lineage, rollback).
     trained = db.execute("select fact_id from pgfresh.facts where status = 'superseded' limit 1").fetchone()[0]
     db.execute("insert into pgfresh.slices (name) values ('_shared')")
