@@ -31,7 +31,7 @@ SECTION = "retention"
 
 @dataclass
 class Retention:
-    change_log_keep_seconds: float = 300.0  # safety window after every consumer passed an entry
+    change_log_keep_seconds: float = 60.0  # safety window after every consumer passed an entry
     gate_log_keep_hours: float = 1.0
     tombstone_keep_hours: float = 168.0  # a stage switched off for less than this catches up deletes too
     superseded_facts_keep_hours: float = 24.0
