@@ -151,3 +151,21 @@ def test_retention_config_reports_every_problem_at_once(tmp_path):
         assert any(p.startswith(f"retention.{key}:") for p in problems), (key, problems)
     path.write_text('[source]\ndsn = "x"\n[[tables]]\nname = "t"\n[retention]\ngate_log_keep_hours = 0.5\n')
     assert retention.settings(cfg.load(path)).gate_log_keep_hours == 0.5
+
+
+def test_release_of_a_stale_quarantined_change_is_refused_after_gate_log_pruning(db, dsn, tmp_path):
+    from pgfresh.gate import QuarantineError, release
+
+    db.execute("create table items (id int primary key, name text, price numeric(10,2))")
+    db.execute("insert into items values (1, 'mug', 5)")
+    body = TABLE.replace("[tables.gate.train]", "[tables.gate]\nranges = { price = [0, 100] }\n[tables.gate.train]")
+    config = load(tmp_path, dsn, body + PRUNE_NOW + "\n[rag]\n")
+    sync.run(config, once=True)
+    db.execute("update items set price = 500 where id = 1")  # out of range: quarantined
+    sync.run(config, once=True)
+    db.execute("update items set price = 7 where id = 1")  # the newer, good version is admitted
+    sync.run(config, once=True)
+    assert count(db, "gate_log") == 0  # pruned (keep_hours = 0): only gate_seen still knows what came later
+    (qid,) = db.execute("select id from pgfresh.quarantine where path = 'rag'").fetchone()
+    with pytest.raises(QuarantineError, match="stale"):
+        release(db, qid)
