@@ -9,7 +9,8 @@ the end the largest pgfresh tables and whether autovacuum ran on them.
 `--retention KEY=VALUE` adds [retention] keys (the code before issue 9 has no such section: leave
 them out to measure it). Run the same command against another checkout with PYTHONPATH.
 
-Run: PYTHONPATH=. .venv/bin/python bench/storage.py --minutes 3 --rate 50 [--retention change_log_keep_seconds=30 ...]
+Run: PYTHONPATH=. .venv/bin/python bench/storage.py --minutes 3 --rate 50 [--embedder minilm-int8]
+     [--retention change_log_keep_seconds=30 ...]
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ def main() -> None:
     ap.add_argument("--products-per-shop", type=int, default=1000)
     ap.add_argument("--notes-per-shop", type=int, default=500)
     ap.add_argument("--sample", type=float, default=30.0, help="seconds between size samples")
+    ap.add_argument("--embedder", default=None, help="[rag] embedder (default: shop.toml's, minilm)")
     ap.add_argument("--retention", action="append", default=[], metavar="KEY=VALUE", help="a [retention] key")
     args = ap.parse_args()
 
@@ -69,6 +71,8 @@ def main() -> None:
                             f"rate_per_s = {args.rate}\n"
                             f"scale = {{ shops = {args.shops}, products_per_shop = {args.products_per_shop},"
                             f" notes_per_shop = {args.notes_per_shop} }}\n", 1)
+        if args.embedder:
+            text = text.replace("\n[rag]\n", f'\n[rag]\nembedder = "{args.embedder}"\n', 1)
         if args.retention:
             text += "\n[retention]\n" + "".join(f"{kv}\n" for kv in args.retention)
         path = work / "pgfresh.toml"

@@ -117,14 +117,15 @@ def prune(conn, config, consumers: list[str], budget_seconds: float | None = Non
         row = conn.execute("select min(seq) from pgfresh.consumers where name = any(%s)", (list(consumers),)).fetchone()
     params["upto"] = row[0] if row[0] is not None else 2**63 - 1
     done = {name: 0 for name in _TARGETS}
-    pending = list(_TARGETS)
-    while pending and time.monotonic() - started < budget:
-        for name in list(pending):
+    # Each target gets its share of the budget, so a slow one (wide change-log rows) cannot starve
+    # the others; a target that finishes early leaves its share to the ones after it.
+    for i, name in enumerate(_TARGETS):
+        share = (budget - (time.monotonic() - started)) / (len(_TARGETS) - i)
+        begun = time.monotonic()
+        while True:
             n = _batch(conn, name, params)
             done[name] += n
-            if n < r.prune_batch_rows:
-                pending.remove(name)
-            if time.monotonic() - started >= budget:
+            if n < r.prune_batch_rows or time.monotonic() - begun >= share:
                 break
     return done
 
