@@ -56,6 +56,7 @@ def main() -> None:
     ap.add_argument("--shops", type=int, default=40)
     ap.add_argument("--products-per-shop", type=int, default=1000)
     ap.add_argument("--notes-per-shop", type=int, default=500)
+    ap.add_argument("--catch-up-limit", type=float, default=900, help="seconds to wait for the snapshot's documents")
     ap.add_argument("--sample", type=float, default=30.0, help="seconds between size samples")
     ap.add_argument("--embedder", default=None, help="[rag] embedder (default: shop.toml's, minilm)")
     ap.add_argument("--retention", action="append", default=[], metavar="KEY=VALUE", help="a [retention] key")
@@ -98,7 +99,16 @@ def main() -> None:
                     if conn.execute("select to_regclass('pgfresh.snapshot_progress')").fetchone()[0] else (False,)
                 if row[0]:
                     break
+            # ... and every consumer through it (the index embeds every snapshot row first).
+            while sync_proc.poll() is None and time.monotonic() - t0 < args.catch_up_limit:
+                (behind,) = conn.execute(
+                    "select (select count(*) from pgfresh.consumers) < 2 or exists (select 1 from pgfresh.changes"
+                    " where seq > (select min(seq) from pgfresh.consumers))").fetchone()
+                if not behind:
+                    break
+                time.sleep(2)
             src, ours, _ = sizes(conn)
+            print(f"consumers caught up after {time.monotonic() - t0:.0f} s")
             print(f"snapshot done after {time.monotonic() - t0:.0f} s: source {mb(src)}, pgfresh {mb(ours)}")
 
             spawn = mp.get_context("spawn")
