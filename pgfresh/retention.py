@@ -15,7 +15,8 @@ What grows with every change, and when it may go (`[retention]` in pgfresh.toml,
   slice version (`pgfresh.fact_training`, any version, so that every rollback target keeps its
   lineage) or a slice's probe set names them.
 
-`prune` deletes in batches of `prune_batch_rows`, each batch its own short transaction, and stops
+`prune` deletes in batches of `prune_batch_rows` (halved while a batch takes more than a quarter
+of `source.max_txn_seconds`), each batch its own short transaction, and stops
 after `prune_max_seconds`: the capture loop calls it every `prune_interval_seconds` between its
 batches, so pruning never holds a long transaction and never stalls capture for long. Each run is
 recorded in `pgfresh.retention` (rows pruned, last run), with the change log's pruned horizon.
@@ -123,9 +124,13 @@ def prune(conn, config, consumers: list[str], budget_seconds: float | None = Non
         share = (budget - (time.monotonic() - started)) / (len(_TARGETS) - i)
         begun = time.monotonic()
         while True:
+            t = time.monotonic()
             n = _batch(conn, name, params)
             done[name] += n
-            if n < r.prune_batch_rows or time.monotonic() - begun >= share:
+            # Every batch is one transaction: keep it well inside max_txn_seconds (wide rows, busy disk).
+            if time.monotonic() - t > config.source.max_txn_seconds / 4 and params["n"] > 100:
+                params["n"] //= 2
+            if n < params["n"] or time.monotonic() - begun >= share:
                 break
     return done
 
