@@ -13,7 +13,8 @@ What grows with every change, and when it may go (`[retention]` in pgfresh.toml,
   otherwise bring the row back);
 - superseded facts: `superseded_facts_keep_hours` after they were superseded, and never while a
   slice version (`pgfresh.fact_training`, any version, so that every rollback target keeps its
-  lineage) or a slice's probe set names them.
+  lineage) or a slice's probe set names them. A kept fact whose `superseded_by` named a pruned one
+  is pointed at the pruned one's successor, so training still finds the current answer.
 
 `prune` deletes in batches of `prune_batch_rows` (halved while a batch takes more than a quarter
 of `source.max_txn_seconds`), each batch its own short transaction, and stops
@@ -35,7 +36,7 @@ class Retention:
     change_log_keep_seconds: float = 60.0  # safety window after every consumer passed an entry
     gate_log_keep_hours: float = 1.0
     tombstone_keep_hours: float = 168.0  # a stage switched off for less than this catches up deletes too
-    superseded_facts_keep_hours: float = 24.0
+    superseded_facts_keep_hours: float = 1.0  # facts a slice version learnt are kept regardless
     prune_interval_seconds: float = 30.0  # how often `pgfresh sync` prunes
     prune_batch_rows: int = 5000  # rows deleted per transaction
     prune_max_seconds: float = 1.0  # pruning time per run; the rest waits for the next run
@@ -92,14 +93,13 @@ _TARGETS = {
                and tbl not in (select tbl from pgfresh.snapshot_progress where not done)
              order by commit_time limit %(n)s) d
         where r.tbl = d.tbl and r.key = d.key and r.deleted returning 0""",
+    # Candidates only: `_prune_facts` keeps the chains of replacements whole before deleting them.
     "facts": """
-        delete from pgfresh.facts f using (
-            select fact_id from pgfresh.facts x where status = 'superseded'
-               and superseded_at < now() - make_interval(secs => %(superseded_facts_keep_hours)s * 3600)
-               and not exists (select 1 from pgfresh.fact_training t where t.fact_id = x.fact_id)
-               and not exists (select 1 from pgfresh.slices s where x.fact_id = any(s.probe))
-             order by superseded_at limit %(n)s) d
-        where f.fact_id = d.fact_id and f.status = 'superseded' returning 0""",
+        select fact_id, superseded_by from pgfresh.facts x where status = 'superseded'
+           and superseded_at < now() - make_interval(secs => %(superseded_facts_keep_hours)s * 3600)
+           and not exists (select 1 from pgfresh.fact_training t where t.fact_id = x.fact_id)
+           and not exists (select 1 from pgfresh.slices s where x.fact_id = any(s.probe))
+         order by superseded_at limit %(n)s for update""",
 }
 
 
@@ -135,9 +135,30 @@ def prune(conn, config, consumers: list[str], budget_seconds: float | None = Non
     return done
 
 
+def _prune_facts(conn, params: dict) -> list:
+    """Delete a batch of superseded facts; a fact that named one as `superseded_by` (a learnt fact
+    whose chain of replacements leads to the current answer) now names its first kept successor."""
+    doomed = dict(conn.execute(_TARGETS["facts"], params).fetchall())
+    if not doomed:
+        return []
+    relink = {}
+    for fid in doomed:
+        nxt, seen = doomed[fid], {fid}
+        while nxt in doomed and nxt not in seen:
+            seen.add(nxt)
+            nxt = doomed[nxt]
+        relink[fid] = nxt
+    ids = list(doomed)
+    conn.execute(
+        "update pgfresh.facts f set superseded_by = m.new from unnest(%s::text[], %s::text[]) m(old, new)"
+        " where f.superseded_by = m.old and not f.fact_id = any(%s)",
+        (ids, [relink[i] for i in ids], ids))
+    return conn.execute("delete from pgfresh.facts where fact_id = any(%s) returning 0", (ids,)).fetchall()
+
+
 def _batch(conn, name: str, params: dict) -> int:
     with conn.transaction():
-        deleted = conn.execute(_TARGETS[name], params).fetchall()
+        deleted = _prune_facts(conn, params) if name == "facts" else conn.execute(_TARGETS[name], params).fetchall()
         if deleted:
             horizon = max(d[0] for d in deleted) if name == "changes" else 0
             conn.execute(

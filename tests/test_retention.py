@@ -105,7 +105,9 @@ def test_prune_bounds_gate_log_tombstones_and_superseded_facts_but_keeps_trained
     # 20 rows x 3 updates + 5 deletes, each superseding a question and a statement fact
     assert superseded == 130 and count(db, "rows where deleted") == 5 and count(db, "gate_log") >= 95
     # A published slice version learnt one of the superseded facts: it must stay (lineage, rollback).
-    trained = db.execute("select fact_id from pgfresh.facts where status = 'superseded' limit 1").fetchone()[0]
+    # (The oldest price fact of row 1: three versions replaced it one after the other.)
+    trained = db.execute("select fact_id from pgfresh.facts where status = 'superseded' and key = '[1]'"
+                         " and kind = 'qa' order by created_at limit 1").fetchone()[0]
     db.execute("insert into pgfresh.slices (name) values ('_shared')")
     db.execute("insert into pgfresh.slice_versions (slice, version, kind, base_id, path, lsn)"
                " values ('_shared', 1, 'lora', 'b', '/x', '0/0')")
@@ -119,6 +121,9 @@ def test_prune_bounds_gate_log_tombstones_and_superseded_facts_but_keeps_trained
     assert done["tombstones"] == 5 and count(db, "rows where deleted") == 0
     assert done["facts"] == superseded - 1
     assert db.execute("select fact_id from pgfresh.facts where status = 'superseded'").fetchall() == [(trained,)]
+    # Its chain of replacements still leads to the current answer (training unlearns the old one with it).
+    assert db.execute("select n.status, n.answer from pgfresh.facts f join pgfresh.facts n on n.fact_id = f.superseded_by"
+                      " where f.fact_id = %s", (trained,)).fetchone() == ("active", "4.00")
     assert count(db, "gate_log where outcome <> 'pending'") == 0 and done["gate_log"] == before["gate_log"]
     assert done["changes"] == before["changes"] and count(db, "changes") == 0  # the consumer had read all
     assert count(db, "rows") == 25 and active_price_facts(db) == {k: p for k, (_, p) in live_rows(db).items()}

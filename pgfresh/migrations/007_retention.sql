@@ -24,3 +24,5 @@ alter table pgfresh.consumers
 create index gate_log_decided on pgfresh.gate_log using brin (decided_at);
 create index rows_tombstones on pgfresh.rows (commit_time) where deleted;
 create index facts_superseded on pgfresh.facts (superseded_at) where status = 'superseded';
+-- The pruner re-points `superseded_by` of kept facts past the facts it deletes.
+create index facts_superseded_by on pgfresh.facts (superseded_by) where superseded_by is not null;
