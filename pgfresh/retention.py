@@ -8,9 +8,10 @@ What grows with every change, and when it may go (`[retention]` in pgfresh.toml,
   (`capture.change.read_changes`), so a consumer the config no longer runs never holds pruning back;
 - `pgfresh.gate_log` (an outcome per change and path): `gate_log_keep_hours` after the decision,
   except 'pending' rows (their change still waits in gate_pending);
-- tombstones in the row store (deleted rows): `tombstone_keep_hours` after the delete, and never
-  while their table's snapshot is still being read (a chunk read before the delete could
-  otherwise bring the row back);
+- tombstones in the row store (deleted rows): never while their table's snapshot is still being
+  read (a chunk read before the delete could otherwise bring the row back); then, while a consumer
+  the config does not run is registered (a stage switched off, which gets them as deletes when it
+  comes back), `tombstone_keep_hours` after the delete, else `change_log_keep_seconds`;
 - superseded facts: `superseded_facts_keep_hours` after they were superseded, and never while a
   slice version (`pgfresh.fact_training`, any version, so that every rollback target keeps its
   lineage) or a slice's probe set names them. A kept fact whose `superseded_by` named a pruned one
@@ -35,7 +36,7 @@ SECTION = "retention"
 class Retention:
     change_log_keep_seconds: float = 60.0  # safety window after every consumer passed an entry
     gate_log_keep_hours: float = 1.0
-    tombstone_keep_hours: float = 168.0  # a stage switched off for less than this catches up deletes too
+    tombstone_keep_hours: float = 24.0  # while a stage is switched off: it catches up on deletes within this
     superseded_facts_keep_hours: float = 1.0  # facts a slice version learnt are kept regardless
     prune_interval_seconds: float = 30.0  # how often `pgfresh sync` prunes
     prune_batch_rows: int = 5000  # rows deleted per transaction
@@ -89,7 +90,7 @@ _TARGETS = {
     "tombstones": """
         delete from pgfresh.rows r using (
             select tbl, key from pgfresh.rows
-             where deleted and commit_time < now() - make_interval(secs => %(tombstone_keep_hours)s * 3600)
+             where deleted and commit_time < now() - make_interval(secs => %(tombstone_keep_seconds)s)
                and tbl not in (select tbl from pgfresh.snapshot_progress where not done)
              order by commit_time limit %(n)s) d
         where r.tbl = d.tbl and r.key = d.key and r.deleted returning 0""",
@@ -116,7 +117,12 @@ def prune(conn, config, consumers: list[str], budget_seconds: float | None = Non
     params = {f.name: getattr(r, f.name) for f in fields(r)} | {"n": r.prune_batch_rows}
     with conn.transaction():
         row = conn.execute("select min(seq) from pgfresh.consumers where name = any(%s)", (list(consumers),)).fetchone()
+        (idle,) = conn.execute("select count(*) from pgfresh.consumers where not name = any(%s)"
+                               " or (backfill_cursor is not null and backfill_deletes)", (list(consumers),)).fetchone()
     params["upto"] = row[0] if row[0] is not None else 2**63 - 1
+    # Tombstones serve a consumer that is switched off now (it gets them as deletes when it comes
+    # back, or is getting them now); with none, they go as soon as the change log would.
+    params["tombstone_keep_seconds"] = r.tombstone_keep_hours * 3600 if idle else r.change_log_keep_seconds
     done = {name: 0 for name in _TARGETS}
     # Each target gets its share of the budget, so a slow one (wide change-log rows) cannot starve
     # the others; a target that finishes early leaves its share to the ones after it.

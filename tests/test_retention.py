@@ -80,6 +80,7 @@ def test_disabled_stage_holds_nothing_back_and_catches_up_with_deletes_when_back
     db.execute("delete from items where id > 35")
     sync.run(facts_only, once=True)
     assert count(db, "changes") == 0
+    assert count(db, "rows where deleted") == 5  # kept for the index, which is switched off
     assert active_price_facts(db) == {k: p for k, (_, p) in live_rows(db).items()}
 
     # [rag] back on: the index catches up from the row store, deletes included.
@@ -88,6 +89,7 @@ def test_disabled_stage_holds_nothing_back_and_catches_up_with_deletes_when_back
     docs = documents(db)
     assert set(docs) == set(rows)
     assert all(f"Item {name} costs {price}." == docs[k] for k, (name, price) in rows.items())
+    assert count(db, "rows where deleted") == 0  # every consumer runs again: nobody needs them
 
 
 def test_prune_bounds_gate_log_tombstones_and_superseded_facts_but_keeps_trained_facts(db, dsn, tmp_path):
