@@ -5,7 +5,8 @@ row store (one short sink transaction per batch, LSN stored with it), confirm th
 what committed, interleave snapshot chunks until every table has been read, then let each
 downstream worker (gate/render facts, RAG index) consume the change log. `--once` stops when the
 stream has reached the WAL position current at start, the snapshot is complete and every worker is
-idle. SIGTERM/SIGINT finish the current batch, then exit.
+idle. SIGTERM/SIGINT finish the current batch, then exit. Every `retention.prune_interval_seconds`
+(and once on exit) it prunes what `[retention]` allows (pgfresh/retention.py), in short batches.
 
 No transaction opened here lives longer than `source.max_txn_seconds`: a batch is bounded in
 changes and seconds, a snapshot chunk shrinks when it takes more than a quarter of the limit, and
