@@ -3,7 +3,9 @@
 Capture writes each change it applied to the row store into `pgfresh.changes` (the change log), in
 the same transaction. A later stage is a *consumer* of that log: it reads changes after its own
 position with `read_changes`, does its work, and calls `advance` in the same transaction as its
-own writes, so each consumer sees every change exactly once, whatever crashes in between.
+own writes, so each consumer sees every change exactly once, whatever crashes in between. The log
+is pruned (pgfresh/retention.py); a consumer that is behind the pruned point first gets the row
+store's current rows (`read_changes` says how), then follows the log again.
 """
 
 from __future__ import annotations
@@ -72,7 +74,7 @@ def read_changes(conn, consumer: str, limit: int = 1000, tables: list[str] | Non
     pos, cursor = conn.execute(
         "select seq, backfill_cursor from pgfresh.consumers where name = %s for update", (consumer,)).fetchone()
     if cursor is None and pos < pruned_through(conn):
-        cursor = _start_backfill(conn, consumer, pos)
+        pos, cursor = _start_backfill(conn, consumer, pos), []
     if cursor is not None:
         page = _backfill_page(conn, consumer, cursor, limit, tables)
         if page:
@@ -97,14 +99,14 @@ def pruned_through(conn) -> int:
     return row[0] if row else 0
 
 
-def _start_backfill(conn, consumer: str, pos: int) -> list:
+def _start_backfill(conn, consumer: str, pos: int) -> int:
+    """Start handing out the row store; returns the log position to resume at afterwards."""
     # The row store is at least as new as the log's last committed entry: resume the log there once
     # every row was handed out. (Capture is the log's only writer, so seq order is commit order.)
-    conn.execute(
+    return conn.execute(
         "update pgfresh.consumers set seq = greatest(%s, (select coalesce(max(seq), 0) from pgfresh.changes)),"
-        " backfill_cursor = '{}', backfill_deletes = %s, updated_at = now() where name = %s",
-        (pruned_through(conn), pos > 0, consumer))
-    return []
+        " backfill_cursor = '{}', backfill_deletes = %s, updated_at = now() where name = %s returning seq",
+        (pruned_through(conn), pos > 0, consumer)).fetchone()[0]
 
 
 def _backfill_page(conn, consumer: str, cursor: list, limit: int, tables: list[str] | None) -> list[Change]:
