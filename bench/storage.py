@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -160,6 +161,7 @@ def main() -> None:
             except subprocess.TimeoutExpired:
                 sync_proc.kill()
         server.destroy()
+        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
