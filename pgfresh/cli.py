@@ -50,7 +50,8 @@ def init(
     """Write pgfresh.toml from the database's tables and create schema pgfresh."""
     from pgfresh.capture import setup
 
-    path = setup.init_project(config, dsn=dsn, tables=tables.split(",") if tables else None, force=force)
+    path = setup.init_project(config, dsn=dsn, tables=tables.split(",") if tables else None, force=force,
+                              warn=lambda text: err_console.print(f"warning: {text}", highlight=False, soft_wrap=True))
     console.print(f"wrote {path}; schema pgfresh is ready")
 
 
@@ -65,6 +66,21 @@ def sync(
     stats = run_sync.run(_load(config), once=once, console=err_console)
     if once:
         console.print(f"caught up to {stats['lsn']}: {stats['changes']} changes, {stats['snapshot_rows']} snapshot rows")
+
+
+@app.command()
+def resync(config: Path = ConfigOpt, as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")):
+    """After a lost slot: re-create it, re-read every table, delete downstream what the source no longer has."""
+    from pgfresh.capture import resync as rs
+
+    stats = rs.run(_load(config), console=err_console)
+    if as_json:
+        _print_json(stats)
+        return
+    console.print(f"resync: slot {stats['slot']} re-created at {stats['slot_lsn']}; {stats['snapshot_rows']} rows re-read, "
+                  f"{stats['deleted']} rows deleted ("
+                  + ", ".join(f"{t} {v['deleted']}" for t, v in stats["tables"].items()) + f"); caught up to {stats['lsn']}",
+                  highlight=False, soft_wrap=True)
 
 
 @app.command()

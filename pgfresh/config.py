@@ -38,7 +38,8 @@ class SourceConfig:
     batch_max_changes: int = 5_000  # changes per sink transaction
     batch_max_seconds: float = 0.2  # flush a sink batch at least this often (freshness)
     wal_warn_mb: int = 1024  # warn when the slot retains more WAL than this
-    max_slot_wal_keep_size_mb: int = 0  # >0: pgfresh refuses to start unless the server bounds slot WAL to at most this
+    max_slot_wal_keep_size_mb: int = 0  # >0: sync refuses a server whose max_slot_wal_keep_size is unlimited or larger
+    reconnect_give_up_seconds: float = 300.0  # sync reconnects after a lost connection; exits (code 2) after this long
 
 
 @dataclass
@@ -110,7 +111,8 @@ def _parse_source(raw: Any, problems: list[str]) -> SourceConfig:
         "batch_max_changes": ((int,), "a positive integer"),
         "batch_max_seconds": ((int, float), "a number of seconds > 0"),
         "wal_warn_mb": ((int,), "a positive integer (MB)"),
-        "max_slot_wal_keep_size_mb": ((int,), "an integer >= 0 (MB)"),
+        "max_slot_wal_keep_size_mb": ((int,), "an integer >= 0 (MB; 0: no bound required)"),
+        "reconnect_give_up_seconds": ((int, float), "a number of seconds > 0"),
     }
     for key, value in raw.items():
         if key not in spec:
@@ -119,7 +121,7 @@ def _parse_source(raw: Any, problems: list[str]) -> SourceConfig:
         kinds, expected = spec[key]
         if not _check_type(problems, f"source.{key}", value, kinds, expected):
             continue
-        if isinstance(value, (int, float)) and key != "max_slot_wal_keep_size_mb" and value <= 0:
+        if isinstance(value, (int, float)) and (value < 0 if key == "max_slot_wal_keep_size_mb" else value <= 0):
             problems.append(f"source.{key}: expected {expected}, got {value!r}")
             continue
         if key in ("slot", "publication") and not re.fullmatch(r"[a-z_][a-z0-9_]*", value):

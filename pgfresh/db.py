@@ -20,7 +20,7 @@ from importlib import resources
 import psycopg
 from psycopg import errors as pgerr
 
-from pgfresh.errors import SourceError
+from pgfresh.errors import ConnectionLostError, SourceError
 
 MIGRATION_LOCK = 0x70676672  # "pgfr": advisory lock key for migrations
 
@@ -34,7 +34,10 @@ def connect(dsn: str, role: str, *, max_txn_seconds: float | None = None, autoco
                                autocommit=autocommit, connect_timeout=connect_timeout)
     except psycopg.OperationalError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise SourceError(f"cannot connect to the source database ({first}); check source.dsn in pgfresh.toml") from None
+        # Refused, unreachable or still starting up: `sync` retries these after it lost a connection.
+        lost = exc.sqlstate is None or exc.sqlstate.startswith("08") or exc.sqlstate == "57P03"
+        raise (ConnectionLostError if lost else SourceError)(
+            f"cannot connect to the source database ({first}); check source.dsn in pgfresh.toml") from None
     if max_txn_seconds and conn.info.server_version >= 170000:
         ms = int(max_txn_seconds * 1000)
         conn.execute(f"set transaction_timeout = {ms}")  # an int we computed, not user text

@@ -32,3 +32,11 @@ class DecodeError(PgfreshError):
     """The replication stream carried something pgfresh cannot decode; names the LSN and the bytes."""
 
     exit_code = 3
+
+
+class ConnectionLostError(SourceError):
+    """The source cannot be reached now (refused, closed, shutting down or starting up); `sync` retries these."""
+
+
+class SlotLostError(SourceError):
+    """pgfresh's replication slot was dropped or invalidated while its stored position still needs it."""

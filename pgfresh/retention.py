@@ -2,6 +2,10 @@
 
 What grows with every change, and when it may go (`[retention]` in pgfresh.toml, docs/CONFIG.md):
 
+Everything is per pipeline (capture/change.py): `pgfresh sync` prunes its own pipeline's change log,
+tombstones and superseded facts, and records its own horizon; `gate_log` (not keyed by pipeline) is
+pruned by every pipeline's pruner alike.
+
 - the change log (`pgfresh.changes`): once every consumer the config runs has passed an entry, and
   `change_log_keep_seconds` after it was captured (with no consumer: after that window alone). A
   consumer that comes back behind the pruned point backfills from the row store
@@ -11,7 +15,10 @@ What grows with every change, and when it may go (`[retention]` in pgfresh.toml,
 - tombstones in the row store (deleted rows): never while their table's snapshot is still being
   read (a chunk read before the delete could otherwise bring the row back); then, while a consumer
   the config does not run is registered (a stage switched off, which gets them as deletes when it
-  comes back), `tombstone_keep_hours` after the delete, else `change_log_keep_seconds`;
+  comes back), `tombstone_keep_hours` after the delete, else `change_log_keep_seconds`; and never
+  while the change log still holds a change of that row that a running consumer has not passed (the
+  deletes `pgfresh resync` logs). A resync's tombstone has no commit time: it goes as soon as that
+  holds, unless a switched-off consumer is registered (then it stays until there is none);
 - superseded facts: `superseded_facts_keep_hours` after they were superseded, and never while a
   slice version (`pgfresh.fact_training`, any version, so that every rollback target keeps its
   lineage) or a slice's probe set names them. A kept fact whose `superseded_by` named a pruned one
@@ -28,6 +35,8 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, fields
+
+from pgfresh.capture.change import DEFAULT_PIPELINE
 
 SECTION = "retention"
 
@@ -78,7 +87,7 @@ def check_config(config) -> list[str]:
 _TARGETS = {
     "changes": """
         delete from pgfresh.changes c using (
-            select seq from pgfresh.changes where seq <= %(upto)s
+            select seq from pgfresh.changes where pipeline = %(pipeline)s and seq <= %(upto)s
                and captured_at < now() - make_interval(secs => %(change_log_keep_seconds)s)
              order by seq limit %(n)s) d
         where c.seq = d.seq returning c.seq""",
@@ -89,14 +98,18 @@ _TARGETS = {
         where g.path = d.path and g.seq = d.seq returning g.seq""",
     "tombstones": """
         delete from pgfresh.rows r using (
-            select tbl, key from pgfresh.rows
-             where deleted and commit_time < now() - make_interval(secs => %(tombstone_keep_seconds)s)
-               and tbl not in (select tbl from pgfresh.snapshot_progress where not done)
+            select tbl, key from pgfresh.rows t
+             where pipeline = %(pipeline)s and deleted
+               and (commit_time < now() - make_interval(secs => %(tombstone_keep_seconds)s)
+                    or (commit_time is null and not %(idle)s))
+               and tbl not in (select tbl from pgfresh.snapshot_progress where pipeline = %(pipeline)s and not done)
+               and not exists (select 1 from pgfresh.changes c where c.pipeline = %(pipeline)s
+                                  and c.seq > %(upto)s and c.tbl = t.tbl and c.key = t.key)
              order by commit_time limit %(n)s) d
-        where r.tbl = d.tbl and r.key = d.key and r.deleted returning 0""",
+        where r.pipeline = %(pipeline)s and r.tbl = d.tbl and r.key = d.key and r.deleted returning 0""",
     # Candidates only: `_prune_facts` keeps the chains of replacements whole before deleting them.
     "facts": """
-        select fact_id, superseded_by from pgfresh.facts x where status = 'superseded'
+        select fact_id, superseded_by from pgfresh.facts x where pipeline = %(pipeline)s and status = 'superseded'
            and superseded_at < now() - make_interval(secs => %(superseded_facts_keep_hours)s * 3600)
            and not exists (select 1 from pgfresh.fact_training t where t.fact_id = x.fact_id)
            and not exists (select 1 from pgfresh.slices s where x.fact_id = any(s.probe))
@@ -104,8 +117,9 @@ _TARGETS = {
 }
 
 
-def prune(conn, config, consumers: list[str], budget_seconds: float | None = None) -> dict[str, int]:
-    """Delete what retention allows, in short transactions; returns rows deleted per target.
+def prune(conn, config, consumers: list[str], pipeline: str = DEFAULT_PIPELINE,
+          budget_seconds: float | None = None) -> dict[str, int]:
+    """Delete what retention allows of `pipeline`, in short transactions; returns rows deleted per target.
 
     `consumers`: the change-log consumers the config runs; only their positions hold the log back
     (a consumer left out backfills from the row store when it returns). Stops when nothing is left
@@ -114,15 +128,18 @@ def prune(conn, config, consumers: list[str], budget_seconds: float | None = Non
     r = settings(config)
     budget = r.prune_max_seconds if budget_seconds is None else budget_seconds
     started = time.monotonic()
-    params = {f.name: getattr(r, f.name) for f in fields(r)} | {"n": r.prune_batch_rows}
+    params = {f.name: getattr(r, f.name) for f in fields(r)} | {"n": r.prune_batch_rows, "pipeline": pipeline}
     with conn.transaction():
-        row = conn.execute("select min(seq) from pgfresh.consumers where name = any(%s)", (list(consumers),)).fetchone()
-        (idle,) = conn.execute("select count(*) from pgfresh.consumers where not name = any(%s)"
-                               " or (backfill_cursor is not null and backfill_deletes)", (list(consumers),)).fetchone()
+        row = conn.execute("select min(seq) from pgfresh.consumers where pipeline = %s and name = any(%s)",
+                           (pipeline, list(consumers))).fetchone()
+        (idle,) = conn.execute("select count(*) from pgfresh.consumers where pipeline = %s and (not name = any(%s)"
+                               " or (backfill_cursor is not null and backfill_deletes))",
+                               (pipeline, list(consumers))).fetchone()
     params["upto"] = row[0] if row[0] is not None else 2**63 - 1
     # Tombstones serve a consumer that is switched off now (it gets them as deletes when it comes
     # back, or is getting them now); with none, they go as soon as the change log would.
     params["tombstone_keep_seconds"] = r.tombstone_keep_hours * 3600 if idle else r.change_log_keep_seconds
+    params["idle"] = bool(idle)
     done = {name: 0 for name in _TARGETS}
     # Each target gets its share of the budget, so a slow one (wide change-log rows) cannot starve
     # the others; a target that finishes early leaves its share to the ones after it.
@@ -168,9 +185,9 @@ def _batch(conn, name: str, params: dict) -> int:
         if deleted:
             horizon = max(d[0] for d in deleted) if name == "changes" else 0
             conn.execute(
-                "insert into pgfresh.retention as r (name, pruned_through, rows_pruned, last_pruned_at)"
-                " values (%s, %s, %s, now()) on conflict (name) do update set"
+                "insert into pgfresh.retention as r (pipeline, name, pruned_through, rows_pruned, last_pruned_at)"
+                " values (%s, %s, %s, %s, now()) on conflict (pipeline, name) do update set"
                 " pruned_through = greatest(r.pruned_through, excluded.pruned_through),"
                 " rows_pruned = r.rows_pruned + excluded.rows_pruned, last_pruned_at = now()",
-                (name, horizon, len(deleted)))
+                (params["pipeline"], name, horizon, len(deleted)))
     return len(deleted)

@@ -1,9 +1,14 @@
 """`pgfresh status`: is capture current, is the source healthy, what did each stage do.
 
 `collect(config)` returns a plain dict (the stable `--json` shape, docs/CLI.md):
-- `capture`: stored LSN, lag in bytes (server WAL position - stored) and seconds, per-table live
-  and deleted row counts, snapshot progress, heartbeat and last error of each worker;
-- `slot`: WAL retained by the slot, its wal_status, and a warning past `source.wal_warn_mb`;
+- `capture`: of this config's pipeline (its slot): stored LSN, lag in bytes (server WAL position -
+  stored) and seconds, per-table live and deleted row counts, snapshot progress, heartbeat, last
+  error and reconnects of each worker, changes dropped per table no longer configured
+  (`dropped_changes`);
+- `pipelines`: every pipeline on this database: LSN, tables, live rows, change-log entries;
+- `slot`: its state (ok, missing, lost, invalidated: then a warning naming `pgfresh resync`), WAL
+  retained, wal_status, the server's max_slot_wal_keep_size, warnings past `source.wal_warn_mb` or
+  when that bound is unlimited;
 - `source`: the oldest transaction age and xmin age any pgfresh backend holds right now;
 - one section per later stage that exposes `status_counts(conn)` (gate, rag, train).
 """
@@ -13,6 +18,7 @@ from __future__ import annotations
 from pgfresh import config as cfg
 from pgfresh import db
 from pgfresh.capture import setup
+from pgfresh.capture.change import pipeline_of
 
 STAGE_STATUS = ("pgfresh.gate", "pgfresh.rag", "pgfresh.train")
 
@@ -21,11 +27,16 @@ def collect(config: cfg.Config) -> dict:
     dsn = setup.resolve_dsn(config)
     with db.connect(dsn, "status", autocommit=True) as conn:
         has_schema = conn.execute("select to_regclass('pgfresh.sink_progress') is not null").fetchone()[0]
-        report = {"source": _source(conn), "slot": _slot(conn, config)}
+        report = {"source": _source(conn), "slot": _slot(conn, config, has_schema)}
         if not has_schema:
             report["capture"] = {"state": "not initialised: run `pgfresh sync`"}
             return report
-        report["capture"] = _capture(conn)
+        has_pipelines = conn.execute("select to_regclass('pgfresh.tables') is not null").fetchone()[0]
+        if not has_pipelines:
+            report["capture"] = {"state": "schema out of date: run `pgfresh sync` to migrate it"}
+            return report
+        report["capture"] = _capture(conn, pipeline_of(config))
+        report["pipelines"] = _pipelines(conn)
         for name in STAGE_STATUS:
             for counts in cfg.stage_functions([name], "status_counts"):
                 report[name.rsplit(".", 1)[1]] = counts(conn)
@@ -46,54 +57,84 @@ def _source(conn) -> dict:
     }
 
 
-def _slot(conn, config: cfg.Config) -> dict:
+def _slot(conn, config: cfg.Config, has_schema: bool) -> dict:
+    """The slot: state (ok | missing | lost | invalidated), WAL it retains, the server's bound, warnings."""
+    from pgfresh.capture.pgoutput import format_lsn, parse_lsn
+
+    slot = config.source.slot
+    health = setup.slot_health(conn, slot)
+    keep_mb = setup.wal_keep_size_mb(conn)
+    out = {"name": slot, "exists": health.state != "missing", "state": health.state,
+           "invalidation_reason": health.reason, "max_slot_wal_keep_size_mb": keep_mb}
+    warnings = []
+    stored = conn.execute("select lsn::text from pgfresh.sink_progress where pipeline = %s and sink = 'rows'",
+                          (pipeline_of(config),)).fetchone() if has_schema else None
+    if not health.usable and (stored or health.state != "missing"):
+        warnings.append(setup.slot_lost_message(health, format_lsn(parse_lsn(stored[0])) if stored else "none"))
+    limit = config.source.max_slot_wal_keep_size_mb
+    if keep_mb < 0:
+        warnings.append("max_slot_wal_keep_size is unlimited: a stopped pgfresh could fill the primary's disk; "
+                        "set it (e.g. ALTER SYSTEM SET max_slot_wal_keep_size = '10GB')")
+    elif limit and keep_mb > limit:
+        warnings.append(f"max_slot_wal_keep_size is {keep_mb} MB, more than source.max_slot_wal_keep_size_mb = {limit}")
+    if health.state == "missing":
+        out["warnings"] = warnings
+        return out
     row = conn.execute(
-        "select active, wal_status, pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint,"
+        "select active, pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint,"
         " pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint, safe_wal_size,"
         " current_setting('max_slot_wal_keep_size')"
-        " from pg_replication_slots where slot_name = %s", (config.source.slot,)).fetchone()
-    if row is None:
-        return {"name": config.source.slot, "exists": False}
-    retained = int(row[2] or 0)
-    out = {
-        "name": config.source.slot, "exists": True, "active": row[0], "wal_status": row[1],
-        "retained_wal_bytes": retained, "unconfirmed_bytes": int(row[3] or 0),
-        "safe_wal_size_bytes": row[4], "max_slot_wal_keep_size": row[5],
-    }
-    warnings = []
+        " from pg_replication_slots where slot_name = %s", (slot,)).fetchone()
+    retained = int(row[1] or 0) if row else 0
+    out.update({
+        "active": row[0] if row else False, "wal_status": health.wal_status,
+        "retained_wal_bytes": retained, "unconfirmed_bytes": int(row[2] or 0) if row else 0,
+        "safe_wal_size_bytes": row[3] if row else None, "max_slot_wal_keep_size": row[4] if row else None,
+    })
     if retained > config.source.wal_warn_mb * 1024 * 1024:
         warnings.append(f"slot retains {retained // 2**20} MB of WAL (warn at {config.source.wal_warn_mb} MB): "
                         "is pgfresh sync running?")
-    if row[5] == "-1":
-        warnings.append("max_slot_wal_keep_size is unlimited: a stopped pgfresh could fill the primary's disk; "
-                        "set it (e.g. ALTER SYSTEM SET max_slot_wal_keep_size = '10GB')")
-    if row[1] in ("unreserved", "lost"):
-        warnings.append(f"slot wal_status is {row[1]}: WAL needed by pgfresh is being removed; re-run the snapshot")
+    if health.wal_status == "unreserved":
+        warnings.append("slot wal_status is unreserved: WAL pgfresh still needs is past max_slot_wal_keep_size and "
+                        "goes at the next checkpoint; start pgfresh sync now")
     out["warnings"] = warnings
     return out
 
 
-def _capture(conn) -> dict:
+def _capture(conn, pipeline: str) -> dict:
     lsn = conn.execute("select lsn::text, pg_wal_lsn_diff(pg_current_wal_lsn(), lsn)::bigint from pgfresh.sink_progress"
-                       " where sink = 'rows'").fetchone()
+                       " where pipeline = %s and sink = 'rows'", (pipeline,)).fetchone()
     tables = {
         t: {"rows": live, "deleted": dead}
         for t, live, dead in conn.execute(
-            "select tbl, count(*) filter (where not deleted), count(*) filter (where deleted) from pgfresh.rows group by tbl")
+            "select tbl, count(*) filter (where not deleted), count(*) filter (where deleted) from pgfresh.rows"
+            " where pipeline = %s group by tbl", (pipeline,))
     }
-    for t, done, read, last in conn.execute("select tbl, done, rows_read, finished_at from pgfresh.snapshot_progress"):
+    for t, done, read, last in conn.execute("select tbl, done, rows_read, finished_at from pgfresh.snapshot_progress"
+                                            " where pipeline = %s", (pipeline,)):
         tables.setdefault(t, {"rows": 0, "deleted": 0})["snapshot"] = {"done": done, "rows_read": read, "finished_at": last}
     # Lag in seconds is measured by capture itself (commit time -> applied) and kept in its heartbeat.
-    info = conn.execute("select info from pgfresh.workers where name = 'capture'").fetchone()
+    info = conn.execute("select info from pgfresh.workers where pipeline = %s and name like 'capture%%'",
+                        (pipeline,)).fetchone()
     lag_seconds = float((info[0] or {}).get("lag_seconds", 0.0)) if info else None
     workers = {
-        name: {"pid": pid, "heartbeat": hb, "last_error": err, "last_error_at": err_at, "info": info}
-        for name, pid, hb, err, err_at, info in conn.execute(
-            "select name, pid, heartbeat, last_error, last_error_at, info from pgfresh.workers order by name")
+        name: {"pid": pid, "heartbeat": hb, "last_error": err, "last_error_at": err_at, "info": info,
+               "reconnects": reconnects}
+        for name, pid, hb, err, err_at, info, reconnects in conn.execute(
+            # reconnects: migration 006; read through to_jsonb so status works before sync applied it
+            "select name, pid, heartbeat, last_error, last_error_at, info,"
+            " coalesce((to_jsonb(w) ->> 'reconnects')::bigint, 0) from pgfresh.workers w where pipeline = %s"
+            " order by name", (pipeline,))
     }
-    consumers = {n: s for n, s in conn.execute("select name, seq from pgfresh.consumers")}
-    log_head = conn.execute("select coalesce(max(seq), 0) from pgfresh.changes").fetchone()[0]
+    consumers = {n: s for n, s in conn.execute("select name, seq from pgfresh.consumers where pipeline = %s",
+                                               (pipeline,))}
+    log_head = conn.execute("select coalesce(max(seq), 0) from pgfresh.changes where pipeline = %s",
+                            (pipeline,)).fetchone()[0]
+    dropped = dict(conn.execute("select tbl, changes from pgfresh.dropped_changes where pipeline = %s order by tbl",
+                                (pipeline,)).fetchall())
     return {
+        "pipeline": pipeline,
+        "dropped_changes": dropped,
         "lsn": lsn[0] if lsn else None,
         "lag_bytes": int(lsn[1]) if lsn else None,
         "lag_seconds": None if lag_seconds is None else round(lag_seconds, 3),
@@ -103,6 +144,23 @@ def _capture(conn) -> dict:
     }
 
 
+def _pipelines(conn) -> dict:
+    """Every pipeline on this database (each its own slot): position, tables, rows, change-log entries."""
+    out: dict[str, dict] = {}
+    for p, lsn in conn.execute("select pipeline, lsn::text from pgfresh.sink_progress where sink = 'rows'"):
+        out[p] = {"lsn": lsn, "tables": [], "rows": 0, "change_log": 0, "dropped_changes": 0}
+    for p, tbl in conn.execute("select pipeline, tbl from pgfresh.tables where configured order by tbl"):
+        out.setdefault(p, {"lsn": None, "tables": [], "rows": 0, "change_log": 0, "dropped_changes": 0})["tables"].append(tbl)
+    for field, query in (
+            ("rows", "select pipeline, count(*) from pgfresh.rows where not deleted group by 1"),
+            ("change_log", "select pipeline, count(*) from pgfresh.changes group by 1"),
+            ("dropped_changes", "select pipeline, sum(changes)::bigint from pgfresh.dropped_changes group by 1")):
+        for p, n in conn.execute(query):
+            if p in out:
+                out[p][field] = int(n)
+    return out
+
+
 def show(report: dict, console) -> None:
     """Human-readable status."""
     from rich.table import Table
@@ -110,12 +168,14 @@ def show(report: dict, console) -> None:
     cap = report.get("capture", {})
     slot = report.get("slot", {})
     src = report.get("source", {})
-    console.print(f"[bold]capture[/] lsn {cap.get('lsn')}  lag {cap.get('lag_bytes')} bytes / {cap.get('lag_seconds')} s")
+    console.print(f"[bold]capture[/] pipeline {cap.get('pipeline')} lsn {cap.get('lsn')}  lag {cap.get('lag_bytes')} bytes / {cap.get('lag_seconds')} s")
     if slot.get("exists"):
-        console.print(f"[bold]slot[/] {slot['name']} active={slot['active']} wal_status={slot['wal_status']} "
-                      f"retained {slot['retained_wal_bytes'] / 2**20:.1f} MB")
-        for w in slot.get("warnings", []):
-            console.print(f"[yellow]warning:[/] {w}")
+        console.print(f"[bold]slot[/] {slot['name']} {slot['state']} active={slot['active']} "
+                      f"wal_status={slot['wal_status']} retained {slot['retained_wal_bytes'] / 2**20:.1f} MB")
+    else:
+        console.print(f"[bold]slot[/] {slot.get('name')} missing")
+    for w in slot.get("warnings", []):
+        console.print(f"[yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
     console.print(f"[bold]source[/] oldest pgfresh transaction {src.get('oldest_xact_seconds')} s, "
                   f"xmin age {src.get('oldest_xmin_age_xids')}")
     if cap.get("tables"):
@@ -124,9 +184,15 @@ def show(report: dict, console) -> None:
             snap = v.get("snapshot", {})
             t.add_row(name, str(v["rows"]), str(v["deleted"]), "done" if snap.get("done") else f"{snap.get('rows_read', 0)} read")
         console.print(t)
+    for name, n in cap.get("dropped_changes", {}).items():
+        console.print(f"[yellow]dropped:[/] {n} changes of {name} (no longer in pgfresh.toml)")
+    others = [p for p in report.get("pipelines", {}) if p != cap.get("pipeline")]
+    if others:
+        console.print(f"other pipelines on this database: {', '.join(sorted(others))}")
     for name, w in cap.get("workers", {}).items():
         err = f" last error: {w['last_error']}" if w["last_error"] else ""
-        console.print(f"worker {name}: heartbeat {w['heartbeat']}{err}")
+        again = f" reconnects {w['reconnects']}" if w.get("reconnects") else ""
+        console.print(f"worker {name}: heartbeat {w['heartbeat']}{again}{err}", highlight=False)
     for stage in ("gate", "rag", "train"):
         if stage in report:
             console.print(f"[bold]{stage}[/] {report[stage]}")

@@ -353,3 +353,133 @@ def test_capture_on_postgresql_15_without_pgvector(tmp_path):
             assert diff_count(db, "t") == 0
     finally:
         server.destroy()
+
+
+# -- the publication follows the config; several pipelines on one database ----------------------
+
+def test_table_removed_from_config_leaves_publication_and_its_changes_are_dropped(db, dsn, tmp_path):
+    db.execute("create table products (product_id int primary key, shop_id text not null, name text)")
+    db.execute("create table notes (id int primary key, txt text)")
+    db.execute("insert into products values (1, 'A', 'Secret mug'), (2, 'B', 'Plain cup')")
+    db.execute("insert into notes values (1, 'one')")
+    both = '[train]\n[[tables]]\nname = "products"\ntenant = "shop_id"\n[[tables]]\nname = "notes"\n'
+    path = write_config(tmp_path, dsn, both)
+    assert run_cli("sync", "--once", "--config", str(path)).returncode == 0
+    path.write_text(path.read_text().replace('[[tables]]\nname = "products"\ntenant = "shop_id"\n', ""))
+    db.execute("update products set name = 'Secret mug v2' where product_id = 1")
+    db.execute("delete from products where product_id = 2")
+    db.execute("insert into notes values (2, 'two')")
+    result = run_cli("sync", "--once", "--config", str(path))
+    assert result.returncode == 0, result.stderr
+    assert "removed public.products from publication pgfresh" in result.stderr
+    published = db.execute("select tablename from pg_publication_tables where pubname = 'pgfresh'").fetchall()
+    assert published == [("notes",)]
+    db.execute("update products set name = 'Secret mug v3' where product_id = 1")
+    assert run_cli("sync", "--once", "--config", str(path)).returncode == 0
+    assert diff_count(db, "notes") == 0
+    # Nothing of the removed table was captured, rendered or trained after its removal.
+    assert db.execute("select row->>'name' from pgfresh.rows where tbl = 'public.products' and key = '[1]'"
+                      ).fetchone()[0] == "Secret mug"
+    assert db.execute("select count(*) from pgfresh.facts where tenant is null and tbl = 'public.products'"
+                      ).fetchone()[0] == 0
+    assert db.execute("select count(*) from pgfresh.facts where answer like '%%v2%%' or answer like '%%v3%%'"
+                      ).fetchone()[0] == 0
+    report = json.loads(run_cli("status", "--json", "--config", str(path)).stdout)
+    assert report["capture"]["dropped_changes"] == {"public.products": 2}
+    # Added back: it returns to the publication and is read again.
+    path.write_text(path.read_text() + '[[tables]]\nname = "products"\ntenant = "shop_id"\n')
+    result = run_cli("sync", "--once", "--config", str(path))
+    assert "added public.products to publication pgfresh" in result.stderr, result.stderr
+    assert db.execute("select row->>'name', tenant from pgfresh.rows where tbl = 'public.products' and key = '[1]'"
+                      ).fetchone() == ("Secret mug v3", "A")  # read again: its changes were dropped while away
+
+
+def test_two_pipelines_on_one_database_keep_their_own_progress(db, dsn, tmp_path):
+    """Two configs (own slot, publication, tables) on one database, synced in turn while both tables change."""
+    db.execute("create table t1 (id int primary key, v int)")
+    db.execute("create table t2 (id int primary key, v int)")
+    db.execute("insert into t1 select g, 0 from generate_series(1, 300) g")
+    db.execute("insert into t2 select g, 0 from generate_series(1, 300) g")
+    paths = {}
+    for name, tbl in (("one", "t1"), ("two", "t2")):
+        (tmp_path / name).mkdir()
+        paths[name] = write_config(tmp_path / name, dsn, f'slot = "{name}"\npublication = "{name}"\n[train]\n'
+                                   f'[[tables]]\nname = "{tbl}"\n[tables.gate.train]\nsettle_seconds = 0\n'
+                                   '[[tables.facts]]\nname = "v"\nquestion = "What is v of {id}?"\nanswer = "{v}"\n')
+    for name in paths:
+        assert sync.run(cfg.load(paths[name]), once=True)["snapshot_rows"] == 300
+    rng = random.Random(3)
+    for step in range(6):
+        for tbl in ("t1", "t2"):
+            db.execute(f"update {tbl} set v = v + 1 where id = any(%s)", ([rng.randint(1, 300) for _ in range(20)],))
+            db.execute(f"insert into {tbl} values (%s, 0)", (1000 + step,))
+            db.execute(f"delete from {tbl} where id = %s", (rng.randint(1, 300),))
+        name = "one" if step % 2 == 0 else "two"
+        stats = sync.run(cfg.load(paths[name]), once=True)
+        assert stats["changes"] > 0, (step, name, stats)
+    for name in ("one", "two"):
+        sync.run(cfg.load(paths[name]), once=True)
+    assert diff_count(db, "t1") == 0 and diff_count(db, "t2") == 0
+    assert dict(db.execute("select tbl, pipeline from pgfresh.rows group by 1, 2").fetchall()) == {
+        "public.t1": "one", "public.t2": "two"}
+    assert dict(db.execute("select pipeline, count(*) from pgfresh.sink_progress group by 1").fetchall()) == {
+        "one": 1, "two": 1}
+    # Each pipeline's facts worker read its own change log: every live row has its current fact.
+    for tbl, name in (("t1", "one"), ("t2", "two")):
+        missing = db.execute(
+            f"select count(*) from {tbl} s where not exists (select 1 from pgfresh.facts f where f.tbl = 'public.{tbl}'"
+            " and f.key = json_build_array(s.id)::text and f.status = 'active' and f.kind = 'qa'"
+            " and f.answer = s.v::text and f.pipeline = %s)", (name,)).fetchone()[0]
+        assert missing == 0, (tbl, missing)
+    from pgfresh.train import data
+
+    head = db.execute("select max(lsn)::text from pgfresh.sink_progress").fetchone()[0]
+    assert data.max_lsn(db) == head  # both facts workers have read their whole change log
+    report = json.loads(run_cli("status", "--json", "--config", str(paths["two"])).stdout)
+    assert set(report["capture"]["tables"]) == {"public.t2"}
+    assert set(report["pipelines"]) == {"one", "two"}
+
+
+def test_a_table_belongs_to_one_pipeline(db, dsn, tmp_path):
+    db.execute("create table t (id int primary key)")
+    for name in ("one", "two"):
+        d = tmp_path / name
+        d.mkdir()
+        write_config(d, dsn, f'slot = "{name}"\npublication = "{name}"\n[[tables]]\nname = "t"\n')
+    assert run_cli("sync", "--once", "--config", str(tmp_path / "one" / "pgfresh.toml")).returncode == 0
+    _assert_one_line_error(run_cli("sync", "--once", "--config", str(tmp_path / "two" / "pgfresh.toml")),
+                           "public.t", "pipeline one")
+    assert db.execute("select count(*) from pg_replication_slots where slot_name = 'two'").fetchone()[0] == 0
+    # Once pipeline one's slot is dropped (renamed, retired), another pipeline may take the table.
+    db.execute("select pg_drop_replication_slot('one')")
+    assert run_cli("sync", "--once", "--config", str(tmp_path / "two" / "pgfresh.toml")).returncode == 0
+    assert db.execute("select pipeline from pgfresh.tables where tbl = 'public.t'").fetchone()[0] == "two"
+
+
+def test_an_installation_from_before_pipelines_keeps_its_progress(db, dsn):
+    """Migration 005 on a database with 001-004's state: existing rows and positions become pipeline 'pgfresh'."""
+    from importlib import resources
+
+    db.execute("create table t (id int primary key, v text)")
+    db.execute("insert into t values (1, 'a'), (2, 'b')")
+    db.execute("create schema pgfresh")
+    db.execute("create table pgfresh.migrations (version integer primary key, name text not null,"
+               " applied_at timestamptz not null default now())")
+    for f in sorted(resources.files("pgfresh.migrations").iterdir(), key=lambda f: f.name):
+        if f.name.endswith(".sql") and int(f.name[:3]) < 5:
+            db.execute(f.read_text())
+            db.execute("insert into pgfresh.migrations values (%s, %s)", (int(f.name[:3]), f.name))
+    # What 001-004's capture left behind: publication, slot, position, finished snapshot, rows, a consumer.
+    db.execute("create publication pgfresh for table t")
+    lsn = db.execute("select lsn::text from pg_create_logical_replication_slot('pgfresh', 'pgoutput')").fetchone()[0]
+    db.execute("insert into pgfresh.sink_progress (sink, lsn) values ('rows', %s)", (lsn,))
+    db.execute("insert into pgfresh.snapshot_progress (tbl, done, rows_read) values ('public.t', true, 2)")
+    db.execute("insert into pgfresh.rows (tbl, key, row, lsn) select 'public.t', json_build_array(id)::text,"
+               " to_jsonb(t), '0/0' from t")
+    db.execute("insert into pgfresh.consumers (name, seq) values ('index', 0)")
+    db.execute("update t set v = 'changed' where id = 2")
+    stats = sync.run(make_config(dsn, [{"name": "t"}]), once=True)
+    assert (stats["snapshot_rows"], stats["changes"]) == (0, 1)  # resumed from the stored position, no re-read
+    assert diff_count(db, "t") == 0
+    assert db.execute("select distinct pipeline from pgfresh.rows").fetchall() == [("pgfresh",)]
+    assert db.execute("select pipeline, name from pgfresh.consumers").fetchall() == [("pgfresh", "index")]

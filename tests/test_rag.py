@@ -394,3 +394,25 @@ def test_cross_encoder_rerank_is_used_when_configured(db, dsn, tmp_path):
     expected = CrossEncoder(str(model_dir), device="cpu").predict([("oak table", h.text) for h in hits])
     assert [h.scores["rerank"] for h in hits] == pytest.approx([float(x) for x in expected], abs=1e-5)
     assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+
+
+def test_documents_of_a_tenant_table_have_a_tenant_and_name_their_pipeline(db, dsn, tmp_path):
+    """A source row without tenant is quarantined, never shared; a tenantless document cannot be stored."""
+    import psycopg
+
+    rows = [{**r, "tenant": "A" if r["id"] % 2 else None} for r in evalset.products(6, seed=5)]
+    config = setup_products(db, tmp_path, dsn, rows, tenant=True)
+    config.path.write_text(config.path.read_text().replace("[source]\n", '[source]\nslot = "shop"\npublication = "shop"\n'))
+    config = cfg.load(config.path)
+    sync.run(config, once=True)
+    documents = docs(db)
+    assert sorted(documents) == sorted(f"[{r['id']}]" for r in rows if r["tenant"])
+    assert {d[2] for d in documents.values()} == {"A"}
+    assert db.execute("select distinct pipeline from pgfresh.documents").fetchall() == [("shop",)]
+    quarantined = db.execute("select key from pgfresh.quarantine where path = 'rag' and check_name = 'tenant'"
+                             " order by key").fetchall()
+    assert quarantined == sorted((f"[{r['id']}]",) for r in rows if not r["tenant"])
+    with pytest.raises(psycopg.errors.CheckViolation):
+        db.execute("insert into pgfresh.documents (index_id, tbl, key, tenant, text, tsv, embedder, embedder_version,"
+                   " lsn) select id, 'public.products', '[99]', null, 'x', ''::tsvector, embedder, embedder_version,"
+                   " '0/0' from pgfresh.rag_indexes where state = 'active'")

@@ -200,3 +200,50 @@ answer = "{notes}"
     for path_ in ("rag", "train"):  # nor anywhere else the gate keeps rows
         kept = db.execute("select string_agg(row::text, ' ') from pgfresh.gate_seen where path = %s", (path_,)).fetchone()[0]
         assert "example" not in kept and "555" not in kept
+
+
+def _shop_config(tmp_path, dsn) -> object:
+    """The shop's products: key product_id, tenant shop_id (not in the key, so a DELETE lacks it)."""
+    return write_config(tmp_path, dsn, TRAIN_ONLY + """
+[[tables]]
+name = "products"
+tenant = "shop_id"
+[tables.gate.train]
+settle_seconds = 0
+[[tables.facts]]
+name = "price"
+question = "What is the price of {name}?"
+answer = "{price} EUR"
+gone = "{name} is no longer available."
+""")
+
+
+def test_gone_facts_of_a_tenant_table_keep_their_tenant(db, dsn, tmp_path):
+    """Delete, key change and truncate of a table whose tenant is not in the key: no fact without tenant."""
+    import psycopg
+
+    from pgfresh.capture import sync
+
+    db.execute("create table products (product_id int primary key, shop_id text not null, name text, price numeric)")
+    db.execute("insert into products values (1, 'A', 'Secret mug', 12), (2, 'A', 'Hidden lamp', 30),"
+               " (3, 'B', 'Plain cup', 5), (4, 'A', 'Quiet chair', 70)")
+    config = cfg.load(_shop_config(tmp_path, dsn))
+    sync.run(config, once=True)
+    db.execute("delete from products where product_id = 1")
+    db.execute("update products set product_id = 20 where product_id = 2")  # key change: old key gone
+    sync.run(config, once=True)
+    gone = "select key, tenant from pgfresh.facts where kind = 'gone' and status = 'active' order by key"
+    assert db.execute(gone).fetchall() == [("[1]", "A"), ("[2]", "A")]
+    assert db.execute("select count(*) from pgfresh.rows where tenant is null").fetchone()[0] == 0
+    db.execute("truncate products")
+    sync.run(config, once=True)
+    # The truncate removes rows of both tenants; each "gone" fact keeps its row's tenant.
+    assert db.execute(gone).fetchall() == [("[20]", "A"), ("[3]", "B"), ("[4]", "A")]
+    assert db.execute("select count(*) from pgfresh.facts where tenant is null").fetchone()[0] == 0
+    # A constraint, not a convention: a fact of a tenant table without tenant cannot be stored.
+    with pytest.raises(psycopg.errors.CheckViolation):
+        db.execute("insert into pgfresh.facts (fact_id, tbl, key, tenant, kind, template, question, answer, lsn)"
+                   " values ('x', 'public.products', '[9]', null, 'gone', 'price', 'q', 'a', '0/0')")
+    with pytest.raises(psycopg.errors.CheckViolation):  # nor a captured delete whose row has one
+        db.execute("insert into pgfresh.changes (tbl, key, tenant, op, row, lsn) values"
+                   " ('public.products', '[9]', null, 'delete', '{\"shop_id\": \"A\"}', '0/0')")

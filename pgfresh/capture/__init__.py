@@ -4,7 +4,8 @@ Modules, in the order a change passes through them:
 - `setup`: checks the source and creates the publication and the pgoutput slot;
 - `stream`: the replication connection, whole transactions of `Change`s (`pgoutput` decodes);
 - `rowstore`: the sink, `pgfresh.rows` + the change log `pgfresh.changes`, and snapshot chunks;
-- `sync`: the loop that drives them (`pgfresh sync`);
+- `sync`: the loop that drives them (`pgfresh sync`), reconnecting when the source goes away;
+- `resync`: recovery from a lost slot (`pgfresh resync`): new slot, new snapshot, deletes of what is gone;
 - `change`: the `Change` record and the consumer API later stages read the change log with.
 """
 

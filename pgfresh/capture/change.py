@@ -4,8 +4,12 @@ Capture writes each change it applied to the row store into `pgfresh.changes` (t
 the same transaction. A later stage is a *consumer* of that log: it reads changes after its own
 position with `read_changes`, does its work, and calls `advance` in the same transaction as its
 own writes, so each consumer sees every change exactly once, whatever crashes in between. The log
-is pruned (pgfresh/retention.py); a consumer that is behind the pruned point first gets the row
-store's current rows (`read_changes` says how), then follows the log again.
+is pruned (pgfresh/retention.py); a consumer that is behind its pipeline's pruned point first gets
+the row store's current rows of that pipeline (`read_changes` says how), then follows the log again.
+
+Several pipelines (each a slot + publication + its tables; issue 10 calls them sources) can share
+one database: every change-log entry and every consumer position is keyed by the pipeline, whose
+name is the slot's (`pipeline_of`). A consumer reads only its own pipeline's changes.
 """
 
 from __future__ import annotations
@@ -17,6 +21,19 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from psycopg import sql
+
+
+DEFAULT_PIPELINE = "pgfresh"  # the default slot's name: existing installations' rows belong to it
+
+
+def pipeline_of(config) -> str:
+    """The pipeline a config runs: named after its slot (one slot, one position in the stream)."""
+    return config.source.slot
+
+
+def worker_name(role: str, pipeline: str) -> str:
+    """Heartbeat name in pgfresh.workers: the role, suffixed with a non-default pipeline."""
+    return role if pipeline == DEFAULT_PIPELINE else f"{role}@{pipeline}"
 
 
 @dataclass(slots=True)
@@ -56,8 +73,9 @@ def row_json(row: dict | None) -> str | None:
     return None if row is None else orjson.dumps(row, default=str).decode()
 
 
-def read_changes(conn, consumer: str, limit: int = 1000, tables: list[str] | None = None) -> list[Change]:
-    """The next changes after `consumer`'s position (registering the consumer on first use).
+def read_changes(conn, consumer: str, limit: int = 1000, tables: list[str] | None = None,
+                 pipeline: str = DEFAULT_PIPELINE) -> list[Change]:
+    """The next changes of `pipeline` after `consumer`'s position (registering the consumer on first use).
 
     Call inside the transaction that will also `advance` the consumer.
 
@@ -69,21 +87,21 @@ def read_changes(conn, consumer: str, limit: int = 1000, tables: list[str] | Non
     sequence (unique, never in the log), and `advance` leaves the position alone until it is done.
     """
     conn.execute(
-        "insert into pgfresh.consumers (name, seq) values (%s, 0) on conflict (name) do nothing", (consumer,)
-    )
-    pos, cursor = conn.execute(
-        "select seq, backfill_cursor from pgfresh.consumers where name = %s for update", (consumer,)).fetchone()
-    if cursor is None and pos < pruned_through(conn):
-        pos, cursor = _start_backfill(conn, consumer, pos), []
+        "insert into pgfresh.consumers (pipeline, name, seq) values (%s, %s, 0) on conflict (pipeline, name) do nothing",
+        (pipeline, consumer))
+    pos, cursor = conn.execute("select seq, backfill_cursor from pgfresh.consumers where pipeline = %s and name = %s"
+                               " for update", (pipeline, consumer)).fetchone()
+    if cursor is None and pos < pruned_through(conn, pipeline):
+        pos, cursor = _start_backfill(conn, pipeline, consumer, pos), []
     if cursor is not None:
-        page = _backfill_page(conn, consumer, cursor, limit, tables)
+        page = _backfill_page(conn, pipeline, consumer, cursor, limit, tables)
         if page:
             return page
     query = sql.SQL(
         "select seq, tbl, key, tenant, op, row, lsn::text, commit_time from pgfresh.changes"
-        " where seq > %s {} order by seq limit %s"
+        " where pipeline = %s and seq > %s {} order by seq limit %s"
     ).format(sql.SQL("and tbl = any(%s)") if tables else sql.SQL(""))
-    params = (pos, tables, limit) if tables else (pos, limit)
+    params = (pipeline, pos, tables, limit) if tables else (pipeline, pos, limit)
     return [_change(*r) for r in conn.execute(query, params)]
 
 
@@ -93,26 +111,31 @@ def _change(seq, tbl, key, tenant, op, row, lsn, ctime) -> Change:
                   _key_text=key)
 
 
-def pruned_through(conn) -> int:
-    """Every change-log entry up to this seq may have been pruned (0: the log is whole)."""
-    row = conn.execute("select pruned_through from pgfresh.retention where name = 'changes'").fetchone()
+def pruned_through(conn, pipeline: str = DEFAULT_PIPELINE) -> int:
+    """Every change-log entry of `pipeline` up to this seq may have been pruned (0: the log is whole)."""
+    row = conn.execute("select pruned_through from pgfresh.retention where pipeline = %s and name = 'changes'",
+                       (pipeline,)).fetchone()
     return row[0] if row else 0
 
 
-def _start_backfill(conn, consumer: str, pos: int) -> int:
+def _start_backfill(conn, pipeline: str, consumer: str, pos: int) -> int:
     """Start handing out the row store; returns the log position to resume at afterwards."""
     # The row store is at least as new as the log's last committed entry: resume the log there once
     # every row was handed out. (Capture is the log's only writer, so seq order is commit order.)
     return conn.execute(
-        "update pgfresh.consumers set seq = greatest(%s, (select coalesce(max(seq), 0) from pgfresh.changes)),"
-        " backfill_cursor = '{}', backfill_deletes = %s, updated_at = now() where name = %s returning seq",
-        (pruned_through(conn), pos > 0, consumer)).fetchone()[0]
+        "update pgfresh.consumers set"
+        " seq = greatest(%s, (select coalesce(max(seq), 0) from pgfresh.changes where pipeline = %s)),"
+        " backfill_cursor = '{}', backfill_deletes = %s, updated_at = now() where pipeline = %s and name = %s"
+        " returning seq",
+        (pruned_through(conn, pipeline), pipeline, pos > 0, pipeline, consumer)).fetchone()[0]
 
 
-def _backfill_page(conn, consumer: str, cursor: list, limit: int, tables: list[str] | None) -> list[Change]:
-    """The next `limit` rows of the row store after `cursor`, as changes; [] (and done) at the end."""
-    (deletes,) = conn.execute("select backfill_deletes from pgfresh.consumers where name = %s", (consumer,)).fetchone()
-    where = [sql.SQL("(deleted is false or %(deletes)s)")]
+def _backfill_page(conn, pipeline: str, consumer: str, cursor: list, limit: int,
+                   tables: list[str] | None) -> list[Change]:
+    """The next `limit` rows of `pipeline`'s row store after `cursor`, as changes; [] (and done) at the end."""
+    (deletes,) = conn.execute("select backfill_deletes from pgfresh.consumers where pipeline = %s and name = %s",
+                              (pipeline, consumer)).fetchone()
+    where = [sql.SQL("pipeline = %(pipeline)s"), sql.SQL("(deleted is false or %(deletes)s)")]
     if cursor:
         where.append(sql.SQL("(tbl, key) > (%(tbl)s, %(key)s)"))
     if tables:
@@ -122,25 +145,24 @@ def _backfill_page(conn, consumer: str, cursor: list, limit: int, tables: list[s
         " case when deleted then 'delete' else 'read' end, row, lsn::text, commit_time"
         " from (select * from pgfresh.rows where {} order by tbl, key limit %(limit)s) r order by tbl, key"
     ).format(sql.SQL(" and ").join(where))
-    params = {"deletes": deletes, "tbl": cursor[0] if cursor else None, "key": cursor[1] if cursor else None,
-              "tables": tables, "limit": limit}
+    params = {"pipeline": pipeline, "deletes": deletes, "tbl": cursor[0] if cursor else None,
+              "key": cursor[1] if cursor else None, "tables": tables, "limit": limit}
     page = [_change(*r) for r in conn.execute(query, params)]
     if page:
-        conn.execute("update pgfresh.consumers set backfill_cursor = %s, updated_at = now() where name = %s",
-                     ([page[-1].table, page[-1].key_text], consumer))
+        conn.execute("update pgfresh.consumers set backfill_cursor = %s, updated_at = now()"
+                     " where pipeline = %s and name = %s", ([page[-1].table, page[-1].key_text], pipeline, consumer))
     else:
         conn.execute("update pgfresh.consumers set backfill_cursor = null, backfilled_at = now(), updated_at = now()"
-                     " where name = %s", (consumer,))
+                     " where pipeline = %s and name = %s", (pipeline, consumer))
     return page
 
 
-def advance(conn, consumer: str, seq: int) -> None:
-    """Record that `consumer` has processed the log up to `seq` (same transaction as its writes).
+def advance(conn, consumer: str, seq: int, pipeline: str = DEFAULT_PIPELINE) -> None:
+    """Record that `consumer` has processed `pipeline`'s log up to `seq` (same transaction as its writes).
 
     While the consumer backfills from the row store its log position stays where the backfill
     started (the changes it was handed are not in the log).
     """
     conn.execute(
         "update pgfresh.consumers set seq = greatest(seq, %s), updated_at = now()"
-        " where name = %s and backfill_cursor is null", (seq, consumer)
-    )
+        " where pipeline = %s and name = %s and backfill_cursor is null", (seq, pipeline, consumer))

@@ -13,6 +13,20 @@ skipped for that key; one that is not visible is newer and wins. Conversely a ch
 overwrite a key whose last streamed change is invisible to the chunk's snapshot (the stream is
 newer). Deletes leave a tombstone row (`deleted`), so a chunk read before the delete cannot
 resurrect the row.
+
+Pipelines: everything here (rows, change log, sink position, snapshot progress) is keyed by the
+pipeline the store was opened for, so several pipelines share a database without sharing state.
+Changes of tables the pipeline does not (or no longer) capture are never applied: they are counted
+per table in `pgfresh.dropped_changes`, in the same transaction as the batch.
+
+Tenants: a DELETE carries only the replica-identity columns, so a delete (and the old key of a key
+change) takes its tenant from the stored row; migration 005's triggers reject a row or change of a
+tenant table that would be stored without one.
+
+Resync (`pgfresh resync`, after a lost slot): `mark_resync` records the new slot's start and a
+marker transaction and queues every table for a new snapshot; when a table's last chunk is read,
+`_RESYNC_DELETES` tombstones the rows no new chunk saw and no new streamed change touched, and logs
+each as a delete, so documents, facts and cache entries follow through the change log.
 """
 
 from __future__ import annotations
@@ -25,9 +39,10 @@ from psycopg import sql
 from psycopg.types.json import Jsonb
 
 from pgfresh.capture import pgoutput as po
-from pgfresh.capture.change import Change, key_text, row_json
+from pgfresh.capture.change import DEFAULT_PIPELINE, Change, key_text, row_json
 from pgfresh.capture.setup import TableInfo
 from pgfresh.capture.stream import Transaction
+from pgfresh.errors import ConfigError
 
 SINK = "rows"
 
@@ -38,33 +53,87 @@ create temp table if not exists pgfresh_stage (
 """
 
 _LOG_STAGE = """
-insert into pgfresh.changes (tbl, key, tenant, op, row, lsn, commit_time)
-select tbl, key, tenant, op, row, lsn, commit_time from pgfresh_stage order by ord
+insert into pgfresh.changes (pipeline, tbl, key, tenant, op, row, lsn, commit_time)
+select %(pipeline)s, tbl, key, tenant, op, row, lsn, commit_time from pgfresh_stage order by ord
 """
 
 _UPSERT_STREAM = """
-insert into pgfresh.rows as r (tbl, key, tenant, row, lsn, commit_time, deleted, xid, snap, versions)
-select distinct on (tbl, key) tbl, key, tenant, row, lsn, commit_time, op = 'delete', xid, null::pg_snapshot,
-       count(*) over (partition by tbl, key)
+insert into pgfresh.rows as r (pipeline, tbl, key, tenant, row, lsn, commit_time, deleted, xid, snap, versions)
+select distinct on (tbl, key) %(pipeline)s, tbl, key, tenant, row, lsn, commit_time, op = 'delete', xid,
+       null::pg_snapshot, count(*) over (partition by tbl, key)
 from pgfresh_stage order by tbl, key, ord desc
-on conflict (tbl, key) do update set
+on conflict (pipeline, tbl, key) do update set
     tenant = excluded.tenant, row = excluded.row, lsn = excluded.lsn, commit_time = excluded.commit_time,
     deleted = excluded.deleted, xid = excluded.xid, snap = null, versions = r.versions + excluded.versions
 """
 
 _UPSERT_CHUNK = """
 with up as (
-    insert into pgfresh.rows as r (tbl, key, tenant, row, lsn, commit_time, deleted, xid, snap, versions)
-    select tbl, key, tenant, row, '0/0', null, false, null, %(snap)s::pg_snapshot, 1 from pgfresh_stage
-    on conflict (tbl, key) do update set
+    insert into pgfresh.rows as r (pipeline, tbl, key, tenant, row, lsn, commit_time, deleted, xid, snap, versions)
+    select %(pipeline)s, tbl, key, tenant, row, '0/0', null, false, null, %(snap)s::pg_snapshot, 1 from pgfresh_stage
+    on conflict (pipeline, tbl, key) do update set
         tenant = excluded.tenant, row = excluded.row, deleted = false, snap = excluded.snap
         where r.xid is null or pg_visible_in_snapshot(r.xid, excluded.snap)
     returning tbl, key
 )
-insert into pgfresh.changes (tbl, key, tenant, op, row, lsn, commit_time)
-select s.tbl, s.key, s.tenant, 'read', s.row, '0/0', null from pgfresh_stage s join up using (tbl, key) order by s.ord
+insert into pgfresh.changes (pipeline, tbl, key, tenant, op, row, lsn, commit_time)
+select %(pipeline)s, s.tbl, s.key, s.tenant, 'read', s.row, '0/0', null from pgfresh_stage s join up using (tbl, key)
+order by s.ord
 """
 
+# Resync, one place for its SQL. A row the new snapshot read carries a chunk snapshot in which the
+# marker transaction resync_xid is visible; a row streamed after resync_lsn is current. Any other
+# live row is gone from the source: tombstone it and log a delete with its last known row.
+_RESYNC_MARK = """
+insert into pgfresh.snapshot_progress (pipeline, tbl, resync_xid, resync_lsn)
+values (%(pipeline)s, %(tbl)s, %(xid)s::xid8, %(lsn)s)
+on conflict (pipeline, tbl) do update set last_key = null, done = false, rows_read = 0, truncate_xid = null,
+    reconcile_until = null, started_at = now(), finished_at = null,
+    resync_xid = excluded.resync_xid, resync_lsn = excluded.resync_lsn, resync_deleted = null
+"""
+
+_RESYNC_DELETES = """
+with mark as (
+    select resync_xid, resync_lsn from pgfresh.snapshot_progress
+    where pipeline = %(pipeline)s and tbl = %(tbl)s and resync_xid is not null
+), gone as (
+    update pgfresh.rows r set deleted = true, lsn = m.resync_lsn, commit_time = null, xid = null, snap = null,
+        versions = r.versions + 1
+    from mark m
+    where r.pipeline = %(pipeline)s and r.tbl = %(tbl)s and not r.deleted and r.lsn <= m.resync_lsn
+      and (r.snap is null or not pg_visible_in_snapshot(m.resync_xid, r.snap))
+    returning r.tbl, r.key, r.tenant, r.row, r.lsn
+), logged as (
+    insert into pgfresh.changes (pipeline, tbl, key, tenant, op, row, lsn, commit_time)
+    select %(pipeline)s, tbl, key, tenant, 'delete', row, lsn, null from gone order by key
+    returning 1
+), counted as (
+    update pgfresh.snapshot_progress set resync_xid = null, resync_deleted = (select count(*) from logged)
+    where pipeline = %(pipeline)s and tbl = %(tbl)s and resync_xid is not null
+)
+select count(*) from logged
+"""
+
+
+def mark_resync(conn: psycopg.Connection, pipeline: str, tables: list[str], slot_lsn: str) -> None:
+    """Queue `tables` for a resync snapshot that starts at `slot_lsn` (the new slot's start).
+
+    Commits one marker transaction first: every chunk read after it sees it (see _RESYNC_DELETES).
+    """
+    with conn.transaction():
+        (xid,) = conn.execute("select pg_current_xact_id()::text").fetchone()  # assigns this transaction's xid
+        conn.execute("insert into pgfresh.sink_progress (pipeline, sink, lsn) values (%s, %s, %s)"
+                     " on conflict (pipeline, sink) do update set lsn = excluded.lsn, updated_at = now()",
+                     (pipeline, SINK, slot_lsn))
+        for tbl in tables:
+            conn.execute(_RESYNC_MARK, {"pipeline": pipeline, "tbl": tbl, "xid": xid, "lsn": slot_lsn})
+
+
+def resync_counts(conn: psycopg.Connection, pipeline: str) -> dict[str, dict]:
+    """Per table of the last resync: rows re-read, rows deleted (None while its snapshot is still running)."""
+    rows = conn.execute("select tbl, rows_read, resync_deleted from pgfresh.snapshot_progress"
+                        " where pipeline = %s and resync_lsn is not null order by tbl", (pipeline,)).fetchall()
+    return {t: {"rows_read": read, "deleted": deleted} for t, read, deleted in rows}
 
 
 @dataclass
@@ -100,12 +169,46 @@ def full_xid(xid32: int, reference: int) -> int:
     return full
 
 
+def register_tables(conn: psycopg.Connection, pipeline: str, infos: dict[str, TableInfo], config_path: str) -> None:
+    """Record the pipeline's configured tables (with tenant columns) in pgfresh.tables; commit.
+
+    A table belongs to one pipeline per database; one configured in another pipeline whose slot
+    exists is refused (ConfigError) before anything is created. A table that left the config is
+    kept, marked not configured (its changes are dropped from now on); one that comes back is
+    snapshotted again.
+    """
+    names = sorted(infos)
+    with conn.transaction():
+        conn.execute("select pg_advisory_xact_lock(hashtext('pgfresh.tables'))")
+        # A pipeline whose slot is gone (renamed, dropped) no longer holds its tables.
+        taken = conn.execute(
+            "select t.tbl, t.pipeline from pgfresh.tables t where t.tbl = any(%s) and t.pipeline <> %s and t.configured"
+            " and exists (select 1 from pg_replication_slots s where s.slot_name = t.pipeline"
+            " and s.database = current_database()) order by t.tbl", (names, pipeline)).fetchall()
+        if taken:
+            raise ConfigError([f"table {t} is captured by pipeline {p} (slot {p}) on this database; a table belongs "
+                               f"to one pipeline: remove it from one of the configs, or drop slot {p} if that "
+                               "pipeline is gone" for t, p in taken], config_path)
+        conn.execute("delete from pgfresh.tables where tbl = any(%s) and pipeline <> %s", (names, pipeline))
+        back = [t for (t,) in conn.execute(
+            "select tbl from pgfresh.tables where pipeline = %s and tbl = any(%s) and not configured", (pipeline, names))]
+        if back:  # changes were dropped while it was away: read it again
+            conn.execute("delete from pgfresh.snapshot_progress where pipeline = %s and tbl = any(%s)", (pipeline, back))
+        conn.cursor().executemany(
+            "insert into pgfresh.tables (pipeline, tbl, tenant_column) values (%s, %s, %s) on conflict (pipeline, tbl)"
+            " do update set tenant_column = excluded.tenant_column, configured = true, updated_at = now()",
+            [(pipeline, n, infos[n].tenant) for n in names])
+        conn.execute("update pgfresh.tables set configured = false, updated_at = now()"
+                     " where pipeline = %s and configured and tbl <> all(%s)", (pipeline, names))
+
+
 class RowStore:
     """Applies streamed transactions and snapshot chunks to pgfresh.rows, logging each applied change."""
 
-    def __init__(self, conn: psycopg.Connection, infos: dict[str, TableInfo]):
+    def __init__(self, conn: psycopg.Connection, infos: dict[str, TableInfo], pipeline: str = DEFAULT_PIPELINE):
         self.conn = conn
         self.infos = infos
+        self.pipeline = pipeline
         conn.execute(_STAGE)
         conn.commit()
         self.snapshot_pending = self._pending_tables()
@@ -113,7 +216,8 @@ class RowStore:
 
     # -- positions -------------------------------------------------------------------------------
     def stored_lsn(self) -> int:
-        row = self.conn.execute("select lsn::text from pgfresh.sink_progress where sink = %s", (SINK,)).fetchone()
+        row = self.conn.execute("select lsn::text from pgfresh.sink_progress where pipeline = %s and sink = %s",
+                                (self.pipeline, SINK)).fetchone()
         self.conn.commit()
         return po.parse_lsn(row[0]) if row else 0
 
@@ -121,25 +225,28 @@ class RowStore:
         """Record the starting position; on a new slot, queue a snapshot of every table."""
         with self.conn.transaction():
             self.conn.execute(
-                "insert into pgfresh.sink_progress (sink, lsn) values (%s, %s) on conflict (sink) do nothing",
-                (SINK, slot_lsn))
+                "insert into pgfresh.sink_progress (pipeline, sink, lsn) values (%s, %s, %s)"
+                " on conflict (pipeline, sink) do nothing", (self.pipeline, SINK, slot_lsn))
             for name in self.infos:
                 # A table added to the config later gets its snapshot too; a new slot re-reads everything.
                 if created:
-                    self.conn.execute("delete from pgfresh.snapshot_progress where tbl = %s", (name,))
+                    self.conn.execute("delete from pgfresh.snapshot_progress where pipeline = %s and tbl = %s",
+                                      (self.pipeline, name))
                 self.conn.execute(
-                    "insert into pgfresh.snapshot_progress (tbl) values (%s) on conflict (tbl) do nothing", (name,))
+                    "insert into pgfresh.snapshot_progress (pipeline, tbl) values (%s, %s)"
+                    " on conflict (pipeline, tbl) do nothing", (self.pipeline, name))
         self.snapshot_pending = self._pending_tables()
         self.reconcile_until = self._reconcile_until()
 
     def _reconcile_until(self) -> dict[str, int]:
         rows = self.conn.execute("select tbl, reconcile_until::text from pgfresh.snapshot_progress"
-                                 " where reconcile_until is not null").fetchall()
+                                 " where pipeline = %s and reconcile_until is not null", (self.pipeline,)).fetchall()
         return {t: po.parse_lsn(lsn) for t, lsn in rows}
 
     def _pending_tables(self) -> list[str]:
         names = [r[0] for r in self.conn.execute(
-            "select tbl from pgfresh.snapshot_progress where not done order by tbl")]
+            "select tbl from pgfresh.snapshot_progress where pipeline = %s and not done order by tbl",
+            (self.pipeline,))]
         self.conn.commit()
         return [n for n in names if n in self.infos]
 
@@ -148,22 +255,40 @@ class RowStore:
         """Apply whole transactions (skipping ones already stored) in one DB transaction; commit."""
         with self.conn.transaction():
             (stored,) = self.conn.execute(
-                "select lsn::text from pgfresh.sink_progress where sink = %s for update", (SINK,)).fetchone()
+                "select lsn::text from pgfresh.sink_progress where pipeline = %s and sink = %s for update",
+                (self.pipeline, SINK)).fetchone()
             stored = po.parse_lsn(stored)
             txs = [t for t in txs if t.end_lsn > stored]
             if not txs:
                 return []
             (ref,) = self.conn.execute("select pg_snapshot_xmax(pg_current_snapshot())::text::bigint").fetchone()
-            changes = [c for t in txs for c in t.changes]
+            changes = [c for t in txs for c in t.changes if c.table in self.infos]
+            self._count_dropped([c for t in txs for c in t.changes if c.table not in self.infos])
             for c in changes:
                 c.xid = full_xid(c.xid, ref) if c.xid is not None else None
             applied = self._apply_changes(changes)
-            self.conn.execute("update pgfresh.sink_progress set lsn = %s, updated_at = now() where sink = %s",
-                              (po.format_lsn(txs[-1].end_lsn), SINK))
+            self.conn.execute("update pgfresh.sink_progress set lsn = %s, updated_at = now()"
+                              " where pipeline = %s and sink = %s", (po.format_lsn(txs[-1].end_lsn), self.pipeline, SINK))
         return applied
 
-    def _state(self, changes: list[Change]) -> dict[tuple[str, str], tuple[dict | None, Snapshot | None]]:
-        """Stored row and chunk snapshot for the keys that need them (TOAST fill, deletes, snapshot in progress)."""
+    def _count_dropped(self, dropped: list[Change]) -> None:
+        """Count changes of tables this pipeline does not capture (left the config, still in flight)."""
+        if not dropped:
+            return
+        counts: dict[str, list] = {}
+        for c in dropped:
+            n = counts.setdefault(c.table, [0, 0])
+            n[0] += 1
+            n[1] = max(n[1], c.lsn)
+        self.conn.cursor().executemany(
+            "insert into pgfresh.dropped_changes (pipeline, tbl, changes, last_lsn) values (%s, %s, %s, %s)"
+            " on conflict (pipeline, tbl) do update set changes = pgfresh.dropped_changes.changes + excluded.changes,"
+            " last_lsn = excluded.last_lsn, updated_at = now()",
+            [(self.pipeline, t, n, po.format_lsn(lsn)) for t, (n, lsn) in counts.items()])
+
+    def _state(self, changes: list[Change]) -> dict[tuple[str, str], tuple[dict | None, Snapshot | None, str | None]]:
+        """Stored row, chunk snapshot and tenant for the keys that need them (TOAST fill, deletes,
+        snapshot in progress)."""
         # A change may already be inside a chunk only if its table is still being read, or if it
         # committed before the table's last chunk was read (WAL position recorded with the chunk).
         pending = set(self.snapshot_pending)
@@ -175,9 +300,10 @@ class RowStore:
             return {}
         tbls, keys = zip(*wanted)
         rows = self.conn.execute(
-            "select r.tbl, r.key, r.row, r.snap::text from pgfresh.rows r"
-            " join unnest(%s::text[], %s::text[]) w(tbl, key) using (tbl, key)", (list(tbls), list(keys)))
-        return {(t, k): (row, Snapshot.parse(s) if s else None) for t, k, row, s in rows}
+            "select r.tbl, r.key, r.row, r.snap::text, r.tenant from pgfresh.rows r"
+            " join unnest(%s::text[], %s::text[]) w(tbl, key) using (tbl, key) where r.pipeline = %s",
+            (list(tbls), list(keys), self.pipeline))
+        return {(t, k): (row, Snapshot.parse(s) if s else None, tenant) for t, k, row, s, tenant in rows}
 
     def _apply_changes(self, changes: list[Change]) -> list[Change]:
         state = self._state(changes)
@@ -192,21 +318,25 @@ class RowStore:
                 applied.append(c)
                 continue
             k = (c.table, c.key_text)
-            row, snap = state.get(k, (None, None))
+            row, snap, tenant = state.get(k, (None, None, None))
             if snap is not None and c.xid is not None and snap.visible(c.xid):
                 continue  # the snapshot chunk that wrote this key already contains this change
             if c.old_key is not None:  # the key itself changed: the old key is gone
-                gone = Change(c.table, "delete", c.old_key, None, c.lsn, c.commit_time, c.xid, tenant=c.tenant)
+                gone = Change(c.table, "delete", c.old_key, None, c.lsn, c.commit_time, c.xid)
                 old_k = (c.table, gone.key_text)
-                gone.row = state.get(old_k, (None, None))[0]
-                state[old_k] = (gone.row, None)
+                gone.row, _, gone.tenant = state.get(old_k, (None, None, None))
+                if gone.row is None:  # never stored: the new version's tenant is the best known
+                    gone.tenant = c.tenant
+                state[old_k] = (gone.row, None, gone.tenant)
                 segment.append(gone)
                 applied.append(gone)
             if c.op == "delete":
                 c.row = row  # the last known row: later stages render "no longer exists" from it
+                if c.tenant is None:  # not in the replica identity: the stored row's tenant
+                    c.tenant = tenant
             elif c.unchanged and row is not None:
                 c.row = {**{col: row.get(col) for col in c.unchanged}, **c.row}
-            state[k] = (c.row, None)
+            state[k] = (c.row, None, c.tenant)
             segment.append(c)
             applied.append(c)
         self._flush(segment)
@@ -221,21 +351,22 @@ class RowStore:
             for i, c in enumerate(changes):
                 cp.write_row((i, c.table, c.key_text, c.tenant, c.op, _json(c), po.format_lsn(c.lsn), c.commit_time,
                               c.xid))
-        cur.execute(_LOG_STAGE)
-        cur.execute(_UPSERT_STREAM)
+        cur.execute(_LOG_STAGE, {"pipeline": self.pipeline})
+        cur.execute(_UPSERT_STREAM, {"pipeline": self.pipeline})
         cur.execute("truncate pgfresh_stage")
 
     def _truncate(self, c: Change) -> None:
         self.conn.execute(
             "update pgfresh.rows set deleted = true, lsn = %s, commit_time = %s, xid = %s::xid8, snap = null"
-            " where tbl = %s and not deleted", (po.format_lsn(c.lsn), c.commit_time, str(c.xid), c.table))
-        self.conn.execute("update pgfresh.snapshot_progress set truncate_xid = %s::xid8 where tbl = %s and not done",
-                          (str(c.xid), c.table))
+            " where pipeline = %s and tbl = %s and not deleted",
+            (po.format_lsn(c.lsn), c.commit_time, str(c.xid), self.pipeline, c.table))
+        self.conn.execute("update pgfresh.snapshot_progress set truncate_xid = %s::xid8"
+                          " where pipeline = %s and tbl = %s and not done", (str(c.xid), self.pipeline, c.table))
 
     def _log_truncate(self, c: Change) -> None:
-        self.conn.execute("insert into pgfresh.changes (tbl, key, tenant, op, row, lsn, commit_time)"
-                          " values (%s, '[]', null, 'truncate', null, %s, %s)",
-                          (c.table, po.format_lsn(c.lsn), c.commit_time))
+        self.conn.execute("insert into pgfresh.changes (pipeline, tbl, key, tenant, op, row, lsn, commit_time)"
+                          " values (%s, %s, '[]', null, 'truncate', null, %s, %s)",
+                          (self.pipeline, c.table, po.format_lsn(c.lsn), c.commit_time))
 
     # -- snapshot --------------------------------------------------------------------------------
     def snapshot_step(self, max_rows: int) -> tuple[int, float]:
@@ -252,8 +383,8 @@ class RowStore:
                 snap_text, wal_pos = conn.execute(
                     "select pg_current_snapshot()::text, pg_current_wal_insert_lsn()::text").fetchone()
                 last_key, truncate_xid = conn.execute(
-                    "select last_key, truncate_xid::text from pgfresh.snapshot_progress where tbl = %s for update",
-                    (name,)).fetchone()
+                    "select last_key, truncate_xid::text from pgfresh.snapshot_progress"
+                    " where pipeline = %s and tbl = %s for update", (self.pipeline, name)).fetchone()
                 rows = self._read_chunk(info, last_key, max_rows)
                 snap = Snapshot.parse(snap_text)
                 skip = truncate_xid is not None and not snap.visible(int(truncate_xid))
@@ -264,8 +395,10 @@ class RowStore:
                 done = len(rows) < max_rows
                 conn.execute(
                     "update pgfresh.snapshot_progress set last_key = %s, rows_read = rows_read + %s, done = %s,"
-                    " finished_at = case when %s then now() end, reconcile_until = %s where tbl = %s",
-                    (Jsonb(new_last), len(rows), done, done, wal_pos, name))
+                    " finished_at = case when %s then now() end, reconcile_until = %s where pipeline = %s and tbl = %s",
+                    (Jsonb(new_last), len(rows), done, done, wal_pos, self.pipeline, name))
+                if done:  # a resync ends here, in the last chunk's transaction: exactly once
+                    conn.execute(_RESYNC_DELETES, {"tbl": name, "pipeline": self.pipeline})
         finally:
             conn.isolation_level = None
         self.reconcile_until[name] = po.parse_lsn(wal_pos)
@@ -302,7 +435,7 @@ class RowStore:
                 row = {c: (v if f is None or v is None else f(v)) for c, f, v in zip(cols, convs, raw)}
                 cp.write_row((i, info.name, key_text([row[cols[j]] for j in key_idx]),
                               raw[tenant_idx] if tenant_idx is not None else None, row_json(row)))
-        cur.execute(_UPSERT_CHUNK, {"snap": snap_text})
+        cur.execute(_UPSERT_CHUNK, {"snap": snap_text, "pipeline": self.pipeline})
         applied = cur.rowcount
         cur.execute("truncate pgfresh_stage")
         return applied

@@ -28,7 +28,7 @@ import psycopg2.extras
 
 from pgfresh.capture import pgoutput as po
 from pgfresh.capture.change import Change
-from pgfresh.errors import DecodeError, SourceError
+from pgfresh.errors import ConnectionLostError, DecodeError, SourceError
 
 
 @dataclass
@@ -53,7 +53,7 @@ class Stream:
                 application_name="pgfresh-stream", options="-c TimeZone=UTC -c DateStyle=ISO -c extra_float_digits=1",
             )
         except psycopg2.OperationalError as exc:
-            raise SourceError(f"cannot open a replication connection ({str(exc).strip().splitlines()[0]}); "
+            raise ConnectionLostError(f"cannot open a replication connection ({str(exc).strip().splitlines()[0]}); "
                               "check pg_hba.conf allows replication for this role") from None
         self.cur = self.conn.cursor()
         options = {"proto_version": "1", "publication_names": publication}
@@ -139,6 +139,8 @@ class Stream:
     def _change(self, m: po.RowMessage) -> Change:
         rel = m.relation
         table = rel.qualified
+        if table not in self.keys:  # left the config, still in the WAL: the row store counts and drops it
+            return Change(table, m.op, [], None, 0, None)
         key_cols = self.keys.get(table) or rel.key_columns
         if not key_cols:
             raise SourceError(

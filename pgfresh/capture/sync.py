@@ -8,6 +8,12 @@ stream has reached the WAL position current at start, the snapshot is complete a
 idle. SIGTERM/SIGINT finish the current batch, then exit. Every `retention.prune_interval_seconds`
 (and once on exit) it prunes what `[retention]` allows (pgfresh/retention.py), in short batches.
 
+The source going away (restart, crash, network) is not an error: every connection is opened again
+with capped backoff and capture resumes from the stored position, exactly once; only after
+`source.reconnect_give_up_seconds` without a connection does `sync` exit (code 2). A slot that is
+gone or invalidated while a stored position needs it stops `sync` with one line pointing to
+`pgfresh resync` (capture/resync.py); it is never silently re-created.
+
 No transaction opened here lives longer than `source.max_txn_seconds`: a batch is bounded in
 changes and seconds, a snapshot chunk shrinks when it takes more than a quarter of the limit, and
 on PostgreSQL 17+ the server enforces the limit itself (`transaction_timeout`).
@@ -20,13 +26,18 @@ import signal
 import threading
 import time
 
+import psycopg
+import psycopg2
+
 from pgfresh import config as cfg
 from pgfresh import db
 from pgfresh import retention
 from pgfresh.capture import pgoutput as po
 from pgfresh.capture import setup
-from pgfresh.capture.rowstore import RowStore
+from pgfresh.capture.change import pipeline_of, worker_name
+from pgfresh.capture.rowstore import RowStore, register_tables
 from pgfresh.capture.stream import Stream
+from pgfresh.errors import ConnectionLostError, SourceError
 
 # Later stages that run inside `pgfresh sync`, and when: the facts worker when a table has fact
 # templates or [train] is present, the RAG index when [rag] is present (`pgfresh init` writes it).
@@ -35,6 +46,9 @@ DOWNSTREAM_MODULES = {
     "pgfresh.rag": lambda c: "rag" in c.sections,
 }
 HEARTBEAT_SECONDS = 2.0
+RECONNECT_MAX_SECONDS = 10.0  # the cap of the backoff between reconnect attempts
+# SQLSTATEs of a server shutting down, crashed, or still starting up: the connection is gone, not the data.
+SHUTDOWN_STATES = ("57P01", "57P02", "57P03")
 
 
 def downstream_workers(config: cfg.Config) -> list:
@@ -55,8 +69,8 @@ def check_stage_columns(config: cfg.Config, infos: dict) -> None:
 
 
 class _Heartbeat:
-    def __init__(self, conn, name: str):
-        self.conn, self.name, self.last = conn, name, 0.0
+    def __init__(self, conn, name: str, pipeline: str):
+        self.conn, self.name, self.pipeline, self.last = conn, worker_name(name, pipeline), pipeline, 0.0
 
     def beat(self, info: dict, force: bool = False) -> None:
         now = time.monotonic()
@@ -66,18 +80,92 @@ class _Heartbeat:
         from psycopg.types.json import Jsonb
 
         self.conn.execute(
-            "insert into pgfresh.workers (name, pid, heartbeat, info) values (%s, %s, now(), %s)"
+            "insert into pgfresh.workers (name, pipeline, pid, heartbeat, info) values (%s, %s, %s, now(), %s)"
             " on conflict (name) do update set pid = excluded.pid, heartbeat = now(), info = excluded.info",
-            (self.name, os.getpid(), Jsonb(info)))
+            (self.name, self.pipeline, os.getpid(), Jsonb(info)))
 
     def error(self, exc: BaseException) -> None:
         try:
             self.conn.execute(
-                "insert into pgfresh.workers (name, last_error, last_error_at) values (%s, %s, now())"
+                "insert into pgfresh.workers (name, pipeline, last_error, last_error_at) values (%s, %s, %s, now())"
                 " on conflict (name) do update set last_error = excluded.last_error, last_error_at = now()",
-                (self.name, f"{type(exc).__name__}: {exc}"[:2000]))
+                (self.name, self.pipeline, f"{type(exc).__name__}: {exc}"[:2000]))
         except Exception:  # the database itself may be what failed; the error is re-raised anyway
             pass
+
+    def reconnected(self, lost: "_Lost") -> None:
+        """After a reconnect: the error and one more reconnect on our row; the error on the part that lost it too."""
+        self.conn.execute(
+            "insert into pgfresh.workers (name, pipeline, last_error, last_error_at, reconnects)"
+            " values (%s, %s, %s, now(), 1) on conflict (name) do update set last_error = excluded.last_error,"
+            " last_error_at = now(), reconnects = pgfresh.workers.reconnects + 1",
+            (self.name, self.pipeline, str(lost)[:2000]))
+        component = worker_name(lost.component, self.pipeline)
+        if component != self.name:
+            self.conn.execute(
+                "insert into pgfresh.workers (name, pipeline, last_error, last_error_at) values (%s, %s, %s, now())"
+                " on conflict (name) do update set last_error = excluded.last_error, last_error_at = now()",
+                (component, self.pipeline, str(lost)[:2000]))
+
+
+class _Capture:
+    """The capture side's connections: checked source, row store, stream, heartbeat."""
+
+    def __init__(self, config: cfg.Config, dsn: str):
+        src = config.source
+        self.conn = db.connect(dsn, "capture", max_txn_seconds=src.max_txn_seconds, autocommit=True)
+        self.stream = None
+        try:
+            self.infos = setup.check_source(self.conn, config)  # everything checked before anything is created
+            check_stage_columns(config, self.infos)
+            self.warning = setup.check_wal_keep_size(self.conn, config)
+            db.migrate(self.conn)
+            pipeline = pipeline_of(config)
+            register_tables(self.conn, pipeline, self.infos, str(config.path))
+            added, removed = setup.ensure_publication(self.conn, config)
+            # The publication follows the config: say what changed.
+            self.notes = [f"added {n} to publication {src.publication}" for n in added] + [
+                f"removed {n} from publication {src.publication} (its changes are dropped)" for n in removed]
+            self.store = RowStore(self.conn, self.infos, pipeline)
+            # A stored position and no usable slot: refuse (SlotLostError), never re-snapshot silently.
+            slot_lsn, created = setup.ensure_slot(self.conn, config, self.store.stored_lsn())
+            self.store.start(slot_lsn, created)
+            self.start_lsn = self.store.stored_lsn()
+            self.stream = Stream(dsn, src.slot, src.publication, po.format_lsn(self.start_lsn),
+                                 {n: i.key for n, i in self.infos.items()}, {n: i.tenant for n, i in self.infos.items()})
+        except BaseException:
+            self.conn.close()
+            raise
+        self.heartbeat = _Heartbeat(self.conn, "capture", pipeline)
+
+    def close(self) -> None:
+        if self.stream is not None:
+            self.stream.close()
+        self.conn.close()
+
+
+class _Lost(Exception):
+    """A connection of `component` broke (raised from `_loop` so `run` can reconnect)."""
+
+    def __init__(self, component: str, cause: BaseException):
+        first = str(cause).strip().splitlines()[0] if str(cause).strip() else "connection closed"
+        super().__init__(f"{component}: {type(cause).__name__}: {first}")
+        self.component, self.cause = component, cause
+
+
+def connection_lost(exc: BaseException) -> bool:
+    """Is `exc` the source going away (retry) rather than an error to report? By class and SQLSTATE."""
+    if isinstance(exc, (_Lost, ConnectionLostError)):
+        return True
+    if isinstance(exc, psycopg.Error):
+        state = exc.sqlstate
+        return (state is None and isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError))) or \
+            (state is not None and (state.startswith("08") or state in SHUTDOWN_STATES))
+    if isinstance(exc, psycopg2.Error):
+        state = exc.pgcode
+        # libpq's own errors carry no SQLSTATE: the connection or the COPY stream ended under us.
+        return state is None or state.startswith("08") or state in SHUTDOWN_STATES
+    return False
 
 
 def run(config: cfg.Config, once: bool = False, console=None, stop: threading.Event | None = None,
@@ -86,40 +174,86 @@ def run(config: cfg.Config, once: bool = False, console=None, stop: threading.Ev
 
     `workers`: the downstream workers to drive (default: those the config asks for). Workers
     passed in stay open for the caller's next run (the arena keeps its embedder loaded).
+
+    A lost connection (server restarted, network gone) closes every connection and opens them again
+    with capped backoff, resuming from the stored position: the row store skips what it already
+    applied, so nothing is applied twice. After `source.reconnect_give_up_seconds` of failing to
+    reconnect, SourceError. Errors and reconnects are recorded in pgfresh.workers.
     """
     stop = stop or threading.Event()
     dsn = setup.resolve_dsn(config)
-    src = config.source
-    conn = db.connect(dsn, "capture", max_txn_seconds=src.max_txn_seconds, autocommit=True)
-    infos = setup.check_source(conn, config)  # everything checked before anything is created
-    check_stage_columns(config, infos)
-    db.migrate(conn)
-    setup.ensure_publication(conn, config)
-    slot_lsn, created = setup.ensure_slot(conn, config)
-    store = RowStore(conn, infos)
-    store.start(slot_lsn, created)
-    start_lsn = store.stored_lsn()
-    stream = Stream(dsn, src.slot, src.publication, po.format_lsn(start_lsn),
-                    {n: i.key for n, i in infos.items()}, {n: i.tenant for n, i in infos.items()})
+    cap = _Capture(config, dsn)
+    if console is not None:
+        for line in cap.notes + ([f"warning: {cap.warning}"] if cap.warning else []):
+            console.print(line, highlight=False, soft_wrap=True, markup=False)
     own_workers = workers is None
     workers = downstream_workers(config) if own_workers else workers
-    heartbeat = _Heartbeat(conn, "capture")
     previous_handlers = _install_signals(stop)
-    target = po.parse_lsn(conn.execute("select pg_current_wal_lsn()::text").fetchone()[0]) if once else None
-    stats = {"changes": 0, "transactions": 0, "snapshot_rows": 0, "lsn": po.format_lsn(start_lsn), "lag_seconds": 0.0}
+    target = po.parse_lsn(cap.conn.execute("select pg_current_wal_lsn()::text").fetchone()[0]) if once else None
+    stats = {"changes": 0, "transactions": 0, "snapshot_rows": 0, "lsn": po.format_lsn(cap.start_lsn),
+             "lag_seconds": 0.0, "reconnects": 0}
+    outage_started, reconnected_at = 0.0, 0.0
     try:
-        _loop(config, store, stream, workers, heartbeat, stats, stop, target, start_lsn, console)
+        while cap is not None:
+            try:
+                _loop(config, cap.store, cap.stream, workers, cap.heartbeat, stats, stop, target, cap.start_lsn, console)
+                break
+            except Exception as exc:
+                if not connection_lost(exc):
+                    raise
+                lost = exc if isinstance(exc, _Lost) else _Lost("capture", exc)
+            cap.close()
+            for w in workers:
+                w.close()  # each worker opens its connection again on its next step
+            # An outage lasts until a connection holds for a while: one that breaks again at once
+            # (a storm of reconnects) still counts toward reconnect_give_up_seconds.
+            if time.monotonic() - reconnected_at > RECONNECT_MAX_SECONDS:
+                outage_started = time.monotonic()
+            cap = _reconnect(config, dsn, lost, stop, console, outage_started)
+            if cap is not None:
+                reconnected_at = time.monotonic()
+                stats["reconnects"] += 1
+                cap.heartbeat.reconnected(lost)
     except BaseException as exc:
-        heartbeat.error(exc)
+        if cap is not None:
+            cap.heartbeat.error(exc)
         raise
     finally:
         for sig, handler in previous_handlers.items():
             signal.signal(sig, handler)
-        stream.close()
         for w in workers if own_workers else []:
             w.close()
-        conn.close()
+        if cap is not None:
+            cap.close()
     return stats
+
+
+def _reconnect(config: cfg.Config, dsn: str, lost: _Lost, stop: threading.Event, console,
+               started: float) -> _Capture | None:
+    """Open capture again, waiting 0.5 s, 1 s, 2 s ... (at most RECONNECT_MAX_SECONDS) between tries.
+
+    Returns None when stopped meanwhile; SourceError after source.reconnect_give_up_seconds.
+    """
+    give_up = config.source.reconnect_give_up_seconds
+    delay, last = 0.5, lost
+    if console is not None:
+        console.print(f"connection lost ({lost}); reconnecting", highlight=False, soft_wrap=True)
+    while not stop.wait(delay):
+        elapsed = time.monotonic() - started
+        if elapsed >= give_up:
+            first = str(last).strip().splitlines()[0] if str(last).strip() else type(last).__name__
+            raise SourceError(
+                f"lost the source connection {elapsed:.0f} s ago and could not reconnect ({first}); gave up after "
+                f"source.reconnect_give_up_seconds = {give_up:g}: start pgfresh sync again once the server is back "
+                "(it resumes from the stored position)")
+        try:
+            return _Capture(config, dsn)
+        except Exception as exc:
+            if not connection_lost(exc):
+                raise
+            last = exc
+        delay = min(delay * 2, RECONNECT_MAX_SECONDS, max(0.1, give_up - (time.monotonic() - started)))
+    return None
 
 
 def _loop(config, store, stream, workers, heartbeat, stats, stop, target, processed, console) -> None:
@@ -159,12 +293,19 @@ def _loop(config, store, stream, workers, heartbeat, stats, stop, target, proces
                 chunk_rows //= 2
             elif seconds < src.max_txn_seconds / 20 and chunk_rows < src.snapshot_chunk_rows:
                 chunk_rows = min(src.snapshot_chunk_rows, chunk_rows * 2)
-        busy = sum(w.step() for w in workers) if workers else 0
+        busy = 0
+        for w in workers:
+            try:
+                busy += w.step()
+            except Exception as exc:
+                if connection_lost(exc):
+                    raise _Lost(w.name, exc) from exc
+                raise
         stats["lsn"] = po.format_lsn(processed)
         heartbeat.beat({"lsn": stats["lsn"], "changes": stats["changes"], "lag_seconds": stats["lag_seconds"],
                         "snapshot_pending": store.snapshot_pending})
         if time.monotonic() - last_prune > keep.prune_interval_seconds:
-            retention.prune(store.conn, config, consumers)
+            retention.prune(store.conn, config, consumers, store.pipeline)
             last_prune = time.monotonic()
         if stop.is_set() and not batch:
             break
@@ -175,7 +316,7 @@ def _loop(config, store, stream, workers, heartbeat, stats, stop, target, proces
                 stream.request_position()
     heartbeat.beat({"lsn": stats["lsn"], "changes": stats["changes"], "lag_seconds": stats["lag_seconds"],
                     "snapshot_pending": []}, force=True)
-    retention.prune(store.conn, config, consumers)
+    retention.prune(store.conn, config, consumers, store.pipeline)
 
 
 def _install_signals(stop: threading.Event) -> dict:

@@ -270,6 +270,11 @@ class Gate:
         candidates = []
         for c in changes:
             policy = self.policy(c.table)
+            table = self.tables.get(c.table)
+            if table is not None and table.tenant and c.tenant is None:
+                # Never shared: a row of a tenant table without a tenant would reach every tenant's slice.
+                d.reject(c, "tenant", f"tenant column {table.tenant} is null", self._safe_row(c))
+                continue
             if not released:
                 failed = next(((chk.name, why) for chk in policy.checks if (why := chk.reject(c.row)) is not None), None)
                 if failed:
@@ -349,15 +354,15 @@ class Gate:
         position = position if position is not None else self._position
         horizon = None
         if position is not None:
-            row = conn.execute("select captured_at from pgfresh.changes where seq > %s order by seq limit 1",
-                               (position,)).fetchone()
+            row = conn.execute("select captured_at from pgfresh.changes where seq > %s and tbl = any(%s)"
+                               " order by seq limit 1", (position, list(self.tables))).fetchone()
             horizon = row[0] if row else None
         due = conn.execute(
             "delete from pgfresh.gate_pending p where (p.path, p.tbl, p.key) in (select path, tbl, key"
             " from pgfresh.gate_pending where path = %s and due_at <= least(now(), coalesce(%s::timestamptz, 'infinity'))"
-            " order by due_at limit %s for update skip locked)"
+            " and tbl = any(%s) order by due_at limit %s for update skip locked)"
             " returning p.tbl, p.key, p.seq, p.tenant, p.op, p.row, p.lsn::text, p.commit_time",
-            (self.path, horizon, limit),
+            (self.path, horizon, list(self.tables), limit),
         ).fetchall()
         changes = [_change(*r) for r in due]
         accepted += self._accept(conn, d, sorted(changes, key=lambda c: c.seq))
@@ -369,8 +374,8 @@ class Gate:
             "select q.id, q.tbl, q.key, q.seq, q.tenant, q.op, q.row, q.lsn::text, q.commit_time,"
             f" ({NEWER_SQL}) as newer"
             " from pgfresh.quarantine q where q.path = %s and q.released_at is not null and q.readmitted_at is null"
-            " order by q.seq limit %s for update skip locked",
-            (self.path, limit),
+            " and q.tbl = any(%s) order by q.seq limit %s for update skip locked",
+            (self.path, list(self.tables), limit),
         ).fetchall()
         if not rows:
             return []

@@ -25,7 +25,7 @@ from pgvector.psycopg import register_vector
 from psycopg import Rollback, sql
 
 from pgfresh import db
-from pgfresh.capture.change import Change, advance, read_changes
+from pgfresh.capture.change import Change, advance, pipeline_of, read_changes
 from pgfresh.rag import generations
 from pgfresh.rag.lexical import TSVECTOR_SQL, bigram_text
 
@@ -45,6 +45,7 @@ class IndexWorker:
         self.config = config
         self.rag = config.rag
         self.dsn = dsn
+        self.pipeline = pipeline_of(config)  # reads its own pipeline's change log, keeps its own position
         self.conn = None
         self.gate = None
         self.active = self.building = None
@@ -89,7 +90,7 @@ class IndexWorker:
     # -- 1. admit ------------------------------------------------------------------------------
     def _admit(self, conn) -> int:
         with conn.transaction():
-            changes = read_changes(conn, CONSUMER, self.batch_changes)
+            changes = read_changes(conn, CONSUMER, self.batch_changes, pipeline=self.pipeline)
             accepted = self.gate.admit(conn, changes) if changes else []
             released = self.gate.release_due(conn)
             entries = [e for e in (self._queue_entry(conn, c) for c in accepted + released) if e is not None]
@@ -99,7 +100,7 @@ class IndexWorker:
                         "insert into pgfresh.index_queue (tbl, key, tenant, op, text, lsn, commit_time, live)"
                         " values (%s, %s, %s, %s, %s, %s::pg_lsn, %s, %s)", entries)
             if changes:
-                advance(conn, CONSUMER, changes[-1].seq)
+                advance(conn, CONSUMER, changes[-1].seq, pipeline=self.pipeline)
         return len(changes) + len(released)
 
     def _queue_entry(self, conn, c: Change) -> tuple | None:

@@ -38,8 +38,8 @@ def counts(conn) -> dict:
                            (building[0] if building else -1,)).fetchone()[0]
     queue = conn.execute("select count(*), extract(epoch from now() - min(queued_at)) from pgfresh.index_queue").fetchone()
     behind = conn.execute(
-        "select count(*) from pgfresh.changes where seq > coalesce((select seq from pgfresh.consumers"
-        " where name = 'index'), 0)").fetchone()[0]
+        "select count(*) from pgfresh.changes c where seq > coalesce((select k.seq from pgfresh.consumers k"
+        " where k.pipeline = c.pipeline and k.name = 'index'), 0)").fetchone()[0]
     buckets = conn.execute("select bucket, n from pgfresh.rag_freshness").fetchall()
     counters = dict(conn.execute("select name, value from pgfresh.rag_counters").fetchall())
     entries = conn.execute("select count(*) from pgfresh.answer_cache").fetchone()[0]

@@ -19,7 +19,7 @@ import time
 from psycopg.types.json import Jsonb
 
 from pgfresh import db
-from pgfresh.capture.change import Change, advance, read_changes
+from pgfresh.capture.change import Change, advance, pipeline_of, read_changes, worker_name
 from pgfresh.capture.pgoutput import format_lsn
 from pgfresh.gate import Gate
 from pgfresh.render import Fact, RenderError, plain_table, render_facts, render_gone
@@ -85,6 +85,7 @@ class FactsWorker:
         self.batch = self.max_batch = batch
         self.gate = Gate(config, "train")
         self.tables = {t.name: t for t in config.tables}
+        self.pipeline = pipeline_of(config)  # reads its own pipeline's change log, keeps its own position
         self.conn = None
         self._beat = 0.0
         self.counts = {"changes": 0, "accepted": 0, "facts": 0}
@@ -103,12 +104,12 @@ class FactsWorker:
         conn = self._connection()
         started = time.monotonic()
         with conn.transaction():
-            changes = read_changes(conn, CONSUMER, self.batch)
+            changes = read_changes(conn, CONSUMER, self.batch, pipeline=self.pipeline)
             accepted = self.gate.admit(conn, changes)
             released = self.gate.release_due(conn, changes[-1].seq if changes else None, limit=self.batch)
             written = self.write(conn, sorted(accepted + released, key=lambda c: c.seq))
             if changes:
-                advance(conn, CONSUMER, changes[-1].seq)
+                advance(conn, CONSUMER, changes[-1].seq, pipeline=self.pipeline)
             self._heartbeat(conn, len(changes), len(accepted) + len(released), written)
         self._resize(time.monotonic() - started)
         return len(changes) + len(released)
@@ -151,8 +152,11 @@ class FactsWorker:
     def _gone(self, conn, table, change: Change, key: str, old_row: dict | None) -> list[Fact]:
         if old_row is None:
             return []
+        tenant = change.tenant
+        if tenant is None and table.tenant and old_row.get(table.tenant) is not None:
+            tenant = str(old_row[table.tenant])  # a truncate removes rows of every tenant: each keeps its own
         removed = Change(change.table, change.op, json.loads(key), None, change.lsn, change.commit_time,
-                         tenant=change.tenant, seq=change.seq)
+                         tenant=tenant, seq=change.seq)
         try:
             return render_gone(table, removed, old_row)
         except RenderError as exc:
@@ -167,9 +171,9 @@ class FactsWorker:
             return
         self._beat = time.monotonic()
         conn.execute(
-            "insert into pgfresh.workers (name, pid, heartbeat, info) values (%s, %s, now(), %s)"
+            "insert into pgfresh.workers (name, pipeline, pid, heartbeat, info) values (%s, %s, %s, now(), %s)"
             " on conflict (name) do update set pid = excluded.pid, heartbeat = now(), info = excluded.info",
-            (CONSUMER, os.getpid(), Jsonb(self.counts)))
+            (worker_name(CONSUMER, self.pipeline), self.pipeline, os.getpid(), Jsonb(self.counts)))
 
     def settling_seconds(self) -> float | None:
         """Seconds until the next row in its settle window is due (None: none waits on time).

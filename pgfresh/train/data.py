@@ -81,8 +81,10 @@ def max_lsn(conn) -> str:
     worker has consumed the whole change log (snapshot rows carry LSN 0/0)."""
     return conn.execute(
         "select greatest((select max(lsn) from pgfresh.facts),"
-        " (select max(p.lsn) from pgfresh.sink_progress p where (select seq from pgfresh.consumers where name = 'facts')"
-        "  >= (select coalesce(max(seq), 0) from pgfresh.changes)), '0/0')::text").fetchone()[0]
+        " (select max(p.lsn) from pgfresh.sink_progress p where coalesce((select k.seq from pgfresh.consumers k"
+        "  where k.pipeline = p.pipeline and k.name = 'facts'), -1)"
+        "  >= (select coalesce(max(c.seq), 0) from pgfresh.changes c where c.pipeline = p.pipeline)), '0/0')::text"
+    ).fetchone()[0]
 
 
 def _hash(*parts: str) -> int:
