@@ -92,6 +92,46 @@ def test_disabled_stage_holds_nothing_back_and_catches_up_with_deletes_when_back
     assert count(db, "rows where deleted") == 0  # every consumer runs again: nobody needs them
 
 
+def test_stage_enabled_later_on_a_pruned_pipeline_backfills_only_that_pipelines_rows(db, dsn, tmp_path):
+    """Two pipelines on one database; only `one` prunes its log. Facts enabled on `one` later come
+    from `one`'s row store alone; `two`'s log, horizon and consumers are untouched."""
+    for tbl in ("t1", "t2"):
+        db.execute(f"create table {tbl} (id int primary key, name text, price numeric(10,2))")
+        db.execute(f"insert into {tbl} select g, '{tbl} ' || g, g from generate_series(1, 50) g")
+    keep = {"one": PRUNE_NOW, "two": "[retention]\nchange_log_keep_seconds = 3600\n"}
+
+    def config(name: str, tbl: str, facts: bool) -> cfg.Config:
+        (tmp_path / name).mkdir(exist_ok=True)
+        body = (f'slot = "{name}"\npublication = "{name}"\n' + TABLE.replace('"items"', f'"{tbl}"')
+                + (FACTS if facts else "") + keep[name])
+        return cfg.load(write_config(tmp_path / name, dsn, body))
+
+    for name, tbl in (("one", "t1"), ("two", "t2")):
+        sync.run(config(name, tbl, False), once=True)  # no stage: nobody reads either log
+        db.execute(f"update {tbl} set price = price * 2 where id <= 10")
+        db.execute(f"delete from {tbl} where id > 45")
+        sync.run(config(name, tbl, False), once=True)
+    assert count(db, "changes where pipeline = 'one'") == 0  # pruned
+    assert count(db, "changes where pipeline = 'two'") > 0  # inside its window
+    horizons = dict(db.execute("select pipeline, pruned_through from pgfresh.retention where name = 'changes'"))
+    assert horizons.get("one", 0) > 0 and horizons.get("two", 0) == 0
+
+    sync.run(config("one", "t1", True), once=True)  # facts enabled on `one` after its log was pruned
+    facts = dict(db.execute("select key, answer from pgfresh.facts where status = 'active' and kind = 'qa'"
+                            " and tbl = 'public.t1'").fetchall())
+    assert facts == {f"[{i}]": str(p) for i, p in db.execute("select id, price from t1")}
+    assert count(db, "facts where tbl <> 'public.t1' or pipeline <> 'one'") == 0  # nothing of t2's rows
+    assert db.execute("select pipeline, name, backfilled_at is not null, backfill_cursor from pgfresh.consumers"
+                      ).fetchall() == [("one", "facts", True, None)]
+    # `two`'s log was never pruned: its stage enabled now follows the log, not the row store.
+    sync.run(config("two", "t2", True), once=True)
+    assert db.execute("select backfilled_at from pgfresh.consumers where pipeline = 'two' and name = 'facts'"
+                      ).fetchone() == (None,)
+    facts = dict(db.execute("select key, answer from pgfresh.facts where status = 'active' and kind = 'qa'"
+                            " and tbl = 'public.t2'").fetchall())
+    assert facts == {f"[{i}]": str(p) for i, p in db.execute("select id, price from t2")}
+
+
 def test_prune_bounds_gate_log_tombstones_and_superseded_facts_but_keeps_trained_facts(db, dsn, tmp_path):
     db.execute("create table items (id int primary key, name text, price numeric(10,2))")
     db.execute("insert into items select g, 'item ' || g, g from generate_series(1, 30) g")
