@@ -17,8 +17,7 @@ pruned by every pipeline's pruner alike.
   the config does not run is registered (a stage switched off, which gets them as deletes when it
   comes back), `tombstone_keep_hours` after the delete, else `change_log_keep_seconds`; and never
   while the change log still holds a change of that row that a running consumer has not passed (the
-  deletes `pgfresh resync` logs). A resync's tombstone has no commit time: it goes as soon as that
-  holds, unless a switched-off consumer is registered (then it stays until there is none);
+  deletes `pgfresh resync` logs; a resync's tombstone is aged from the resync);
 - superseded facts: `superseded_facts_keep_hours` after they were superseded, and never while a
   slice version (`pgfresh.fact_training`, any version, so that every rollback target keeps its
   lineage) or a slice's probe set names them. A kept fact whose `superseded_by` named a pruned one
@@ -100,8 +99,7 @@ _TARGETS = {
         delete from pgfresh.rows r using (
             select tbl, key from pgfresh.rows t
              where pipeline = %(pipeline)s and deleted
-               and (commit_time < now() - make_interval(secs => %(tombstone_keep_seconds)s)
-                    or (commit_time is null and not %(idle)s))
+               and commit_time < now() - make_interval(secs => %(tombstone_keep_seconds)s)
                and tbl not in (select tbl from pgfresh.snapshot_progress where pipeline = %(pipeline)s and not done)
                and not exists (select 1 from pgfresh.changes c where c.pipeline = %(pipeline)s
                                   and c.seq > %(upto)s and c.tbl = t.tbl and c.key = t.key)
@@ -132,14 +130,18 @@ def prune(conn, config, consumers: list[str], pipeline: str = DEFAULT_PIPELINE,
     with conn.transaction():
         row = conn.execute("select min(seq) from pgfresh.consumers where pipeline = %s and name = any(%s)",
                            (pipeline, list(consumers))).fetchone()
-        (idle,) = conn.execute("select count(*) from pgfresh.consumers where pipeline = %s and (not name = any(%s)"
-                               " or (backfill_cursor is not null and backfill_deletes))",
-                               (pipeline, list(consumers))).fetchone()
+        # Consumers that need tombstones: not run, backfilling with deletes, or (having read the log
+        # before) behind the pruned horizon, so they will backfill with deletes on their next read.
+        (idle,) = conn.execute(
+            "select count(*) from pgfresh.consumers c where pipeline = %s and (not name = any(%s)"
+            " or (backfill_cursor is not null and backfill_deletes)"
+            " or (backfill_cursor is null and seq > 0 and seq < coalesce((select pruned_through from pgfresh.retention"
+            "     where pipeline = c.pipeline and name = 'changes'), 0)))",
+            (pipeline, list(consumers))).fetchone()
     params["upto"] = row[0] if row[0] is not None else 2**63 - 1
     # Tombstones serve a consumer that is switched off now (it gets them as deletes when it comes
-    # back, or is getting them now); with none, they go as soon as the change log would.
+    # back, or is getting them now, or will); with none, they go as soon as the change log would.
     params["tombstone_keep_seconds"] = r.tombstone_keep_hours * 3600 if idle else r.change_log_keep_seconds
-    params["idle"] = bool(idle)
     done = {name: 0 for name in _TARGETS}
     # Each target gets its share of the budget, so a slow one (wide change-log rows) cannot starve
     # the others; a target that finishes early leaves its share to the ones after it.

@@ -184,6 +184,36 @@ def test_change_log_waits_for_every_running_consumer(db, dsn, tmp_path):
     assert retention.prune(db, config, [])["changes"] == 1  # not run by the config: holds nothing back
 
 
+def test_resync_tombstones_stay_until_every_running_consumer_has_seen_their_deletes(db, dsn, tmp_path):
+    from pgfresh.capture import change, resync
+
+    db.execute("create table items (id int primary key, name text, price numeric(10,2))")
+    db.execute("insert into items select g, 'item ' || g, g from generate_series(1, 20) g")
+    config = load(tmp_path, dsn, TABLE + FACTS + PRUNE_NOW.replace("tombstone_keep_hours = 0", "tombstone_keep_hours = 1"))
+    sync.run(config, once=True)
+    # A second consumer that has read the whole log before the slot is lost.
+    db.execute("insert into pgfresh.consumers (name, seq) select 'slow', last_value from pgfresh.changes_seq_seq")
+    db.execute("select pg_drop_replication_slot('pgfresh')")
+    db.execute("delete from items where id > 15")
+    assert resync.run(config)["deleted"] == 5  # its pruning keeps the tombstones: 'slow' is not run
+    assert count(db, "rows where deleted") == 5
+    # Both run now (no consumer switched off), but 'slow' has not seen the resync's deletes (the log
+    # has moved past it: it gets them from the tombstones when it backfills): they stay.
+    done = retention.prune(db, config, ["facts", "slow"], budget_seconds=60)
+    assert done["tombstones"] == 0 and count(db, "rows where deleted") == 5
+    deletes = []
+    while True:
+        with db.transaction():
+            seen = change.read_changes(db, "slow", limit=7)
+            if not seen:
+                break
+            deletes += [c.key_text for c in seen if c.op == "delete"]
+            change.advance(db, "slow", seen[-1].seq)
+    assert sorted(deletes) == [f"[{i}]" for i in range(16, 21)]
+    assert retention.prune(db, config, ["facts", "slow"], budget_seconds=60)["tombstones"] == 5
+    assert count(db, "rows where deleted") == 0
+
+
 def test_retention_config_reports_every_problem_at_once(tmp_path):
     body = ('[source]\ndsn = "x"\n[[tables]]\nname = "t"\n[retention]\ngate_log_keep_hours = -1\n'
             'prune_batch_rows = 0\nchange_log_keep_seconds = "soon"\nkeep_forever = true\nprune_interval_seconds = 0\n')
