@@ -107,9 +107,8 @@ def status_counts(conn) -> dict:
 
 def _connect(config):
     from pgfresh import db
-    from pgfresh.capture.setup import resolve_dsn
 
-    return db.connect(resolve_dsn(config), "quarantine", autocommit=True)
+    return db.connect(db.store_dsn(config), "quarantine", autocommit=True)
 
 
 def entries(config, table: str | None = None, check: str | None = None, path: str | None = None,

@@ -108,12 +108,11 @@ def run_search(config, text: str, tenant: str | None = None, k: int | None = Non
     from pgvector.psycopg import register_vector
 
     from pgfresh import db
-    from pgfresh.capture.setup import resolve_dsn
     from pgfresh.rag.question import check
     from pgfresh.rag.retrieval import tenant_filter
 
     check(text, tenant=tenant, k=k, what="search text")
     tenant_filter(config, tenant)  # refuse before connecting
-    with db.connect(resolve_dsn(config), "search", autocommit=True) as conn:
+    with db.connect(db.store_dsn(config), "search", autocommit=True) as conn:
         register_vector(conn)
         return search(conn, config, text, tenant, k or int(config.rag.get("k", 10)), mode)

@@ -48,10 +48,9 @@ def ask(config, question: str, tenant: str | None = None, mode: str = "rag", *, 
     cache_cfg = rag.get("cache", {})
     use_cache = cache_cfg.get("enabled", True)
     t0 = time.perf_counter()
-    from pgfresh.capture.setup import resolve_dsn
     from pgvector.psycopg import register_vector
 
-    with db.connect(resolve_dsn(config), "ask", autocommit=True) as conn:
+    with db.connect(db.store_dsn(config), "ask", autocommit=True) as conn:
         register_vector(conn)
         active = retrieval.active_generation(conn, config)
         if active is None:

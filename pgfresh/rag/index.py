@@ -55,10 +55,9 @@ class IndexWorker:
 
     def _connect(self):
         if self.conn is None:
-            from pgfresh.capture.setup import resolve_dsn
             from pgfresh.gate import Gate
 
-            self.conn = db.connect(self.dsn or resolve_dsn(self.config), "index", autocommit=True,
+            self.conn = db.connect(self.dsn or db.store_dsn(self.config), "index", autocommit=True,
                                    max_txn_seconds=self.config.source.max_txn_seconds)
             db.migrate(self.conn)
             register_vector(self.conn)

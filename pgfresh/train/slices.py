@@ -52,9 +52,8 @@ _VERSION_COLS = "slice, version, parent, kind, base_id, path, sha256, lsn::text,
 
 def connect(config, role: str = "train"):
     """An autocommit connection with pgfresh's schema migrated (reads are single statements)."""
-    from pgfresh.capture.setup import resolve_dsn
 
-    conn = db.connect(resolve_dsn(config), role, autocommit=True)
+    conn = db.connect(db.store_dsn(config), role, autocommit=True)
     db.migrate(conn)
     return conn
 
