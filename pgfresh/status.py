@@ -33,7 +33,7 @@ def collect(config: cfg.Config) -> dict:
         has_schema = setup.has_state(conn)
         stored = conn.execute("select lsn::text from pgfresh.sink_progress where pipeline = %s and sink = 'rows'",
                               (pipeline_of(config),)).fetchone() if has_schema else None
-        report = {"source": _source(source), "slot": _slot(source, config, stored)}
+        report = {"source": _source(source, conn.info.backend_pid), "slot": _slot(source, config, stored)}
         if not has_schema:
             state = "not initialised: run `pgfresh sync`"
             if not setup.same_database(source, conn) and setup.has_state(source):
@@ -53,11 +53,12 @@ def collect(config: cfg.Config) -> dict:
     return report
 
 
-def _source(conn) -> dict:
+def _source(conn, store_pid: int) -> dict:
     row = conn.execute(
         "select count(*), coalesce(extract(epoch from max(now() - xact_start)), 0),"
         " coalesce(max(age(backend_xmin)), 0) from pg_stat_activity"
         " where application_name like 'pgfresh-%%' and pid <> pg_backend_pid() and datname = current_database()"
+        " and pid <> %s", (store_pid,)  # status's own store connection, when the store is the source database
     ).fetchone()
     return {
         "pgfresh_backends": row[0],

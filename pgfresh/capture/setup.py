@@ -178,6 +178,8 @@ def check_source(conn: psycopg.Connection, config: cfg.Config) -> dict[str, Tabl
         raise ConfigError(["tables: no [[tables]] configured; run `pgfresh init` or add one"], str(config.path))
     infos = {t.name: table_info(conn, t) for t in config.tables}
     check_privileges(conn, config)
+    if publication_made_by_dba(conn, config):
+        check_dba_publication(conn, config)
     conn.rollback()
     return infos
 
@@ -207,10 +209,7 @@ def missing_privileges(conn: psycopg.Connection, config: cfg.Config) -> list[str
                        f"GRANT CREATE ON DATABASE {database} TO {role}")
     in_pub = set() if pub_row is None else {f"{s}.{t}" for s, t in conn.execute(
         "select schemaname, tablename from pg_publication_tables where pubname = %s", (pub,))}
-    configured = {t.name for t in config.tables}
-    if pub_row is not None and not pub_row[0] and in_pub != configured:
-        missing.append(f"ownership of publication {pub} (to make it match the configured tables): "
-                       f"ALTER PUBLICATION {_ident(conn, pub)} OWNER TO {role}, or have its owner make it match")
+    dba_made = pub_row is not None and not pub_row[0]  # used as it is, never altered (ensure_publication)
     for t in config.tables:
         select_ok, owner_ok = conn.execute(
             "select has_table_privilege(c.oid, 'SELECT'), pg_has_role(c.relowner, 'USAGE') from pg_class c"
@@ -218,7 +217,7 @@ def missing_privileges(conn: psycopg.Connection, config: cfg.Config) -> list[str
             (t.schema, t.table)).fetchone()
         if not select_ok:
             missing.append(f"SELECT on {t.name}: GRANT SELECT ON {_ident(conn, t.schema, t.table)} TO {role}")
-        if t.name not in in_pub and not owner_ok:
+        if t.name not in in_pub and not owner_ok and not dba_made:
             missing.append(f"ownership of {t.name} (to add it to publication {pub}): have its owner run "
                            + (f"CREATE PUBLICATION {_ident(conn, pub)} FOR TABLE ..." if pub_row is None else
                               f"ALTER PUBLICATION {_ident(conn, pub)} ADD TABLE {_ident(conn, t.schema, t.table)}"))
@@ -233,13 +232,43 @@ def check_privileges(conn: psycopg.Connection, config: cfg.Config) -> None:
                           "(an administrator can run pgfresh/examples/grant.sql; see docs/PRIVILEGES.md)")
 
 
+def publication_made_by_dba(conn: psycopg.Connection, config: cfg.Config) -> bool:
+    """Does source.publication exist and belong to a role other than pgfresh's? Then a DBA made it
+    (least privilege: docs/PRIVILEGES.md) and pgfresh uses it as it is, never altering it."""
+    row = conn.execute("select pg_has_role(pubowner, 'USAGE') from pg_publication where pubname = %s",
+                       (config.source.publication,)).fetchone()
+    if not conn.autocommit:
+        conn.rollback()
+    return row is not None and not row[0]
+
+
+def check_dba_publication(conn: psycopg.Connection, config: cfg.Config) -> list[str]:
+    """A DBA-made publication must cover every configured table: SourceError naming the missing ones."""
+    pub = config.source.publication
+    have = {f"{s}.{t}" for s, t in conn.execute(
+        "select schemaname, tablename from pg_publication_tables where pubname = %s", (pub,))}
+    missing = [t for t in config.tables if t.name not in have]
+    if missing:
+        names = ", ".join(t.name for t in missing)
+        idents = ", ".join(_ident(conn, t.schema, t.table) for t in missing)
+        raise SourceError(f"publication {pub} (made by its owner, not by pgfresh) lacks {names}: have its owner run "
+                          f"ALTER PUBLICATION {_ident(conn, pub)} ADD TABLE {idents}, or remove "
+                          f"{'them' if len(missing) > 1 else 'it'} from pgfresh.toml")
+    return sorted(have - {t.name for t in config.tables})
+
+
 def ensure_publication(conn: psycopg.Connection, config: cfg.Config) -> tuple[list[str], list[str]]:
     """Make the publication hold exactly the configured tables. Returns (tables added, tables removed).
 
     A table removed from pgfresh.toml leaves the publication, so its changes stop arriving (the
-    few already in the WAL before this are dropped by the row store, with a count).
+    few already in the WAL before this are dropped by the row store, with a count). A publication
+    another role owns (made by a DBA) is never altered: it must cover the tables (check_dba_publication);
+    changes of its other tables are dropped by the row store, with a count.
     """
     pub = config.source.publication
+    if publication_made_by_dba(conn, config):
+        check_dba_publication(conn, config)
+        return [], []
     with conn.transaction():
         exists = conn.execute("select 1 from pg_publication where pubname = %s", (pub,)).fetchone()
         names = [sql.Identifier(t.schema, t.table) for t in config.tables]
