@@ -131,6 +131,23 @@ def demo(
     runner.run_demo(workdir, minutes=minutes, noise=noise, seed=seed, console=console)
 
 
+store_app = typer.Typer(help="pgfresh's store, where it keeps all its state.")
+app.add_typer(store_app, name="store")
+
+
+@store_app.command("migrate")
+def store_migrate(config: Path = ConfigOpt, as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")):
+    """Move schema pgfresh from the source database (older installations) to the store, then drop it there."""
+    from pgfresh import store
+
+    stats = store.migrate_from_source(_load(config), console=None if as_json else err_console)
+    if as_json:
+        _print_json(stats)
+        return
+    console.print(f"moved {stats['rows']} rows in {len(stats['tables'])} tables to the store; schema pgfresh is "
+                  "gone from the source", highlight=False, soft_wrap=True)
+
+
 quarantine_app = typer.Typer(help="Changes the quality gate rejected; `release ID` re-admits one.")
 app.add_typer(quarantine_app, name="quarantine")
 

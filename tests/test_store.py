@@ -109,3 +109,56 @@ def test_source_and_store_on_two_embedded_servers(tmp_path):
     finally:
         source_server.stop("immediate")
         store_server.stop("immediate")
+
+
+FACTS = """
+[train]
+
+[[tables]]
+name = "items"
+[tables.gate.train]
+settle_seconds = 0
+[[tables.facts]]
+name = "price"
+question = "What is the price of {name}?"
+answer = "{price} EUR"
+"""
+
+
+def test_state_kept_in_the_source_moves_to_the_store_and_capture_resumes(db, dsn, store, store_dsn, tmp_path):
+    from tests.conftest import write_config
+
+    db.execute("create table items (id int primary key, name text, price int)")
+    db.execute("insert into items select g, 'item ' || g, g from generate_series(1, 50) g")
+    old = write_config(tmp_path, dsn, FACTS)  # [store] dsn = the source database: the old layout
+    assert run_cli("sync", "--once", "--config", str(old)).returncode == 0
+    db.execute("update items set price = 500 where id = 1")
+    assert run_cli("sync", "--once", "--config", str(old)).returncode == 0
+    before = {t: db.execute(f"select count(*) from pgfresh.{t}").fetchone()[0]
+              for t in ("rows", "changes", "facts", "sink_progress", "consumers", "workers")}
+    assert before["rows"] == 50 and before["facts"] >= 51
+    active_before = db.execute("select count(*) from pgfresh.facts where status = 'active'").fetchone()[0]
+
+    new = write_config(tmp_path, dsn, FACTS, store=store_dsn)
+    refused = run_cli("sync", "--once", "--config", str(new))
+    assert refused.returncode == 2
+    lines = refused.stderr.strip().splitlines()
+    assert len(lines) == 1 and "pgfresh store migrate" in lines[0] and "DROP SCHEMA" in lines[0], refused.stderr
+    assert db.execute("select to_regnamespace('pgfresh') is not null").fetchone()[0]  # nothing moved, nothing lost
+
+    moved = run_cli("store", "migrate", "--json", "--config", str(new))
+    assert moved.returncode == 0, moved.stderr
+    assert db.execute("select to_regnamespace('pgfresh')").fetchone()[0] is None
+    after = {t: store.execute(f"select count(*) from pgfresh.{t}").fetchone()[0] for t in before}
+    assert after == before
+    again = run_cli("store", "migrate", "--config", str(new))
+    assert again.returncode == 2 and "nothing to move" in again.stderr
+
+    # Capture resumes from the copied position: the stream, no new snapshot, no duplicate fact.
+    db.execute("update items set price = 7 where id = 2")
+    assert run_cli("sync", "--once", "--config", str(new)).returncode == 0
+    assert store.execute("select count(*) from pgfresh.changes where op = 'read'").fetchone()[0] <= before["changes"]
+    active = dict(store.execute("select key, answer from pgfresh.facts where status = 'active'"
+                                " and template = 'price'").fetchall())
+    assert active["[1]"] == "500 EUR" and active["[2]"] == "7 EUR"
+    assert store.execute("select count(*) from pgfresh.facts where status = 'active'").fetchone()[0] == active_before
