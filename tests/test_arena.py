@@ -37,7 +37,8 @@ SMALL = "\n[arena.scale]\nshops = 3\nproducts_per_shop = 12\nnotes_per_shop = 3\
 
 def shop_config(directory: Path, dsn: str, extra: str = "") -> cfg.Config:
     path = directory / "pgfresh.toml"
-    path.write_text(workload.shop_config_text({"dsn": dsn, "max_txn_seconds": 5.0}) + SMALL + extra)
+    path.write_text(f'store = {{ dsn = "{dsn}" }}\n'  # the store in the test database (tests/conftest.py)
+                    + workload.shop_config_text({"dsn": dsn, "max_txn_seconds": 5.0}) + SMALL + extra)
     return cfg.load(path)
 
 
@@ -306,7 +307,8 @@ def test_builtin_rag_is_fresher_than_the_stale_model_on_changed_facts(pg_server,
         c.execute(f'create database "{name}"')
     try:
         path = tmp_path / "pgfresh.toml"  # a slot of its own: the module's other arena database keeps "pgfresh"
-        path.write_text(workload.shop_config_text({"dsn": pg_server.dsn(name), "max_txn_seconds": 5.0, "slot": name})
+        path.write_text(f'store = {{ dsn = "{pg_server.dsn(name)}" }}\n'
+                        + workload.shop_config_text({"dsn": pg_server.dsn(name), "max_txn_seconds": 5.0, "slot": name})
                         + "\n[train]\nthreads = 1\ndeterministic = true\n")  # the model build repeats exactly
         config = cfg.load(path)
         r = runner.run_arena(

@@ -61,7 +61,7 @@ class _Reader:
 
         self.config = ctx.config
         self.loaded = ensure_base_model(ctx)
-        self.conn = db.connect(ctx.dsn, f"arena-{self.name}", autocommit=True)
+        self.conn = db.connect(ctx.store_dsn or ctx.dsn, f"arena-{self.name}", autocommit=True, database="store")
         register_vector(self.conn)
 
     def _generate(self, prompt: str) -> str:
