@@ -134,6 +134,7 @@ class _Capture:
             slot_lsn, created = setup.ensure_slot(self.conn, config, self.store.stored_lsn())
             self.store.start(slot_lsn, created)
             self.start_lsn = self.store.stored_lsn()
+            self.slot = src.slot
             self.stream = Stream(dsn, src.slot, src.publication, po.format_lsn(self.start_lsn),
                                  {n: i.key for n, i in self.infos.items()}, {n: i.tenant for n, i in self.infos.items()})
         except BaseException:
@@ -145,9 +146,27 @@ class _Capture:
 
     def close(self) -> None:
         if self.stream is not None:
-            self.stream.close()
+            self.stream.close()  # sends the last confirmed position
+            self._await_confirmed(self.stream.confirmed)
         self.conn.close()
         self.store_conn.close()
+
+    def _await_confirmed(self, lsn: int, seconds: float = 2.0) -> None:
+        """Wait (briefly) until the slot shows the position the closed stream confirmed, so a caller
+        that reads the slot after `sync --once` sees it; the walsender applies it asynchronously."""
+        if not lsn:
+            return
+        deadline = time.monotonic() + seconds
+        try:
+            while time.monotonic() < deadline:
+                row = self.conn.execute(
+                    "select confirmed_flush_lsn >= %s::pg_lsn or not active from pg_replication_slots"
+                    " where slot_name = %s", (po.format_lsn(lsn), self.slot)).fetchone()
+                if row is None or row[0]:
+                    return
+                time.sleep(0.01)
+        except psycopg.Error:  # the source went away: the position is stored, the slot catches up next time
+            return
 
 
 class _Lost(Exception):
