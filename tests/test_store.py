@@ -145,6 +145,8 @@ def test_state_kept_in_the_source_moves_to_the_store_and_capture_resumes(db, dsn
     lines = refused.stderr.strip().splitlines()
     assert len(lines) == 1 and "pgfresh store migrate" in lines[0] and "DROP SCHEMA" in lines[0], refused.stderr
     assert db.execute("select to_regnamespace('pgfresh') is not null").fetchone()[0]  # nothing moved, nothing lost
+    status = run_cli("status", "--json", "--config", str(new))
+    assert status.returncode == 0 and "pgfresh store migrate" in status.stdout, (status.stdout, status.stderr)
 
     moved = run_cli("store", "migrate", "--json", "--config", str(new))
     assert moved.returncode == 0, moved.stderr
