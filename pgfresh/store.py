@@ -113,11 +113,10 @@ def migrate_from_source(config: cfg.Config, console=None) -> dict:
                         "select attname from pg_attribute where attrelid = %s::regclass and attnum > 0"
                         " and not attisdropped and pg_get_serial_sequence(%s, attname) is not null",
                         (f"pgfresh.{t}", f"pgfresh.{t}")).fetchall():
-                    seq = src.execute("select pg_get_serial_sequence(%s, %s)", (f"pgfresh.{t}", col)).fetchone()[0]
-                    last, called = src.execute(sql.SQL("select last_value, is_called from {}").format(
-                        sql.SQL(seq))).fetchone()  # seq: a quoted, qualified name from pg_get_serial_sequence
-                    dst.execute("select setval(pg_get_serial_sequence(%s, %s), %s, %s)",
-                                (f"pgfresh.{t}", col, last, called))
+                    (last,) = src.execute("select pg_sequence_last_value(pg_get_serial_sequence(%s, %s)::regclass)",
+                                          (f"pgfresh.{t}", col)).fetchone()
+                    if last is not None:  # None: never used in the source, the store's is as fresh
+                        dst.execute("select setval(pg_get_serial_sequence(%s, %s), %s)", (f"pgfresh.{t}", col, last))
                 say(f"copied pgfresh.{t}: {n_dst} rows")
             for t in tables:
                 dst.execute(sql.SQL("alter table pgfresh.{} enable trigger user").format(sql.Identifier(t)))
