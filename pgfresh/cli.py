@@ -216,25 +216,83 @@ def search(
 def ask(
     text: str = typer.Argument(..., help="The question."),
     config: Path = ConfigOpt,
-    mode: str = typer.Option("rag", "--mode", help="rag, tuned or hybrid."),
+    mode: str = typer.Option("rag", "--mode", help="rag, tuned or hybrid (the router picks per question)."),
     tenant: Optional[str] = typer.Option(None, "--tenant", help="Tenant asking (required on tenant tables)."),
-    as_json: bool = typer.Option(False, "--json", help="Answer, sources (table, key, LSN), cache, timings."),
+    as_json: bool = typer.Option(False, "--json", help="Answer, route, sources (table, key, LSN), slice, cache, timings."),
 ):
-    """Answer a question from live data, with the source rows used."""
-    from pgfresh import rag
+    """Answer a question from live data, with the route taken and the source rows used."""
+    from pgfresh import serve
     from pgfresh.rag import view
 
-    result = rag.ask(_load(config), text, tenant=tenant, mode=mode)
+    result = serve.answer(_load(config), text, tenant, mode)
     if as_json:
         _print_json(result)
     else:
         view.show_answer(result, console)
 
 
+@app.command("serve")
+def serve_command(
+    config: Path = ConfigOpt,
+    host: Optional[str] = typer.Option(None, "--host", help="Address to listen on (default serve.host, 127.0.0.1)."),
+    port: Optional[int] = typer.Option(None, "--port", help="Port (default serve.port, 8088)."),
+):
+    """OpenAI-compatible HTTP API, /v1/search, /metrics and the dashboard (docs/SERVE.md)."""
+    from pgfresh.serve import http
+
+    http.run(_load(config), host=host, port=port, console=err_console)
+
+
+keys_app = typer.Typer(help="API keys of `pgfresh serve`: each reads one tenant, or is admin.")
+app.add_typer(keys_app, name="keys")
+
+
+@keys_app.command("create")
+def keys_create(
+    config: Path = ConfigOpt,
+    tenant: Optional[str] = typer.Option(None, "--tenant", help="The one tenant this key reads."),
+    admin: bool = typer.Option(False, "--admin", help="Any tenant, and the admin endpoints."),
+    name: str = typer.Option("", "--name", help="A label for listings."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+):
+    """Create a key; it is printed once (only its SHA-256 is stored)."""
+    from pgfresh.serve import keys
+
+    k = keys.create(_load(config), tenant=tenant, admin=admin, name=name)
+    if as_json:
+        _print_json(k)
+    else:
+        console.print(f"key #{k['id']} ({'admin' if admin else 'tenant ' + repr(tenant)}): {k['key']}", highlight=False)
+
+
+@keys_app.command("list")
+def keys_list(config: Path = ConfigOpt, as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")):
+    """Keys with their tenant, prefix, creation, last use and revocation."""
+    from pgfresh.serve import keys
+
+    rows = keys.list_keys(_load(config))
+    if as_json:
+        _print_json(rows)
+        return
+    for r in rows:
+        who = "admin" if r["admin"] else f"tenant {r['tenant']!r}"
+        console.print(f"#{r['id']} {r['prefix']}... {who} {r['name']} created {r['created_at']}"
+                      + (f" REVOKED {r['revoked_at']}" if r["revoked_at"] else ""), highlight=False)
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: int = typer.Argument(..., metavar="ID"), config: Path = ConfigOpt):
+    """Revoke a key (the server stops accepting it within 5 seconds)."""
+    from pgfresh.serve import keys
+
+    r = keys.revoke(_load(config), key_id)
+    console.print(f"revoked key #{r['id']}")
+
+
 @app.command()
 def arena(
     config: Path = ConfigOpt,
-    workload: Optional[str] = typer.Option(None, "--workload", help="shop (built in) or custom (see docs/ARENA.md)."),
+    workload: Optional[str] = typer.Option(None, "--workload", help="shop or shop-zh (built in, English / Chinese) or custom (see docs/ARENA.md)."),
     minutes: Optional[float] = typer.Option(None, "--minutes", help="Length of the live phase in minutes (default 3, or arena.minutes).",
                                             callback=_number(0, low_open=True)),
     noise: Optional[float] = typer.Option(None, "--noise", help="Share of changes that are noise, 0 to 0.5.", callback=_number(0, 0.5)),

@@ -23,7 +23,8 @@ from typing import Any
 from pgfresh.errors import ConfigError
 
 # Stages that validate their own sections of the file, in data-flow order.
-STAGE_MODULES = ("pgfresh.gate", "pgfresh.render", "pgfresh.rag", "pgfresh.train", "pgfresh.arena")
+STAGE_MODULES = ("pgfresh.gate", "pgfresh.render", "pgfresh.rag", "pgfresh.train", "pgfresh.serve", "pgfresh.arena",
+                 "pgfresh.retention")
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]*$")
 
@@ -76,6 +77,8 @@ class Config:
     train: dict = field(default_factory=dict)
     arena: dict = field(default_factory=dict)
     store: StoreConfig = field(default_factory=StoreConfig)
+    serve: dict = field(default_factory=dict)
+    retention: dict = field(default_factory=dict)  # [retention]: pgfresh.retention owns its keys
     path: Path = Path("pgfresh.toml")
     sections: frozenset = frozenset()  # top-level sections present in the file: a stage runs only if asked for
 
@@ -242,7 +245,7 @@ def parse(raw: dict, path: Path = Path("pgfresh.toml")) -> Config:
     problems: list[str] = []
     non_finite: list[str] = []
     _non_finite(raw, "", non_finite)
-    known = {"source", "store", "tables", "rag", "train", "arena"}
+    known = {"source", "store", "tables", "rag", "train", "arena", "serve", "retention"}
     for key in raw:
         if key not in known:
             problems.append(f"{key}: unknown section (known: {', '.join(sorted(known))})")
@@ -261,7 +264,7 @@ def parse(raw: dict, path: Path = Path("pgfresh.toml")) -> Config:
         seen.add(t.name)
         tables.append(t)
     sections = {}
-    for name in ("rag", "train", "arena"):
+    for name in ("rag", "train", "arena", "serve", "retention"):
         value = raw.get(name, {})
         if not isinstance(value, dict):
             problems.append(f"{name}: expected a table ([{name}])")

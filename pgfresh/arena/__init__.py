@@ -13,6 +13,7 @@ every strategy side by side, measurements of the source database, and a report w
 Importing this package stays light (no plotly, no torch); `check_config` validates [arena].
 """
 
+from pgfresh.arena import strategies as _builtin_strategies  # noqa: F401  (the built-ins register themselves)
 from pgfresh.arena.settings import check_config
 
 __all__ = ["check_config"]

@@ -9,7 +9,8 @@ is asked (`QuestionGenerator.batch`), never from what the workload generator rem
 Classes:
     changed     the fact's value changed during the live phase (updated), or the row became a fact
                 (acquired: inserted or published); asked again until every strategy is right
-    unchanged   a fixed panel of facts that never changed since seeding (forgetting)
+    unchanged   a fixed panel of facts whose value never changed since seeding (forgetting); a
+                change to another fact of the row (stock, for a price) leaves it in the panel
     deleted     the row was deleted: the right answer is that it no longer exists
     never       a plausible row that never existed: the right answer is that it is not known
     noisy       the row carries (or recently carried) a plausible-but-wrong value: the truth is
@@ -182,8 +183,15 @@ class QuestionGenerator:
                     out["changed"].append((table, last_row.key, tpl.name, changes[-1]))
         return out
 
+    def _unchanged(self, table: str, key: list, name: str) -> bool:
+        """Whether this fact's value never changed since seeding (other facts of its row may have:
+        a stock update leaves the price fact unchanged)."""
+        events = self.history.get((table, json.dumps(key)))
+        return not events or not self._fact_events(events, self._template(table, name))
+
     def _panel(self, conn) -> list[tuple]:
-        """The unchanged panel, chosen once: facts with no event at all, sampled by the seed."""
+        """The unchanged panel, chosen once: facts whose value never changed, sampled by the seed;
+        a fact leaves it when its value changes."""
         if self.panel is None:
             facts = []
             for table, spec in self.specs.items():
@@ -192,11 +200,11 @@ class QuestionGenerator:
                 rows = conn.execute(sql.SQL("select {} from {} where {} order by {} limit 100000").format(
                     cols, sql.Identifier(*table.split(".", 1)), pred, cols)).fetchall()
                 for r in rows:
-                    if (table, json.dumps(list(r))) not in self.history:
-                        facts.extend((table, list(r), t.name) for t in self.templates[table])
+                    facts.extend((table, list(r), t.name) for t in self.templates[table]
+                                 if self._unchanged(table, list(r), t.name))
             size = max(8, 3 * self.settings.questions_per_batch)
             self.panel = self.rng.sample(facts, min(size, len(facts)))
-        return [p for p in self.panel if (p[0], json.dumps(p[1])) not in self.history]
+        return [p for p in self.panel if self._unchanged(*p)]
 
     # -- a batch -------------------------------------------------------------------------------
     def batch(self, conn, n: int | None = None, watch: list[tuple] = ()) -> list[Probe]:

@@ -47,7 +47,12 @@ def accuracy_by_class(results):
     fig = _fig("Accuracy by question class", yaxis_title="accuracy", yaxis_range=[0, 1.05], barmode="group")
     classes = ["changed", "unchanged", "deleted", "never", "noisy", "held_out"]
     for name, s in _strategies(results):
-        fig.add_bar(x=classes, y=[s["by_class"].get(c, {}).get("accuracy") for c in classes], name=name)
+        acc = [s["by_class"].get(c, {}).get("accuracy") for c in classes]
+        ci = [(s["by_class"].get(c, {}).get("ci") or {}).get("accuracy") for c in classes]
+        fig.add_bar(x=classes, y=acc, name=name, error_y={
+            "type": "data", "symmetric": False,
+            "array": [None if a is None or i is None else i[1] - a for a, i in zip(acc, ci)],
+            "arrayminus": [None if a is None or i is None else a - i[0] for a, i in zip(acc, ci)]})
     return fig if results["strategies"] else _empty(fig)
 
 
@@ -136,16 +141,33 @@ FIGURES = dict(zip(PLOTS, (accuracy_over_time, accuracy_by_class, accuracy_by_st
                            cost, forgetting, db_xmin, db_export, db_oltp)))
 
 
-def _fmt(v, kind: str = "") -> str:
+def _fmt(v, kind: str = "", ci=None) -> str:
+    """A number for a table; with `ci` ([lo, hi], hi None: unbounded) its 95% interval after it."""
     if v is None:
         return "not measured"
     if kind == "pct":
-        return f"{100 * v:.0f}%"
+        return f"{100 * v:.0f}%" + (f" [{100 * ci[0]:.0f}-{100 * ci[1]:.0f}]" if ci else "")
     if kind == "s":
-        return f"{v * 1000:.1f} ms" if v < 1 else f"{v:.1f} s"
+        text = f"{v * 1000:.1f} ms" if v < 1 else f"{v:.1f} s"
+        if ci and ci[0] is not None:
+            text += f" [{_fmt(ci[0], 's')}-{'never' if ci[1] is None else _fmt(ci[1], 's')}]"
+        return text
     if isinstance(v, float):
         return f"{v:.3g}"
     return str(v)
+
+
+def _fresh(t: dict, q: str) -> str:
+    """A time-to-fresh percentile; 'never' (not 'not measured') when that share never became fresh."""
+    if not t["watched"]:
+        return "not measured"
+    if t[f"{q}_s"] is None:
+        return f"never ({t['watched'] - t['resolved']}/{t['watched']} not fresh)"
+    return _fmt(t[f"{q}_s"], "s", t.get(f"{q}_ci_s"))
+
+
+def _ci_of(summary: dict, key: str):
+    return (summary.get("ci") or {}).get(key)
 
 
 def _table(head: list[str], rows: list[list[str]]) -> str:
@@ -158,16 +180,33 @@ def strategy_rows(results: dict) -> list[list[str]]:
     rows = []
     for name, s in _strategies(results):
         o, hit = s["overall"], s["retrieval"]["hit_at_k"].get("5")
-        rows.append([name, s["kind"], _fmt(o["accuracy"], "pct"), _fmt(s["by_class"].get("changed", {}).get("accuracy"), "pct"),
-                     _fmt(o["stale_rate"], "pct"), _fmt(o["hallucination_rate"], "pct"), _fmt(o["polluted_rate"], "pct"),
-                     _fmt(hit, "pct"), _fmt(s["time_to_fresh"]["p50_s"], "s"), _fmt(s["time_to_fresh"]["p99_s"], "s"),
-                     _fmt(s["latency"]["p50_s"], "s"), _fmt(s["latency"]["p99_s"], "s"),
+        changed = s["by_class"].get("changed", {})
+        t, lat = s["time_to_fresh"], s["latency"]
+        rows.append([name, s["kind"], str(o["n"]), _fmt(o["accuracy"], "pct", _ci_of(o, "accuracy")),
+                     _fmt(changed.get("accuracy"), "pct", _ci_of(changed, "accuracy")),
+                     _fmt(o["stale_rate"], "pct", _ci_of(o, "stale_rate")),
+                     _fmt(o["hallucination_rate"], "pct", _ci_of(o, "hallucination_rate")),
+                     _fmt(o["polluted_rate"], "pct", _ci_of(o, "polluted_rate")),
+                     _fmt(hit, "pct", s["retrieval"].get("hit_at_k_ci", {}).get("5")), _fresh(t, "p50"), _fresh(t, "p99"),
+                     _fmt(lat["p50_s"], "s", lat.get("p50_ci_s")), _fmt(lat["p99_s"], "s", lat.get("p99_ci_s")),
                      _fmt(s["cost"]["cpu_s_per_1k_questions"]), _fmt(s["cost"]["cpu_s_per_1k_changes"]),
                      _fmt(s["forgetting"]["forgetting"], "pct"), _fmt(s["fuar"]["value"])])
     return rows
 
 
-STRATEGY_HEAD = ["strategy", "kind", "accuracy", "changed", "stale", "hallucinated", "polluted", "hit@5",
+def router_rows(results: dict) -> list[list[str]]:
+    """The router against its two parts, per class, on the same questions (verdict.router_table)."""
+    from pgfresh.arena.verdict import router_table
+
+    return [[c["cls"], str(c["n"]), _fmt(c["router"], "pct", c["router_ci"]),
+             f"{c['tuned_name']} {_fmt(c['tuned'], 'pct', c['tuned_ci'])}",
+             f"{c['rag_name']} {_fmt(c['rag'], 'pct', c['rag_ci'])}",
+             f"{'worse than' if c['worse'] else 'not measurably worse than'} {c['best']}"
+             f" (McNemar p = {c['against_best']['p_value']:.2g})"] for c in router_table(results)]
+
+
+ROUTER_HEAD = ["class", "questions", "router", "tuned", "best RAG", "router vs the better part"]
+STRATEGY_HEAD = ["strategy", "kind", "questions", "accuracy", "changed", "stale", "hallucinated", "polluted", "hit@5",
                  "fresh p50", "fresh p99", "latency p50", "latency p99", "CPU-s/1k questions", "CPU-s/1k changes",
                  "forgetting", "FUAR"]
 
@@ -193,6 +232,7 @@ def render_html(results: dict) -> str:
     verdict = _table(["claim", "measured evidence", "what it means for this workload"],
                      [[v["claim"], v["evidence"], v["meaning"]] for v in results["verdict"]])
     errors = "".join(f"<li>{html.escape(e)}</li>" for e in results.get("errors", []))
+    router = router_rows(results)
     data = json.dumps(results, default=str).replace("</", "<\\/")
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>pgfresh arena report</title>
@@ -210,7 +250,10 @@ section.plot {{ margin: 1em 0; }}
 <h2>Verdict</h2>
 {verdict}
 <h2>Strategies</h2>
+<p>Rates with their 95% Wilson interval in brackets, latencies and time-to-fresh with their 95% bootstrap
+interval; "never" where that share of the changes never became fresh within the run.</p>
 {_table(STRATEGY_HEAD, strategy_rows(results))}
+{f"<h3>The router and its parts</h3>{_table(ROUTER_HEAD, router)}" if router else ""}
 {f"<h3>Errors</h3><ul>{errors}</ul>" if errors else ""}
 <h2>Plots</h2>
 {plots}

@@ -19,6 +19,7 @@ inside its calls, taken one call at a time in the main thread. Strategies come f
 from __future__ import annotations
 
 import json
+import math
 import multiprocessing as mp
 import os
 import platform
@@ -39,6 +40,7 @@ from pgfresh.arena.workload import drive, load_workload
 from pgfresh.errors import ConfigError, PgfreshError
 
 MAX_ASKS_PER_CHANGE = 50  # a change still wrong after this many batches stops being re-asked
+MAX_EXTRA_BATCHES = 10  # past the deadline, batches to reach min_questions (a batch asks what it can)
 
 
 class CapturePipeline:
@@ -179,18 +181,20 @@ class ArenaRun:
             self.watch: dict[tuple, int] = {}
             self.resolved: dict[int, set[str]] = {}
             self.asks: dict[int, int] = {}
-            self.batches = 0
+            self.batches, self.asked, self.last_asked, self.durations, extra = 0, 0, 1, [], 0
             # With `batches` set, the run is that many batches (tests, comparable runs); else `minutes`.
             count = self.s.batches or None
             begin = time.monotonic()
             deadline = begin + self.s.minutes * 60
             oltp = threading.Thread(target=self._oltp_with, name="arena-oltp", daemon=True)
-            while (self.batches < count) if count else (time.monotonic() < deadline):
+            while (self.batches < count) if count else (time.monotonic() < deadline or self._short(extra)):
                 started = time.monotonic()
+                extra += started >= deadline and not count
                 third = self.batches >= count // 3 if count else started - begin >= self.s.minutes * 60 / 3
                 if self.s.oltp_seconds and not oltp.ident and third:
                     oltp.start()  # a third of the way in, with pgfresh working
-                self._batch()
+                self._batch(self._batch_size(count, deadline))
+                self.durations.append(time.monotonic() - started)
                 self._check_workload()
                 wait = started + self.s.batch_interval_s - time.monotonic()
                 if not count:
@@ -201,6 +205,24 @@ class ArenaRun:
                 oltp.join()
             (self.live_end,) = self.conn.execute("select clock_timestamp()").fetchone()
 
+    def _short(self, extra: int) -> bool:
+        """Past the deadline: whether another batch is due to reach min_questions."""
+        return self.asked < self.s.min_questions and extra < MAX_EXTRA_BATCHES and self.last_asked > 0
+
+    def _batch_size(self, count: int | None, deadline: float) -> int:
+        """questions_per_batch, or more where min_questions needs it: what is still missing spread
+        over the batches left (counted, or estimated from the time left and the batches so far)."""
+        n = self.s.questions_per_batch
+        missing = self.s.min_questions - self.asked
+        if missing <= 0:
+            return n
+        if count:
+            left = count - self.batches
+        else:
+            period = max([self.s.batch_interval_s] + self.durations[-3:])
+            left = math.ceil(max(0.0, deadline - time.monotonic()) / period)
+        return max(n, math.ceil(missing / max(1, left)))
+
     def _oltp_with(self) -> None:
         self.impact["oltp"]["with_pgfresh"] = dbimpact.oltp_throughput(self.dsn, self.s.oltp_seconds,
                                                                       self.s.oltp_clients)
@@ -210,7 +232,7 @@ class ArenaRun:
             message = self.workload_errors.get(timeout=1) if not self.workload_errors.empty() else "exited"
             raise PgfreshError(f"the arena workload stopped: {message}")
 
-    def _batch(self) -> None:
+    def _batch(self, n: int) -> None:
         for strategy in self.strategies:
             with _Clock() as c:
                 strategy.refresh(self.ctx)
@@ -225,7 +247,9 @@ class ArenaRun:
                 self.ingest["changes"] += self.pipeline.step()
             self.ingest["cpu_s"] += c.cpu_s
             self.ingest["wall_s"] += c.wall_s
-        probes = self.generator.batch(self.conn, self.s.questions_per_batch, list(self.watch))
+        probes = self.generator.batch(self.conn, n, list(self.watch))
+        self.asked += len(probes)
+        self.last_asked = len(probes)
         m0 = time.monotonic()
         for probe in probes:
             for strategy in self.strategies:
@@ -351,7 +375,9 @@ def assemble(run: ArenaRun, started_at: datetime, machine: dict) -> dict:
                    for p in run.phases],
         "workload": workload,
         "questions": {"batches": run.batches, "asked": len({r["qid"] for r in run.records}),
-                      "by_class": _count_by(run.records, "cls")},
+                      "by_class": _count_by(run.records, "cls"),
+                      "per_strategy": {s.name: sum(r["strategy"] == s.name for r in run.records)
+                                       for s in run.strategies}},
         "ingest": ingest,
         "strategies": strategies,
         "dbimpact": {**run.impact, "tables_end": {t.name: dbimpact.table_stats(run.conn, t.name, run.exact)
@@ -360,6 +386,7 @@ def assemble(run: ArenaRun, started_at: datetime, machine: dict) -> dict:
         "records": run.records,
     }
     results["verdict"] = verdict.verdict(results)
+    results["router"] = verdict.router_table(results)  # the router per class against its parts ([] without them)
     return results
 
 
@@ -408,7 +435,7 @@ def run_arena(config, workload: str | None = None, minutes: float | None = None,
         raise PgfreshError(f"--noise: expected a share between 0 and 0.5, got {s.noise}")
     if s.minutes <= 0:
         raise PgfreshError(f"--minutes: expected a number > 0, got {s.minutes}")
-    if s.workload == "shop" and "shop.products" not in {t.name for t in config.tables}:
+    if s.workload in ("shop", "shop-zh") and "shop.products" not in {t.name for t in config.tables}:
         raise ConfigError(["tables: the shop workload needs its tables (shop.shops, shop.products, ...);"
                            " run `pgfresh arena --config arena.toml` to have a config of its own written"],
                           str(config.path))
@@ -456,10 +483,10 @@ def arena_command(config_path: Path, workload: str | None = None, minutes: float
     from pgfresh import config as cfg
     from pgfresh.arena.workload import shop_config_text
     config_path = Path(config_path)
-    if not config_path.exists() and workload in (None, "shop"):
-        config_path.write_text(shop_config_text({"data_dir": ".pgfresh"}))
+    if not config_path.exists() and workload in (None, "shop", "shop-zh"):
+        config_path.write_text(shop_config_text({"data_dir": ".pgfresh"}, workload or "shop"), encoding="utf-8")
         if console is not None:
-            console.print(f"wrote {config_path} for the shop workload (embedded PostgreSQL in .pgfresh)")
+            console.print(f"wrote {config_path} for the {workload or 'shop'} workload (embedded PostgreSQL in .pgfresh)")
     config = cfg.load(config_path)
     return run_arena(config, workload=workload, minutes=minutes, noise=noise, seed=seed, report=report,
                      json_path=json_path, strategies=strategies, console=console)
@@ -486,8 +513,10 @@ def print_verdict(results: dict, console) -> None:
 
 
 # `make demo` must finish in minutes on 2 cores, model build included: a small shop.
+# At least 300 questions per strategy (questions cost tens of ms each with the built-in reader), so
+# that every rate's 95% interval is narrow enough (at most +-6 points at 300) for the verdict.
 DEMO_SIZE = {"scale": {"shops": 3, "products_per_shop": 10, "notes_per_shop": 4}, "questions_per_batch": 8,
-             "oltp_seconds": 4.0, "export_seconds": 4.0}
+             "min_questions": 300, "oltp_seconds": 4.0, "export_seconds": 4.0}
 
 
 def run_demo(workdir: Path, minutes: float = 1.5, noise: float = 0.1, seed: int = 7, strategies: list | None = None,

@@ -1,7 +1,7 @@
 """The `[arena]` section of pgfresh.toml: typed, validated once, every problem reported at once.
 
     [arena]
-    workload = "shop"            # or "custom" (then setup_sql / change / change_sql below)
+    workload = "shop"            # "shop-zh" (in Chinese), or "custom" (then setup_sql / change / change_sql below)
     minutes = 3                  # length of the live phase
     noise = 0.1                  # share of changes that are noise, 0 to 0.5
     seed = 7
@@ -23,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-WORKLOADS = ("shop", "custom")
+WORKLOADS = ("shop", "shop-zh", "custom")
 
 
 @dataclass
@@ -56,6 +56,7 @@ class ArenaSettings:
     correct_after_s: float = 20.0  # a plausible-but-wrong value is corrected after this many seconds
     batch_interval_s: float = 10.0  # seconds between question batches
     questions_per_batch: int = 12
+    min_questions: int = 0  # >0: batches grow so that each strategy answers at least this many questions
     batches: int = 0  # >0: run exactly this many batches, batch_interval_s apart, instead of `minutes`
     strategies: list[str] = field(default_factory=list)  # empty: every registered strategy
     oltp_seconds: float = 5.0  # each pgbench window (with / without pgfresh); 0: not measured
@@ -75,7 +76,7 @@ _NUMBERS = {
     "correct_after_s": (0.0, None, True), "batch_interval_s": (0.0, None, False),
     "oltp_seconds": (0.0, None, True), "export_seconds": (0.0, None, True), "noisy_window_s": (0.0, None, True),
 }
-_INTS = {"seed": 0, "questions_per_batch": 1, "oltp_clients": 1, "batches": 0}
+_INTS = {"seed": 0, "questions_per_batch": 1, "oltp_clients": 1, "batches": 0, "min_questions": 0}
 _SCALE = ("shops", "products_per_shop", "notes_per_shop")
 
 

@@ -1,129 +1,117 @@
-"""The built-in arena strategies: one reader model, five ways for live data to reach it.
+"""The built-in arena strategies: thin adapters over `pgfresh.serve.answer`, the path users run.
 
-Every strategy answers with the same model, the built-in one pgfresh builds on the snapshot (or
-`train.base_model`), so only the way knowledge arrives differs:
+Every strategy answers with the same model, the base model pgfresh builds on the snapshot (or
+`train.base_model`), so only the way knowledge arrives differs. Unless `[rag.reader]` names
+another reader, the arena reads with that model (`kind = "builtin"`); prompt, k (`rag.ask_k`) and
+token limit are the ones `pgfresh ask` uses. The answer cache is off in the arena (a repeated
+question would otherwise be answered from the cache and inflate accuracy).
 
-- `stale`: that base model, closed-book, never updated: what the snapshot taught it.
-- `rag-dense`: dense retrieval (pgvector HNSW) of the top `k` documents, then the model answers
-  open-book from them.
-- `rag-hybrid`: hybrid retrieval (vector + full text, fused) and the rerank stage, then open-book.
-- `tuned`: the tenant's continual slice, closed-book; `refresh` runs the training rounds that are
-  due (`pgfresh train --once`), so its time-to-fresh includes training.
-- `hybrid`: a router, per question. It retrieves the best-matching row (hybrid search, top 1) and
-  compares the row's LSN with the LSN the tenant's slice knows: if the slice has seen this row's
-  current version it answers closed-book from the slice (no context, faster); if the row changed
-  after the slice was trained, or no slice exists, it answers open-book from the retrieved
-  documents. The route taken is recorded in each answer's sources (`route:slice` / `route:rag`).
+- `stale`: the base model, closed-book, never updated: what the snapshot taught it.
+- `rag-dense`: `serve.answer(mode="rag")` with dense retrieval only (pgvector HNSW), no rerank.
+- `rag-hybrid`: `serve.answer(mode="rag")` with hybrid retrieval and the configured rerank.
+- `tuned`: `serve.answer(mode="tuned")`: the tenant's continual slice; `refresh` runs the training
+  rounds that are due (`pgfresh train --once`), so its time-to-fresh includes training.
+- `hybrid`: `serve.answer(mode="hybrid")`: the product's router (pgfresh.serve.router, configured
+  by `[serve.router]`). The route taken is the first entry of each answer's sources
+  (`route:slice` / `route:rag`).
 
+They register through `register` like any third-party strategy (pgfresh.arena.strategy).
 All of them see the gated data (the quality gate is on); `pgfresh arena --gate off` compares a run
 without it.
 """
 
 from __future__ import annotations
 
-import threading
+import dataclasses
 import time
 
-from pgfresh.arena.strategy import Answer, ArenaContext, Question, Strategy
+from pgfresh.arena.strategy import Answer, ArenaContext, Question, Strategy, register
 
-K = 4  # documents in an open-book prompt (as `pgfresh ask`)
-MAX_NEW_TOKENS = 24
 
-_MODEL_LOCK = threading.Lock()
-_BASE: dict[str, object] = {}  # model directory -> loaded base model, shared by the strategies of a run
+def registry(ctx: ArenaContext):
+    """The run's registry (one per ArenaContext): every strategy shares its loaded models."""
+    from pgfresh.serve import Registry
+
+    if getattr(ctx, "registry", None) is None:
+        ctx.registry = Registry()
+    return ctx.registry
+
+
+def arena_config(config):
+    """The config the adapters answer with: the user's, with the built-in reader if none is configured."""
+    if config.rag.get("reader"):
+        return config
+    return dataclasses.replace(config, rag={**config.rag, "reader": {"kind": "builtin"}})
 
 
 def ensure_base_model(ctx: ArenaContext, console=None):
     """Build the built-in model on the current snapshot if needed; return it loaded (shared)."""
-    from pgfresh import model
-
-    path = model.base_dir(ctx.config)
-    with _MODEL_LOCK:
-        if str(path) not in _BASE:
-            if not ctx.config.train.get("base_model") and not (path / model.META_FILE).exists():
-                model.build(ctx.config, console=console or ctx.console)
-            _BASE[str(path)] = model.load(path)
-        return _BASE[str(path)]
+    return registry(ctx).base_model(ctx.config, build=True, console=console or ctx.console)
 
 
-def forget_base_models() -> None:
-    with _MODEL_LOCK:
-        _BASE.clear()
+class _Served(Strategy):
+    """An adapter: a question goes to `serve.answer` in `mode` with `options`; the answer comes back."""
 
+    mode = "rag"
 
-class _Reader:
-    """Shared pieces: the loaded base model and a connection for retrieval."""
+    def __init__(self, **options):
+        self.options = options
 
-    def _load(self, ctx: ArenaContext) -> None:
-        from pgvector.psycopg import register_vector
+    def prepare(self, ctx: ArenaContext) -> None:
+        from pgfresh.serve import Options
 
-        from pgfresh import db
+        self.config, self.registry = arena_config(ctx.config), registry(ctx)
+        self.opts = Options(cache=False, **self.options)
+        ensure_base_model(ctx)
 
-        self.config = ctx.config
-        self.loaded = ensure_base_model(ctx)
-        self.conn = db.connect(ctx.store_dsn or ctx.dsn, f"arena-{self.name}", autocommit=True, database="store")
-        register_vector(self.conn)
+    def answer(self, question: Question) -> Answer:
+        from pgfresh.serve import answer
 
-    def _generate(self, prompt: str) -> str:
-        from pgfresh.model import generate
-
-        return generate(self.loaded, [prompt], max_new_tokens=MAX_NEW_TOKENS)[0]
-
-    def _retrieve(self, question: Question, mode: str, rerank: str | None, k: int = K):
-        from pgfresh.rag import retrieval
-
-        return retrieval.search(self.conn, self.config, question.text, question.tenant, k=k, mode=mode, rerank=rerank)
-
-    def _open_book(self, question: Question, hits) -> str:
-        from pgfresh.model import format_prompt
-
-        return self._generate(format_prompt(question.text, [h.text for h in hits]))
+        t0 = time.perf_counter()
+        out = answer(self.config, question.text, question.tenant, self.mode, options=self.opts, registry=self.registry)
+        latency = time.perf_counter() - t0
+        docs = out.get("sources") or []
+        route = out["route"]["taken"]
+        sources = ([f"route:{route}"] if self.kind == "hybrid" else [])
+        if route == "slice":
+            sources.append(f"slice {out['slice']['name']} v{out['slice']['version']}")
+        else:
+            sources += [f"{s['tbl']}{s['key']}" for s in docs]
+        return Answer(out["answer"] or "", latency, sources=sources, retrieved_keys=[(s["tbl"], s["key"]) for s in docs])
 
     def close(self) -> None:
-        if getattr(self, "conn", None) is not None:
-            self.conn.close()
-            self.conn = None
+        if getattr(self, "registry", None) is not None:
+            self.registry.evict("connections")
 
 
-class Stale(_Reader, Strategy):
+class Stale(Strategy):
     kind, gate = "stale", None
 
     def prepare(self, ctx: ArenaContext) -> None:
-        self._load(ctx)
+        self.loaded = ensure_base_model(ctx)
+        self.lock = registry(ctx).base_lock(ctx.config)
 
     def answer(self, question: Question) -> Answer:
-        from pgfresh.model import format_prompt
+        from pgfresh.model import format_prompt, generate
+        from pgfresh.serve.answer import TUNED_MAX_NEW_TOKENS
 
         t0 = time.perf_counter()
-        text = self._generate(format_prompt(question.text))
+        with self.lock:
+            text = generate(self.loaded, [format_prompt(question.text)], max_new_tokens=TUNED_MAX_NEW_TOKENS)[0]
         return Answer(text, time.perf_counter() - t0, sources=["base model"])
 
 
-class Rag(_Reader, Strategy):
-    kind, gate = "rag", True
-
-    def __init__(self, mode: str, rerank: str | None):
-        self.mode, self.rerank = mode, rerank
-
-    def prepare(self, ctx: ArenaContext) -> None:
-        self._load(ctx)
-
-    def answer(self, question: Question) -> Answer:
-        t0 = time.perf_counter()
-        hits = self._retrieve(question, self.mode, self.rerank)
-        text = self._open_book(question, hits) if hits else ""
-        return Answer(text, time.perf_counter() - t0, sources=[f"{h.tbl}{h.key}" for h in hits],
-                      retrieved_keys=[(h.tbl, h.key) for h in hits])
+class Rag(_Served):
+    kind, gate, mode = "rag", True, "rag"
 
 
-class Tuned(Strategy):
-    kind, gate = "tuned", True
+class Tuned(_Served):
+    kind, gate, mode = "tuned", True, "tuned"
 
     def prepare(self, ctx: ArenaContext) -> None:
         from pgfresh import train
 
-        self.config = ctx.config
-        ensure_base_model(ctx)
+        super().prepare(ctx)
         train.run(ctx.config, once=True)  # version 1 of every slice: the facts waiting now
 
     def refresh(self, ctx: ArenaContext) -> None:
@@ -132,65 +120,32 @@ class Tuned(Strategy):
         # Only the rounds that are due (enough new facts, or waited long; back-off after a rejection).
         train.run(ctx.config, once=True, due_only=True)
 
-    def answer(self, question: Question) -> Answer:
-        from pgfresh import train
 
-        t0 = time.perf_counter()
-        out = train.ask_tuned(self.config, question.text, question.tenant)
-        return Answer(out["answer"], time.perf_counter() - t0, sources=[f"slice {out['slice']} v{out['version']}"])
+class Hybrid(_Served):
+    kind, gate, mode = "hybrid", True, "hybrid"
+    # the tuned strategy (same data directory) trains the slices this one reads
 
 
-class Hybrid(_Reader, Strategy):
-    kind, gate = "hybrid", True
-
-    def prepare(self, ctx: ArenaContext) -> None:
-        self._load(ctx)  # the tuned strategy (same data directory) trains the slices this one reads
-
-    def answer(self, question: Question) -> Answer:
-        from pgfresh import train
-        from pgfresh.capture.pgoutput import parse_lsn
-        from pgfresh.errors import PgfreshError
-
-        t0 = time.perf_counter()
-        hits = self._retrieve(question, "hybrid", None)
-        slice_lsn = self._slice_lsn(question.tenant)
-        fresh_enough = hits and slice_lsn is not None and parse_lsn(hits[0].lsn) <= slice_lsn
-        if fresh_enough or (not hits and slice_lsn is not None):
-            try:
-                out = train.ask_tuned(self.config, question.text, question.tenant)
-                return Answer(out["answer"], time.perf_counter() - t0, sources=["route:slice", f"v{out['version']}"],
-                              retrieved_keys=[(h.tbl, h.key) for h in hits])
-            except PgfreshError:
-                pass  # no loadable slice: retrieval answers
-        text = self._open_book(question, hits) if hits else ""
-        return Answer(text, time.perf_counter() - t0, sources=["route:rag"] + [f"{h.tbl}{h.key}" for h in hits],
-                      retrieved_keys=[(h.tbl, h.key) for h in hits])
-
-    def _slice_lsn(self, tenant: str | None) -> int | None:
-        from pgfresh.capture.pgoutput import parse_lsn
-        from pgfresh.train import slice_of
-
-        row = self.conn.execute(
-            "select v.lsn::text from pgfresh.slice_versions v join pgfresh.slices s on s.name = v.slice"
-            " and s.current_version = v.version where s.name = %s", (slice_of(tenant),)).fetchone()
-        return parse_lsn(row[0]) if row and row[0] else None
-
-
+@register("stale")
 def stale(ctx: ArenaContext) -> Strategy:
     return Stale()
 
 
+@register("rag-dense")
 def rag_dense(ctx: ArenaContext) -> Strategy:
-    return Rag("dense", "none")
+    return Rag(search_mode="dense", rerank="none")
 
 
+@register("rag-hybrid")
 def rag_hybrid(ctx: ArenaContext) -> Strategy:
-    return Rag("hybrid", None)  # the configured rerank (default: embedder re-scoring + overlap)
+    return Rag(search_mode="hybrid")  # the configured rerank (default: embedder re-scoring + overlap)
 
 
+@register("tuned")
 def tuned(ctx: ArenaContext) -> Strategy:
     return Tuned()
 
 
+@register("hybrid")
 def hybrid(ctx: ArenaContext) -> Strategy:
     return Hybrid()

@@ -13,13 +13,14 @@ measure retrieval hit@k apart from answer accuracy).
 
     register("my-rag", lambda ctx: MyStrategy())
 
-Built-in strategies of later stages register lazily by import path in `BUILTIN` so that importing
-the arena does not import torch. `create(name, ctx)` builds one; `available()` lists the names.
+The built-in strategies (pgfresh.arena.strategies, adapters over `pgfresh.serve.answer`) register
+the same way when the arena package is imported; their heavy imports stay inside their hooks, so
+importing the arena does not import torch. `create(name, ctx)` builds one and refuses, loudly, a
+factory that returns no Strategy or a strategy without its own `answer`; `available()` lists the names.
 """
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -57,6 +58,7 @@ class ArenaContext:
     seed: int
     console: Any = None
     store_dsn: str | None = None  # None: the source database holds the store too
+    registry: Any = None  # the run's pgfresh.serve.Registry (loaded models), made by the first strategy that needs it
 
 
 class Strategy:
@@ -85,20 +87,13 @@ class Strategy:
 
 Factory = Callable[[ArenaContext], Strategy]
 _REGISTRY: dict[str, Factory] = {}
-# name -> "module:callable"; imported on first use. Filled as the stages land (stale, rag-dense,
-# rag-hybrid, tuned, hybrid, each with the gate on and off).
-BUILTIN: dict[str, str] = {
-    "stale": "pgfresh.arena.strategies:stale",
-    "rag-dense": "pgfresh.arena.strategies:rag_dense",
-    "rag-hybrid": "pgfresh.arena.strategies:rag_hybrid",
-    "tuned": "pgfresh.arena.strategies:tuned",
-    "hybrid": "pgfresh.arena.strategies:hybrid",
-}
 
 
 def register(name: str, factory: Factory | None = None):
     """Register a strategy factory under `name`; usable as a decorator."""
     def add(f: Factory) -> Factory:
+        if not callable(f):
+            raise TypeError(f"strategy {name}: the factory must be callable (ctx -> Strategy), got {f!r}")
         _REGISTRY[name] = f
         return f
 
@@ -106,20 +101,20 @@ def register(name: str, factory: Factory | None = None):
 
 
 def available() -> list[str]:
-    return sorted(set(_REGISTRY) | set(BUILTIN))
+    return sorted(_REGISTRY)
 
 
 def create(name: str, ctx: ArenaContext) -> Strategy:
     """A new strategy instance; ConfigError naming the known strategies if `name` is unknown."""
     factory = _REGISTRY.get(name)
-    if factory is None and name in BUILTIN:
-        module, attr = BUILTIN[name].split(":")
-        factory = getattr(importlib.import_module(module), attr)
-        _REGISTRY[name] = factory
     if factory is None:
         known = ", ".join(available()) or "none registered"
         raise ConfigError([f"arena.strategies: unknown strategy {name!r} (known: {known})"], str(ctx.config.path))
     strategy = factory(ctx)
+    if not isinstance(strategy, Strategy):
+        raise TypeError(f"strategy {name}: its factory returned {type(strategy).__name__}, not a Strategy")
+    if type(strategy).answer is Strategy.answer:
+        raise TypeError(f"strategy {name}: {type(strategy).__name__} does not implement answer(question)")
     if strategy.kind not in KINDS:
         raise ValueError(f"strategy {name}: kind {strategy.kind!r} is not one of {KINDS}")
     strategy.name = name

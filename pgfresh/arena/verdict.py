@@ -2,19 +2,41 @@
 
 Every sentence is built from numbers in the results document; where a number was not measured in
 this run (no strategy of that kind, no retrieval information, a phase switched off) the row says
-"not measured" and draws no conclusion. Thresholds that turn numbers into words are named below.
+"not measured" and draws no conclusion.
+
+A difference is called only when the statistics say so, otherwise the row says "no measurable
+difference": two strategies on the same questions by McNemar's exact test (p < 0.05,
+`metrics.compare`); rates over different questions (first vs last third of the run) and latency
+percentiles only where their 95% intervals (Wilson; bootstrap) do not overlap. Every rate quoted
+carries its interval.
 """
 
 from __future__ import annotations
 
+from pgfresh.arena import metrics
+
 NOT_MEASURED = "not measured"
-DROP_POINTS = 0.05  # a change of accuracy / hit rate smaller than 5 points reads as "about the same"
-SLOWER = 1.2  # a latency ratio above 1.2 reads as "slower"
+NO_DIFFERENCE = "no measurable difference"
 READER_GAP = 0.3  # retrieval hit@1 this far above answer accuracy: the reader, not retrieval, limits RAG
 
 
-def _pct(v) -> str:
-    return NOT_MEASURED if v is None else f"{100 * v:.0f}%"
+def _pct(v, ci=None) -> str:
+    if v is None:
+        return NOT_MEASURED
+    return f"{100 * v:.0f}%" + (f" [{100 * ci[0]:.0f}-{100 * ci[1]:.0f}%]" if ci else "")
+
+
+def _rate(summary: dict, key: str) -> str:
+    """A rate of a scores() summary with its 95% interval: '52% [44-60%]'."""
+    return _pct(summary.get(key), (summary.get("ci") or {}).get(key))
+
+
+def _cmp(c: dict, what: str = "points") -> str:
+    """A paired comparison in words: the difference, and whether it is measurable."""
+    if not c["n"] or c["diff"] is None:
+        return NOT_MEASURED
+    stat = f"{100 * c['diff']:+.0f} {what}, McNemar exact p = {c['p_value']:.2g}, n = {c['n']}"
+    return f"{NO_DIFFERENCE} ({stat})" if c["better"] is None else stat
 
 
 def _sec(v) -> str:
@@ -31,6 +53,16 @@ def _kind(results: dict, kind: str) -> list[tuple[str, dict]]:
 
 def _acc(s: dict, cls: str):
     return s["by_class"].get(cls, {}).get("accuracy")
+
+
+def _cls(s: dict, cls: str) -> str:
+    return _rate(s["by_class"].get(cls, {}), "accuracy")
+
+
+def _lat(s: dict) -> str:
+    lat = s["latency"]
+    ci = lat.get("p50_ci_s")
+    return _sec(lat["p50_s"]) + (f" [{_sec(ci[0])}-{_sec(ci[1])}]" if ci and None not in ci else "")
 
 
 def _thirds(records: list[dict], name: str, batches: int) -> tuple[list, list]:
@@ -56,30 +88,29 @@ def rag_scaling(results: dict) -> dict:
     for name, _ in rags:
         first, last = _thirds(results["records"], name, batches)
         h = [_hit5([r for r in rs if r["hits"]]) for rs in (first, last)]
-        lat = [_median([r["latency_s"] for r in rs]) for rs in (first, last)]
-        parts.append(f"{name}: hit@5 {_pct(h[0])} -> {_pct(h[1])}, p50 latency {_sec(lat[0])} -> {_sec(lat[1])}")
-        if (h[0] is not None and h[1] is not None and h[0] - h[1] > DROP_POINTS) or \
-                (lat[0] and lat[1] and lat[1] / lat[0] > SLOWER):
+        lat = [[r["latency_s"] for r in rs if r["outcome"] != "error"] for rs in (first, last)]
+        p50 = [metrics.percentile(x, 50) for x in lat]
+        lat_ci = [metrics.bootstrap(x, qs=(50,))[50] for x in lat]
+        parts.append(f"{name}: hit@5 {_pct(*h[0])} -> {_pct(*h[1])}, p50 latency {_sec(p50[0])} -> {_sec(p50[1])}")
+        # Different questions in the two thirds: only non-overlapping 95% intervals count.
+        if metrics.separated(h[0][1], h[1][1]) > 0 or metrics.separated(lat_ci[1], lat_ci[0]) > 0:
             worse.append(name)
     evidence = f"source rows {start} -> {end} over the run; first vs last third of batches: " + "; ".join(parts)
     growth = (end - start) / start if start else None
     meaning = (f"with the corpus growing {_pct(growth)} in this run, "
-               + (f"{', '.join(worse)} got worse (more than {DROP_POINTS * 100:.0f} points or {SLOWER}x latency)"
-                  if worse else "no retrieval strategy got measurably worse")
+               + (f"{', '.join(worse)} got measurably worse (hit@5 or p50 latency, 95% intervals apart)"
+                  if worse else f"{NO_DIFFERENCE}: no retrieval strategy got measurably worse")
                + "; larger corpora need bench/ runs to test the claim beyond this size")
     return _row(claim, evidence, meaning)
 
 
-def _hit5(rs: list[dict]):
+def _hit5(rs: list[dict]) -> tuple:
+    """hit@5 over records and its Wilson interval."""
     if not rs:
-        return None
+        return None, None
     k = "5" if "5" in rs[0]["hits"] else max(rs[0]["hits"], key=int)
-    return sum(r["hits"][k] for r in rs) / len(rs)
-
-
-def _median(xs: list[float]):
-    xs = sorted(xs)
-    return xs[(len(xs) - 1) // 2] if xs else None
+    found = sum(r["hits"][k] for r in rs)
+    return found / len(rs), metrics.wilson(found, len(rs))
 
 
 def internalised(results: dict) -> dict:
@@ -89,23 +120,15 @@ def internalised(results: dict) -> dict:
         return _row(claim, None, None)
     (tn, ts), (rn, rs) = tuned[0], rag[0]
     tl, rl = ts["latency"]["p50_s"], rs["latency"]["p50_s"]
-    evidence = (f"{tn}: unchanged {_pct(_acc(ts, 'unchanged'))}, held-out phrasing {_pct(_acc(ts, 'held_out'))},"
-                f" p50 latency {_sec(tl)}; {rn}: unchanged {_pct(_acc(rs, 'unchanged'))}, held-out"
-                f" {_pct(_acc(rs, 'held_out'))}, p50 latency {_sec(rl)}")
-    faster = None if not tl or not rl else rl / tl
-    diff = None if _acc(ts, "unchanged") is None or _acc(rs, "unchanged") is None else \
-        _acc(ts, "unchanged") - _acc(rs, "unchanged")
-    meaning = (f"on facts that did not change, {tn} is {_points(diff)} against {rn}; "
-               + (f"it answers {faster:.1f}x as fast" if faster else "latency not comparable"))
+    evidence = (f"{tn}: unchanged {_cls(ts, 'unchanged')}, held-out phrasing {_cls(ts, 'held_out')},"
+                f" p50 latency {_lat(ts)}; {rn}: unchanged {_cls(rs, 'unchanged')}, held-out"
+                f" {_cls(rs, 'held_out')}, p50 latency {_lat(rs)}")
+    c = metrics.compare(results["records"], tn, rn, "unchanged")
+    side = metrics.separated(ts["latency"].get("p50_ci_s"), rs["latency"].get("p50_ci_s"))
+    speed = (f"it answers {rl / tl:.1f}x as fast" + ("" if side else f" ({NO_DIFFERENCE} in p50 latency)")
+             if tl and rl else "latency not comparable")
+    meaning = f"on facts that did not change, {tn} against {rn}: {_cmp(c)}; {speed}"
     return _row(claim, evidence, meaning)
-
-
-def _points(diff) -> str:
-    if diff is None:
-        return NOT_MEASURED
-    if abs(diff) < DROP_POINTS:
-        return f"about the same ({100 * diff:+.0f} points)"
-    return f"{100 * diff:+.0f} points"
 
 
 def training_cost(results: dict) -> dict:
@@ -145,17 +168,17 @@ def pollution(results: dict) -> dict:
     rows = [(n, s) for n, s in results["strategies"].items() if s["by_class"].get("noisy", {}).get("n")]
     if not rows:
         return _row(claim, None, None)
-    parts = [f"{n}{_gate(s)}: noisy-row accuracy {_pct(_acc(s, 'noisy'))}, answered the wrong value"
-             f" {_pct(s['overall']['polluted_rate'])}" for n, s in rows]
+    parts = [f"{n}{_gate(s)}: noisy-row accuracy {_cls(s, 'noisy')}, answered the wrong value"
+             f" {_rate(s['overall'], 'polluted_rate')}" for n, s in rows]
     evidence = (f"{results['workload']['noise_changes']} of {results['workload']['changes']} changes were noise; "
                 + "; ".join(parts))
     worst = max(rows, key=lambda x: x[1]["overall"]["polluted_rate"] or 0)
-    meaning = f"most polluted: {worst[0]} ({_pct(worst[1]['overall']['polluted_rate'])} of questions on noisy rows)"
+    meaning = (f"most polluted: {worst[0]} ({_rate(worst[1]['overall'], 'polluted_rate')} of questions on"
+               " rows that carried a wrong value)")
     pairs = _gate_pairs(results)
     if pairs:
-        meaning += "; the gate changes pollution by " + ", ".join(
-            f"{k}: {_points((off['overall']['polluted_rate'] or 0) - (on['overall']['polluted_rate'] or 0))} less"
-            for k, on, off in pairs)
+        meaning += "; gate off vs on, polluted answers: " + ", ".join(
+            f"{k}: {_cmp(metrics.compare(results['records'], off, on, outcome='polluted'))}" for k, on, off in pairs)
     return _row(claim, evidence, meaning)
 
 
@@ -163,11 +186,11 @@ def _gate(s: dict) -> str:
     return "" if s.get("gate") is None else (" (gate on)" if s["gate"] else " (gate off)")
 
 
-def _gate_pairs(results: dict) -> list[tuple[str, dict, dict]]:
+def _gate_pairs(results: dict) -> list[tuple[str, str, str]]:
     out = []
     for kind in ("rag", "tuned", "hybrid"):
-        on = [s for s in results["strategies"].values() if s["kind"] == kind and s.get("gate") is True]
-        off = [s for s in results["strategies"].values() if s["kind"] == kind and s.get("gate") is False]
+        on = [n for n, s in results["strategies"].items() if s["kind"] == kind and s.get("gate") is True]
+        off = [n for n, s in results["strategies"].items() if s["kind"] == kind and s.get("gate") is False]
         if on and off:
             out.append((kind, on[0], off[0]))
     return out
@@ -178,12 +201,18 @@ def forgetting(results: dict) -> dict:
     rows = [(n, s) for n, s in results["strategies"].items() if s["forgetting"]["forgetting"] is not None]
     if not rows:
         return _row(claim, None, None)
-    parts = [f"{n}: unchanged facts {_pct(s['forgetting']['start_accuracy'])} at start -> "
-             f"{_pct(s['forgetting']['end_accuracy'])} at end, FUAR {_fuar(s['fuar'])}" for n, s in rows]
-    worst = max(rows, key=lambda x: x[1]["forgetting"]["forgetting"])
-    f = worst[1]["forgetting"]["forgetting"]
-    meaning = (f"largest loss: {worst[0]}, {_points(f)} on the unchanged panel" if f >= DROP_POINTS
-               else f"no strategy lost more than {DROP_POINTS * 100:.0f} points on the unchanged panel")
+    parts = [f"{n}: unchanged facts {_pct(f['start_accuracy'], f.get('start_ci'))} at start (n = {f['n_start']}) -> "
+             f"{_pct(f['end_accuracy'], f.get('end_ci'))} at end (n = {f['n_end']}), FUAR {_fuar(s['fuar'])}"
+             for n, s in rows for f in [s["forgetting"]]]
+    # Start and end are different batches: a loss counts only where the 95% intervals are apart.
+    lost = [(n, s) for n, s in rows if s["forgetting"]["measurable"] and s["forgetting"]["forgetting"] > 0]
+    if lost:
+        worst = max(lost, key=lambda x: x[1]["forgetting"]["forgetting"])
+        meaning = (f"measurable loss on the unchanged panel: " + ", ".join(
+            f"{n} {100 * s['forgetting']['forgetting']:+.0f} points" for n, s in lost)
+            + f" (largest: {worst[0]})")
+    else:
+        meaning = f"{NO_DIFFERENCE}: no strategy measurably lost accuracy on the unchanged panel (95% intervals overlap)"
     return _row(claim, "; ".join(parts), meaning)
 
 
@@ -200,17 +229,27 @@ def rag_enough(results: dict) -> dict:
     if not rag:
         return _row(claim, None, None)
     rn, rs = rag[0]
-    evidence = (f"{rn}: overall {_pct(rs['overall']['accuracy'])}, changed {_pct(_acc(rs, 'changed'))}, "
-                f"time-to-fresh p50 {_sec(rs['time_to_fresh']['p50_s'])}")
+    evidence = (f"{rn}: overall {_rate(rs['overall'], 'accuracy')}, changed {_cls(rs, 'changed')}, "
+                f"time-to-fresh p50 {_fresh(rs)}")
     if not others:
         return _row(claim, evidence, None)
     on, os_ = max(others, key=lambda x: x[1]["overall"]["accuracy"] or 0)
-    evidence += (f"; best other, {on}: overall {_pct(os_['overall']['accuracy'])}, changed"
-                 f" {_pct(_acc(os_, 'changed'))}, time-to-fresh p50 {_sec(os_['time_to_fresh']['p50_s'])}")
-    diff = None if os_["overall"]["accuracy"] is None or rs["overall"]["accuracy"] is None else \
-        os_["overall"]["accuracy"] - rs["overall"]["accuracy"]
-    meaning = f"{on} is {_points(diff)} against {rn} overall" + _reader_limit(rn, rs)
+    evidence += (f"; best other, {on}: overall {_rate(os_['overall'], 'accuracy')}, changed"
+                 f" {_cls(os_, 'changed')}, time-to-fresh p50 {_fresh(os_)}")
+    meaning = f"{on} against {rn} overall: {_cmp(metrics.compare(results['records'], on, rn))}" + _reader_limit(rn, rs)
     return _row(claim, evidence, meaning)
+
+
+def _fresh(s: dict) -> str:
+    """Time-to-fresh p50 with its bootstrap interval; 'never' when most changes never became fresh."""
+    t = s["time_to_fresh"]
+    if not t["watched"]:
+        return NOT_MEASURED
+    if t["p50_s"] is None:
+        return f"never within the run ({t['resolved']} of {t['watched']} changes became fresh)"
+    ci = t.get("p50_ci_s")
+    hi = "never" if ci and ci[1] is None else (_sec(ci[1]) if ci else None)
+    return _sec(t["p50_s"]) + (f" [{_sec(ci[0])}-{hi}]" if ci else "")
 
 
 def _reader_limit(name: str, s: dict) -> str:
@@ -274,6 +313,47 @@ def placement(results: dict) -> dict:
     return _row(claim, evidence, meaning)
 
 
+def router_parts(results: dict) -> dict:
+    """The router (`hybrid` kind) per class against its two parts on the same questions."""
+    claim = "The router is no worse than the better of its two parts on any class"
+    hybrid, tuned, rag = _kind(results, "hybrid"), _kind(results, "tuned"), _kind(results, "rag")
+    if not hybrid or not tuned or not rag:
+        return _row(claim, None, None)
+    table = router_table(results)
+    hn = hybrid[0][0]
+    evidence = "; ".join(
+        f"{c['cls']}: {hn} {_pct(c['router'], c['router_ci'])}, {c['tuned_name']} {_pct(c['tuned'], c['tuned_ci'])},"
+        f" {c['rag_name']} {_pct(c['rag'], c['rag_ci'])} (n = {c['n']})" for c in table)
+    worse = [c for c in table if c["worse"]]
+    meaning = (f"{hn} is measurably worse than the better part on: " + ", ".join(
+        f"{c['cls']} ({_cmp(c['against_best'])} against {c['best']})" for c in worse) if worse
+        else f"on every class {hn} is not measurably worse than the better of {tuned[0][0]} and {rag[0][0]}"
+             " (McNemar exact, p < 0.05)") if table else None
+    return _row(claim, evidence, meaning)
+
+
+def router_table(results: dict) -> list[dict]:
+    """Per class: the router's, the tuned and the best RAG strategy's accuracy on the same
+    questions, and the paired comparison of the router with the better of the two."""
+    hybrid, tuned, rag = _kind(results, "hybrid"), _kind(results, "tuned"), _kind(results, "rag")
+    if not hybrid or not tuned or not rag:
+        return []
+    hn, tn, rn = hybrid[0][0], tuned[0][0], rag[0][0]
+    out = []
+    classes = sorted({r["cls"] for r in results["records"] if r["strategy"] == hn})
+    for cls in classes:
+        vs_t = metrics.compare(results["records"], hn, tn, cls)
+        vs_r = metrics.compare(results["records"], hn, rn, cls)
+        if not vs_t["n"] or not vs_r["n"]:
+            continue
+        best, against = (tn, vs_t) if (vs_t["b_rate"] or 0) >= (vs_r["b_rate"] or 0) else (rn, vs_r)
+        out.append({"cls": cls, "n": vs_t["n"], "router": vs_t["a_rate"], "router_ci": vs_t["a_ci"],
+                    "tuned_name": tn, "tuned": vs_t["b_rate"], "tuned_ci": vs_t["b_ci"],
+                    "rag_name": rn, "rag": vs_r["b_rate"], "rag_ci": vs_r["b_ci"], "best": best,
+                    "against_best": against, "worse": against["better"] == best})
+    return out
+
+
 def verdict(results: dict) -> list[dict]:
     return [rag_scaling(results), internalised(results), training_cost(results), pollution(results),
-            forgetting(results), rag_enough(results), bloat(results), placement(results)]
+            forgetting(results), rag_enough(results), router_parts(results), bloat(results), placement(results)]

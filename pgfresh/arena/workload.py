@@ -11,6 +11,8 @@ The built-in `shop` workload: shops, products (tenant `shop_id`) and support not
 stock updates, new and deleted products, draft -> published; noise: plausible-but-wrong prices
 and category typos corrected `correct_after_s` later, description typos, junk notes and
 half-finished rows. The same seed gives the same tables and the same sequence of changes.
+`shop-zh` is the same shop in Chinese (names, categories, descriptions, notes, questions); its
+typos are wrong characters and full-width digits.
 
 Custom workloads (`[arena] workload = "custom"`) bring their own tables and either a Python
 function `change(ctx)` or SQL statements; see docs/ARENA.md.
@@ -136,6 +138,23 @@ class Workload:
 
 class ShopWorkload(Workload):
     name = "shop"
+    # The words of the catalogue; `shop-zh` (ShopZhWorkload) replaces them with Chinese ones.
+    adjectives, materials, category_of = ADJECTIVES, MATERIALS, CATEGORY_OF
+    shop_words, cities, uses, note_bodies, junk_notes = SHOP_WORDS, CITIES, USES, NOTE_BODIES, JUNK_NOTES
+    some_item = "an item"
+
+    def _shop_name(self, shop_id: int) -> str:
+        words = self.shop_words
+        return f"{words[(shop_id - 1) % len(words)]} Goods" + ("" if shop_id <= len(words) else f" {shop_id}")
+
+    def _product_name(self, adj: str, material: str, noun: str) -> str:
+        return f"{adj} {material} {noun}"
+
+    def _description(self, adj: str, material: str, noun: str, use: str) -> str:
+        return f"A {adj.lower()} {noun.lower()} made of {material.lower()}, {use}."
+
+    def _completed(self, name: str, use: str) -> str:
+        return f"{name}, {use}."
 
     # -- setup ---------------------------------------------------------------------------------
     def setup(self, conn) -> None:
@@ -146,8 +165,7 @@ class ShopWorkload(Workload):
         scale = self.settings.scale
         shops, used = [], set()
         for shop_id in range(1, scale["shops"] + 1):
-            name = f"{SHOP_WORDS[(shop_id - 1) % len(SHOP_WORDS)]} Goods" + ("" if shop_id <= len(SHOP_WORDS) else f" {shop_id}")
-            shops.append((shop_id, name, rng.choice(CITIES)))
+            shops.append((shop_id, self._shop_name(shop_id), rng.choice(self.cities)))
         products = []
         for i in range(scale["shops"] * scale["products_per_shop"]):
             shop_id = i // scale["products_per_shop"] + 1
@@ -159,7 +177,7 @@ class ShopWorkload(Workload):
             mine = [p for p in products if p[1] == shop_id]
             for _ in range(scale["notes_per_shop"]):
                 p = rng.choice(mine)
-                notes.append((len(notes) + 1, shop_id, p[0], rng.choice(NOTE_BODIES).format(name=p[2])))
+                notes.append((len(notes) + 1, shop_id, p[0], rng.choice(self.note_bodies).format(name=p[2])))
         with conn.cursor() as cur:
             cur.executemany("insert into shop.shops values (%s, %s, %s)", shops)
             cur.executemany("insert into shop.products (product_id, shop_id, name, category, price, stock, status,"
@@ -169,15 +187,14 @@ class ShopWorkload(Workload):
         install_recorder(conn, self.config.tables)
         conn.execute("analyze shop.products")
 
-    @staticmethod
-    def _new_product(rng: random.Random, used: set[str]) -> tuple[str, str, str]:
+    def _new_product(self, rng: random.Random, used: set[str]) -> tuple[str, str, str]:
         while True:
-            noun = rng.choice(sorted(CATEGORY_OF))
-            adj, material = rng.choice(ADJECTIVES), rng.choice(MATERIALS)
-            name = f"{adj} {material} {noun}"
+            noun = rng.choice(sorted(self.category_of))
+            adj, material = rng.choice(self.adjectives), rng.choice(self.materials)
+            name = self._product_name(adj, material, noun)
             if name not in used:
                 used.add(name)
-                return name, CATEGORY_OF[noun], f"A {adj.lower()} {noun.lower()} made of {material.lower()}, {rng.choice(USES)}."
+                return name, self.category_of[noun], self._description(adj, material, noun, rng.choice(self.uses))
 
     @staticmethod
     def _random_price(rng: random.Random) -> Decimal:
@@ -269,7 +286,7 @@ class ShopWorkload(Workload):
         self.published.add(pid)
         name = self._current(conn, pid, "name")
         return self._update(conn, pid, "complete", {"price": self._random_price(self.rng), "stock": self.rng.randint(1, 150),
-                                                    "description": f"{name}, {self.rng.choice(USES)}.",
+                                                    "description": self._completed(name, self.rng.choice(self.uses)),
                                                     "status": "published"})
 
     def _delete(self, conn) -> str:
@@ -295,8 +312,8 @@ class ShopWorkload(Workload):
 
     def _note(self, conn) -> str:
         pid = self._pick(self.published)
-        name = self._current(conn, pid, "name") if pid else "an item"
-        return self._add_note(conn, "note", self.rng.choice(NOTE_BODIES).format(name=name), False, pid)
+        name = self._current(conn, pid, "name") if pid else self.some_item
+        return self._add_note(conn, "note", self.rng.choice(self.note_bodies).format(name=name), False, pid)
 
     # -- noise ---------------------------------------------------------------------------------
     def _noisy_update(self, conn, column: str, wrong_of: Callable[[object], object]) -> str:
@@ -332,7 +349,7 @@ class ShopWorkload(Workload):
         return self._noisy_update(conn, "description", lambda d: self._typo(d or "x"))
 
     def _junk_note(self, conn) -> str:
-        return self._add_note(conn, "noise:junk_note", self.rng.choice(JUNK_NOTES), True, self._pick(self.published))
+        return self._add_note(conn, "noise:junk_note", self.rng.choice(self.junk_notes), True, self._pick(self.published))
 
     def _half_finished(self, conn) -> str:
         return self._insert(conn, half=True)
@@ -347,6 +364,66 @@ class ShopWorkload(Workload):
             return super().invent(rng, spec)
         name, _, _ = self._new_product(rng, set())
         return {"name": name}
+
+
+# -- shop-zh: the same shop in Chinese ------------------------------------------------------------
+ZH_ADJECTIVES = ["经典", "北欧", "复古", "简约", "豪华", "折叠", "智能", "静音", "明亮", "轻便", "皇家", "都市",
+                 "海滨", "高山", "金色", "迷你", "实用", "精致", "田园", "现代"]
+ZH_MATERIALS = ["铜", "橡木", "竹", "不锈钢", "亚麻", "陶瓷", "胡桃木", "棉", "玻璃", "黄铜", "石板", "羊毛", "雪松",
+                "大理石", "皮革", "软木"]
+ZH_NOUNS = {
+    "厨房": ["水壶", "煎锅", "沥水篮", "茶壶", "擦丝器", "汤勺", "打蛋器", "砧板"],
+    "园艺": ["花铲", "花盆", "洒水壶", "耙子", "喂鸟器", "修枝剪"],
+    "办公": ["订书机", "台灯", "笔记本", "笔筒", "文件盘", "写字板"],
+    "浴室": ["皂盒", "毛巾架", "浴室垫", "牙刷杯"],
+    "户外": ["提灯", "露营凳", "野餐篮", "吊床", "保温箱"],
+    "玩具": ["陀螺", "拼图盒", "玩具火车", "风筝"],
+}
+ZH_SHOP_WORDS = ["海港", "枫叶", "杜松", "花岗", "柳树", "灯塔", "草地", "山顶", "钴蓝", "灯笼", "果园", "河畔"]
+ZH_CITIES = ["杭州", "成都", "西安", "青岛", "厦门", "苏州", "昆明", "大连", "长沙", "南京"]
+ZH_USES = ["经久耐用，保修2年", "适合日常使用", "深受顾客喜爱", "容易清洗", "小批量手工制作，限量300件"]
+ZH_NOTE_BODIES = ["顾客询问{name}能否寄往海外。", "供应商延迟后，{name}已补货。", "买家反映{name}到货时有划痕，已补发。",
+                  "提醒：{name}常被当作礼物购买，建议提供礼品包装。", "供应商确认{name}下周到货。"]
+ZH_JUNK_NOTES = ["asdf", "测试测试 忽略", "xxx", "啊啊啊啊啊啊", "随便写写", "待填写", "。。。", "哈哈哈哈哈哈哈", "忽略这条", "tmp"]
+# Wrong characters a Chinese typist makes: same sound or similar shape (别字).
+ZH_WRONG_CHARACTERS = {"厨": "橱", "房": "防", "园": "圆", "艺": "义", "办": "班", "公": "工", "浴": "欲", "室": "式",
+                       "户": "护", "外": "夕", "玩": "完", "具": "俱", "壶": "壸", "锅": "过", "灯": "订", "盆": "盘",
+                       "篮": "蓝", "杯": "怀", "耐": "而", "洗": "先", "喜": "善", "修": "休", "年": "午", "件": "伴"}
+_FULL_WIDTH_DIGITS = str.maketrans("0123456789", "０１２３４５６７８９")
+
+
+class ShopZhWorkload(ShopWorkload):
+    """`shop-zh`: the shop with Chinese names, categories, descriptions and notes (same schema,
+    same changes). Its typos are wrong characters (别字) and digits turned full-width (２年)."""
+
+    name = "shop-zh"
+    adjectives, materials = ZH_ADJECTIVES, ZH_MATERIALS
+    category_of = {noun: cat for cat, nouns in ZH_NOUNS.items() for noun in nouns}
+    shop_words, cities, uses, note_bodies, junk_notes = ZH_SHOP_WORDS, ZH_CITIES, ZH_USES, ZH_NOTE_BODIES, ZH_JUNK_NOTES
+    some_item = "某商品"
+
+    def _shop_name(self, shop_id: int) -> str:
+        words = self.shop_words
+        return f"{words[(shop_id - 1) % len(words)]}百货" + ("" if shop_id <= len(words) else f"{shop_id}号店")
+
+    def _product_name(self, adj: str, material: str, noun: str) -> str:
+        return f"{adj}{material}{noun}"
+
+    def _description(self, adj: str, material: str, noun: str, use: str) -> str:
+        return f"{adj}风格的{material}{noun}，{use}。"
+
+    def _completed(self, name: str, use: str) -> str:
+        return f"{name}，{use}。"
+
+    def _typo(self, text: str) -> str:
+        spots = [i for i, ch in enumerate(text) if ch in ZH_WRONG_CHARACTERS]
+        digits = any(ch.isascii() and ch.isdigit() for ch in text)
+        if spots and not (digits and self.rng.random() < 0.5):
+            i = self.rng.choice(spots)
+            return text[:i] + ZH_WRONG_CHARACTERS[text[i]] + text[i + 1:]
+        if digits:
+            return text.translate(_FULL_WIDTH_DIGITS)
+        return text + text[-1:]
 
 
 @dataclass
@@ -407,7 +484,7 @@ class CustomWorkload(Workload):
 
 def load_workload(config, settings: ArenaSettings | None = None) -> Workload:
     settings = settings or arena_settings(config)
-    return (ShopWorkload if settings.workload == "shop" else CustomWorkload)(config, settings)
+    return {"shop": ShopWorkload, "shop-zh": ShopZhWorkload}.get(settings.workload, CustomWorkload)(config, settings)
 
 
 def drive(config, settings: ArenaSettings, dsn: str, stop, counter, errors) -> None:
@@ -439,9 +516,10 @@ def drive(config, settings: ArenaSettings, dsn: str, stop, counter, errors) -> N
         raise
 
 
-def shop_config_text(source: dict) -> str:
-    """A complete pgfresh.toml for the shop workload: `[source]` from `source`, then shop.toml."""
+def shop_config_text(source: dict, workload: str = "shop") -> str:
+    """A complete pgfresh.toml for a built-in workload (`shop`, `shop-zh`): `[source]` from
+    `source`, then workloads/<workload>.toml."""
     from pgfresh.config import render_toml
 
     head = render_toml(source, [])
-    return head + "\n" + resources.files("pgfresh").joinpath("workloads/shop.toml").read_text()
+    return head + "\n" + resources.files("pgfresh").joinpath(f"workloads/{workload}.toml").read_text(encoding="utf-8")

@@ -102,7 +102,8 @@ with mark as (
     select resync_xid, resync_lsn from pgfresh.snapshot_progress
     where pipeline = %(pipeline)s and tbl = %(tbl)s and resync_xid is not null
 ), gone as (
-    update pgfresh.rows r set deleted = true, lsn = m.resync_lsn, commit_time = null, xid = null, snap = null,
+    -- commit_time: the resync's, by which retention ages the tombstone (the source's is unknown).
+    update pgfresh.rows r set deleted = true, lsn = m.resync_lsn, commit_time = now(), xid = null, snap = null,
         versions = r.versions + 1
     from mark m
     where r.pipeline = %(pipeline)s and r.tbl = %(tbl)s and not r.deleted and r.lsn <= m.resync_lsn

@@ -5,7 +5,8 @@ row store (one short sink transaction per batch, LSN stored with it), confirm th
 what committed, interleave snapshot chunks until every table has been read, then let each
 downstream worker (gate/render facts, RAG index) consume the change log. `--once` stops when the
 stream has reached the WAL position current at start, the snapshot is complete and every worker is
-idle. SIGTERM/SIGINT finish the current batch, then exit.
+idle. SIGTERM/SIGINT finish the current batch, then exit. Every `retention.prune_interval_seconds`
+(and once on exit) it prunes what `[retention]` allows (pgfresh/retention.py), in short batches.
 
 The source going away (restart, crash, network) is not an error: every connection is opened again
 with capped backoff and capture resumes from the stored position, exactly once; only after
@@ -30,6 +31,7 @@ import psycopg2
 
 from pgfresh import config as cfg
 from pgfresh import db
+from pgfresh import retention
 from pgfresh.capture import pgoutput as po
 from pgfresh.capture import setup
 from pgfresh.capture.change import pipeline_of, worker_name
@@ -44,7 +46,6 @@ DOWNSTREAM_MODULES = {
     "pgfresh.rag": lambda c: "rag" in c.sections,
 }
 HEARTBEAT_SECONDS = 2.0
-PRUNE_SECONDS = 30.0
 RECONNECT_MAX_SECONDS = 10.0  # the cap of the backoff between reconnect attempts
 # SQLSTATEs of a server shutting down, crashed, or still starting up: the connection is gone, not the data.
 SHUTDOWN_STATES = ("57P01", "57P02", "57P03")
@@ -286,6 +287,8 @@ def _loop(config, store, stream, workers, heartbeat, stats, stop, target, proces
     chunk_rows = src.snapshot_chunk_rows
     batch, batch_changes, batch_started = [], 0, 0.0
     last_prune = time.monotonic()
+    keep = retention.settings(config)
+    consumers = [w.name for w in workers]  # a consumer the config no longer runs holds nothing back
     while True:
         txs = stream.poll(timeout=0.02 if (batch or store.snapshot_pending) else 0.25)
         if txs and not batch:
@@ -327,8 +330,8 @@ def _loop(config, store, stream, workers, heartbeat, stats, stop, target, proces
         stats["lsn"] = po.format_lsn(processed)
         heartbeat.beat({"lsn": stats["lsn"], "changes": stats["changes"], "lag_seconds": stats["lag_seconds"],
                         "snapshot_pending": store.snapshot_pending})
-        if time.monotonic() - last_prune > PRUNE_SECONDS:
-            _prune(store.conn, store.pipeline)
+        if time.monotonic() - last_prune > keep.prune_interval_seconds:
+            retention.prune(store.conn, config, consumers, store.pipeline)
             last_prune = time.monotonic()
         if stop.is_set() and not batch:
             break
@@ -339,19 +342,7 @@ def _loop(config, store, stream, workers, heartbeat, stats, stop, target, proces
                 stream.request_position()
     heartbeat.beat({"lsn": stats["lsn"], "changes": stats["changes"], "lag_seconds": stats["lag_seconds"],
                     "snapshot_pending": []}, force=True)
-    _prune(store.conn, store.pipeline)
-
-
-def _prune(conn, pipeline: str) -> None:
-    """Drop the pipeline's change-log entries every consumer of it has processed (with no consumer:
-    older than an hour)."""
-    with conn.transaction():
-        row = conn.execute("select min(seq) from pgfresh.consumers where pipeline = %s", (pipeline,)).fetchone()
-        if row[0] is not None:
-            conn.execute("delete from pgfresh.changes where pipeline = %s and seq <= %s", (pipeline, row[0]))
-        else:
-            conn.execute("delete from pgfresh.changes where pipeline = %s and captured_at < now() - interval '1 hour'",
-                         (pipeline,))
+    retention.prune(store.conn, config, consumers, store.pipeline)
 
 
 def _install_signals(stop: threading.Event) -> dict:

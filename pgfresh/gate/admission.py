@@ -36,6 +36,16 @@ NEAR_DUPLICATE_BITS = 3  # simhash bits that may differ; 4 bands of 16 bits find
 NEAR_DUPLICATE_FETCH = 5000  # earlier texts sharing a band, read per batch at most
 NEAR_DUPLICATE_PER_BAND = 32  # texts compared per band value at most
 
+# The newest change after quarantined change q that this path admitted, holds, or saw delete the row:
+# from gate_log, and from gate_seen / gate_pending, which still know it once retention pruned gate_log.
+NEWER_SQL = """select max(x) from (values
+    ((select max(l.seq) from pgfresh.gate_log l where l.path = q.path and l.tbl = q.tbl and l.key = q.key
+       and l.seq > q.seq and l.outcome in ('accepted', 'pending', 'duplicate'))),
+    ((select greatest(s.seq, s.deleted_seq) from pgfresh.gate_seen s
+       where s.path = q.path and s.tbl = q.tbl and s.key = q.key)),
+    ((select p.seq from pgfresh.gate_pending p where p.path = q.path and p.tbl = q.tbl and p.key = q.key))
+    ) v(x) where x > q.seq"""
+
 
 def policy_for(table, path: str) -> Policy:
     """The gate policy of a configured table (a `TableConfig`) for one path."""
@@ -362,8 +372,7 @@ class Gate:
     def _readmit(self, conn, d: _Decisions, limit: int) -> list[Change]:
         rows = conn.execute(
             "select q.id, q.tbl, q.key, q.seq, q.tenant, q.op, q.row, q.lsn::text, q.commit_time,"
-            " (select max(l.seq) from pgfresh.gate_log l where l.path = q.path and l.tbl = q.tbl and l.key = q.key"
-            "   and l.seq > q.seq and l.outcome in ('accepted', 'pending', 'duplicate')) as newer"
+            f" ({NEWER_SQL}) as newer"
             " from pgfresh.quarantine q where q.path = %s and q.released_at is not null and q.readmitted_at is null"
             " and q.tbl = any(%s) order by q.seq limit %s for update skip locked",
             (self.path, list(self.tables), limit),

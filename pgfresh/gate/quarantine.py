@@ -9,6 +9,7 @@ newer version is not re-admitted (that would bring back an old version): `releas
 from __future__ import annotations
 
 from pgfresh.errors import PgfreshError
+from pgfresh.gate.admission import NEWER_SQL
 
 _COLUMNS = ("id", "path", "tbl", "key", "tenant", "op", "seq", "lsn", "commit_time", "check_name", "reason", "row",
             "created_at", "released_at", "readmitted_at", "release_note")
@@ -55,9 +56,7 @@ def release(conn, qid: int) -> dict:
         _, path, tbl, key, seq, released_at = row
         if released_at is not None:
             raise QuarantineError(f"quarantine entry {qid} was already released at {released_at:%Y-%m-%d %H:%M:%S}")
-        newer = conn.execute(
-            "select max(seq) from pgfresh.gate_log where path = %s and tbl = %s and key = %s and seq > %s"
-            " and outcome in ('accepted', 'pending', 'duplicate')", (path, tbl, key, seq)).fetchone()[0]
+        newer = conn.execute(f"select ({NEWER_SQL}) from pgfresh.quarantine q where q.id = %s", (qid,)).fetchone()[0]
         if newer is not None:
             raise QuarantineError(
                 f"quarantine entry {qid} is stale: a newer version of {tbl} {key} (change {newer}) was admitted"

@@ -3,7 +3,7 @@
 Public entry points:
 - `workers(config)`: the 'index' worker that `pgfresh sync` drives (pgfresh.rag.index);
 - `search(conn, config, text, tenant, k, mode) -> list[Hit]` (pgfresh.rag.retrieval);
-- `ask(config, question, tenant, mode)` (pgfresh.rag.answer);
+- `ask(config, question, tenant, mode)`: a shim over `pgfresh.serve.answer`, the one answer path;
 - `status_counts(conn)` for `pgfresh status`; `check_config(config)` for the `[rag]` section.
 """
 

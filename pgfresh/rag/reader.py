@@ -6,13 +6,14 @@ cache keys on it). Built-ins, chosen by `[rag.reader] kind`:
   `base_url`, `model`, and the *name* of the environment variable holding the API key.
 - `hf`: a local Hugging Face causal-LM directory loaded with transformers (greedy decoding), e.g.
   the built-in model the training stage writes.
+- `builtin`: the base model (`train.base_model` or the built-in one) with its own prompt format,
+  loaded by the serve registry (pgfresh.serve.registry).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import threading
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -20,9 +21,7 @@ from typing import Protocol
 
 from pgfresh.errors import PgfreshError
 
-KINDS = ("openai", "hf")
-_LOADED: dict[tuple, "Reader"] = {}
-_LOCK = threading.Lock()
+KINDS = ("openai", "hf", "builtin")
 
 
 class ReaderError(PgfreshError):
@@ -93,30 +92,22 @@ class HFReader:
         return self.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
 
 
-def from_config(rag: dict, base_dir: Path | None = None, environ: dict | None = None) -> Reader | None:
-    """The reader `[rag.reader]` configures, or None when there is none (cached per process).
+def build(spec: dict, base_dir: Path | None = None, environ: dict | None = None) -> Reader:
+    """A new `openai` or `hf` reader for `[rag.reader]` (`builtin` is loaded by pgfresh.serve.registry,
+    which also keeps the readers it builds: this function caches nothing).
 
     A relative `path` is relative to `base_dir` (pgfresh.toml's directory); the API key is read
     from the environment variable the config names, here at the edge.
     """
-    spec = rag.get("reader")
-    if not spec:
-        return None
     environ = os.environ if environ is None else environ
-    kind = spec.get("kind", "openai")
-    key = (kind, json.dumps(spec, sort_keys=True), str(base_dir), environ.get(spec.get("api_key_env") or "", ""))
-    with _LOCK:
-        if key not in _LOADED:
-            if kind == "openai":
-                env = spec.get("api_key_env")
-                _LOADED[key] = OpenAIReader(spec["base_url"], spec["model"], environ.get(env) if env else None,
-                                            float(spec.get("timeout_seconds", 60)))
-            else:
-                path = Path(spec["path"]).expanduser()
-                if not path.is_absolute() and base_dir is not None:
-                    path = Path(base_dir) / path
-                _LOADED[key] = HFReader(path, chat=bool(spec.get("chat", False)), device=spec.get("device", "cpu"))
-        return _LOADED[key]
+    if spec.get("kind", "openai") == "openai":
+        env = spec.get("api_key_env")
+        return OpenAIReader(spec["base_url"], spec["model"], environ.get(env) if env else None,
+                            float(spec.get("timeout_seconds", 60)))
+    path = Path(spec["path"]).expanduser()
+    if not path.is_absolute() and base_dir is not None:
+        path = Path(base_dir) / path
+    return HFReader(path, chat=bool(spec.get("chat", False)), device=spec.get("device", "cpu"))
 
 
 def check(spec, problems: list[str]) -> None:
@@ -129,11 +120,12 @@ def check(spec, problems: list[str]) -> None:
         problems.append(f"rag.reader.kind: expected one of {', '.join(KINDS)}, got {kind!r}")
         return
     known = {"openai": {"kind", "base_url", "model", "api_key_env", "timeout_seconds", "max_new_tokens"},
-             "hf": {"kind", "path", "chat", "device", "max_new_tokens"}}[kind]
+             "hf": {"kind", "path", "chat", "device", "max_new_tokens"},
+             "builtin": {"kind", "max_new_tokens"}}[kind]
     for k in spec:
         if k not in known:
             problems.append(f"rag.reader.{k}: unknown key for kind {kind!r} (known: {', '.join(sorted(known))})")
-    required = ("base_url", "model") if kind == "openai" else ("path",)
+    required = {"openai": ("base_url", "model"), "hf": ("path",), "builtin": ()}[kind]
     for k in required:
         if not isinstance(spec.get(k), str) or not spec.get(k):
             problems.append(f"rag.reader.{k}: required for kind {kind!r} (a string)")

@@ -23,6 +23,9 @@ def show_answer(result: dict, console) -> None:
         console.print(Text(str(result["answer"]), style="bold"))  # Text: the answer is data, never markup
     if result.get("note"):
         console.print(Text(str(result["note"]), style="yellow"))
+    route = result.get("route") or {}
+    if route.get("reason"):
+        console.print(f"route: {route['taken']} ({route['reason']})", highlight=False, markup=False)
     cache = result.get("cache")
     console.print(f"cache: {cache}" + (f", {result['timings']['total_ms']} ms" if result.get("timings") else ""))
     for i, s in enumerate(result.get("sources", []), start=1):

@@ -52,7 +52,6 @@ _VERSION_COLS = "slice, version, parent, kind, base_id, path, sha256, lsn::text,
 
 def connect(config, role: str = "train"):
     """An autocommit connection with pgfresh's schema migrated (reads are single statements)."""
-
     conn = db.connect(db.store_dsn(config), role, autocommit=True)
     db.migrate(conn)
     return conn

@@ -1,0 +1,60 @@
+"""serve: one answer path behind the CLI, the OpenAI-compatible HTTP API, the dashboard and the arena.
+
+Public entry points:
+- `answer(config, question, tenant, mode, options=, registry=)` (pgfresh.serve.answer): modes rag,
+  tuned and hybrid; the answer, the route and why, the source rows with LSNs, the slice version,
+  cache hit or miss, timings per step;
+- `search(config, text, tenant, k, mode, registry=)`: the documents, as `pgfresh search`;
+- `Registry` (pgfresh.serve.registry): owns loaded readers, base models, slices and connections;
+- `router.Policy` / `router.route`: the hybrid router, configured by `[serve.router]`;
+- `create_app(config)` (pgfresh.serve.http) and `run(config, host, port)`: the HTTP server;
+- `check_config(config)` for the `[serve]` section.
+"""
+
+from __future__ import annotations
+
+from pgfresh.serve.answer import MODES, Options, answer, default_registry  # noqa: F401  (re-exported)
+from pgfresh.serve.registry import Registry  # noqa: F401
+
+# key -> (check, expected)
+_SPEC = {
+    "host": (lambda v: isinstance(v, str) and bool(v), "a host name or address"),
+    "port": (lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 65535, "a port, 0..65535"),
+    "max_body_bytes": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0, "a positive integer (bytes)"),
+    "ready_max_lag_seconds": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0,
+                              "a number of seconds > 0"),
+    "reports_dir": (lambda v: isinstance(v, str), "a directory holding arena reports (*.json, *.html)"),
+    "router": (lambda v: True, "a table ([serve.router])"),
+}
+DEFAULTS = {"host": "127.0.0.1", "port": 8088, "max_body_bytes": 1 << 20, "ready_max_lag_seconds": 60.0,
+            "reports_dir": "."}
+
+
+def check_config(config) -> list[str]:
+    """Every problem in `[serve]` (and `[serve.router]`), each starting with its key path."""
+    from pgfresh.serve import router
+
+    problems = []
+    for key, value in (config.serve or {}).items():
+        if key not in _SPEC:
+            problems.append(f"serve.{key}: unknown key (known: {', '.join(_SPEC)})")
+        elif not _SPEC[key][0](value):
+            problems.append(f"serve.{key}: expected {_SPEC[key][1]}, got {value!r}")
+    if "router" in (config.serve or {}):
+        router.check(config.serve["router"], problems)
+    return problems
+
+
+def setting(config, name: str):
+    return (config.serve or {}).get(name, DEFAULTS[name])
+
+
+def search(config, text: str, tenant: str | None = None, k: int | None = None, mode: str | None = None, *,
+           registry: Registry | None = None) -> list:
+    """`rag.search` on a pooled store connection: the form the CLI and the HTTP API use."""
+    from pgfresh.rag import retrieval
+
+    retrieval.tenant_filter(config, tenant)  # refuse before connecting
+    reg = registry or default_registry()
+    with reg.connection(config, "search") as conn:
+        return retrieval.search(conn, config, text, tenant, k or int(config.rag.get("k", 10)), mode)

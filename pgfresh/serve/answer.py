@@ -1,0 +1,233 @@
+"""`answer(config, question, tenant, mode)`: the one answer path of the CLI, the HTTP API and the arena.
+
+Modes:
+- `rag`: retrieve (`rag.ask_k` documents, `rag.ask_search_mode`), then the configured reader answers
+  open-book; the answer cache sits in front (an exact or similar question of the same tenant and
+  reader whose source rows have not changed since is answered from it).
+- `tuned`: the tenant's published slice answers closed-book.
+- `hybrid`: retrieval runs, the router (pgfresh.serve.router) picks the slice or the documents, and
+  the answer says which and why.
+
+Every answer is a dict with the same keys (docs/SERVE.md): `answer`, `mode`, `route` (taken,
+reason), `sources` (rows with table, key, LSN, commit time: the lineage), `slice` (name, version,
+LSN, or null), `cache` (hit, miss or off), `reader`, `note`, `timings` (milliseconds per step).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from pgfresh.errors import PgfreshError
+from pgfresh.rag.question import check as question_check
+from pgfresh.serve import router
+from pgfresh.serve.registry import Registry
+
+MODES = ("rag", "tuned", "hybrid")
+NO_READER = ("no reader is configured: add [rag.reader] to pgfresh.toml (kind = 'builtin', kind = 'openai' with "
+             "base_url and model, or kind = 'hf' with path); showing the retrieved rows")
+NO_MATCH = "No indexed document matches this question."
+TUNED_MAX_NEW_TOKENS = 32
+
+
+class UnknownMode(PgfreshError):
+    """An answer mode other than rag, tuned or hybrid."""
+
+
+@dataclass
+class Options:
+    """Per-call settings; None everywhere means what `pgfresh.toml` says (what users get)."""
+
+    k: int | None = None  # documents in the prompt (rag.ask_k, 4)
+    search_mode: str | None = None  # dense, lexical or hybrid (rag.ask_search_mode, else rag.mode)
+    rerank: str | None = None  # rag.rerank
+    cache: bool | None = None  # rag.cache.enabled (the arena switches it off)
+    max_new_tokens: int | None = None
+    environ: dict | None = None  # where the reader's API key variable is read (os.environ)
+
+
+_DEFAULT: Registry | None = None
+
+
+def default_registry() -> Registry:
+    """The process's registry for callers that do not pass one (the CLI makes one per command)."""
+    global _DEFAULT
+    if _DEFAULT is None:
+        _DEFAULT = Registry()
+    return _DEFAULT
+
+
+def prompt_for(question: str, contexts: list[str], reader=None) -> str:
+    """The open-book prompt: the built-in model's own format when it reads, else a plain one."""
+    from pgfresh.rag import reader as readers
+
+    if getattr(reader, "builtin", False) or isinstance(reader, readers.HFReader):
+        try:
+            from pgfresh.model import format_prompt
+        except ImportError:
+            format_prompt = None
+        if format_prompt is not None:
+            return format_prompt(question, contexts)
+    docs = "\n\n".join(f"[{i}] {c}" for i, c in enumerate(contexts, start=1))
+    return ("Answer the question using only the documents below. If they do not contain the answer, "
+            "say that you do not know.\n\n"
+            f"Documents:\n{docs}\n\nQuestion: {question}\nAnswer:")
+
+
+def answer(config, question: str, tenant: str | None = None, mode: str = "rag", *,
+           options: Options | None = None, registry: Registry | None = None) -> dict:
+    """Answer `question` for `tenant` in `mode` (see the module docstring for the result)."""
+    from pgfresh.rag import retrieval
+
+    if mode not in MODES:
+        raise UnknownMode(f"unknown ask mode {mode!r}: use one of {', '.join(MODES)}")
+    opts, reg = options or Options(), registry or default_registry()
+    question_check(question, tenant=tenant, k=opts.k)  # every mode, before anything loads or connects
+    retrieval.tenant_filter(config, tenant)  # refuse a tenant-less question on tenant tables, in every mode
+    t0 = time.perf_counter()
+    with reg.connection(config, "ask") as conn:
+        if mode == "tuned":
+            out = _tuned(config, conn, reg, question, tenant,
+                         router.Route(router.SLICE, "mode tuned: the slice answers closed-book"))
+        elif mode == "rag":
+            out = _rag(config, conn, reg, question, tenant, opts)
+            out["route"] = router.Route(router.RETRIEVE, "mode rag: retrieval answers").as_dict()
+        else:
+            out = _hybrid(config, conn, reg, question, tenant, opts)
+    out.update(question=question, tenant=tenant, mode=mode)
+    out["timings"]["total_ms"] = _ms(t0)
+    return out
+
+
+def _ms(since: float) -> float:
+    return round((time.perf_counter() - since) * 1000, 1)
+
+
+def _rag(config, conn, reg, question, tenant, opts: Options, qvec=None, hits=None, timings=None) -> dict:
+    """Open-book: cache, retrieve (unless `hits` are given), generate, store in the cache."""
+    from pgfresh.rag import cache, retrieval
+
+    rag = config.rag
+    timings = dict(timings or {})
+    reader = reg.reader(config, opts.environ)
+    reader_id = reader.id if reader else ""
+    cache_cfg = rag.get("cache", {})
+    use_cache = cache_cfg.get("enabled", True) if opts.cache is None else opts.cache
+    t = time.perf_counter()
+    active = retrieval.active_generation(conn, config)
+    if active is None:
+        raise retrieval.NotIndexed("nothing is indexed yet: run `pgfresh sync` first")
+    if qvec is None and active.model is not None:
+        qvec = active.model.embed([question])[0]
+        timings["embed_ms"] = _ms(t)
+    if use_cache:
+        t = time.perf_counter()
+        hit = cache.lookup(conn, tenant or "", reader_id, question, qvec, active.id,
+                           float(cache_cfg.get("similarity", 0.97)))
+        timings["cache_ms"] = _ms(t)
+        if hit is not None:
+            return {**hit, "cache": "hit", "timings": timings}
+    if hits is None:
+        t = time.perf_counter()
+        hits = _search(config, conn, question, tenant, opts, qvec)
+        timings["retrieve_ms"] = _ms(t)
+    t = time.perf_counter()
+    text = None
+    if reader is not None and hits:
+        limit = opts.max_new_tokens or int(rag.get("max_new_tokens", (rag.get("reader") or {}).get("max_new_tokens", 64)))
+        text = reader.generate(prompt_for(question, [h.text for h in hits], reader), limit)
+    elif reader is not None:
+        text = NO_MATCH
+    timings["generate_ms"] = _ms(t)
+    result = {"answer": text, "reader": reader_id or None, "note": None if reader else NO_READER,
+              "sources": [h.as_dict() for h in hits], "slice": None}
+    if use_cache:
+        cache.store(conn, tenant or "", reader_id, question, qvec, active.id, result,
+                    [(h.tbl, h.key, h.lsn) for h in hits])
+    return {**result, "cache": "miss" if use_cache else "off", "timings": timings}
+
+
+def _search(config, conn, question, tenant, opts: Options, qvec):
+    from pgfresh.rag import retrieval
+
+    rag = config.rag
+    return retrieval.search(conn, config, question, tenant, k=opts.k or int(rag.get("ask_k", 4)),
+                            mode=opts.search_mode or rag.get("ask_search_mode"), rerank=opts.rerank, qvec=qvec)
+
+
+def _published(conn, tenant):
+    """The tenant's published slice version, or None (no slice, or the training stage not installed)."""
+    try:
+        from pgfresh.train import slice_of, slices
+    except ImportError:
+        return None
+    from psycopg import errors as pgerr
+
+    try:
+        return slices.current(conn, slice_of(tenant))
+    except pgerr.UndefinedTable:
+        return None
+
+
+def _tuned(config, conn, reg, question, tenant, route: router.Route, version=None, timings=None) -> dict:
+    """Closed-book from the tenant's published slice, loaded through the registry."""
+    from pgfresh.train import slice_of
+
+    timings = dict(timings or {})
+    try:
+        from pgfresh.model import format_prompt, generate
+        from pgfresh.train.slices import SliceError
+    except ImportError:
+        raise PgfreshError("ask --mode tuned needs the training stage: pip install 'pgfresh[train]'") from None
+    version = version or _published(conn, tenant)
+    if version is None:
+        raise SliceError(f"no published slice for {'tenant ' + repr(tenant) if tenant else 'shared facts'} "
+                         f"({slice_of(tenant)}) yet; run `pgfresh model build` and `pgfresh train --once`")
+    t = time.perf_counter()
+    version, loaded, lock, warning = reg.slice_model(config, conn, version)
+    timings["load_ms"] = _ms(t)
+    t = time.perf_counter()
+    with lock:
+        text = generate(loaded, [format_prompt(question)], max_new_tokens=TUNED_MAX_NEW_TOKENS)[0]
+    timings["generate_ms"] = _ms(t)
+    out = {"answer": text, "reader": f"slice:{version.slice}:v{version.version}", "sources": [], "cache": "off",
+           "slice": {"name": version.slice, "version": version.version, "lsn": version.lsn, "base_id": version.base_id},
+           "note": f"closed-book: slice {version.slice} version {version.version}, knows LSN {version.lsn}",
+           "route": route.as_dict(), "timings": timings}
+    if warning:
+        out["warning"] = warning
+    return out
+
+
+def _hybrid(config, conn, reg, question, tenant, opts: Options) -> dict:
+    """Retrieve, ask the router, answer by the route it picks (retrieval if the slice cannot load)."""
+    from pgfresh.rag import retrieval
+
+    timings = {}
+    t = time.perf_counter()
+    active = retrieval.active_generation(conn, config)
+    if active is None:
+        raise retrieval.NotIndexed("nothing is indexed yet: run `pgfresh sync` first")
+    qvec = active.model.embed([question])[0] if active.model is not None else None
+    hits = _search(config, conn, question, tenant, opts, qvec)
+    timings["retrieve_ms"] = _ms(t)
+    version = _published(conn, tenant)
+
+    def table_changes(tbl: str, lsn: str, limit: int) -> int:
+        # pgfresh.rows, not the change log: the log is pruned once every consumer has read it
+        return conn.execute("select count(*) from (select 1 from pgfresh.rows where tbl = %s and lsn > %s::pg_lsn"
+                            " limit %s) c", (tbl, lsn, limit)).fetchone()[0]
+
+    decision = router.route(router.Policy.from_config(config), hits[0] if hits else None, version, table_changes)
+    if decision.taken == router.SLICE:
+        from pgfresh.train.slices import SliceError
+
+        try:
+            out = _tuned(config, conn, reg, question, tenant, decision, version, timings)
+            out["sources"] = [h.as_dict() for h in hits]  # what the router compared, for lineage
+            return out
+        except SliceError as exc:
+            decision = router.Route(router.RETRIEVE, f"the slice cannot be loaded ({exc}): retrieval answers")
+    out = _rag(config, conn, reg, question, tenant, opts, qvec=qvec, hits=hits, timings=timings)
+    out["route"] = decision.as_dict()
+    return out

@@ -1,0 +1,195 @@
+"""The registry: the one place that owns what serving loads (readers, the base model, slices, connections).
+
+One `Registry` is made at the edge (the CLI command, the HTTP server, an arena run) and passed to
+`serve.answer`; nothing in the answer path keeps a module-level cache of its own. Loading is
+explicit and visible (`loaded()`), a slice is reloaded when its published version moves (a publish
+or a rollback; if the new version cannot be loaded the one in memory keeps serving, with a
+warning), and `evict()` drops everything or one kind.
+
+Generation on one loaded model is serialised by a lock per model: torch's CPU generation is not
+made faster by interleaving, and one tokenizer is not safe to share mid-call.
+
+Embedders are still cached by `pgfresh.rag.embed` (the index worker shares them); `loaded()` lists
+the ones the active index uses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import threading
+import time
+from contextlib import contextmanager
+
+from pgfresh import db
+from pgfresh.errors import PgfreshError
+
+
+class BuiltinReader:
+    """The built-in model (or `train.base_model`) as the open-book reader: its own prompt format."""
+
+    builtin = True
+
+    def __init__(self, loaded, lock: threading.Lock):
+        self.loaded, self.lock = loaded, lock
+        self.id = f"builtin:{loaded.base_id}"
+
+    def generate(self, prompt: str, max_new_tokens: int) -> str:
+        from pgfresh.model import generate
+
+        with self.lock:
+            return generate(self.loaded, [prompt], max_new_tokens=max_new_tokens)[0]
+
+
+class Registry:
+    """Loaded readers, base models and slice versions, and pooled store connections (thread-safe)."""
+
+    def __init__(self, pool_size: int = 8):
+        self._lock = threading.RLock()
+        self._readers: dict[tuple, object] = {}
+        self._bases: dict[str, tuple[object, threading.Lock]] = {}
+        self._slices: dict[tuple[str, str], tuple[int, object, threading.Lock]] = {}
+        self._pools: dict[str, queue.LifoQueue] = {}
+        self._migrated: set[str] = set()
+        self.pool_size = pool_size
+        self.events: list[dict] = []  # loads and evictions, newest last (at most 100)
+
+    def _event(self, what: str, name: str) -> None:
+        self.events = (self.events + [{"at": time.time(), "event": what, "name": name}])[-100:]
+
+    # --- connections ----------------------------------------------------------------------------
+    @contextmanager
+    def connection(self, config, role: str = "serve"):
+        """An autocommit store connection with pgvector registered and the schema migrated (pooled)."""
+        from pgvector.psycopg import register_vector
+
+        dsn = db.store_dsn(config)
+        with self._lock:
+            pool = self._pools.setdefault(dsn, queue.LifoQueue())
+        try:
+            conn = pool.get_nowait()
+        except queue.Empty:
+            conn = db.connect(dsn, role, autocommit=True)
+            if dsn not in self._migrated:
+                db.migrate(conn)
+                self._migrated.add(dsn)
+            register_vector(conn)
+        broken = False
+        try:
+            yield conn
+        except BaseException:
+            broken = conn.closed or conn.info.transaction_status != 0  # not idle: do not reuse
+            raise
+        finally:
+            if broken or conn.closed or pool.qsize() >= self.pool_size:
+                conn.close()
+            else:
+                pool.put(conn)
+
+    # --- readers --------------------------------------------------------------------------------
+    def reader(self, config, environ: dict | None = None):
+        """The reader `[rag.reader]` configures (None: no reader), loaded once."""
+        from pgfresh.rag import reader as readers
+
+        spec = config.rag.get("reader")
+        if not spec:
+            return None
+        environ = os.environ if environ is None else environ
+        kind = spec.get("kind", "openai")
+        key = (kind, json.dumps(spec, sort_keys=True), str(config.path.parent), str(config.data_dir),
+               environ.get(spec.get("api_key_env") or "", ""))
+        with self._lock:
+            if key not in self._readers:
+                if kind == "builtin":
+                    loaded, lock = self._base(config)
+                    self._readers[key] = BuiltinReader(loaded, lock)
+                else:
+                    self._readers[key] = readers.build(spec, base_dir=config.path.parent, environ=environ)
+                self._event("load", f"reader {self._readers[key].id}")
+            return self._readers[key]
+
+    # --- the base model -------------------------------------------------------------------------
+    def base_model(self, config, build: bool = False, console=None):
+        """The base model (`train.base_model` or the built-in one), loaded once; `build`: build it if missing."""
+        from pgfresh import model
+
+        if build:
+            with self._lock:
+                path = model.base_dir(config)
+                if not config.train.get("base_model") and not (path / model.META_FILE).exists():
+                    model.build(config, console=console)
+        return self._base(config)[0]
+
+    def base_lock(self, config) -> threading.Lock:
+        return self._base(config)[1]
+
+    def _base(self, config):
+        from pgfresh import model
+
+        path = str(model.base_dir(config))
+        with self._lock:
+            if path not in self._bases:
+                self._bases[path] = (model.load(path), threading.Lock())
+                self._event("load", f"base {path}")
+            return self._bases[path]
+
+    # --- slices ---------------------------------------------------------------------------------
+    def slice_model(self, config, conn, version) -> tuple[object, object, threading.Lock, str | None]:
+        """The loaded model of the slice's published `version` (a `train.slices.Version`).
+
+        Reloads when the published version moved; if it cannot be loaded, the version already in
+        memory keeps serving. Returns (version served, loaded model, its lock, warning or None).
+        """
+        from pgfresh.train import fit, settings, slices
+
+        key = (str(config.data_dir), version.slice)
+        with self._lock:
+            held = self._slices.get(key)
+            warning = None
+            if held is None or held[0] != version.version:
+                try:
+                    s = settings(config)
+                    fit.set_threads(s.threads)
+                    loaded = slices.load_version(config, conn, version, device=fit.pick_device(s.device)[0])
+                    self._slices[key] = (version.version, loaded, threading.Lock())
+                    self._event("load", f"slice {version.slice} v{version.version}")
+                except PgfreshError as exc:
+                    if held is None:
+                        raise
+                    warning = f"version {version.version} cannot be loaded, version {held[0]} keeps serving: {exc}"
+            served, loaded, lock = self._slices[key]
+        if served != version.version:
+            version = slices.get_version(conn, version.slice, served)
+        return version, loaded, lock, warning
+
+    # --- visibility and eviction ----------------------------------------------------------------
+    def loaded(self) -> dict:
+        """What is in memory now (for `status` and the dashboard)."""
+        from pgfresh.rag import embed
+
+        with self._lock:
+            return {"readers": sorted(r.id for r in self._readers.values()),
+                    "base_models": sorted(self._bases),
+                    "slices": sorted(f"{name} v{v}" for (_, name), (v, _, _) in self._slices.items()),
+                    "embedders": sorted(str(k[0]) for k in getattr(embed, "_LOADED", {})),
+                    "connections": {dsn.split("@")[-1]: p.qsize() for dsn, p in self._pools.items()}}
+
+    def evict(self, kind: str | None = None) -> None:
+        """Drop loaded models of `kind` (readers, base_models, slices, connections) or all of them."""
+        with self._lock:
+            if kind in (None, "readers"):
+                self._readers.clear()
+            if kind in (None, "base_models"):
+                self._bases.clear()
+                self._readers = {k: r for k, r in self._readers.items() if not getattr(r, "builtin", False)}
+            if kind in (None, "slices"):
+                self._slices.clear()
+            if kind in (None, "connections"):
+                for pool in self._pools.values():
+                    while not pool.empty():
+                        pool.get_nowait().close()
+            self._event("evict", kind or "all")
+
+    def close(self) -> None:
+        self.evict()

@@ -1,0 +1,443 @@
+"""serve: one answer path (rag, tuned, hybrid) and its router, the HTTP API (OpenAI-compatible, keys and
+tenants, bad input, metrics), the dashboard in a real browser, and the arena's adapters over it."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from pgfresh import config as cfg
+from pgfresh import serve
+from pgfresh.capture import sync
+from pgfresh.errors import PgfreshError
+from pgfresh.rag import evalset
+from pgfresh.serve import router
+from tests.conftest import run_cli, write_config
+
+INSERT = ("insert into products (id, tenant, name, kind, color, material, city, price) values"
+          " (%(id)s, %(tenant)s, %(name)s, %(kind)s, %(color)s, %(material)s, %(city)s, %(price)s)")
+WORDS = ["<unk>", "<s>", "</s>", "D:", "Q:", "A:", "the", "is", "made", "in", "price", "of", "costs", "It", "a", "."]
+
+
+def products(db, tmp_path, dsn, rows, tenant=False, extra=""):
+    db.execute(evalset.TABLE_SQL.format(table="products"))
+    with db.cursor() as cur:
+        cur.executemany(INSERT, rows)
+    tenant_line = 'tenant = "tenant"\n' if tenant else ""
+    path = write_config(tmp_path, dsn, f'data_dir = "data"\n[[tables]]\nname = "products"\n{tenant_line}'
+                                       f'document = "{evalset.DOCUMENT}"\n\n[rag]\n' + extra)
+    config = cfg.load(path)
+    sync.run(config, once=True)
+    return config
+
+
+def tiny_model(directory: Path) -> Path:
+    """A 1-layer Llama with a word-level tokenizer: loads like the built-in model, answers nonsense, fast."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>").save_pretrained(directory)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(WORDS), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512)
+                     ).save_pretrained(directory)
+    return directory
+
+
+def publish_base_slice(db, config, name: str, tenant: str | None, model_dir: Path, lsn: str) -> None:
+    """A published version 0 (kind base) of a slice, knowing facts up to `lsn`: a slice, built by hand."""
+    from pgfresh import model
+
+    db.execute("insert into pgfresh.slices (name, tenant, current_version) values (%s, %s, null)"
+               " on conflict (name) do nothing", (name, tenant))
+    db.execute("insert into pgfresh.slice_versions (slice, version, parent, kind, base_id, path, lsn)"
+               " values (%s, 0, null, 'base', %s, %s, %s)", (name, model.base_id(model_dir), str(model_dir), lsn))
+    db.execute("update pgfresh.slices set current_version = 0 where name = %s", (name,))
+
+
+def row_lsn(db, key: str) -> str:
+    return db.execute("select lsn::text from pgfresh.rows where tbl = 'public.products' and key = %s", (key,)).fetchone()[0]
+
+
+# -- the answer path and the router ------------------------------------------------------------
+def test_rag_answer_carries_route_lineage_cache_and_timings(db, dsn, tmp_path):
+    rows = evalset.products(8, seed=5)
+    config = products(db, tmp_path, dsn, rows)
+    reg = serve.Registry()
+    q = f"Where is the {rows[2]['name']} made?"
+    first = serve.answer(config, q, None, "rag", registry=reg)
+    assert first["route"]["taken"] == "rag" and first["cache"] == "miss" and first["slice"] is None
+    top = first["sources"][0]
+    assert top["key"] == "[3]" and top["tbl"] == "public.products" and top["lsn"] == row_lsn(db, "[3]")
+    assert {"embed_ms", "retrieve_ms", "generate_ms", "total_ms"} <= set(first["timings"])
+    assert serve.answer(config, q, None, "rag", registry=reg)["cache"] == "hit"
+    assert serve.answer(config, q, None, "rag", registry=reg, options=serve.Options(cache=False))["cache"] == "off"
+    with pytest.raises(PgfreshError, match="unknown ask mode"):
+        serve.answer(config, q, None, "psychic", registry=reg)
+    # hybrid without any slice: documented rule 1, through the CLI
+    out = run_cli("ask", q, "--mode", "hybrid", "--json", "--config", str(config.path))
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout)
+    assert got["route"]["taken"] == "rag" and "no published slice" in got["route"]["reason"]
+    assert got["sources"][0]["key"] == "[3]"
+    reg.close()
+
+
+def test_hybrid_routes_as_its_policy_says(db, dsn, tmp_path):
+    rows = evalset.products(8, seed=9)
+    model_dir = tiny_model(tmp_path / "tiny")
+    config = products(db, tmp_path, dsn, rows, extra='[rag.reader]\nkind = "builtin"\n\n[train]\n'
+                                                     f'base_model = "{model_dir}"\nthreads = 1\n')
+    reg = serve.Registry()
+    q = f"How much does the {rows[3]['name']} cost?"
+    newest = db.execute("select max(lsn)::text from pgfresh.rows").fetchone()[0]
+    publish_base_slice(db, config, "_shared", None, model_dir, newest)  # a fresh slice: knows every row
+
+    fresh = serve.answer(config, q, None, "hybrid", registry=reg)
+    assert fresh["sources"][0]["key"] == "[4]"
+    assert fresh["route"]["taken"] == "slice", fresh["route"]
+    assert fresh["slice"]["version"] == 0 and fresh["slice"]["lsn"] == newest and fresh["cache"] == "off"
+
+    db.execute("update products set price = 123.45 where id = 4")
+    sync.run(config, once=True)
+    changed = serve.answer(config, q, None, "hybrid", registry=reg)
+    assert changed["route"]["taken"] == "rag", changed["route"]
+    assert "changed at LSN" in changed["route"]["reason"] and changed["sources"][0]["lsn"] == row_lsn(db, "[4]")
+    assert "123.45" in changed["sources"][0]["text"] and isinstance(changed["answer"], str)
+
+    # another, unchanged product still goes to the slice; tuned mode always does
+    other = serve.answer(config, f"How much does the {rows[5]['name']} cost?", None, "hybrid", registry=reg)
+    assert other["route"]["taken"] == "slice"
+    assert serve.answer(config, q, None, "tuned", registry=reg)["slice"]["name"] == "_shared"
+
+    # rule 5: a busy table sends even an unchanged row to retrieval
+    busy = cfg.load(config.path)
+    busy.serve = {"router": {"max_table_changes": 0}}
+    routed = serve.answer(busy, f"How much does the {rows[5]['name']} cost?", None, "hybrid", registry=reg)
+    assert routed["route"]["taken"] == "rag" and "changed after slice" in routed["route"]["reason"]
+    assert "slices" in reg.loaded() and reg.loaded()["slices"] == ["_shared v0"]
+    reg.close()
+
+
+def test_router_rules_on_constructed_cases():
+    from datetime import datetime, timedelta, timezone
+    from types import SimpleNamespace as NS
+
+    now = datetime.now(timezone.utc)
+    v = NS(slice="A", version=3, lsn="0/2000", created_at=now - timedelta(hours=2))
+    hit = lambda lsn: NS(tbl="public.t", key="[1]", lsn=lsn)  # noqa: E731
+    p = router.Policy()
+    assert router.route(p, hit("0/1000"), None).taken == "rag"
+    assert router.route(p, hit("0/2001"), v).taken == "rag"
+    assert router.route(p, hit("0/2000"), v).taken == "slice"
+    assert router.route(p, None, v).taken == "slice"
+    assert router.route(router.Policy(max_slice_age_seconds=3600), hit("0/1000"), v, now=now).taken == "rag"
+    assert router.route(router.Policy(max_table_changes=5), hit("0/1000"), v, lambda *a: 6).taken == "rag"
+    assert router.route(router.Policy(max_table_changes=5), hit("0/1000"), v, lambda *a: 5).taken == "slice"
+
+
+def test_serve_config_problems_are_reported(tmp_path):
+    (tmp_path / "pgfresh.toml").write_text('[source]\ndsn = "x"\n[serve]\nport = "eighty"\nwhat = 1\n'
+                                           '[serve.router]\nmax_table_changes = -1\nsoon = 2\n')
+    with pytest.raises(PgfreshError) as err:
+        cfg.load(tmp_path / "pgfresh.toml")
+    got = {p.split(":")[0] for p in err.value.problems}
+    assert got == {"serve.port", "serve.what", "serve.router.max_table_changes", "serve.router.soon"}
+
+
+# -- the HTTP API in-process: keys, tenants, bad input -----------------------------------------
+def _tenant_project(db, dsn, tmp_path):
+    a = evalset.products(6, seed=1, tenant="A")
+    b = evalset.products(6, seed=2, tenant="B", start_id=101)
+    return products(db, tmp_path, dsn, a + b, tenant=True), a, b
+
+
+def test_keys_bind_tenants_on_every_endpoint(db, dsn, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from pgfresh.serve import http, keys
+
+    config, a, b = _tenant_project(db, dsn, tmp_path)
+    client = TestClient(http.create_app(config))
+    # no keys yet: local requests act as admin
+    assert client.post("/v1/search", json={"text": a[0]["name"], "tenant": "A"}).status_code == 200
+    ka = keys.create(config, tenant="A")["key"]
+    kb = keys.create(config, tenant="B")["key"]
+    admin = keys.create(config, admin=True)["key"]
+    client = TestClient(http.create_app(config))  # a new app: no cached "no keys"
+    H = lambda k: {"Authorization": f"Bearer {k}"}  # noqa: E731
+
+    assert client.post("/v1/search", json={"text": "anything"}).status_code == 401
+    assert client.post("/v1/search", json={"text": "x"}, headers=H("pgf_wrong")).status_code == 401
+    for key, mine, theirs in ((ka, a, b), (kb, b, a)):
+        tenant = mine[0]["tenant"]
+        hits = client.post("/v1/search", json={"text": theirs[0]["name"], "k": 20}, headers=H(key)).json()
+        assert hits and {h["tenant"] for h in hits} == {tenant}
+        assert client.post("/v1/search", json={"text": "x", "tenant": theirs[0]["tenant"]}, headers=H(key)).status_code == 403
+        chat = client.post("/v1/chat/completions", headers=H(key), json={
+            "model": "rag", "messages": [{"role": "user", "content": f"Where is the {theirs[0]['name']} made?"}]}).json()
+        assert {s["tenant"] for s in chat["pgfresh"]["sources"]} == {tenant}
+        assert theirs[0]["name"] not in json.dumps(chat)
+        status = client.get("/v1/status", headers=H(key)).json()
+        assert status["tenant"] == tenant and status["rag"]["documents"] == 6 and "tables" not in json.dumps(status)
+        metrics = client.get("/metrics", headers=H(key)).text
+        assert "pgfresh_capture_lag_bytes" in metrics and 'tenant="' not in metrics
+        assert client.get("/v1/quarantine", headers=H(key)).status_code == 403
+        assert client.post("/v1/slices/A/rollback", json={"version": 0}, headers=H(key)).status_code == 403
+    assert client.post("/v1/search", json={"text": "x", "tenant": "B"}, headers=H(admin)).status_code == 200
+    assert client.get("/v1/quarantine", headers=H(admin)).status_code == 200
+    # revocation: a new app sees it at once (a running one within KEY_TTL_SECONDS)
+    keys.revoke(config, 1)
+    assert TestClient(http.create_app(config)).post("/v1/search", json={"text": "x"}, headers=H(ka)).status_code == 401
+    out = run_cli("keys", "list", "--json", "--config", str(config.path))
+    assert out.returncode == 0 and [k["revoked_at"] is not None for k in json.loads(out.stdout)] == [True, False, False]
+
+
+def test_bad_input_is_a_4xx_with_one_line(db, dsn, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from pgfresh.serve import http
+
+    config, a, _ = _tenant_project(db, dsn, tmp_path)
+    client = TestClient(http.create_app(config), raise_server_exceptions=False)
+    ok = {"model": "rag", "messages": [{"role": "user", "content": "hi"}], "tenant": "A"}
+    cases = [
+        ("/v1/chat/completions", b"{not json", None),
+        ("/v1/chat/completions", b'{"model": "rag", "messages": [{"role": "user", "content": "\xff\xfe"}]}', None),
+        ("/v1/chat/completions", None, {**ok, "surprise": 1}),
+        ("/v1/chat/completions", None, {**ok, "model": "gpt-9"}),
+        ("/v1/chat/completions", None, {**ok, "tenant": None}),  # tenant tables need a tenant
+        ("/v1/chat/completions", None, {**ok, "messages": []}),
+        ("/v1/chat/completions", None, {**ok, "messages": [{"role": "system", "content": "only"}]}),
+        ("/v1/search", None, {"text": "x", "mode": "psychic", "tenant": "A"}),
+        ("/v1/search", None, {"text": "x", "k": 0, "tenant": "A"}),
+        ("/v1/search", b"x" * (2 << 20), None),
+        ("/v1/slices/nope/rollback", None, {"version": 3}),
+        ("/v1/quarantine/999/release", None, None),
+    ]
+    for path, raw, body in cases:
+        r = client.post(path, content=raw, headers={"Content-Type": "application/json"}) if raw is not None \
+            else client.post(path, json=body)
+        assert 400 <= r.status_code < 500, (path, body, r.status_code, r.text)
+        msg = r.json()["error"]["message"]
+        assert msg and "\n" not in msg and "Traceback" not in msg, msg
+
+
+def test_schemathesis_finds_no_server_error(db, dsn, tmp_path):
+    import schemathesis
+    from hypothesis import HealthCheck, given, settings
+
+    from pgfresh.serve import http
+
+    config, _, _ = _tenant_project(db, dsn, tmp_path)
+    app = http.create_app(config)
+    schema = schemathesis.openapi.from_asgi("/openapi.json", app)
+    failures, calls = [], []
+    for op in schema.get_all_operations():
+        operation = op.ok()
+        if operation.path == "/readyz":
+            continue  # 503 is its documented answer when capture lags
+
+        @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+        @given(case=operation.as_strategy())
+        def fuzz(case):
+            response = case.call()
+            calls.append(response.status_code)
+            if response.status_code >= 500:
+                failures.append((operation.path, case.body, response.status_code, response.text[:200]))
+
+        fuzz()
+    assert not failures, failures[:5]
+    assert len(calls) > 100 and any(c == 200 for c in calls)
+
+
+# -- a live `pgfresh serve` with the stock OpenAI client ----------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def live_server(db, dsn, tmp_path):
+    rows = evalset.products(8, seed=3)
+    config = products(db, tmp_path, dsn, rows)
+    port = _free_port()
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    proc = subprocess.Popen([sys.executable, "-m", "pgfresh", "serve", "--port", str(port), "--host", "0.0.0.0",
+                             "--config", str(config.path)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    base = f"http://127.0.0.1:{port}"
+    import urllib.request
+
+    for _ in range(300):
+        try:
+            urllib.request.urlopen(base + "/healthz", timeout=1)
+            break
+        except OSError:
+            if proc.poll() is not None:
+                raise AssertionError(proc.stdout.read())
+            time.sleep(0.1)
+    yield base, config, rows, proc
+    proc.terminate()
+    proc.wait(timeout=20)
+
+
+def test_openai_client_sees_a_changed_row_with_its_new_lsn(live_server, db):
+    import openai
+
+    base, config, rows, _ = live_server
+    client = openai.OpenAI(base_url=base + "/v1", api_key="unused")
+    assert {m.id for m in client.models.list().data} == {"rag", "tuned", "hybrid"}
+    q = f"Where is the {rows[4]['name']} made?"
+    first = client.chat.completions.create(model="rag", messages=[{"role": "user", "content": q}])
+    src = first.model_extra["pgfresh"]["sources"][0]
+    assert src["key"] == "[5]" and rows[4]["city"] in src["text"] and rows[4]["city"] in first.choices[0].message.content
+
+    db.execute("update products set city = 'Ulaanbaatar' where id = 5")
+    sync.run(config, once=True)
+    new_lsn = row_lsn(db, "[5]")
+    stream = client.chat.completions.create(model="rag", messages=[{"role": "user", "content": q}], stream=True)
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    extra = chunks[-1].model_extra["pgfresh"]
+    assert "Ulaanbaatar" in text and extra["sources"][0]["lsn"] == new_lsn != src["lsn"]
+    assert extra["cache"] == "miss" and extra["route"]["taken"] == "rag"
+
+    metrics = client.with_options(max_retries=0)._client.get(base + "/metrics").text
+    assert 'pgfresh_answer_seconds_count{mode="rag"} 2.0' in metrics
+    assert "pgfresh_commit_to_searchable_seconds_bucket" in metrics
+
+
+# -- the dashboard in a real browser ------------------------------------------------------------
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian's chromium is not installed (make test-deps)")
+def test_dashboard_in_chromium(live_server, db, dsn):
+    from playwright.sync_api import sync_playwright
+
+    base, config, rows, _ = live_server
+    # something to release and a slice to roll back
+    db.execute("insert into pgfresh.quarantine (path, seq, tbl, key, op, lsn, check_name, reason, row)"
+               " values ('rag', 1, 'public.products', '[1]', 'update', '0/1', 'junk', 'looks like a test note', %s)",
+               (json.dumps(rows[0]),))
+    db.execute("insert into pgfresh.slices (name, tenant, current_version) values ('_shared', null, null)")
+    for v in (0, 1):
+        db.execute("insert into pgfresh.slice_versions (slice, version, parent, kind, base_id, path, lsn)"
+                   " values ('_shared', %s, null, 'base', 'x', '/nonexistent', '0/1')", (v,))
+    db.execute("update pgfresh.slices set current_version = 1 where name = '_shared'")
+    errors = []
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        page = browser.new_page()
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(base + "/")
+        page.wait_for_selector("#quarantine tbody tr button.release")
+        page.wait_for_function("document.querySelector('#lag-bytes').textContent.includes('LSN')")
+        page.click("#quarantine tbody tr button.release")
+        page.wait_for_function("document.querySelector('#message').textContent.startsWith('released')")
+        assert db.execute("select released_at is not null from pgfresh.quarantine").fetchone()[0]
+
+        page.click("#slices tbody tr[data-version='0'] button.rollback")
+        page.wait_for_function("document.querySelector('#message').textContent.includes('serves v0')")
+        assert db.execute("select current_version from pgfresh.slices").fetchone()[0] == 0
+
+        # a row committed in the source shows up in the dashboard's search, with its lineage,
+        # while `pgfresh sync` runs as it does in production
+        env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+        worker = subprocess.Popen([sys.executable, "-m", "pgfresh", "sync", "--config", str(config.path)], env=env,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            # the worker's startup (loading the embedder, the slot) is not what is measured: wait for a first row
+            db.execute(INSERT, {**rows[0], "id": 76, "name": "Warmup", "city": "Oslo"})
+            for _ in range(600):
+                if db.execute("select count(*) from pgfresh.documents where key = '[76]'").fetchone()[0]:
+                    break
+                time.sleep(0.2)
+            db.execute(INSERT, {**rows[0], "id": 77, "name": "Zanzibarite", "city": "Reykjavik"})
+            started, found = time.monotonic(), False
+            while not found and time.monotonic() - started < 60:
+                page.fill("#search-text", "Zanzibarite")
+                page.click("#search-form button")
+                page.wait_for_timeout(250)
+                found = "Zanzibarite" in (page.text_content("#hits tbody") or "")
+            print(f"committed -> in the dashboard's search: {time.monotonic() - started:.1f} s")
+        finally:
+            worker.terminate()
+            worker.wait(timeout=30)
+        assert found
+        first = page.locator("#hits tbody tr").first.locator("td").all_text_contents()
+        assert first[1] == "public.products" and first[2] == "[77]" and first[3] == row_lsn(db, "[77]")
+        browser.close()
+    assert not errors, errors
+
+
+# -- the arena's strategies are adapters over serve, registered like any other ----------------
+def test_builtin_strategies_register_and_a_missing_hook_fails_loudly(tmp_path):
+    from pgfresh.arena import strategies
+    from pgfresh.arena.strategy import ArenaContext, Strategy, available, create, register
+
+    assert {"stale", "rag-dense", "rag-hybrid", "tuned", "hybrid"} <= set(available())
+    config = cfg.load(write_config(tmp_path, "host=nowhere"))
+    ctx = ArenaContext(config, "host=nowhere", 0)
+    assert isinstance(create("hybrid", ctx), strategies.Hybrid) and create("hybrid", ctx).mode == "hybrid"
+
+    class NoAnswer(Strategy):
+        kind = "rag"
+
+    register("no-answer", lambda ctx: NoAnswer())
+    register("not-a-strategy", lambda ctx: object())
+    with pytest.raises(TypeError, match="does not implement answer"):
+        create("no-answer", ctx)
+    with pytest.raises(TypeError, match="not a Strategy"):
+        create("not-a-strategy", ctx)
+    # the arena reads with the built-in model unless the user configured a reader; cache off
+    assert strategies.arena_config(config).rag["reader"] == {"kind": "builtin"} and config.rag.get("reader") is None
+
+
+def test_arena_builtin_strategies_answer_through_serve(pg_server, tmp_path):
+    """The built-in adapters in a short arena run (a tiny reader, so no model build): every answer
+    comes from serve.answer, hybrid records its route, and no strategy raises."""
+    import uuid
+
+    from pgfresh.arena import runner, workload
+
+    name = "t_" + uuid.uuid4().hex[:12]
+    with psycopg.connect(pg_server.dsn(), autocommit=True) as c:
+        c.execute(f'create database "{name}"')
+    try:
+        path = tmp_path / "pgfresh.toml"
+        path.write_text(f'store = {{ dsn = "{pg_server.dsn(name)}" }}\n'  # the store in the test database
+                        + workload.shop_config_text({"dsn": pg_server.dsn(name), "max_txn_seconds": 5.0, "slot": name}))
+        config = cfg.load(path)
+        config.train["base_model"] = str(tiny_model(tmp_path / "tiny"))
+        r = runner.run_arena(
+            config, minutes=0.2, noise=0.0, seed=5, strategies=["stale", "rag-hybrid", "hybrid"], report=tmp_path / "r.html",
+            overrides={"batches": 2, "batch_interval_s": 2.0, "rate_per_s": 4.0, "questions_per_batch": 4,
+                       "oltp_seconds": 0.0, "export_seconds": 0.0,
+                       "scale": {"shops": 1, "products_per_shop": 6, "notes_per_shop": 1}})
+    finally:
+        with psycopg.connect(pg_server.dsn(), autocommit=True) as c:
+            c.execute("select pg_terminate_backend(pid) from pg_stat_activity where datname = %s", (name,))
+            for (slot,) in c.execute("select slot_name from pg_replication_slots where database = %s", (name,)):
+                c.execute("select pg_drop_replication_slot(%s)", (slot,))
+            c.execute(f'drop database if exists "{name}" with (force)')
+    assert not r["errors"], r["errors"][:3]
+    assert set(r["strategies"]) == {"stale", "rag-hybrid", "hybrid"}
+    hybrid = [x for x in r["records"] if x["strategy"] == "hybrid"]
+    assert hybrid and all(x["sources"][0] == "route:rag" for x in hybrid if x["outcome"] != "error")  # no slice: rule 1
+    assert r["strategies"]["rag-hybrid"]["retrieval"]["hit_at_k"]["1"] is not None
