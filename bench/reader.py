@@ -22,11 +22,10 @@ def main() -> None:
     ap.add_argument("--distractors", type=int, default=0)
     args = ap.parse_args()
     from pgfresh import config as cfg, db, model
-    from pgfresh.capture.setup import resolve_dsn
     from pgfresh.train import data, fit
 
     config = cfg.load(args.config)
-    with db.connect(resolve_dsn(config), "bench-reader", autocommit=True) as conn:
+    with db.connect(db.store_dsn(config), "bench-reader", autocommit=True) as conn:
         known_ids = set(model.known_facts(model.base_dir(config)))
         facts = data.load_facts(conn, tenant=data.ANY, kinds=("qa",), statuses=("active", "superseded"))
         docs = data.load_documents(conn, tenant=data.ANY)

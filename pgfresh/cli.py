@@ -63,14 +63,16 @@ def init(
     config: Path = ConfigOpt,
     tables: Optional[str] = typer.Option(None, "--tables", help="Comma-separated tables (default: all user tables)."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing pgfresh.toml."),
+    store_dsn: Optional[str] = typer.Option(None, "--store-dsn",
+                                            help="Where pgfresh keeps its state (default: an embedded server)."),
 ):
-    """Write pgfresh.toml from the database's tables and create schema pgfresh."""
+    """Write pgfresh.toml from the database's tables and create schema pgfresh in the store."""
     from pgfresh.capture import setup
 
     path, skipped = setup.init_project(
-        config, dsn=dsn, tables=tables.split(",") if tables else None, force=force,
+        config, dsn=dsn, tables=tables.split(",") if tables else None, force=force, store_dsn=store_dsn,
         warn=lambda text: err_console.print(f"warning: {text}", highlight=False, soft_wrap=True, markup=False))
-    console.print(f"wrote {path}; schema pgfresh is ready", markup=False)
+    console.print(f"wrote {path}; schema pgfresh is ready in the store", markup=False)
     if skipped:
         err_console.print(f"left out {len(skipped)} table(s) pgfresh cannot capture as they are; "
                           f"the reasons are at the end of {path}", markup=False)
@@ -127,6 +129,23 @@ def demo(
     from pgfresh.arena import runner
 
     runner.run_demo(workdir, minutes=minutes, noise=noise, seed=seed, console=console)
+
+
+store_app = typer.Typer(help="pgfresh's store, where it keeps all its state.")
+app.add_typer(store_app, name="store")
+
+
+@store_app.command("migrate")
+def store_migrate(config: Path = ConfigOpt, as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")):
+    """Move schema pgfresh from the source database (older installations) to the store, then drop it there."""
+    from pgfresh import store
+
+    stats = store.migrate_from_source(_load(config), console=None if as_json else err_console)
+    if as_json:
+        _print_json(stats)
+        return
+    console.print(f"moved {stats['rows']} rows in {len(stats['tables'])} tables to the store; schema pgfresh is "
+                  "gone from the source", highlight=False, soft_wrap=True)
 
 
 quarantine_app = typer.Typer(help="Changes the quality gate rejected; `release ID` re-admits one.")

@@ -45,6 +45,13 @@ class SourceConfig:
 
 
 @dataclass
+class StoreConfig:
+    """Where pgfresh keeps all its state (schema pgfresh): never the source database by default."""
+
+    dsn: str | None = None  # None: the embedded server in <data_dir>/store (its own data directory and port)
+
+
+@dataclass
 class TableConfig:
     name: str  # schema-qualified, e.g. "public.products"
     key: list[str] | None = None  # None: the table's primary key
@@ -69,6 +76,7 @@ class Config:
     rag: dict = field(default_factory=dict)
     train: dict = field(default_factory=dict)
     arena: dict = field(default_factory=dict)
+    store: StoreConfig = field(default_factory=StoreConfig)
     serve: dict = field(default_factory=dict)
     retention: dict = field(default_factory=dict)  # [retention]: pgfresh.retention owns its keys
     path: Path = Path("pgfresh.toml")
@@ -136,6 +144,21 @@ def _parse_source(raw: Any, problems: list[str]) -> SourceConfig:
     if src.dsn == "":
         src.dsn = None
     return src
+
+
+def _parse_store(raw: Any, problems: list[str]) -> StoreConfig:
+    store = StoreConfig()
+    if raw is None:
+        return store
+    if not isinstance(raw, dict):
+        problems.append("store: expected a table ([store])")
+        return store
+    for key, value in raw.items():
+        if key != "dsn":
+            problems.append(f"store.{key}: unknown key (known: dsn)")
+        elif _check_type(problems, "store.dsn", value, (str,), "a libpq connection string"):
+            store.dsn = value or None
+    return store
 
 
 def _parse_table(i: int, raw: Any, problems: list[str]) -> TableConfig:
@@ -222,11 +245,12 @@ def parse(raw: dict, path: Path = Path("pgfresh.toml")) -> Config:
     problems: list[str] = []
     non_finite: list[str] = []
     _non_finite(raw, "", non_finite)
-    known = {"source", "tables", "rag", "train", "arena", "serve", "retention"}
+    known = {"source", "store", "tables", "rag", "train", "arena", "serve", "retention"}
     for key in raw:
         if key not in known:
             problems.append(f"{key}: unknown section (known: {', '.join(sorted(known))})")
     source = _parse_source(raw.get("source"), problems)
+    store = _parse_store(raw.get("store"), problems)
     tables: list[TableConfig] = []
     raw_tables = raw.get("tables", [])
     if not isinstance(raw_tables, list):
@@ -246,7 +270,7 @@ def parse(raw: dict, path: Path = Path("pgfresh.toml")) -> Config:
             problems.append(f"{name}: expected a table ([{name}])")
             value = {}
         sections[name] = value
-    config = Config(source=source, tables=tables, path=path, sections=frozenset(raw), **sections)
+    config = Config(source=source, tables=tables, store=store, path=path, sections=frozenset(raw), **sections)
     # The stages check their sections even when the core has problems: one load reports them all.
     for check in stage_functions(STAGE_MODULES, "check_config"):
         problems.extend(check(config))
@@ -297,12 +321,16 @@ def _toml_value(v: Any) -> str:
     raise TypeError(v)
 
 
-def render_toml(source: dict, tables: list[dict]) -> str:
-    """A starting pgfresh.toml: the source section and one [[tables]] entry per table."""
+def render_toml(source: dict, tables: list[dict], store: dict | None = None) -> str:
+    """A starting pgfresh.toml: the source section, the store (if not the default) and one
+    [[tables]] entry per table."""
     out = ["# pgfresh configuration: see docs/CONFIG.md", "", "[source]"]
     for k, v in source.items():
         if v is not None:
             out.append(f"{k} = {_toml_value(v)}")
+    if store:
+        out += ["", "# Where pgfresh keeps its state (default: an embedded server in data_dir/store).", "[store]"]
+        out += [f"{k} = {_toml_value(v)}" for k, v in store.items() if v is not None]
     for t in tables:
         out += ["", "[[tables]]"]
         for k, v in t.items():

@@ -1,4 +1,8 @@
-"""Connections to the source database and pgfresh's own schema there.
+"""Connections to the source database and to the store, where pgfresh keeps schema `pgfresh`.
+
+The source gets only what logical replication needs (a publication, a slot, short snapshot reads);
+every table, function and row pgfresh keeps lives in the store (`store_dsn`): `[store] dsn`, or by
+default an embedded server of its own in `<data_dir>/store`. `migrate` runs on the store only.
 
 Every connection carries `application_name` (`pgfresh-capture`, `pgfresh-index`, ...) so a DBA
 sees in `pg_stat_activity` who holds what, and where the server supports it (PostgreSQL 17+)
@@ -26,7 +30,7 @@ MIGRATION_LOCK = 0x70676672  # "pgfr": advisory lock key for migrations
 
 
 def connect(dsn: str, role: str, *, max_txn_seconds: float | None = None, autocommit: bool = False,
-            connect_timeout: int = 10) -> psycopg.Connection:
+            connect_timeout: int = 10, database: str = "source") -> psycopg.Connection:
     """Open a connection named `pgfresh-<role>`; translate connection failures into one clear line."""
     options = "-c TimeZone=UTC -c DateStyle=ISO -c IntervalStyle=postgres -c extra_float_digits=1"
     try:
@@ -37,7 +41,7 @@ def connect(dsn: str, role: str, *, max_txn_seconds: float | None = None, autoco
         # Refused, unreachable or still starting up: `sync` retries these after it lost a connection.
         lost = exc.sqlstate is None or exc.sqlstate.startswith("08") or exc.sqlstate == "57P03"
         raise (ConnectionLostError if lost else SourceError)(
-            f"cannot connect to the source database ({first}); check source.dsn in pgfresh.toml") from None
+            f"cannot connect to the {database} database ({first}); check {database}.dsn in pgfresh.toml") from None
     if max_txn_seconds and conn.info.server_version >= 170000:
         ms = int(max_txn_seconds * 1000)
         conn.execute(f"set transaction_timeout = {ms}")  # an int we computed, not user text
@@ -47,17 +51,19 @@ def connect(dsn: str, role: str, *, max_txn_seconds: float | None = None, autoco
 
 
 def store_dsn(config) -> str:
-    """The DSN of pgfresh's store, where the read side (search, ask, serve, status) finds its state.
-
-    Today pgfresh's state lives in the source, so this is the source DSN (what
-    `capture.setup.resolve_dsn` returns: the configured one, or the embedded server, started if
-    needed); when the store moves to a database of its own only this function changes.
-    """
-    if config.source.dsn:
-        return config.source.dsn
+    """The DSN of pgfresh's store: `[store] dsn`, or the embedded server in `<data_dir>/store`
+    (started if needed; a server of its own, beside the source's embedded one in `<data_dir>/pg`).
+    Every read and write of schema pgfresh connects here."""
+    if config.store.dsn:
+        return config.store.dsn
     from pgfresh.embedded import EmbeddedServer
 
-    return EmbeddedServer(config.data_dir / "pg").start()
+    return EmbeddedServer(config.data_dir / "store").start()
+
+
+def connect_store(config, role: str, **kwargs) -> psycopg.Connection:
+    """A connection to the store (`store_dsn`), named `pgfresh-<role>`."""
+    return connect(store_dsn(config), role, database="store", **kwargs)
 
 
 def migrate(conn: psycopg.Connection) -> list[str]:

@@ -9,6 +9,8 @@
 - `slot`: its state (ok, missing, lost, invalidated: then a warning naming `pgfresh resync`), WAL
   retained, wal_status, the server's max_slot_wal_keep_size, warnings past `source.wal_warn_mb` or
   when that bound is unlimited;
+Slot, WAL and backends are read from the source; every position and count from the store.
+
 - `source`: pgfresh backends on the pipeline's own database, and the oldest transaction age and
   xmin age any of them holds right now;
 - one section per later stage that exposes `status_counts(conn)` (gate, rag, train).
@@ -25,18 +27,25 @@ STAGE_STATUS = ("pgfresh.gate", "pgfresh.rag", "pgfresh.train")
 
 
 def collect(config: cfg.Config) -> dict:
-    dsn = db.store_dsn(config)
-    with db.connect(dsn, "status", autocommit=True) as conn:
-        has_schema = conn.execute("select to_regclass('pgfresh.sink_progress') is not null").fetchone()[0]
-        report = {"source": _source(conn), "slot": _slot(conn, config, has_schema)}
+    """Slot, WAL and backends from the source; positions and counts from the store."""
+    dsn = setup.resolve_dsn(config)
+    with db.connect(dsn, "status", autocommit=True) as source, db.connect_store(config, "status", autocommit=True) as conn:
+        has_schema = setup.has_state(conn)
+        stored = conn.execute("select lsn::text from pgfresh.sink_progress where pipeline = %s and sink = 'rows'",
+                              (pipeline_of(config),)).fetchone() if has_schema else None
+        report = {"source": _source(source, conn.info.backend_pid), "slot": _slot(source, config, stored)}
         if not has_schema:
-            report["capture"] = {"state": "not initialised: run `pgfresh sync`"}
+            state = "not initialised: run `pgfresh sync`"
+            if not setup.same_database(source, conn) and setup.has_state(source):
+                state = f"pgfresh's state is still in the source database: {setup.MIGRATE_HINT}"
+            report["capture"] = {"state": state}
             return report
+        wal_now = source.execute("select pg_current_wal_lsn()::text").fetchone()[0]
         has_pipelines = conn.execute("select to_regclass('pgfresh.tables') is not null").fetchone()[0]
         if not has_pipelines:
             report["capture"] = {"state": "schema out of date: run `pgfresh sync` to migrate it"}
             return report
-        report["capture"] = _capture(conn, pipeline_of(config))
+        report["capture"] = _capture(conn, pipeline_of(config), wal_now)
         report["pipelines"] = _pipelines(conn)
         for name in STAGE_STATUS:
             for counts in cfg.stage_functions([name], "status_counts"):
@@ -44,11 +53,12 @@ def collect(config: cfg.Config) -> dict:
     return report
 
 
-def _source(conn) -> dict:
+def _source(conn, store_pid: int) -> dict:
     row = conn.execute(
         "select count(*), coalesce(extract(epoch from max(now() - xact_start)), 0),"
         " coalesce(max(age(backend_xmin)), 0) from pg_stat_activity"
         " where application_name like 'pgfresh-%%' and pid <> pg_backend_pid() and datname = current_database()"
+        " and pid <> %s", (store_pid,)  # status's own store connection, when the store is the source database
     ).fetchone()
     return {
         "pgfresh_backends": row[0],
@@ -58,7 +68,7 @@ def _source(conn) -> dict:
     }
 
 
-def _slot(conn, config: cfg.Config, has_schema: bool) -> dict:
+def _slot(conn, config: cfg.Config, stored) -> dict:
     """The slot: state (ok | missing | lost | invalidated), WAL it retains, the server's bound, warnings."""
     from pgfresh.capture.pgoutput import format_lsn, parse_lsn
 
@@ -68,8 +78,6 @@ def _slot(conn, config: cfg.Config, has_schema: bool) -> dict:
     out = {"name": slot, "exists": health.state != "missing", "state": health.state,
            "invalidation_reason": health.reason, "max_slot_wal_keep_size_mb": keep_mb}
     warnings = []
-    stored = conn.execute("select lsn::text from pgfresh.sink_progress where pipeline = %s and sink = 'rows'",
-                          (pipeline_of(config),)).fetchone() if has_schema else None
     if not health.usable and (stored or health.state != "missing"):
         warnings.append(setup.slot_lost_message(health, format_lsn(parse_lsn(stored[0])) if stored else "none"))
     limit = config.source.max_slot_wal_keep_size_mb
@@ -102,9 +110,9 @@ def _slot(conn, config: cfg.Config, has_schema: bool) -> dict:
     return out
 
 
-def _capture(conn, pipeline: str) -> dict:
-    lsn = conn.execute("select lsn::text, pg_wal_lsn_diff(pg_current_wal_lsn(), lsn)::bigint from pgfresh.sink_progress"
-                       " where pipeline = %s and sink = 'rows'", (pipeline,)).fetchone()
+def _capture(conn, pipeline: str, wal_now: str) -> dict:
+    lsn = conn.execute("select lsn::text, pg_wal_lsn_diff(%s::pg_lsn, lsn)::bigint from pgfresh.sink_progress"
+                       " where pipeline = %s and sink = 'rows'", (wal_now, pipeline)).fetchone()
     tables = {
         t: {"rows": live, "deleted": dead}
         for t, live, dead in conn.execute(

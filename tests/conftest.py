@@ -56,10 +56,35 @@ def db(dsn):
         yield conn
 
 
-def write_config(directory: Path, dsn: str, body: str = "") -> Path:
-    """Write pgfresh.toml for `dsn` (plus extra TOML) into `directory` and return its path."""
+@pytest.fixture
+def store_dsn(pg_server, dsn):
+    """DSN of a second new database on the session server, `<test database>_store`, for pgfresh's state."""
+    name = psycopg.conninfo.conninfo_to_dict(dsn)["dbname"] + "_store"
+    admin = pg_server.dsn()
+    with psycopg.connect(admin, autocommit=True) as c:
+        c.execute(f'create database "{name}"')
+    yield pg_server.dsn(name)
+    with psycopg.connect(admin, autocommit=True) as c:
+        c.execute(f'drop database if exists "{name}" with (force)')
+
+
+@pytest.fixture
+def store(store_dsn):
+    """An autocommit connection to the store database, for checking what pgfresh keeps."""
+    with psycopg.connect(store_dsn, autocommit=True) as conn:
+        yield conn
+
+
+def write_config(directory: Path, dsn: str, body: str = "", store: str | None = None) -> Path:
+    """Write pgfresh.toml for `dsn` (plus extra TOML) into `directory` and return its path.
+
+    `store`: the store's DSN (fixture `store_dsn`: a database of its own). Without it the store is
+    the source database itself (`[store] dsn` = the source's), which most tests use to read
+    pgfresh's tables through the `db` fixture; tests of the separation pass a store of their own.
+    """
     path = directory / "pgfresh.toml"
-    path.write_text(f'[source]\ndsn = "{dsn}"\nmax_txn_seconds = 5\n' + body)
+    # The store as a root-level inline table: it comes first, so a body may append to any section.
+    path.write_text(f'store = {{ dsn = "{store or dsn}" }}\n[source]\ndsn = "{dsn}"\nmax_txn_seconds = 5\n' + body)
     return path
 
 

@@ -37,7 +37,8 @@ SMALL = "\n[arena.scale]\nshops = 3\nproducts_per_shop = 12\nnotes_per_shop = 3\
 
 def shop_config(directory: Path, dsn: str, extra: str = "") -> cfg.Config:
     path = directory / "pgfresh.toml"
-    path.write_text(workload.shop_config_text({"dsn": dsn, "max_txn_seconds": 5.0}) + SMALL + extra)
+    path.write_text(f'store = {{ dsn = "{dsn}" }}\n'  # the store in the test database (tests/conftest.py)
+                    + workload.shop_config_text({"dsn": dsn, "max_txn_seconds": 5.0}) + SMALL + extra)
     return cfg.load(path)
 
 
@@ -432,7 +433,8 @@ def test_builtin_rag_is_fresher_than_the_stale_model_on_changed_facts(pg_server,
         path = tmp_path / "pgfresh.toml"  # a slot of its own: the module's other arena database keeps "pgfresh"
         text = workload.shop_config_text({"dsn": pg_server.dsn(name), "max_txn_seconds": 5.0, "slot": name})
         # One thread, deterministic algorithms: the model build repeats exactly on any machine.
-        path.write_text(text.replace("\n[train]\n", "\n[train]\ndeterministic = true\n", 1))
+        path.write_text(f'store = {{ dsn = "{pg_server.dsn(name)}" }}\n'  # the store in the test database
+                        + text.replace("\n[train]\n", "\n[train]\ndeterministic = true\n", 1))
         config = cfg.load(path)
         r = runner.run_arena(
             config, minutes=0.3, noise=0.0, seed=5, strategies=["stale", "rag-hybrid"],
@@ -561,7 +563,8 @@ def test_report_renders_in_chromium_without_errors(arena_run, tmp_path):
 # -- shop-zh: the same shop in Chinese ---------------------------------------------------------
 def zh_config(directory: Path, dsn: str, extra: str = "") -> cfg.Config:
     path = directory / "pgfresh.toml"
-    path.write_text(workload.shop_config_text({"dsn": dsn, "max_txn_seconds": 5.0, "slot": "pgfresh_zh"}, "shop-zh")
+    path.write_text(f'store = {{ dsn = "{dsn}" }}\n'  # the store in the test database (tests/conftest.py)
+                    + workload.shop_config_text({"dsn": dsn, "max_txn_seconds": 5.0, "slot": "pgfresh_zh"}, "shop-zh")
                     + SMALL + extra, encoding="utf-8")
     return cfg.load(path)
 

@@ -22,7 +22,7 @@ from tests.conftest import run_cli, write_config
 
 
 def make_config(dsn: str, tables: list[dict], **source) -> cfg.Config:
-    return cfg.parse({"source": {"dsn": dsn, **source}, "tables": tables})
+    return cfg.parse({"source": {"dsn": dsn, **source}, "store": {"dsn": dsn}, "tables": tables})
 
 
 def diff_count(db, table: str) -> int:
@@ -305,16 +305,18 @@ def test_invalid_config_reports_every_problem_at_once(tmp_path):
     _assert_one_line_error(missing, "not found", "pgfresh init")
 
 
-def test_init_writes_a_config_that_loads(db, dsn, tmp_path):
+def test_init_writes_a_config_that_loads(db, dsn, store, store_dsn, tmp_path):
     db.execute("create table shops (id int primary key, name text)")
     db.execute("create table products (id int primary key, shop_id int, name text)")
     path = tmp_path / "pgfresh.toml"
-    result = run_cli("init", "--dsn", dsn, "--config", str(path))
+    result = run_cli("init", "--dsn", dsn, "--store-dsn", store_dsn, "--config", str(path))
     assert result.returncode == 0, result.stderr
     conf = cfg.load(path)
     assert {t.name for t in conf.tables} == {"public.shops", "public.products"}
     assert conf.table("public.products").tenant == "shop_id"
-    assert db.execute("select count(*) from pgfresh.migrations").fetchone()[0] >= 1
+    assert conf.store.dsn == store_dsn
+    assert store.execute("select count(*) from pgfresh.migrations").fetchone()[0] >= 1
+    assert db.execute("select to_regnamespace('pgfresh')").fetchone()[0] is None  # nothing in the source
     again = run_cli("init", "--dsn", dsn, "--config", str(path))
     _assert_one_line_error(again, "already exists", "--force")
 
@@ -499,20 +501,38 @@ def test_status_counts_only_the_pipelines_own_backends(db, dsn, pg_server, tmp_p
             assert status.collect(cfg.load(path))["source"]["pgfresh_backends"] == 1
 
 
-def test_role_with_replication_and_select_is_told_every_missing_privilege_then_grant_sql_suffices(db, dsn, tmp_path):
+def test_role_with_replication_and_select_is_told_every_missing_privilege_then_grant_sql_suffices(
+        db, dsn, store, store_dsn, tmp_path):
+    """Least privilege: REPLICATION, SELECT on the tables and a publication its DBA made suffice; the
+    state goes to the store (here a database of its own), nothing is created in the source."""
     import shutil
     from pathlib import Path
 
     db.execute("create role pf_reader login replication")
     db.execute("create table t (id int primary key, name text)")
+    db.execute("create table u (id int primary key)")
     db.execute("insert into t values (1, 'a'), (2, 'b')")
     db.execute("grant select on t to pf_reader")
     try:
-        path = write_config(tmp_path, dsn.replace("user=postgres", "user=pf_reader"), '[[tables]]\nname = "t"\n')
+        path = write_config(tmp_path, dsn.replace("user=postgres", "user=pf_reader"), '[[tables]]\nname = "t"\n',
+                            store=store_dsn)
         result = run_cli("sync", "--once", "--config", str(path))
         _assert_one_line_error(result, "role pf_reader lacks", "CREATE on database", "GRANT CREATE ON DATABASE",
-                               "extension vector", "ownership of public.t", "grant.sql", "docs/PRIVILEGES.md")
+                               "ownership of public.t", "grant.sql", "docs/PRIVILEGES.md")
         assert "SELECT on public.t" not in result.stderr  # it has that one
+        assert "vector" not in result.stderr and "schema pgfresh" not in result.stderr  # those are the store's
+        assert _nothing_created(db)
+        # A DBA-made publication that lacks a configured table, and a table without SELECT: named in one line.
+        db.execute("create publication pgfresh for table t")
+        path.write_text(path.read_text() + '[[tables]]\nname = "u"\n')
+        _assert_one_line_error(run_cli("sync", "--once", "--config", str(path)), "SELECT on public.u",
+                               "GRANT SELECT ON \"public\".\"u\" TO \"pf_reader\"")
+        db.execute("grant select on u to pf_reader")
+        _assert_one_line_error(run_cli("sync", "--once", "--config", str(path)), "publication pgfresh",
+                               "lacks public.u", "ALTER PUBLICATION \"pgfresh\" ADD TABLE \"public\".\"u\"")
+        db.execute("drop publication pgfresh")
+        db.execute("revoke select on u from pf_reader")
+        path.write_text(path.read_text().replace('[[tables]]\nname = "u"\n', ""))
         assert _nothing_created(db)
         psql = shutil.which("psql")
         if psql is None:  # the embedded server's own
@@ -524,7 +544,15 @@ def test_role_with_replication_and_select_is_told_every_missing_privilege_then_g
         assert done.returncode == 0, done.stderr
         result = run_cli("sync", "--once", "--config", str(path))
         assert result.returncode == 0, result.stderr
-        assert db.execute("select count(*) from pgfresh.rows where tbl = 'public.t'").fetchone()[0] == 2
+        assert store.execute("select count(*) from pgfresh.rows where tbl = 'public.t'").fetchone()[0] == 2
+        db.execute("insert into t values (3, 'c')")
+        assert run_cli("sync", "--once", "--config", str(path)).returncode == 0
+        assert store.execute("select count(*) from pgfresh.rows where tbl = 'public.t'").fetchone()[0] == 3
+        # Only the publication (the DBA's) and the slot exist in the source: no schema, table or function.
+        assert db.execute("select pubowner::regrole::text from pg_publication").fetchall() == [("postgres",)]
+        assert db.execute("select count(*) from pg_namespace where nspname = 'pgfresh'").fetchone()[0] == 0
+        assert db.execute("select count(*) from pg_class c join pg_roles r on r.oid = c.relowner"
+                          " where r.rolname = 'pf_reader'").fetchone()[0] == 0
     finally:
         db.execute("select pg_terminate_backend(pid) from pg_stat_activity where usename = 'pf_reader'")
         for (slot,) in db.execute("select slot_name from pg_replication_slots where database = current_database()").fetchall():

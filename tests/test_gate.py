@@ -226,7 +226,7 @@ def test_settle_window_waits_for_unread_changes_and_settle_final(dsn):
     from pgfresh.capture.change import advance, read_changes
     from pgfresh.gate import Gate
 
-    config = cfg.parse({"source": {"dsn": dsn}, "tables": [
+    config = cfg.parse({"source": {"dsn": dsn}, "store": {"dsn": dsn}, "tables": [
         {"name": "notes", "gate": {"train": {"settle_seconds": 60}}},
         {"name": "posts", "gate": {"final_when": "status = 'published'",
                                    "train": {"settle_seconds": 60, "settle_final": True}}}]})

@@ -421,7 +421,8 @@ def test_arena_builtin_strategies_answer_through_serve(pg_server, tmp_path):
         c.execute(f'create database "{name}"')
     try:
         path = tmp_path / "pgfresh.toml"
-        path.write_text(workload.shop_config_text({"dsn": pg_server.dsn(name), "max_txn_seconds": 5.0, "slot": name}))
+        path.write_text(f'store = {{ dsn = "{pg_server.dsn(name)}" }}\n'  # the store in the test database
+                        + workload.shop_config_text({"dsn": pg_server.dsn(name), "max_txn_seconds": 5.0, "slot": name}))
         config = cfg.load(path)
         config.train["base_model"] = str(tiny_model(tmp_path / "tiny"))
         r = runner.run_arena(

@@ -142,7 +142,7 @@ class ArenaRun:
         self.ingest["initial_cpu_s"], self.ingest["initial_wall_s"] = clock.cpu_s, clock.wall_s
 
     def build(self) -> None:
-        ctx = ArenaContext(self.config, self.dsn, self.s.seed, self.progress.console)
+        ctx = ArenaContext(self.config, self.dsn, self.s.seed, self.progress.console, store_dsn=db.store_dsn(self.config))
         self.ctx = ctx
         with self.phase("build"):
             for spec in self.strategy_specs:
@@ -400,7 +400,8 @@ def _count_by(records: list[dict], field: str) -> dict:
 
 
 def reset_pgfresh(conn, config) -> None:
-    """Remove pgfresh's state from the source (slot, publication, schema pgfresh) before a run.
+    """Remove pgfresh's state before a run: slot and publication from the source, schema pgfresh
+    from the store (and from the source, where an older layout left it).
 
     The arena measures a run from scratch; it writes to the workload's tables anyway, so it only
     ever runs on a database of its own (docs/ARENA.md).
@@ -412,6 +413,8 @@ def reset_pgfresh(conn, config) -> None:
 
     conn.execute(sql.SQL("drop publication if exists {}").format(sql.Identifier(pub)))
     conn.execute("drop schema if exists pgfresh cascade")
+    with db.connect_store(config, "arena", autocommit=True) as store:
+        store.execute("drop schema if exists pgfresh cascade")
 
 
 def run_arena(config, workload: str | None = None, minutes: float | None = None, noise: float | None = None,

@@ -50,12 +50,14 @@ class Answer:
 
 @dataclass
 class ArenaContext:
-    """What prepare / refresh hooks get: the loaded config, the source DSN and the run's seed."""
+    """What prepare / refresh hooks get: the loaded config, the source DSN, the run's seed, and the
+    store's DSN (where pgfresh's tables are: read them there, never through `dsn`)."""
 
     config: Any  # pgfresh.config.Config
     dsn: str
     seed: int
     console: Any = None
+    store_dsn: str | None = None  # None: the source database holds the store too
     registry: Any = None  # the run's pgfresh.serve.Registry (loaded models), made by the first strategy that needs it
 
 

@@ -20,18 +20,21 @@ from pgfresh.capture.rowstore import register_tables
 def run(config: cfg.Config, console=None) -> dict:
     """Re-create the slot, re-read every table, delete what the source no longer has. Returns counts."""
     dsn = setup.resolve_dsn(config)
-    with db.connect(dsn, "resync", max_txn_seconds=config.source.max_txn_seconds, autocommit=True) as conn:
+    limit = config.source.max_txn_seconds
+    with db.connect(dsn, "resync", max_txn_seconds=limit, autocommit=True) as conn, \
+            db.connect_store(config, "resync", max_txn_seconds=limit, autocommit=True) as store:
         infos = setup.check_source(conn, config)
         sync.check_stage_columns(config, infos)
         setup.check_wal_keep_size(conn, config)
-        db.migrate(conn)
+        setup.check_store(conn, store, config)
+        db.migrate(store)
         pipeline = pipeline_of(config)
-        register_tables(conn, pipeline, infos, str(config.path))
+        register_tables(store, pipeline, infos, str(config.path))
         setup.ensure_publication(conn, config)
         slot_lsn = setup.recreate_slot(conn, config)
-        rowstore.mark_resync(conn, pipeline, list(infos), slot_lsn)
+        rowstore.mark_resync(store, pipeline, list(infos), slot_lsn, source=conn)
     stats = sync.run(config, once=True, console=console)
-    with db.connect(dsn, "resync", autocommit=True) as conn:
+    with db.connect_store(config, "resync", autocommit=True) as conn:
         tables = rowstore.resync_counts(conn, pipeline)
     stats.update(slot=config.source.slot, slot_lsn=slot_lsn, tables=tables,
                  deleted=sum(t["deleted"] or 0 for t in tables.values()))

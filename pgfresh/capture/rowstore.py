@@ -5,6 +5,11 @@ with the change-log entries (`pgfresh.changes`) and the stream position (`pgfres
 After a crash, capture restarts from that stored position and `apply_transactions` skips any
 transaction whose end LSN it already stored, so nothing is applied twice and nothing is lost.
 
+Source and store: `RowStore` writes only to the store (its `conn`); the source connection is used
+for reads alone: snapshot chunks, and the xid8 reference that widens a stream xid. Each chunk is read
+in its own short REPEATABLE READ transaction on the source, which closes before the rows are applied
+in the store's transaction (which also holds the table's progress row, so chunks never overlap).
+
 Snapshot reconciliation (docs/ARCHITECTURE.md, "Snapshot without a long transaction"): a snapshot
 chunk is read in its own short REPEATABLE READ transaction that also records
 `pg_current_snapshot()`. Each row the chunk wrote keeps that snapshot in `rows.snap`. A streamed
@@ -116,13 +121,17 @@ select count(*) from logged
 """
 
 
-def mark_resync(conn: psycopg.Connection, pipeline: str, tables: list[str], slot_lsn: str) -> None:
+def mark_resync(conn: psycopg.Connection, pipeline: str, tables: list[str], slot_lsn: str,
+                source: psycopg.Connection | None = None) -> None:
     """Queue `tables` for a resync snapshot that starts at `slot_lsn` (the new slot's start).
 
-    Commits one marker transaction first: every chunk read after it sees it (see _RESYNC_DELETES).
+    Commits one marker transaction on the source first (`source`, default `conn`): every chunk read
+    after it sees it (see _RESYNC_DELETES). The marker writes nothing; it only takes an xid.
     """
+    source = source or conn
+    with source.transaction():
+        (xid,) = source.execute("select pg_current_xact_id()::text").fetchone()  # assigns, then commits, an xid
     with conn.transaction():
-        (xid,) = conn.execute("select pg_current_xact_id()::text").fetchone()  # assigns this transaction's xid
         conn.execute("insert into pgfresh.sink_progress (pipeline, sink, lsn) values (%s, %s, %s)"
                      " on conflict (pipeline, sink) do update set lsn = excluded.lsn, updated_at = now()",
                      (pipeline, SINK, slot_lsn))
@@ -206,8 +215,12 @@ def register_tables(conn: psycopg.Connection, pipeline: str, infos: dict[str, Ta
 class RowStore:
     """Applies streamed transactions and snapshot chunks to pgfresh.rows, logging each applied change."""
 
-    def __init__(self, conn: psycopg.Connection, infos: dict[str, TableInfo], pipeline: str = DEFAULT_PIPELINE):
+    def __init__(self, conn: psycopg.Connection, infos: dict[str, TableInfo], pipeline: str = DEFAULT_PIPELINE,
+                 source: psycopg.Connection | None = None):
+        """`conn`: the store (autocommit off or on); `source`: an autocommit connection to the source,
+        never the same connection as `conn`."""
         self.conn = conn
+        self.source = source if source is not None else conn
         self.infos = infos
         self.pipeline = pipeline
         conn.execute(_STAGE)
@@ -262,7 +275,8 @@ class RowStore:
             txs = [t for t in txs if t.end_lsn > stored]
             if not txs:
                 return []
-            (ref,) = self.conn.execute("select pg_snapshot_xmax(pg_current_snapshot())::text::bigint").fetchone()
+            # The stream's 32-bit xids widen against the SOURCE's current xid8 (the store's counter is unrelated).
+            (ref,) = self.source.execute("select pg_snapshot_xmax(pg_current_snapshot())::text::bigint").fetchone()
             changes = [c for t in txs for c in t.changes if c.table in self.infos]
             self._count_dropped([c for t in txs for c in t.changes if c.table not in self.infos])
             for c in changes:
@@ -378,34 +392,44 @@ class RowStore:
         info = self.infos[name]
         started = time.monotonic()
         conn = self.conn
-        conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
-        try:
-            with conn.transaction():
-                snap_text, wal_pos = conn.execute(
-                    "select pg_current_snapshot()::text, pg_current_wal_insert_lsn()::text").fetchone()
-                last_key, truncate_xid = conn.execute(
-                    "select last_key, truncate_xid::text from pgfresh.snapshot_progress"
-                    " where pipeline = %s and tbl = %s for update", (self.pipeline, name)).fetchone()
-                rows = self._read_chunk(info, last_key, max_rows)
-                snap = Snapshot.parse(snap_text)
-                skip = truncate_xid is not None and not snap.visible(int(truncate_xid))
-                if not skip:
-                    self._apply_chunk(info, rows, snap_text)
-                key_idx = [info.columns.index(k) for k in info.key]
-                new_last = [rows[-1][i] for i in key_idx] if rows else last_key
-                done = len(rows) < max_rows
-                conn.execute(
-                    "update pgfresh.snapshot_progress set last_key = %s, rows_read = rows_read + %s, done = %s,"
-                    " finished_at = case when %s then now() end, reconcile_until = %s where pipeline = %s and tbl = %s",
-                    (Jsonb(new_last), len(rows), done, done, wal_pos, self.pipeline, name))
-                if done:  # a resync ends here, in the last chunk's transaction: exactly once
-                    conn.execute(_RESYNC_DELETES, {"tbl": name, "pipeline": self.pipeline})
-        finally:
-            conn.isolation_level = None
+        with conn.transaction():
+            last_key, truncate_xid = conn.execute(
+                "select last_key, truncate_xid::text from pgfresh.snapshot_progress"
+                " where pipeline = %s and tbl = %s for update", (self.pipeline, name)).fetchone()
+            snap_text, wal_pos, rows = self._read_source(info, last_key, max_rows)
+            snap = Snapshot.parse(snap_text)
+            skip = truncate_xid is not None and not snap.visible(int(truncate_xid))
+            if not skip:
+                self._apply_chunk(info, rows, snap_text)
+            key_idx = [info.columns.index(k) for k in info.key]
+            new_last = [rows[-1][i] for i in key_idx] if rows else last_key
+            done = len(rows) < max_rows
+            conn.execute(
+                "update pgfresh.snapshot_progress set last_key = %s, rows_read = rows_read + %s, done = %s,"
+                " finished_at = case when %s then now() end, reconcile_until = %s where pipeline = %s and tbl = %s",
+                (Jsonb(new_last), len(rows), done, done, wal_pos, self.pipeline, name))
+            if done:  # a resync ends here, in the last chunk's transaction: exactly once
+                conn.execute(_RESYNC_DELETES, {"tbl": name, "pipeline": self.pipeline})
         self.reconcile_until[name] = po.parse_lsn(wal_pos)
         if done:
             self.snapshot_pending.pop(0)
         return len(rows), time.monotonic() - started
+
+    def _read_source(self, info: TableInfo, last_key: list | None, limit: int) -> tuple[str, str, list[tuple]]:
+        """One chunk from the source in its own short REPEATABLE READ transaction, closed before the
+        store applies it: (pg_current_snapshot, WAL insert position, rows)."""
+        source = self.source
+        if source is self.conn:
+            raise ValueError("RowStore needs a source connection of its own for snapshot reads")
+        source.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+        try:
+            with source.transaction():
+                snap_text, wal_pos = source.execute(
+                    "select pg_current_snapshot()::text, pg_current_wal_insert_lsn()::text").fetchone()
+                rows = self._read_chunk(info, last_key, limit)
+        finally:
+            source.isolation_level = None
+        return snap_text, wal_pos, rows
 
     def _read_chunk(self, info: TableInfo, last_key: list | None, limit: int) -> list[tuple]:
         keys = sql.SQL(", ").join(sql.Identifier(k) for k in info.key)
@@ -419,7 +443,7 @@ class RowStore:
             params = list(last_key)
         query = sql.SQL("copy (select {} from {} {} order by {} limit {}) to stdout").format(
             sql.SQL(", ").join(sql.Identifier(c) for c in info.columns), info.ident, where, keys, sql.Literal(limit))
-        cur = self.conn.cursor()
+        cur = self.source.cursor()
         with cur.copy(query, params or None) as cp:
             return list(cp.rows())
 

@@ -51,6 +51,48 @@ def resolve_dsn(config: cfg.Config) -> str:
     return EmbeddedServer(config.data_dir / "pg").start()
 
 
+def same_database(source: psycopg.Connection, store: psycopg.Connection) -> bool:
+    """Are both connections on one database of one server? (The store may be the source by choice.)"""
+    started, dbname = source.execute("select pg_postmaster_start_time()::text, current_database()").fetchone()
+    found = store.execute(
+        "select pg_postmaster_start_time()::text = %s and current_database() = %s"
+        " and exists (select 1 from pg_stat_activity where pid = %s)", (started, dbname, source.info.backend_pid)
+    ).fetchone()[0]
+    for c in (source, store):
+        if not c.autocommit:
+            c.rollback()
+    return found
+
+
+def has_state(conn: psycopg.Connection) -> bool:
+    """Does this database hold pgfresh's schema (a row store)?"""
+    found = conn.execute("select to_regclass('pgfresh.sink_progress') is not null").fetchone()[0]
+    if not conn.autocommit:
+        conn.rollback()
+    return found
+
+
+MIGRATE_HINT = ("run `pgfresh store migrate` to move it to the store (copied, verified, then dropped from the "
+                "source), or to start over DROP SCHEMA pgfresh CASCADE on the source")
+
+
+def check_store(source: psycopg.Connection, store: psycopg.Connection, config: cfg.Config) -> None:
+    """Refuse a store that cannot hold pgfresh's state, and a source still holding it (issue 10 migration)."""
+    if same_database(source, store):
+        return  # [store] dsn names the source database: the operator chose to keep the state there
+    if has_state(source) and not has_state(store):
+        raise SourceError(f"the source database {source.info.dbname} still holds pgfresh's state (schema pgfresh) "
+                          f"and the store has none: {MIGRATE_HINT}")
+    row = store.execute("select has_database_privilege(current_database(), 'CREATE'),"
+                        " to_regnamespace('pgfresh') is not null").fetchone()
+    if not store.autocommit:
+        store.rollback()
+    if not row[0] and not row[1]:
+        raise SourceError(f"role {store.info.user} may not create schema pgfresh in the store database "
+                          f"{store.info.dbname}: GRANT CREATE ON DATABASE {_ident(store, store.info.dbname)} "
+                          f"TO {_ident(store, store.info.user)}, or set store.dsn to a database it owns")
+
+
 def check_server(conn: psycopg.Connection) -> None:
     wal_level = conn.execute("show wal_level").fetchone()[0]
     if wal_level != "logical":
@@ -136,6 +178,8 @@ def check_source(conn: psycopg.Connection, config: cfg.Config) -> dict[str, Tabl
         raise ConfigError(["tables: no [[tables]] configured; run `pgfresh init` or add one"], str(config.path))
     infos = {t.name: table_info(conn, t) for t in config.tables}
     check_privileges(conn, config)
+    if publication_made_by_dba(conn, config):
+        check_dba_publication(conn, config)
     conn.rollback()
     return infos
 
@@ -147,10 +191,9 @@ def _ident(conn, *names: str) -> str:
 def missing_privileges(conn: psycopg.Connection, config: cfg.Config) -> list[str]:
     """Each privilege the current role lacks for what pgfresh does today, as 'what (why): the GRANT that fixes it'.
 
-    Today pgfresh keeps its own schema in the source, so beyond REPLICATION (check_server) and SELECT
-    on the tables it needs: CREATE on the database (schema pgfresh, and the publication unless it
-    exists), extension vector installed by a superuser (it is not a trusted extension), and, to
-    create or change the publication, ownership of it and of the tables it adds. docs/PRIVILEGES.md.
+    pgfresh keeps its state in the store, never in the source, so beyond REPLICATION (check_server)
+    and SELECT on the tables it needs only what the publication takes: CREATE on the database to
+    create it, and ownership of it and of the tables it adds to change it. docs/PRIVILEGES.md.
     """
     user, dbname = conn.info.user, conn.info.dbname
     role, database = _ident(conn, user), _ident(conn, dbname)
@@ -158,31 +201,15 @@ def missing_privileges(conn: psycopg.Connection, config: cfg.Config) -> list[str
         return []
     missing: list[str] = []
     can_create_in_db = conn.execute("select has_database_privilege(current_database(), 'CREATE')").fetchone()[0]
-    schema = conn.execute("select has_schema_privilege(oid, 'USAGE'), has_schema_privilege(oid, 'CREATE')"
-                          " from pg_namespace where nspname = 'pgfresh'").fetchone()
     pub = config.source.publication
     pub_row = conn.execute("select pg_has_role(pubowner, 'USAGE') from pg_publication where pubname = %s",
                            (pub,)).fetchone()
-    need_db_create = []
-    if schema is None:
-        need_db_create.append("to create schema pgfresh")
-    elif not all(schema):
-        missing.append(f"USAGE and CREATE on schema pgfresh: GRANT USAGE, CREATE ON SCHEMA pgfresh TO {role}")
-    if pub_row is None:
-        need_db_create.append(f"to create publication {pub}")
-    if need_db_create and not can_create_in_db:
-        missing.append(f"CREATE on database {dbname} ({' and '.join(need_db_create)}): "
+    if pub_row is None and not can_create_in_db:
+        missing.append(f"CREATE on database {dbname} (to create publication {pub}): "
                        f"GRANT CREATE ON DATABASE {database} TO {role}")
-    vector = conn.execute("select exists (select 1 from pg_available_extensions where name = 'vector'),"
-                          " exists (select 1 from pg_extension where extname = 'vector')").fetchone()
-    if vector[0] and not vector[1]:
-        missing.append(f"extension vector in database {dbname} (only a superuser may create it): CREATE EXTENSION vector")
     in_pub = set() if pub_row is None else {f"{s}.{t}" for s, t in conn.execute(
         "select schemaname, tablename from pg_publication_tables where pubname = %s", (pub,))}
-    configured = {t.name for t in config.tables}
-    if pub_row is not None and not pub_row[0] and in_pub != configured:
-        missing.append(f"ownership of publication {pub} (to make it match the configured tables): "
-                       f"ALTER PUBLICATION {_ident(conn, pub)} OWNER TO {role}, or have its owner make it match")
+    dba_made = pub_row is not None and not pub_row[0]  # used as it is, never altered (ensure_publication)
     for t in config.tables:
         select_ok, owner_ok = conn.execute(
             "select has_table_privilege(c.oid, 'SELECT'), pg_has_role(c.relowner, 'USAGE') from pg_class c"
@@ -190,7 +217,7 @@ def missing_privileges(conn: psycopg.Connection, config: cfg.Config) -> list[str
             (t.schema, t.table)).fetchone()
         if not select_ok:
             missing.append(f"SELECT on {t.name}: GRANT SELECT ON {_ident(conn, t.schema, t.table)} TO {role}")
-        if t.name not in in_pub and not owner_ok:
+        if t.name not in in_pub and not owner_ok and not dba_made:
             missing.append(f"ownership of {t.name} (to add it to publication {pub}): have its owner run "
                            + (f"CREATE PUBLICATION {_ident(conn, pub)} FOR TABLE ..." if pub_row is None else
                               f"ALTER PUBLICATION {_ident(conn, pub)} ADD TABLE {_ident(conn, t.schema, t.table)}"))
@@ -205,13 +232,43 @@ def check_privileges(conn: psycopg.Connection, config: cfg.Config) -> None:
                           "(an administrator can run pgfresh/examples/grant.sql; see docs/PRIVILEGES.md)")
 
 
+def publication_made_by_dba(conn: psycopg.Connection, config: cfg.Config) -> bool:
+    """Does source.publication exist and belong to a role other than pgfresh's? Then a DBA made it
+    (least privilege: docs/PRIVILEGES.md) and pgfresh uses it as it is, never altering it."""
+    row = conn.execute("select pg_has_role(pubowner, 'USAGE') from pg_publication where pubname = %s",
+                       (config.source.publication,)).fetchone()
+    if not conn.autocommit:
+        conn.rollback()
+    return row is not None and not row[0]
+
+
+def check_dba_publication(conn: psycopg.Connection, config: cfg.Config) -> list[str]:
+    """A DBA-made publication must cover every configured table: SourceError naming the missing ones."""
+    pub = config.source.publication
+    have = {f"{s}.{t}" for s, t in conn.execute(
+        "select schemaname, tablename from pg_publication_tables where pubname = %s", (pub,))}
+    missing = [t for t in config.tables if t.name not in have]
+    if missing:
+        names = ", ".join(t.name for t in missing)
+        idents = ", ".join(_ident(conn, t.schema, t.table) for t in missing)
+        raise SourceError(f"publication {pub} (made by its owner, not by pgfresh) lacks {names}: have its owner run "
+                          f"ALTER PUBLICATION {_ident(conn, pub)} ADD TABLE {idents}, or remove "
+                          f"{'them' if len(missing) > 1 else 'it'} from pgfresh.toml")
+    return sorted(have - {t.name for t in config.tables})
+
+
 def ensure_publication(conn: psycopg.Connection, config: cfg.Config) -> tuple[list[str], list[str]]:
     """Make the publication hold exactly the configured tables. Returns (tables added, tables removed).
 
     A table removed from pgfresh.toml leaves the publication, so its changes stop arriving (the
-    few already in the WAL before this are dropped by the row store, with a count).
+    few already in the WAL before this are dropped by the row store, with a count). A publication
+    another role owns (made by a DBA) is never altered: it must cover the tables (check_dba_publication);
+    changes of its other tables are dropped by the row store, with a count.
     """
     pub = config.source.publication
+    if publication_made_by_dba(conn, config):
+        check_dba_publication(conn, config)
+        return [], []
     with conn.transaction():
         exists = conn.execute("select 1 from pg_publication where pubname = %s", (pub,)).fetchone()
         names = [sql.Identifier(t.schema, t.table) for t in config.tables]
@@ -394,8 +451,9 @@ def _init_target(path: Path, force: bool) -> None:
 
 
 def init_project(path: Path, dsn: str | None = None, tables: list[str] | None = None,
-                 force: bool = False, warn=None) -> tuple[Path, list[str]]:
-    """Write a starting pgfresh.toml from the database's tables and create schema pgfresh.
+                 force: bool = False, warn=None, store_dsn: str | None = None) -> tuple[Path, list[str]]:
+    """Write a starting pgfresh.toml from the database's tables and create schema pgfresh in the store
+    (`store_dsn`, or the embedded store server in the data directory); nothing is created in the source.
 
     Everything is checked before anything is created: the target path, the server, each table
     (capture must be able to use it as written), the privileges, and the rendered file itself
@@ -441,7 +499,8 @@ def init_project(path: Path, dsn: str | None = None, tables: list[str] | None = 
                 skipped.append(f"{name}: {reason}")
         if wanted and skipped:
             raise SourceError(f"cannot capture {'; '.join(skipped)}")
-        text = cfg.render_toml({"dsn": dsn} if dsn else {"data_dir": ".pgfresh"}, entries)
+        text = cfg.render_toml({"dsn": dsn} if dsn else {"data_dir": ".pgfresh"}, entries,
+                               store={"dsn": store_dsn} if store_dsn else None)
         text += "\n# The RAG index runs inside `pgfresh sync` while this section is present.\n[rag]\n"
         if skipped:
             text += "\n# Left out (add them once fixed):\n" + "".join(
@@ -452,7 +511,9 @@ def init_project(path: Path, dsn: str | None = None, tables: list[str] | None = 
         tmp = path.with_name(f".{path.name}.tmp")
         tmp.write_text(text)  # written before the schema is created: a path that cannot be written fails first
         try:
-            db.migrate(conn)
+            with db.connect_store(config, "init") as store:
+                check_store(conn, store, config)
+                db.migrate(store)
             tmp.replace(path)
         finally:
             tmp.unlink(missing_ok=True)

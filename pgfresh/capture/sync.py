@@ -109,39 +109,65 @@ class _Heartbeat:
 
 
 class _Capture:
-    """The capture side's connections: checked source, row store, stream, heartbeat."""
+    """The capture side's connections: checked source (reads, publication, slot), store (row store,
+    heartbeat), stream."""
 
     def __init__(self, config: cfg.Config, dsn: str):
         src = config.source
         self.conn = db.connect(dsn, "capture", max_txn_seconds=src.max_txn_seconds, autocommit=True)
-        self.stream = None
+        self.stream = self.store_conn = None
         try:
             self.infos = setup.check_source(self.conn, config)  # everything checked before anything is created
             check_stage_columns(config, self.infos)
             self.warning = setup.check_wal_keep_size(self.conn, config)
-            db.migrate(self.conn)
+            self.store_conn = db.connect_store(config, "capture", max_txn_seconds=src.max_txn_seconds,
+                                               autocommit=True)
+            setup.check_store(self.conn, self.store_conn, config)
+            db.migrate(self.store_conn)
             pipeline = pipeline_of(config)
-            register_tables(self.conn, pipeline, self.infos, str(config.path))
+            register_tables(self.store_conn, pipeline, self.infos, str(config.path))
             added, removed = setup.ensure_publication(self.conn, config)
             # The publication follows the config: say what changed.
             self.notes = [f"added {n} to publication {src.publication}" for n in added] + [
                 f"removed {n} from publication {src.publication} (its changes are dropped)" for n in removed]
-            self.store = RowStore(self.conn, self.infos, pipeline)
+            self.store = RowStore(self.store_conn, self.infos, pipeline, source=self.conn)
             # A stored position and no usable slot: refuse (SlotLostError), never re-snapshot silently.
             slot_lsn, created = setup.ensure_slot(self.conn, config, self.store.stored_lsn())
             self.store.start(slot_lsn, created)
             self.start_lsn = self.store.stored_lsn()
+            self.slot = src.slot
             self.stream = Stream(dsn, src.slot, src.publication, po.format_lsn(self.start_lsn),
                                  {n: i.key for n, i in self.infos.items()}, {n: i.tenant for n, i in self.infos.items()})
         except BaseException:
             self.conn.close()
+            if self.store_conn is not None:
+                self.store_conn.close()
             raise
-        self.heartbeat = _Heartbeat(self.conn, "capture", pipeline)
+        self.heartbeat = _Heartbeat(self.store_conn, "capture", pipeline)
 
     def close(self) -> None:
         if self.stream is not None:
-            self.stream.close()
+            self.stream.close()  # sends the last confirmed position
+            self._await_confirmed(self.stream.confirmed)
         self.conn.close()
+        self.store_conn.close()
+
+    def _await_confirmed(self, lsn: int, seconds: float = 2.0) -> None:
+        """Wait (briefly) until the slot shows the position the closed stream confirmed, so a caller
+        that reads the slot after `sync --once` sees it; the walsender applies it asynchronously."""
+        if not lsn:
+            return
+        deadline = time.monotonic() + seconds
+        try:
+            while time.monotonic() < deadline:
+                row = self.conn.execute(
+                    "select confirmed_flush_lsn >= %s::pg_lsn or not active from pg_replication_slots"
+                    " where slot_name = %s", (po.format_lsn(lsn), self.slot)).fetchone()
+                if row is None or row[0]:
+                    return
+                time.sleep(0.01)
+        except psycopg.Error:  # the source went away: the position is stored, the slot catches up next time
+            return
 
 
 class _Lost(Exception):

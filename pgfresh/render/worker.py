@@ -92,9 +92,8 @@ class FactsWorker:
 
     def _connection(self):
         if self.conn is None or self.conn.closed:
-            from pgfresh.capture.setup import resolve_dsn
 
-            self.conn = db.connect(resolve_dsn(self.config), "facts",
+            self.conn = db.connect(db.store_dsn(self.config), "facts",
                                    max_txn_seconds=self.config.source.max_txn_seconds, autocommit=True)
             db.migrate(self.conn)
         return self.conn

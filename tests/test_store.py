@@ -1,0 +1,166 @@
+"""store: pgfresh keeps its state in a store of its own; the source gets a publication and a slot only.
+
+The default layout: `source.dsn` unset and no [store] gives two embedded servers in the data
+directory (`pg` for the source, `store` for pgfresh), two data directories, two ports.
+"""
+
+from __future__ import annotations
+
+import psycopg
+import pytest
+
+from pgfresh import config as cfg
+from pgfresh import db, rag
+from pgfresh.capture import setup, sync
+from pgfresh.embedded import EmbeddedServer
+from pgfresh.gate import quarantine
+from tests.conftest import run_cli
+
+PROJECT = """
+[source]
+data_dir = "data"
+max_txn_seconds = 5
+snapshot_chunk_rows = 7
+
+[[tables]]
+name = "public.products"
+tenant = "shop"
+document = "{name} is made in {city} and costs {price} EUR."
+[tables.gate]
+ranges = { price = [0, 1000] }
+[tables.gate.train]
+settle_seconds = 0
+[[tables.facts]]
+name = "price"
+question = "What is the price of {name}?"
+answer = "{price} EUR"
+gone = "{name} is no longer available."
+
+[train]
+
+[rag]
+"""
+
+
+def _source_objects(conn) -> dict:
+    """Everything in the source catalog that is not PostgreSQL's own or the test's table."""
+    return {
+        "schemas": conn.execute("select nspname from pg_namespace where nspname not like 'pg\\_%%'"
+                                " and nspname not in ('information_schema', 'public')").fetchall(),
+        "relations": conn.execute("select c.relname from pg_class c join pg_namespace n on n.oid = c.relnamespace"
+                                  " where n.nspname = 'public' and c.relname not like 'products%%'").fetchall(),
+        "functions": conn.execute("select p.proname from pg_proc p join pg_namespace n on n.oid = p.pronamespace"
+                                  " where n.nspname not in ('pg_catalog', 'information_schema')").fetchall(),
+        "extensions": conn.execute("select extname from pg_extension where extname <> 'plpgsql'").fetchall(),
+        "types": conn.execute("select t.typname from pg_type t join pg_namespace n on n.oid = t.typnamespace"
+                              " where n.nspname = 'public' and t.typname not like '%%products'").fetchall(),
+    }
+
+
+def test_source_and_store_on_two_embedded_servers(tmp_path):
+    path = tmp_path / "pgfresh.toml"
+    path.write_text(PROJECT)
+    config = cfg.load(path)
+    source_server, store_server = EmbeddedServer(tmp_path / "data" / "pg"), EmbeddedServer(tmp_path / "data" / "store")
+    try:
+        source_dsn = setup.resolve_dsn(config)
+        with psycopg.connect(source_dsn, autocommit=True) as src:
+            src.execute("create table products (id int primary key, shop text not null, name text, city text,"
+                        " price numeric)")
+            src.execute("insert into products values (1, 'a', 'Zephyrine', 'Reykjavik', 12),"
+                        " (2, 'a', 'Quillbrook', 'Valparaiso', 30), (3, 'b', 'Broken', 'Nowhere', -5)")
+            src.execute("insert into products select g, 'b', 'thing ' || g, 'Oslo', g from generate_series(10, 40) g")
+            sync.run(config, once=True)
+            store_dsn = db.store_dsn(config)
+            assert store_server.port != source_server.port
+            assert store_dsn != source_dsn
+            # Changes while capturing: the stream, into the store.
+            src.execute("update products set price = 14 where id = 1")
+            src.execute("delete from products where id = 2")
+            src.execute("insert into products values (4, 'b', 'Marrowind', 'Lima', 7)")
+            result = run_cli("sync", "--once", "--config", str(path))
+            assert result.returncode == 0, result.stderr
+
+            with psycopg.connect(store_dsn, autocommit=True) as store:
+                live = store.execute("select key, row->>'price' from pgfresh.rows where not deleted and tbl ="
+                                     " 'public.products' and key in ('[1]', '[2]', '[4]') order by key").fetchall()
+                assert live == [("[1]", "14"), ("[4]", "7")]
+                assert store.execute("select count(*) from pgfresh.rows where not deleted").fetchone()[0] == 34
+                facts = dict(store.execute("select question, answer from pgfresh.facts where status = 'active'"
+                                           " and tenant = 'a'").fetchall())
+                assert facts["What is the price of Zephyrine?"] == "14 EUR"
+                assert facts["What is the price of Quillbrook?"] == "Quillbrook is no longer available."
+                docs = store.execute("select count(*) from pgfresh.documents").fetchone()[0]
+                assert docs >= 33
+            assert {e["key"] for e in quarantine.entries(config)} == {"[3]"}  # the gate's range check (per path)
+            hits = rag.run_search(config, "Where is Marrowind made?", tenant="b", k=1, mode="lexical")
+            assert [h.key for h in hits] == ["[4]"]
+            answer = rag.ask(config, "What does Zephyrine cost?", "a")
+            assert any(s["key"] == "[1]" for s in answer["sources"]), answer
+            status = run_cli("status", "--json", "--config", str(path))
+            assert status.returncode == 0, status.stderr
+            assert '"state": "ok"' in status.stdout
+
+            # The source holds a publication and a slot, nothing else of pgfresh's.
+            assert _source_objects(src) == {"schemas": [], "relations": [], "functions": [], "extensions": [],
+                                            "types": []}
+            assert src.execute("select pubname from pg_publication").fetchall() == [("pgfresh",)]
+            assert src.execute("select slot_name from pg_replication_slots").fetchall() == [("pgfresh",)]
+    finally:
+        source_server.stop("immediate")
+        store_server.stop("immediate")
+
+
+FACTS = """
+[train]
+
+[[tables]]
+name = "items"
+[tables.gate.train]
+settle_seconds = 0
+[[tables.facts]]
+name = "price"
+question = "What is the price of {name}?"
+answer = "{price} EUR"
+"""
+
+
+def test_state_kept_in_the_source_moves_to_the_store_and_capture_resumes(db, dsn, store, store_dsn, tmp_path):
+    from tests.conftest import write_config
+
+    db.execute("create table items (id int primary key, name text, price int)")
+    db.execute("insert into items select g, 'item ' || g, g from generate_series(1, 50) g")
+    old = write_config(tmp_path, dsn, FACTS)  # [store] dsn = the source database: the old layout
+    assert run_cli("sync", "--once", "--config", str(old)).returncode == 0
+    db.execute("update items set price = 500 where id = 1")
+    assert run_cli("sync", "--once", "--config", str(old)).returncode == 0
+    before = {t: db.execute(f"select count(*) from pgfresh.{t}").fetchone()[0]
+              for t in ("rows", "changes", "facts", "sink_progress", "consumers", "workers")}
+    assert before["rows"] == 50 and before["facts"] >= 51
+    active_before = db.execute("select count(*) from pgfresh.facts where status = 'active'").fetchone()[0]
+
+    new = write_config(tmp_path, dsn, FACTS, store=store_dsn)
+    refused = run_cli("sync", "--once", "--config", str(new))
+    assert refused.returncode == 2
+    lines = refused.stderr.strip().splitlines()
+    assert len(lines) == 1 and "pgfresh store migrate" in lines[0] and "DROP SCHEMA" in lines[0], refused.stderr
+    assert db.execute("select to_regnamespace('pgfresh') is not null").fetchone()[0]  # nothing moved, nothing lost
+    status = run_cli("status", "--json", "--config", str(new))
+    assert status.returncode == 0 and "pgfresh store migrate" in status.stdout, (status.stdout, status.stderr)
+
+    moved = run_cli("store", "migrate", "--json", "--config", str(new))
+    assert moved.returncode == 0, moved.stderr
+    assert db.execute("select to_regnamespace('pgfresh')").fetchone()[0] is None
+    after = {t: store.execute(f"select count(*) from pgfresh.{t}").fetchone()[0] for t in before}
+    assert after == before
+    again = run_cli("store", "migrate", "--config", str(new))
+    assert again.returncode == 2 and "nothing to move" in again.stderr
+
+    # Capture resumes from the copied position: the stream, no new snapshot, no duplicate fact.
+    db.execute("update items set price = 7 where id = 2")
+    assert run_cli("sync", "--once", "--config", str(new)).returncode == 0
+    assert store.execute("select count(*) from pgfresh.changes where op = 'read'").fetchone()[0] <= before["changes"]
+    active = dict(store.execute("select key, answer from pgfresh.facts where status = 'active'"
+                                " and template = 'price'").fetchall())
+    assert active["[1]"] == "500 EUR" and active["[2]"] == "7 EUR"
+    assert store.execute("select count(*) from pgfresh.facts where status = 'active'").fetchone()[0] == active_before
