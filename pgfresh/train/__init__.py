@@ -163,28 +163,6 @@ def run(config, once: bool = False, console=None, due_only: bool = False) -> lis
     return rounds.run(config, once=once, console=console, due_only=due_only)
 
 
-def ask_tuned(config, question: str, tenant: str | None = None) -> dict:
-    """Answer closed-book with the tenant's published slice: answer, slice, version, LSN."""
-    from pgfresh.train import slices
-
-    return slices.ask(config, question, tenant)
-
-
-def answer(config, question: str, tenant: str | None = None, mode: str = "tuned") -> dict:
-    """`pgfresh ask --mode tuned` (called by pgfresh.rag.ask): `ask_tuned` in the shape of a RAG answer."""
-    import time
-
-    from pgfresh.errors import PgfreshError
-
-    if mode != "tuned":
-        raise PgfreshError(f"ask --mode {mode}: the training stage answers --mode tuned only")
-    started = time.perf_counter()
-    out = ask_tuned(config, question, tenant)
-    out.update(cache="off", sources=[], timings={"total_ms": round((time.perf_counter() - started) * 1000, 1)},
-               note=f"closed-book: slice {out['slice']} version {out['version']}, knows LSN {out['lsn']}")
-    return out
-
-
 def list_slices(config, tenant: str | None = None) -> list[dict]:
     from pgfresh.train import slices
 
