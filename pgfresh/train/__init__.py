@@ -14,7 +14,7 @@ learnt it; `kill -9` at any point leaves the published version untouched and the
 redoes the work; a slice trains only on its own tenant's facts; a question without a tenant is
 refused where tables declare a tenant column (as `search` refuses it).
 
-Entry points: `run` (`pgfresh train [--once]`), `ask_tuned`, `list_slices`, `rollback`,
+Entry points: `run` (`pgfresh train [--once]`), `list_slices`, `rollback`,
 `check_config` (the `[train]` section). Heavy imports (torch, transformers, peft) stay inside
 functions so loading the config stays fast.
 """
