@@ -99,11 +99,11 @@ def test_default_facts_ask_one_question_per_column():
 
 # --- through capture -----------------------------------------------------------------------------
 
-def _products_config(tmp_path, dsn, extra: str = "") -> object:
+def _products_config(tmp_path, dsn, extra: str = "", tenant: str | None = None) -> object:
     return write_config(tmp_path, dsn, TRAIN_ONLY + """
 [[tables]]
 name = "products"
-[tables.gate.train]
+""" + (f'tenant = "{tenant}"\n' if tenant else "") + """[tables.gate.train]
 settle_seconds = 0
 [[tables.facts]]
 name = "price"
@@ -204,18 +204,7 @@ answer = "{notes}"
 
 def _shop_config(tmp_path, dsn) -> object:
     """The shop's products: key product_id, tenant shop_id (not in the key, so a DELETE lacks it)."""
-    return write_config(tmp_path, dsn, TRAIN_ONLY + """
-[[tables]]
-name = "products"
-tenant = "shop_id"
-[tables.gate.train]
-settle_seconds = 0
-[[tables.facts]]
-name = "price"
-question = "What is the price of {name}?"
-answer = "{price} EUR"
-gone = "{name} is no longer available."
-""")
+    return _products_config(tmp_path, dsn, tenant="shop_id")
 
 
 def test_gone_facts_of_a_tenant_table_keep_their_tenant(db, dsn, tmp_path):
