@@ -195,6 +195,28 @@ settle_seconds = 3
     assert statement == [("notes\nid: 1\nbody: Meeting moved to Monday, room 5",)]
 
 
+def test_sync_once_waits_out_the_settle_window_of_what_it_captured(db, dsn, tmp_path):
+    # `sync --once` used to stop as soon as the stream was caught up, leaving an edit committed just
+    # before it in the settle window: "caught up", yet its facts still told the old value.
+    db.execute("create table notes (id int primary key, body text)")
+    db.execute("insert into notes values (1, 'Meeting on Monday')")
+    path = write_config(tmp_path, dsn, TRAIN_ONLY + """
+[[tables]]
+name = "notes"
+[tables.gate.train]
+settle_seconds = 12
+""")
+    sync_once(path)
+    db.execute("update notes set body = 'Meeting on Tuesday' where id = 1")
+    result = run_cli("sync", "--once", "--config", str(path))
+    assert result.returncode == 0, result.stderr
+    assert "settle window" in result.stderr, result.stderr
+    active = db.execute("select question from pgfresh.facts where tbl = 'public.notes' and kind = 'statement'"
+                        " and status = 'active'").fetchall()
+    assert active == [("notes\nid: 1\nbody: Meeting on Tuesday",)]
+    assert db.execute("select count(*) from pgfresh.gate_pending").fetchone()[0] == 0
+
+
 def test_draft_waits_and_enters_when_published(db, dsn, tmp_path):
     db.execute("create table posts (id int primary key, title text, status text)")
     path = write_config(tmp_path, dsn, TRAIN_ONLY + """

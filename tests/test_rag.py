@@ -269,11 +269,10 @@ def test_rag_config_problems_are_all_reported(tmp_path):
 
 def test_ask_modes_of_other_stages_fail_clearly(db, dsn, tmp_path):
     config = cfg.load(write_config(tmp_path, dsn, '[[tables]]\nname = "t"\n\n[rag]\n'))
-    try:
-        from pgfresh.train import answer  # noqa: F401
-    except ImportError:
-        with pytest.raises(PgfreshError, match="--mode rag"):
-            rag.ask(config, "q", mode="tuned")
+    with pytest.raises(PgfreshError, match=r"needs a \[train\] section .*or use --mode rag"):
+        rag.ask(config, "q", mode="tuned")
+    with pytest.raises(PgfreshError, match=r"needs a \[train\] section .*or use --mode rag"):
+        rag.ask(config, "q", mode="hybrid")
     with pytest.raises(PgfreshError, match="unknown ask mode"):
         rag.ask(config, "q", mode="psychic")
 

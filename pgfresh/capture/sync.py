@@ -289,6 +289,7 @@ def _loop(config, store, stream, workers, heartbeat, stats, stop, target, proces
     last_prune = time.monotonic()
     keep = retention.settings(config)
     consumers = [w.name for w in workers]  # a consumer the config no longer runs holds nothing back
+    settle_until = None  # --once: caught up, waiting for the settle window of rows captured before
     while True:
         txs = stream.poll(timeout=0.02 if (batch or store.snapshot_pending) else 0.25)
         if txs and not batch:
@@ -337,12 +338,30 @@ def _loop(config, store, stream, workers, heartbeat, stats, stop, target, proces
             break
         if target is not None and not batch and not store.snapshot_pending:
             if processed >= target and not txs and not busy:
-                break
+                settle_until = _settled(workers, settle_until, console)
+                if settle_until is None or time.monotonic() >= settle_until:
+                    break
             if not txs:
                 stream.request_position()
     heartbeat.beat({"lsn": stats["lsn"], "changes": stats["changes"], "lag_seconds": stats["lag_seconds"],
                     "snapshot_pending": []}, force=True)
     retention.prune(store.conn, config, consumers, store.pipeline)
+
+
+def _settled(workers, until: float | None, console) -> float | None:
+    """`--once` is caught up: until when to keep stepping so rows captured before now leave the settle window.
+
+    The bound is fixed the first time (now + the longest wait then), so rows that a busy source keeps
+    parking later cannot hold `--once` open; they enter on the next run. None: nothing waits on time.
+    """
+    if until is not None:
+        return until
+    waits = [s for s in (w.settling_seconds() for w in workers if hasattr(w, "settling_seconds")) if s is not None]
+    if not waits:
+        return None
+    if console is not None:
+        console.print(f"caught up; waiting {max(waits):.1f} s for rows in the gate's settle window", highlight=False)
+    return time.monotonic() + max(waits) + 0.5
 
 
 def _install_signals(stop: threading.Event) -> dict:

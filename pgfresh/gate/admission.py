@@ -423,7 +423,8 @@ class Gate:
     def settling_seconds(self, conn) -> float | None:
         """Seconds until the next pending row of this path is due (None: nothing waits on time)."""
         row = conn.execute("select extract(epoch from min(due_at) - now()) from pgfresh.gate_pending"
-                           " where path = %s and due_at is not null", (self.path,)).fetchone()
+                           " where path = %s and due_at is not null and tbl = any(%s)",
+                           (self.path, list(self.tables))).fetchone()
         return None if row[0] is None else max(0.0, float(row[0]))
 
 

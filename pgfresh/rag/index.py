@@ -81,6 +81,11 @@ class IndexWorker:
             done += generations.cleanup_batch(conn)
         return done
 
+    def settling_seconds(self) -> float | None:
+        """Seconds until the next row in the RAG settle window is due (None: none waits on time)."""
+        conn = self._connect()
+        return self.gate.settling_seconds(conn)
+
     def close(self) -> None:
         if self.conn is not None:
             self.conn.close()

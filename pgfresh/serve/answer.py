@@ -84,6 +84,7 @@ def answer(config, question: str, tenant: str | None = None, mode: str = "rag", 
     opts, reg = options or Options(), registry or default_registry()
     question_check(question, tenant=tenant, k=opts.k)  # every mode, before anything loads or connects
     retrieval.tenant_filter(config, tenant)  # refuse a tenant-less question on tenant tables, in every mode
+    _stages_configured(config, mode)
     t0 = time.perf_counter()
     with reg.connection(config, "ask") as conn:
         if mode == "tuned":
@@ -97,6 +98,17 @@ def answer(config, question: str, tenant: str | None = None, mode: str = "rag", 
     out.update(question=question, tenant=tenant, mode=mode)
     out["timings"]["total_ms"] = _ms(t0)
     return out
+
+
+def _stages_configured(config, mode: str) -> None:
+    """Refuse, before connecting, a mode whose stage this config does not run (it would never be ready)."""
+    needs = {"rag": ("rag",), "tuned": ("train",), "hybrid": ("rag", "train")}
+    missing = [s for s in needs[mode] if s not in config.sections]
+    if missing:
+        usable = [m for m, stages in needs.items() if all(s in config.sections for s in stages)]
+        instead = f", or use --mode {usable[0]}" if usable else ""
+        raise PgfreshError(f"ask --mode {mode} needs a [{'] and ['.join(missing)}] section in {config.path}, "
+                           f"which has none: add it and run `pgfresh sync`{instead}")
 
 
 def _ms(since: float) -> float:
