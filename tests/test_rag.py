@@ -271,8 +271,6 @@ def test_ask_modes_of_other_stages_fail_clearly(db, dsn, tmp_path):
     config = cfg.load(write_config(tmp_path, dsn, '[[tables]]\nname = "t"\n\n[rag]\n'))
     with pytest.raises(PgfreshError, match=r"needs a \[train\] section .*or use --mode rag"):
         rag.ask(config, "q", mode="tuned")
-    with pytest.raises(PgfreshError, match=r"needs a \[train\] section .*or use --mode rag"):
-        rag.ask(config, "q", mode="hybrid")
     with pytest.raises(PgfreshError, match="unknown ask mode"):
         rag.ask(config, "q", mode="psychic")
 
