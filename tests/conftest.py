@@ -31,6 +31,18 @@ def pg_server(tmp_path_factory):
     server.destroy()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _stop_stray_servers(tmp_path_factory):
+    """Stop, at the end of the session, the servers that `pgfresh` commands run by tests started.
+
+    A default store is an embedded server that `pgfresh` starts on demand and leaves running for the
+    next command, as a user wants; a test run must not leave dozens of them behind.
+    """
+    yield
+    for pid_file in tmp_path_factory.getbasetemp().glob("**/postmaster.pid"):
+        EmbeddedServer(pid_file.parent).stop("immediate")
+
+
 @pytest.fixture
 def dsn(pg_server):
     """DSN of a new, empty database on the session server; dropped (with its slots) afterwards."""
