@@ -223,6 +223,7 @@ class RowStore:
         self.source = source if source is not None else conn
         self.infos = infos
         self.pipeline = pipeline
+        self.tenant_prefix = ""  # [[sources]]: the source's tenant scope, before each tenant value read here
         conn.execute(_STAGE)
         conn.commit()
         self.snapshot_pending = self._pending_tables()
@@ -458,8 +459,9 @@ class RowStore:
         with cur.copy("copy pgfresh_stage (ord, tbl, key, tenant, row) from stdin") as cp:
             for i, raw in enumerate(rows):
                 row = {c: (v if f is None or v is None else f(v)) for c, f, v in zip(cols, convs, raw)}
+                tenant = raw[tenant_idx] if tenant_idx is not None else None
                 cp.write_row((i, info.name, key_text([row[cols[j]] for j in key_idx]),
-                              raw[tenant_idx] if tenant_idx is not None else None, row_json(row)))
+                              None if tenant is None else self.tenant_prefix + tenant, row_json(row)))
         cur.execute(_UPSERT_CHUNK, {"snap": snap_text, "pipeline": self.pipeline})
         applied = cur.rowcount
         cur.execute("truncate pgfresh_stage")

@@ -1,0 +1,174 @@
+"""[[sources]]: several source databases into one store, each with its own slot, publication,
+tables and progress; tenants scoped by source unless two sources say they share them."""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import psycopg
+import pytest
+
+from pgfresh import config as cfg
+from pgfresh import rag
+from pgfresh.errors import ConfigError
+from tests.conftest import run_cli
+
+TABLES = """
+[[tables]]
+source = "a"
+name = "items"
+tenant = "shop"
+document = "{name} costs {price} EUR."
+
+[[tables]]
+source = "b"
+name = "items"
+tenant = "shop"
+document = "{name} costs {price} EUR."
+
+[rag]
+"""
+
+
+def _config(tmp_path, a: str, b: str, store: str, extra_b: str = "") -> cfg.Config:
+    path = tmp_path / "pgfresh.toml"
+    path.write_text(f'store = {{ dsn = "{store}" }}\n'
+                    f'[[sources]]\nname = "a"\ndsn = "{a}"\nsnapshot_chunk_rows = 40\n\n'
+                    f'[[sources]]\nname = "b"\ndsn = "{b}"\nsnapshot_chunk_rows = 40\n{extra_b}\n' + TABLES)
+    return cfg.load(path)
+
+
+def test_sources_config_names_tables_and_tenants_by_source(tmp_path):
+    config = _config(tmp_path, "dbname=a", "dbname=b", "dbname=s")
+    assert [t.name for t in config.tables] == ["a:public.items", "b:public.items"]
+    assert [t.relation for t in config.tables] == ["public.items", "public.items"]
+    assert [(s.name, s.slot, s.tenant_prefix) for s in config.sources] == [
+        ("a", "pgfresh_a", "a:"), ("b", "pgfresh_b", "b:")]
+    view = config.for_source("b")
+    assert (view.source.name, [t.name for t in view.tables]) == ("b", ["b:public.items"])
+    shared = _config(tmp_path, "dbname=a", "dbname=b", "dbname=s", 'tenants = "a"')
+    assert [s.tenant_prefix for s in shared.sources] == ["a:", "a:"]
+    # The single [source] form is one source with no prefixes.
+    single = cfg.parse({"source": {"dsn": "x"}, "tables": [{"name": "items", "tenant": "shop"}]})
+    assert ([t.name for t in single.tables], single.source.tenant_prefix, single.source_views()) == (
+        ["public.items"], "", [single])
+    with pytest.raises(ConfigError) as err:
+        cfg.parse({"source": {}, "sources": [{"name": "a", "slot": "s"}, {"name": "a", "slot": "s"}, {}],
+                   "tables": [{"name": "t", "source": "c"}, {"name": "u"}]})
+    problems = "\n".join(err.value.problems)
+    for expected in ("source: use either", "sources[1].name: a is used", "sources[1].slot: s is used",
+                     "sources[2].name: every", "tables[0].source: no source named 'c'", "tables[1].source: expected"):
+        assert expected in problems, problems
+
+
+def _setup(conn, label: str, n: int = 120) -> None:
+    conn.execute("create table items (id int primary key, shop text not null, name text, price int)")
+    conn.execute("insert into items select g, case when g %% 2 = 0 then 'acme' else 'zeta' end,"
+                 " %s || ' item ' || g, g from generate_series(1, %s) g", (label, n))
+
+
+def _source_rows(conn) -> dict:
+    return {r[0]: {"id": r[0], "shop": r[1], "name": r[2], "price": r[3]}
+            for r in conn.execute("select id, shop, name, price from items")}
+
+
+def _stored_rows(store, pipeline: str) -> dict:
+    return {r[0]["id"]: r[0] for r in store.execute(
+        "select row from pgfresh.rows where pipeline = %s and not deleted", (pipeline,))}
+
+
+def test_two_sources_into_one_store_survive_kill9_and_keep_tenants_apart(db, dsn, dsn2, store, store_dsn, tmp_path):
+    src_b = psycopg.connect(dsn2, autocommit=True)
+    _setup(db, "alpha")
+    _setup(src_b, "beta")
+    # The same tenant value ('acme') and the same key in both sources, with a word only these rows have.
+    db.execute("update items set name = 'Marrowind kettle' where id = 2")
+    src_b.execute("update items set name = 'Marrowind teapot' where id = 2")
+    config = _config(tmp_path, dsn, dsn2, store_dsn)
+    path = str(config.path)
+
+    stop = threading.Event()
+    rng = random.Random(11)
+
+    def writer():  # interleaved writes to both sources while sync is killed
+        next_id = {dsn: 1000, dsn2: 1000}
+        with psycopg.connect(dsn, autocommit=True) as wa, psycopg.connect(dsn2, autocommit=True) as wb:
+            while not stop.is_set():
+                conn, key = (wa, dsn) if rng.random() < 0.5 else (wb, dsn2)
+                r = rng.random()
+                if r < 0.55:
+                    conn.execute("update items set price = price + 1 where id = any(%s)",
+                                 ([rng.randint(3, 120) for _ in range(3)],))
+                elif r < 0.85:
+                    conn.execute("insert into items values (%s, %s, 'new item', 1)",
+                                 (next_id[key], rng.choice(["acme", "zeta"])))
+                    next_id[key] += 1
+                else:
+                    conn.execute("delete from items where id = %s", (rng.randint(3, 120),))
+                time.sleep(0.01)
+
+    t = threading.Thread(target=writer)
+    t.start()
+    try:
+        for i in range(4):
+            proc = subprocess.Popen([sys.executable, "-m", "pgfresh", "sync", "--config", path],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            time.sleep(rng.uniform(2.0, 5.0))
+            if proc.poll() is not None:
+                pytest.fail(f"sync exited early: {proc.stderr.read()}")
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+    finally:
+        stop.set()
+        t.join()
+    result = run_cli("sync", "--once", "--config", path)
+    assert result.returncode == 0, result.stderr
+    assert "source a: caught up" in result.stdout and "source b: caught up" in result.stdout
+
+    # Both row stores equal their sources, each under its own pipeline (slot).
+    assert _stored_rows(store, "pgfresh_a") == _source_rows(db)
+    assert _stored_rows(store, "pgfresh_b") == _source_rows(src_b)
+    assert store.execute("select distinct pipeline, tbl from pgfresh.rows order by 1").fetchall() == [
+        ("pgfresh_a", "a:public.items"), ("pgfresh_b", "b:public.items")]
+    # Tenants are scoped by source all the way to the index.
+    docs = store.execute("select tbl, pipeline, min(tenant), max(tenant), count(*) from pgfresh.documents"
+                         " group by 1, 2 order by 1").fetchall()
+    assert docs == [("a:public.items", "pgfresh_a", "a:acme", "a:zeta", len(_source_rows(db))),
+                    ("b:public.items", "pgfresh_b", "b:acme", "b:zeta", len(_source_rows(src_b)))]
+    # Search spans the sources; a tenant of one source never sees the other's rows of the same tenant value.
+    both = {(h.tbl, h.key) for h in rag.run_search(config, "Marrowind", tenant="a:acme", k=10, mode="lexical")}
+    assert both == {("a:public.items", "[2]")}
+    assert {(h.tbl, h.key) for h in rag.run_search(config, "Marrowind", tenant="b:acme", k=10, mode="lexical")} == {
+        ("b:public.items", "[2]")}
+    assert rag.run_search(config, "Marrowind", tenant="acme", k=10, mode="lexical") == []
+    assert {h.tbl for h in rag.run_search(config, "item", tenant="a:zeta", k=50, mode="lexical")} == {"a:public.items"}
+
+    status = run_cli("status", "--json", "--config", path)
+    assert status.returncode == 0, status.stderr
+    report = json.loads(status.stdout)
+    assert set(report["sources"]) == {"a", "b"}
+    for name in ("a", "b"):
+        one = report["sources"][name]
+        assert one["slot"]["name"] == f"pgfresh_{name}" and one["slot"]["state"] == "ok"
+        assert one["capture"]["tables"][f"{name}:public.items"]["snapshot"]["done"]
+    assert set(report["pipelines"]) == {"pgfresh_a", "pgfresh_b"}
+    src_b.close()
+
+
+def test_sources_that_share_tenants_see_each_others_rows(db, dsn, dsn2, store, store_dsn, tmp_path):
+    with psycopg.connect(dsn2, autocommit=True) as src_b:
+        _setup(db, "alpha", 4)
+        _setup(src_b, "beta", 4)
+    body = ('store = { dsn = "%s" }\n[[sources]]\nname = "a"\ndsn = "%s"\ntenants = "shop"\n'
+            '[[sources]]\nname = "b"\ndsn = "%s"\ntenants = "shop"\n' % (store_dsn, dsn, dsn2))
+    path = tmp_path / "pgfresh.toml"
+    path.write_text(body + TABLES.replace("[rag]\n", ""))
+    assert (r := run_cli("sync", "--once", "--config", str(path))).returncode == 0, r.stderr
+    assert store.execute("select tenant, count(*) from pgfresh.rows group by 1 order by 1").fetchall() == [
+        ("shop:acme", 4), ("shop:zeta", 4)]
