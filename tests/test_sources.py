@@ -172,3 +172,53 @@ def test_sources_that_share_tenants_see_each_others_rows(db, dsn, dsn2, store, s
     assert (r := run_cli("sync", "--once", "--config", str(path))).returncode == 0, r.stderr
     assert store.execute("select tenant, count(*) from pgfresh.rows group by 1 order by 1").fetchall() == [
         ("shop:acme", 4), ("shop:zeta", 4)]
+
+
+# Tables of tenant-scoped state, and the statements that may touch them without a tenant predicate
+# because they act on one source row (the write path keyed by table and key), not for a tenant.
+TENANT_STATE = ("pgfresh.documents", "pgfresh.facts", "pgfresh.answer_cache ")
+
+
+def test_every_query_for_a_tenant_names_the_tenant(tmp_path):
+    """Search, ask (cache miss, exact hit, similar hit) and the training data of a slice: every statement
+    they run on documents, facts and the answer cache names the tenant (in its WHERE, or as the value
+    it inserts), so a store distributed by tenant routes each to one shard (docs/SCALE.md)."""
+    from pgfresh.capture import sync
+    from pgfresh.embedded import EmbeddedServer
+    from pgfresh.train import data
+
+    server = EmbeddedServer(tmp_path / "pg", settings={"shared_preload_libraries": "'pg_stat_statements'"})
+    try:
+        admin = server.start()
+        with psycopg.connect(admin, autocommit=True) as c:
+            c.execute("create database src")
+            c.execute("create database store")
+        with psycopg.connect(server.dsn("src"), autocommit=True) as src:
+            _setup(src, "alpha", 30)
+        path = tmp_path / "pgfresh.toml"
+        path.write_text(f'store = {{ dsn = "{server.dsn("store")}" }}\n'
+                        f'[[sources]]\nname = "a"\ndsn = "{server.dsn("src")}"\n' + TABLES.split("[[tables]]\nsource = \"b\"")[0]
+                        + '[[tables.facts]]\nname = "price"\nquestion = "What does {name} cost?"\nanswer = "{price} EUR"\n'
+                        + '[tables.gate.train]\nsettle_seconds = 0\n[rag]\n[train]\n')
+        config = cfg.load(path)
+        sync.run(config, once=True)
+        with psycopg.connect(server.dsn("store"), autocommit=True) as store:
+            store.execute("create extension pg_stat_statements")
+            store.execute("select pg_stat_statements_reset()")
+            for mode in ("lexical", "dense", "hybrid"):
+                assert rag.run_search(config, "alpha item 4", tenant="a:acme", k=3, mode=mode)
+            for question in ("What does alpha item 4 cost?", "What does alpha item 4 cost?",
+                             "How much does alpha item 4 cost?"):
+                rag.ask(config, question, "a:acme")
+            assert data.load_facts(store, "a:acme") and data.load_documents(store, "a:acme")
+            statements = [q for (q,) in store.execute(
+                "select query from pg_stat_statements where dbid = (select oid from pg_database"
+                " where datname = current_database())") if any(t in q for t in TENANT_STATE)]
+        for part in ("insert into pgfresh.answer_cache ", "qvec <=>", "from pgfresh.documents d", "from pgfresh.facts"):
+            assert any(part in q for q in statements), (part, statements)
+        unscoped = [q for q in statements
+                    if not (q.lstrip().lower().startswith("insert") and "tenant" in q.split(")", 1)[0])
+                    and not any("tenant" in part for part in q.lower().split(" where ")[1:])]
+        assert unscoped == []
+    finally:
+        server.stop("immediate")
