@@ -164,3 +164,70 @@ def test_state_kept_in_the_source_moves_to_the_store_and_capture_resumes(db, dsn
                                 " and template = 'price'").fetchall())
     assert active["[1]"] == "500 EUR" and active["[2]"] == "7 EUR"
     assert store.execute("select count(*) from pgfresh.facts where status = 'active'").fetchone()[0] == active_before
+
+
+def test_pgfresh_adds_under_one_percent_to_the_wal_the_source_writes(db, dsn, tmp_path):
+    """The same statements twice, after a first run from a CHECKPOINT (so neither window pays a full-page
+    image the other does not): the source's WAL without pgfresh, then with `pgfresh sync` streaming it (started before the window: the live phase, not
+    the set-up). The store is a server of its own, as by default. pgfresh writes nothing to the
+    source; what it adds is asserted under 1%."""
+    store_server = EmbeddedServer(tmp_path / "store")
+    try:
+        _wal_windows(db, dsn, tmp_path, store_server.start())
+    finally:
+        store_server.stop("immediate")
+
+
+def _wal_windows(db, dsn, tmp_path, store_dsn) -> None:
+    import threading
+    import time
+
+    from pgfresh.arena import dbimpact
+    from tests.conftest import write_config
+
+    store = psycopg.connect(store_dsn, autocommit=True)
+    db.execute("create table ledger (id bigint primary key, account int not null, amount int not null, note text)")
+    config = cfg.load(write_config(tmp_path, dsn, '[[tables]]\nname = "ledger"\n', store=store_dsn))
+    sync.run(config, once=True)  # publication, slot and snapshot: the set-up
+    ids = iter(range(1, 10**6))
+    last: list[int] = []
+
+    def workload() -> int:
+        n = 0
+        with psycopg.connect(dsn, autocommit=True) as w:
+            for _ in range(1200):
+                i = next(ids)
+                w.execute("insert into ledger values (%s, %s, %s, 'payment received')", (i, i % 97, i % 1000))
+                n += 1
+                if i % 4 == 0:
+                    w.execute("update ledger set amount = amount + 1 where id = %s", (i - 1,))
+                    n += 1
+        last.append(i)
+        return n
+
+    def captured() -> None:  # the window closes once pgfresh has stored the workload's last row
+        key = f"[{last[-1]}]"
+        deadline = time.monotonic() + 120
+        while not store.execute("select exists (select 1 from pgfresh.rows where key = %s)", (key,)).fetchone()[0]:
+            assert time.monotonic() < deadline, "pgfresh did not capture the window's changes"
+            time.sleep(0.1)
+
+    dbimpact.wal_window(dsn, workload)  # from a checkpoint: both windows below then start on touched pages
+    without = dbimpact.wal_window(dsn, workload, checkpoint=False)
+    stop = threading.Event()
+    capture = threading.Thread(target=sync.run, args=(config,), kwargs={"stop": stop})
+    capture.start()
+    try:
+        deadline = time.monotonic() + 120
+        while not db.execute("select active from pg_replication_slots where slot_name = 'pgfresh'").fetchone()[0]:
+            assert time.monotonic() < deadline and capture.is_alive(), "sync did not start streaming"
+            time.sleep(0.1)
+        with_ = dbimpact.wal_window(dsn, workload, captured, checkpoint=False)
+    finally:
+        stop.set()
+        capture.join()
+    assert without["changes"] == with_["changes"] == 1500
+    share = dbimpact.wal_share(without, with_)
+    print(f"source WAL per change: {without['bytes_per_change']} without pgfresh, {with_['bytes_per_change']} with: {share:+.4%}")
+    assert share is not None and share < dbimpact.WAL_GOAL_SHARE, (without, with_)
+    store.close()
