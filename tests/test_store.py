@@ -231,3 +231,31 @@ def _wal_windows(db, dsn, tmp_path, store_dsn) -> None:
     print(f"source WAL per change: {without['bytes_per_change']} without pgfresh, {with_['bytes_per_change']} with: {share:+.4%}")
     assert share is not None and share < dbimpact.WAL_GOAL_SHARE, (without, with_)
     store.close()
+
+
+def test_store_migrate_finishes_when_run_again_after_a_failed_drop(db, dsn, store, store_dsn, tmp_path):
+    from tests.conftest import write_config
+
+    db.execute("create table items (id int primary key, name text, price int)")
+    db.execute("insert into items select g, 'item ' || g, g from generate_series(1, 20) g")
+    old = write_config(tmp_path, dsn, FACTS)  # the old layout: state in the source
+    assert run_cli("sync", "--once", "--config", str(old)).returncode == 0
+    rows = db.execute("select count(*) from pgfresh.rows").fetchone()[0]
+    # Something on the source refuses the drop (here an event trigger; a lock or a privilege would do).
+    db.execute("create function no_drop() returns event_trigger language plpgsql as"
+               " $$ begin raise exception 'drops are refused here'; end $$")
+    db.execute("create event trigger no_drop on sql_drop execute function no_drop()")
+    new = write_config(tmp_path, dsn, FACTS, store=store_dsn)
+    failed = run_cli("store", "migrate", "--config", str(new))
+    assert failed.returncode == 2, failed.stderr
+    last = failed.stderr.strip().splitlines()[-1]  # after the progress lines, the error in one line
+    assert "copied and verified" in last and "store migrate` again" in last, failed.stderr
+    assert db.execute("select to_regnamespace('pgfresh') is not null").fetchone()[0]
+    assert store.execute("select count(*) from pgfresh.rows").fetchone()[0] == rows
+
+    db.execute("drop event trigger no_drop")
+    again = run_cli("store", "migrate", "--json", "--config", str(new))
+    assert again.returncode == 0, again.stderr
+    assert db.execute("select to_regnamespace('pgfresh')").fetchone()[0] is None
+    assert store.execute("select count(*) from pgfresh.rows").fetchone()[0] == rows
+    assert run_cli("sync", "--once", "--config", str(new)).returncode == 0
