@@ -222,3 +222,26 @@ def test_every_query_for_a_tenant_names_the_tenant(tmp_path):
         assert unscoped == []
     finally:
         server.stop("immediate")
+
+
+def test_a_second_single_source_config_cannot_take_over_a_table_of_another_database(db, dsn, dsn2, store,
+                                                                                      store_dsn, tmp_path):
+    """Two `[source]` configs into one store, each with its own public.items: the second is refused,
+    in one line pointing to [[sources]], before it touches the first one's rows."""
+    from tests.conftest import write_config
+
+    with psycopg.connect(dsn2, autocommit=True) as src_b:
+        _setup(db, "alpha", 3)
+        _setup(src_b, "beta", 3)
+    first = tmp_path / "a"
+    second = tmp_path / "b"
+    first.mkdir(), second.mkdir()
+    table = '[[tables]]\nname = "items"\n'
+    assert run_cli("sync", "--once", "--config", str(write_config(first, dsn, table, store=store_dsn))).returncode == 0
+    path = write_config(second, dsn2, table, store=store_dsn)
+    path.write_text(path.read_text().replace("[source]\n", '[source]\nslot = "other"\n'))
+    refused = run_cli("sync", "--once", "--config", str(path))
+    assert refused.returncode == 2
+    lines = refused.stderr.strip().splitlines()
+    assert len(lines) == 1 and "another source database" in lines[0] and "[[sources]]" in lines[0], refused.stderr
+    assert store.execute("select pipeline, count(*) from pgfresh.rows group by 1").fetchall() == [("pgfresh", 3)]

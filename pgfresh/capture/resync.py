@@ -34,7 +34,7 @@ def run(config: cfg.Config, console=None) -> dict:
         setup.check_store(conn, store, config)
         db.migrate(store)
         pipeline = pipeline_of(config)
-        register_tables(store, pipeline, infos, str(config.path))
+        register_tables(store, pipeline, infos, str(config.path), source=conn)
         setup.ensure_publication(conn, config)
         slot_lsn = setup.recreate_slot(conn, config)
         rowstore.mark_resync(store, pipeline, list(infos), slot_lsn, source=conn)

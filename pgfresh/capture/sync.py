@@ -125,7 +125,7 @@ class _Capture:
             setup.check_store(self.conn, self.store_conn, config)
             db.migrate(self.store_conn)
             pipeline = pipeline_of(config)
-            register_tables(self.store_conn, pipeline, self.infos, str(config.path))
+            register_tables(self.store_conn, pipeline, self.infos, str(config.path), source=self.conn)
             added, removed = setup.ensure_publication(self.conn, config)
             # The publication follows the config: say what changed.
             self.notes = [f"added {n} to publication {src.publication}" for n in added] + [
