@@ -218,6 +218,15 @@ def wal_window(dsn: str, workload: Callable[[], int], settle: Callable[[], None]
             "bytes_per_change": round(written / changes, 3) if changes else None}
 
 
+def same_server(dsn: str, other_dsn: str) -> bool:
+    """Do both DSNs reach one server (one WAL)? Then the store's writes would count as the source's."""
+    ids = []
+    for d in (dsn, other_dsn):
+        with db.connect(d, "arena-wal", autocommit=True) as conn:
+            ids.append(conn.execute("select system_identifier, inet_server_port() from pg_control_system()").fetchone())
+    return ids[0] == ids[1]
+
+
 def wal_share(without: dict, with_: dict) -> float | None:
     """What pgfresh added to the source's WAL: bytes per change with it over without, minus one."""
     a, b = without.get("bytes_per_change"), with_.get("bytes_per_change")

@@ -213,8 +213,8 @@ STRATEGY_HEAD = ["strategy", "kind", "questions", "accuracy", "changed", "stale"
 
 def _wal(wal: dict | None) -> str:
     """The source's WAL per workload change without and with pgfresh (dbimpact.wal_window)."""
-    if not wal or wal["added_share"] is None:
-        return "not measured"
+    if not wal or wal.get("added_share") is None:
+        return f"not measured ({wal['not_measured']})" if wal and wal.get("not_measured") else "not measured"
     return (f"{wal['without_pgfresh']['bytes_per_change']:.0f} bytes without pgfresh, "
             f"{wal['with_pgfresh']['bytes_per_change']:.0f} with it: {100 * wal['added_share']:+.2f}% "
             f"(goal under {100 * wal['goal_share']:.0f}%; {wal['seconds']:g} s windows)")

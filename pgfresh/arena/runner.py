@@ -171,6 +171,9 @@ class ArenaRun:
         if not self.s.wal_seconds or self.pipeline is None:
             self.impact["wal"] = None
             return
+        if dbimpact.same_server(self.dsn, db.store_dsn(self.config)):
+            self.impact["wal"] = {"not_measured": "the store is on the source's server: its WAL would count as the source's"}
+            return
 
         def workload() -> int:
             start = self.counter.value
