@@ -116,8 +116,8 @@ class Config:
             self.sources = [self.source]
 
     def for_source(self, name: str | None) -> "Config":
-        """The view one capture loop runs: this source, its tables. The single [source]: the config itself."""
-        if len(self.sources) == 1 and (name is None or name == self.sources[0].name):
+        """The view one capture loop runs: this source, its tables. The single [source] (or name None): the config itself."""
+        if name is None or (len(self.sources) == 1 and name == self.sources[0].name):
             return self
         for s in self.sources:
             if s.name == name:

@@ -172,6 +172,17 @@ def test_sources_that_share_tenants_see_each_others_rows(db, dsn, dsn2, store, s
     assert (r := run_cli("sync", "--once", "--config", str(path))).returncode == 0, r.stderr
     assert store.execute("select tenant, count(*) from pgfresh.rows group by 1 order by 1").fetchall() == [
         ("shop:acme", 4), ("shop:zeta", 4)]
+    # One source at a time: sync --source runs one; resync needs to be told which.
+    with psycopg.connect(dsn2, autocommit=True) as src_b:
+        src_b.execute("update items set price = 99 where id = 1")
+    one = run_cli("sync", "--once", "--source", "b", "--config", str(path))
+    assert one.returncode == 0 and "caught up" in one.stdout, one.stderr
+    assert store.execute("select row->>'price' from pgfresh.rows where tbl = 'b:public.items' and key = '[1]'"
+                         ).fetchone() == ("99",)
+    refused = run_cli("resync", "--config", str(path))
+    assert refused.returncode == 2 and "--source" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
+    unknown = run_cli("sync", "--once", "--source", "c", "--config", str(path))
+    assert unknown.returncode == 2 and "no source named 'c'" in unknown.stderr
 
 
 # Tables of tenant-scoped state, and the statements that may touch them without a tenant predicate
