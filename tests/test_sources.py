@@ -256,3 +256,40 @@ def test_a_second_single_source_config_cannot_take_over_a_table_of_another_datab
     lines = refused.stderr.strip().splitlines()
     assert len(lines) == 1 and "another source database" in lines[0] and "[[sources]]" in lines[0], refused.stderr
     assert store.execute("select pipeline, count(*) from pgfresh.rows group by 1").fetchall() == [("pgfresh", 3)]
+
+
+def test_index_workers_starting_at_once_build_the_hnsw_index_once(db, dsn, store, store_dsn, tmp_path):
+    """One index worker per source starts at the same moment: both find (or build) the generation's
+    HNSW index; two concurrent builds of one index used to deadlock (seen in the kill -9 test)."""
+    from pgfresh import db as pgdb
+    from pgfresh.capture import sync
+    from pgfresh.rag import generations
+
+    _setup(db, "alpha", 300)
+    path = tmp_path / "pgfresh.toml"
+    path.write_text(f'store = {{ dsn = "{store_dsn}" }}\n[source]\ndsn = "{dsn}"\n'
+                    '[[tables]]\nname = "items"\ntenant = "shop"\n[rag]\n')
+    config = cfg.load(path)
+    sync.run(config, once=True)
+    (gid,) = store.execute("select id from pgfresh.rag_indexes where state = 'active'").fetchone()
+    name = generations.hnsw_index_name(gid)
+    for _ in range(3):
+        store.execute(f"drop index pgfresh.{name}")
+        barrier, errors = threading.Barrier(2), []
+
+        def start():
+            try:
+                with pgdb.connect(store_dsn, "index", autocommit=True) as conn:
+                    barrier.wait()
+                    generations.ensure(conn, config)
+            except Exception as exc:  # collected: the test asserts there were none
+                errors.append(exc)
+
+        threads = [threading.Thread(target=start) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == []
+        assert store.execute("select indisvalid from pg_index where indexrelid = %s::regclass",
+                             (f"pgfresh.{name}",)).fetchone() == (True,)
