@@ -166,15 +166,21 @@ def test_state_kept_in_the_source_moves_to_the_store_and_capture_resumes(db, dsn
     assert store.execute("select count(*) from pgfresh.facts where status = 'active'").fetchone()[0] == active_before
 
 
-def test_pgfresh_adds_under_one_percent_to_the_wal_the_source_writes(db, dsn, tmp_path):
+def test_pgfresh_adds_under_one_percent_to_the_wal_the_source_writes(tmp_path):
     """The same statements twice, after a first run from a CHECKPOINT (so neither window pays a full-page
     image the other does not): the source's WAL without pgfresh, then with `pgfresh sync` streaming it (started before the window: the live phase, not
     the set-up). The store is a server of its own, as by default. pgfresh writes nothing to the
-    source; what it adds is asserted under 1%."""
+    source; what it adds is asserted under 1%. The source is a server of its own too, autovacuum
+    off: WAL is server-wide, and the session server's other databases (or a vacuum) would write
+    into one window only."""
+    source_server = EmbeddedServer(tmp_path / "source", settings={"autovacuum": "off"})
     store_server = EmbeddedServer(tmp_path / "store")
     try:
-        _wal_windows(db, dsn, tmp_path, store_server.start())
+        dsn = source_server.start()
+        with psycopg.connect(dsn, autocommit=True) as db:
+            _wal_windows(db, dsn, tmp_path, store_server.start())
     finally:
+        source_server.stop("immediate")
         store_server.stop("immediate")
 
 
