@@ -82,21 +82,25 @@ def init(
 def sync(
     config: Path = ConfigOpt,
     once: bool = typer.Option(False, "--once", help="Catch up to the current WAL position, then exit."),
+    source: Optional[str] = typer.Option(None, "--source", help="Only this one of the [[sources]] (default: all)."),
 ):
     """Snapshot the tables, then stream every committed change (exactly once) into pgfresh."""
     from pgfresh.capture import sync as run_sync
 
-    stats = run_sync.run(_load(config), once=once, console=err_console)
+    stats = run_sync.run(_load(config), once=once, console=err_console, source=source)
     if once:
-        console.print(f"caught up to {stats['lsn']}: {stats['changes']} changes, {stats['snapshot_rows']} snapshot rows")
+        for name, one in stats.get("sources", {None: stats}).items():
+            console.print(("" if name is None else f"source {name}: ") + f"caught up to {one['lsn']}: "
+                          f"{one['changes']} changes, {one['snapshot_rows']} snapshot rows", markup=False)
 
 
 @app.command()
-def resync(config: Path = ConfigOpt, as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")):
+def resync(config: Path = ConfigOpt, as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+           source: Optional[str] = typer.Option(None, "--source", help="Which of the [[sources]] (needed with several).")):
     """After a lost slot: re-create it, re-read every table, delete downstream what the source no longer has."""
     from pgfresh.capture import resync as rs
 
-    stats = rs.run(_load(config), console=err_console)
+    stats = rs.run(_load(config).for_source(source), console=err_console)
     if as_json:
         _print_json(stats)
         return

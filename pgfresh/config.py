@@ -1,11 +1,19 @@
 """pgfresh.toml: typed configuration, validated once at load, every problem reported at once.
 
-The file has a `[source]` section (where the data comes from and how gently to read it), one
-`[[tables]]` entry per captured table, and one section per later stage (`[rag]`, `[train]`,
+The file has a `[source]` section (where the data comes from and how gently to read it), or several
+`[[sources]]` (each a database with a `name`, its own slot, publication and progress, all into one
+store), one `[[tables]]` entry per captured table, and one section per later stage (`[rag]`, `[train]`,
 `[arena]`). This module owns `source` and the core of each table (name, key, tenant). The keys a
 stage owns (`tables.*.gate`, `tables.*.document`, `tables.*.facts`, `[rag]`, `[train]`) are checked
 by that stage's `check_config(config) -> list[str]`, called from `load` so that one load reports
 every problem in the file, each with its key path.
+
+Several sources (`[[sources]]`): each table names its source (`source = "billing"`), and is kept in
+the store as `billing:public.invoices` (its *stored name*, unique across sources; `relation` is
+its name in the source database). A tenant value of a source is kept as `billing:acme`, so the same
+value in two sources is two tenants, unless the sources say they share tenants (`tenants = "shop"`
+on both: then `shop:acme` in each). The single `[source]` form is one source with no prefixes.
+`Config.for_source(name)` is the view one capture loop runs: that source and its tables.
 
 Environment variables are read only at the edge (the CLI), never here.
 """
@@ -13,6 +21,7 @@ Environment variables are read only at the edge (the CLI), never here.
 from __future__ import annotations
 
 import importlib
+import dataclasses
 import math
 import re
 import tomllib
@@ -42,6 +51,18 @@ class SourceConfig:
     wal_warn_mb: int = 1024  # warn when the slot retains more WAL than this
     max_slot_wal_keep_size_mb: int = 0  # >0: sync refuses a server whose max_slot_wal_keep_size is unlimited or larger
     reconnect_give_up_seconds: float = 300.0  # sync reconnects after a lost connection; exits (code 2) after this long
+    name: str | None = None  # [[sources]] only: the source's name (None: the single [source])
+    tenants: str | None = None  # [[sources]] only: the tenant scope; sources with the same one share tenants
+
+    @property
+    def tenant_prefix(self) -> str:
+        """Put before every tenant value of this source in the store ('' for the single [source])."""
+        return "" if self.name is None else f"{self.tenants or self.name}:"
+
+    @property
+    def table_prefix(self) -> str:
+        """Put before every table name of this source in the store ('' for the single [source])."""
+        return "" if self.name is None else f"{self.name}:"
 
 
 @dataclass
@@ -59,14 +80,21 @@ class TableConfig:
     document: str | None = None  # document template (render)
     facts: list[dict] = field(default_factory=list)  # fact templates (render)
     gate: dict = field(default_factory=dict)  # gate policy (gate)
+    source: str | None = None  # [[sources]]: the source it comes from (name is then "source:schema.table")
+    relation_name: str | None = None  # [[sources]]: schema.table in the source database
+
+    @property
+    def relation(self) -> str:
+        """schema.table in the source database (`name` is the stored name, the same for the single [source])."""
+        return self.relation_name or self.name
 
     @property
     def schema(self) -> str:
-        return self.name.split(".", 1)[0]
+        return self.relation.split(".", 1)[0]
 
     @property
     def table(self) -> str:
-        return self.name.split(".", 1)[1]
+        return self.relation.split(".", 1)[1]
 
 
 @dataclass
@@ -81,6 +109,26 @@ class Config:
     retention: dict = field(default_factory=dict)  # [retention]: pgfresh.retention owns its keys
     path: Path = Path("pgfresh.toml")
     sections: frozenset = frozenset()  # top-level sections present in the file: a stage runs only if asked for
+    sources: list = field(default_factory=list)  # every SourceConfig ([source] alone, or the [[sources]])
+
+    def __post_init__(self):
+        if not self.sources:
+            self.sources = [self.source]
+
+    def for_source(self, name: str | None) -> "Config":
+        """The view one capture loop runs: this source, its tables. The single [source] (or name None): the config itself."""
+        if name is None or (len(self.sources) == 1 and name == self.sources[0].name):
+            return self
+        for s in self.sources:
+            if s.name == name:
+                return dataclasses.replace(self, source=s, sources=[s],
+                                           tables=[t for t in self.tables if t.source == name])
+        known = ", ".join(s.name for s in self.sources)
+        raise ConfigError([f"sources: no source named {name!r} (known: {known})"], str(self.path))
+
+    def source_views(self) -> list["Config"]:
+        """One view per source, in file order."""
+        return [self] if len(self.sources) == 1 else [self.for_source(s.name) for s in self.sources]
 
     def table(self, name: str) -> TableConfig:
         for t in self.tables:
@@ -105,12 +153,12 @@ def _check_type(problems: list[str], path: str, value: Any, kind: type | tuple, 
     return True
 
 
-def _parse_source(raw: Any, problems: list[str]) -> SourceConfig:
+def _parse_source(raw: Any, problems: list[str], where: str = "source") -> SourceConfig:
     src = SourceConfig()
     if raw is None:
         return src
     if not isinstance(raw, dict):
-        problems.append("source: expected a table ([source])")
+        problems.append(f"{where}: expected a table ([{where}])")
         return src
     spec = {
         "dsn": ((str,), "a libpq connection string"),
@@ -125,25 +173,58 @@ def _parse_source(raw: Any, problems: list[str]) -> SourceConfig:
         "max_slot_wal_keep_size_mb": ((int,), "an integer >= 0 (MB; 0: no bound required)"),
         "reconnect_give_up_seconds": ((int, float), "a number of seconds > 0"),
     }
+    if where != "source":  # an entry of [[sources]]
+        spec.update({"name": ((str,), "the source's name (lower-case letters, digits and _)"),
+                     "tenants": ((str,), "a tenant scope name shared by sources that share tenants")})
     for key, value in raw.items():
         if key not in spec:
-            problems.append(f"source.{key}: unknown key (known: {', '.join(spec)})")
+            problems.append(f"{where}.{key}: unknown key (known: {', '.join(spec)})")
             continue
         kinds, expected = spec[key]
-        if not _check_type(problems, f"source.{key}", value, kinds, expected):
+        if not _check_type(problems, f"{where}.{key}", value, kinds, expected):
             continue
         if isinstance(value, float) and not math.isfinite(value):
             continue  # reported once, by _non_finite
         if isinstance(value, (int, float)) and (value < 0 if key == "max_slot_wal_keep_size_mb" else value <= 0):
-            problems.append(f"source.{key}: expected {expected}, got {value!r}")
+            problems.append(f"{where}.{key}: expected {expected}, got {value!r}")
             continue
-        if key in ("slot", "publication") and not re.fullmatch(r"[a-z_][a-z0-9_]*", value):
-            problems.append(f"source.{key}: expected lower-case letters, digits and _, got {value!r}")
+        if key in ("slot", "publication", "name", "tenants") and not re.fullmatch(r"[a-z_][a-z0-9_]*", value):
+            problems.append(f"{where}.{key}: expected lower-case letters, digits and _, got {value!r}")
             continue
         setattr(src, key, float(value) if kinds == (int, float) else value)
     if src.dsn == "":
         src.dsn = None
     return src
+
+
+def _parse_sources(raw: Any, problems: list[str]) -> list[SourceConfig]:
+    """[[sources]]: each a [source] with a name (and optionally a shared tenant scope). Slots default to
+    pgfresh_<name>; names and slots (each a pipeline in the store) are unique; one data directory."""
+    if not isinstance(raw, list) or not raw:
+        problems.append("sources: expected one or more [[sources]] entries")
+        return []
+    sources = []
+    for i, entry in enumerate(raw):
+        where = f"sources[{i}]"
+        src = _parse_source(entry, problems, where)
+        if isinstance(entry, dict):
+            if src.name is None and "name" not in entry:
+                problems.append(f"{where}.name: every [[sources]] entry needs a name (lower-case letters, digits, _)")
+            if "slot" not in entry and src.name:
+                src.slot = f"pgfresh_{src.name}"
+        sources.append(src)
+    for key in ("name", "slot"):
+        seen: set = set()
+        for i, s in enumerate(sources):
+            value = getattr(s, key)
+            if value is not None and value in seen:
+                problems.append(f"sources[{i}].{key}: {value} is used by another source; each source needs its own")
+            seen.add(value)
+    for i, (s, entry) in enumerate(zip(sources, raw)):  # one data directory (the embedded store's), the first's
+        if i and isinstance(entry, dict) and "data_dir" in entry and s.data_dir != sources[0].data_dir:
+            problems.append(f"sources[{i}].data_dir: the sources share one data directory: set it on the first only")
+        s.data_dir = sources[0].data_dir
+    return sources
 
 
 def _parse_store(raw: Any, problems: list[str]) -> StoreConfig:
@@ -166,7 +247,7 @@ def _parse_table(i: int, raw: Any, problems: list[str]) -> TableConfig:
     if not isinstance(raw, dict):
         problems.append(f"{path}: expected a table ([[tables]])")
         return TableConfig(name=f"invalid.tables_{i}")  # a stand-in that keeps later indices right
-    known = {"name", "key", "tenant", "document", "facts", "gate"}
+    known = {"name", "key", "tenant", "document", "facts", "gate", "source"}
     for key in raw:
         if key not in known:
             problems.append(f"{path}.{key}: unknown key (known: {', '.join(sorted(known))})")
@@ -207,7 +288,30 @@ def _parse_table(i: int, raw: Any, problems: list[str]) -> TableConfig:
     if "gate" in raw:
         if _check_type(problems, f"{path}.gate", raw["gate"], dict, "a table ([tables.gate])"):
             t.gate = raw["gate"]
+    if "source" in raw:
+        if _check_type(problems, f"{path}.source", raw["source"], str, "the name of one of the [[sources]]"):
+            t.source = raw["source"]
     return t
+
+
+def _assign_sources(tables: list[TableConfig], sources: list[SourceConfig], multi: bool,
+                    problems: list[str]) -> None:
+    """[[sources]]: each table belongs to a source (the only one if there is one) and gets its stored name."""
+    names = [s.name for s in sources]
+    for i, t in enumerate(tables):
+        if not multi:
+            if t.source is not None:
+                problems.append(f"tables[{i}].source: only with [[sources]] (this file has one [source])")
+                t.source = None
+            continue
+        if t.source is None and len(sources) == 1:
+            t.source = sources[0].name
+        if t.source is None:
+            problems.append(f"tables[{i}].source: expected the name of one of the [[sources]] ({', '.join(map(str, names))})")
+        elif t.source not in names:
+            problems.append(f"tables[{i}].source: no source named {t.source!r} (known: {', '.join(map(str, names))})")
+        else:
+            t.relation_name, t.name = t.name, f"{t.source}:{t.name}"
 
 
 def stage_functions(modules, name: str) -> list:
@@ -245,24 +349,30 @@ def parse(raw: dict, path: Path = Path("pgfresh.toml")) -> Config:
     problems: list[str] = []
     non_finite: list[str] = []
     _non_finite(raw, "", non_finite)
-    known = {"source", "store", "tables", "rag", "train", "arena", "serve", "retention"}
+    known = {"source", "sources", "store", "tables", "rag", "train", "arena", "serve", "retention"}
     for key in raw:
         if key not in known:
             problems.append(f"{key}: unknown section (known: {', '.join(sorted(known))})")
-    source = _parse_source(raw.get("source"), problems)
+    multi = "sources" in raw
+    if multi and "source" in raw:
+        problems.append("source: use either one [source] or several [[sources]], not both")
+    sources = _parse_sources(raw["sources"], problems) if multi else [_parse_source(raw.get("source"), problems)]
+    sources = sources or [SourceConfig()]
+    source = sources[0]
     store = _parse_store(raw.get("store"), problems)
     tables: list[TableConfig] = []
     raw_tables = raw.get("tables", [])
     if not isinstance(raw_tables, list):
         problems.append("tables: expected a list of [[tables]] entries")
         raw_tables = []
-    seen = set()
     for i, rt in enumerate(raw_tables):
-        t = _parse_table(i, rt, problems)
+        tables.append(_parse_table(i, rt, problems))
+    _assign_sources(tables, sources, multi, problems)
+    seen = set()
+    for i, t in enumerate(tables):
         if t.name in seen:
             problems.append(f"tables[{i}].name: {t.name} is listed twice")
         seen.add(t.name)
-        tables.append(t)
     sections = {}
     for name in ("rag", "train", "arena", "serve", "retention"):
         value = raw.get(name, {})
@@ -270,7 +380,8 @@ def parse(raw: dict, path: Path = Path("pgfresh.toml")) -> Config:
             problems.append(f"{name}: expected a table ([{name}])")
             value = {}
         sections[name] = value
-    config = Config(source=source, tables=tables, store=store, path=path, sections=frozenset(raw), **sections)
+    config = Config(source=source, tables=tables, store=store, path=path, sections=frozenset(raw), sources=sources,
+                    **sections)
     # The stages check their sections even when the core has problems: one load reports them all.
     for check in stage_functions(STAGE_MODULES, "check_config"):
         problems.extend(check(config))

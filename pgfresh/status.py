@@ -1,6 +1,9 @@
 """`pgfresh status`: is capture current, is the source healthy, what did each stage do.
 
 `collect(config)` returns a plain dict (the stable `--json` shape, docs/CLI.md):
+With several `[[sources]]`, `sources` maps each source's name to its own `source`, `slot` and
+`capture` sections (below); `pipelines` and the stages' sections are at the top, once.
+
 - `capture`: of this config's pipeline (its slot): stored LSN, lag in bytes (server WAL position -
   stored) and seconds, per-table live and deleted row counts, snapshot progress, heartbeat, last
   error and reconnects of each worker, changes dropped per table no longer configured
@@ -27,7 +30,30 @@ STAGE_STATUS = ("pgfresh.gate", "pgfresh.rag", "pgfresh.train")
 
 
 def collect(config: cfg.Config) -> dict:
-    """Slot, WAL and backends from the source; positions and counts from the store."""
+    """Slot, WAL and backends from the source; positions and counts from the store.
+
+    Several [[sources]]: `sources` holds each one's `source`, `slot` and `capture` sections; the
+    pipelines and the stages (which span the sources) are reported once, at the top.
+    """
+    views = config.source_views()
+    if len(views) == 1:
+        return _collect(config)
+    report = {"sources": {v.source.name: _collect(v, stages=False) for v in views}}
+    with db.connect_store(config, "status", autocommit=True) as conn:
+        if setup.has_state(conn) and conn.execute("select to_regclass('pgfresh.tables') is not null").fetchone()[0]:
+            report["pipelines"] = _pipelines(conn)
+            _stages(conn, report)
+    return report
+
+
+def _stages(conn, report: dict) -> None:
+    for name in STAGE_STATUS:
+        for counts in cfg.stage_functions([name], "status_counts"):
+            report[name.rsplit(".", 1)[1]] = counts(conn)
+
+
+def _collect(config: cfg.Config, stages: bool = True) -> dict:
+    """One source's report (with the stages' sections when `stages`)."""
     dsn = setup.resolve_dsn(config)
     with db.connect(dsn, "status", autocommit=True) as source, db.connect_store(config, "status", autocommit=True) as conn:
         has_schema = setup.has_state(conn)
@@ -46,10 +72,9 @@ def collect(config: cfg.Config) -> dict:
             report["capture"] = {"state": "schema out of date: run `pgfresh sync` to migrate it"}
             return report
         report["capture"] = _capture(conn, pipeline_of(config), wal_now)
-        report["pipelines"] = _pipelines(conn)
-        for name in STAGE_STATUS:
-            for counts in cfg.stage_functions([name], "status_counts"):
-                report[name.rsplit(".", 1)[1]] = counts(conn)
+        if stages:
+            report["pipelines"] = _pipelines(conn)
+            _stages(conn, report)
     return report
 
 
@@ -175,7 +200,15 @@ def show(report: dict, console) -> None:
     from rich.markup import escape
     from rich.table import Table
 
+    for name, one in report.get("sources", {}).items():
+        console.print(f"[bold]source {escape(name)}[/]")
+        show(one, console)
     cap = report.get("capture", {})
+    if "sources" in report:
+        for stage in ("gate", "rag", "train"):
+            if stage in report:
+                console.print(f"[bold]{stage}[/] {escape(str(report[stage]))}")
+        return
     slot = report.get("slot", {})
     src = report.get("source", {})
     console.print(f"[bold]capture[/] pipeline {escape(str(cap.get('pipeline')))} lsn {cap.get('lsn')}  lag {cap.get('lag_bytes')} bytes / {cap.get('lag_seconds')} s")

@@ -9,7 +9,9 @@ that transaction has committed is schema `pgfresh` dropped from the source. A fa
 leaves the source as it was and the store without the copy; nothing is lost silently.
 
 It refuses while `pgfresh sync` runs (the slot is active), when the store is the source database,
-and when the store already holds pgfresh's state.
+and when the store already holds pgfresh's state, unless that state is this copy: a run whose drop
+step failed (after the copy committed) is finished by running it again, which compares the row
+counts of every table and the stored positions once more and then drops the schema from the source.
 """
 
 from __future__ import annotations
@@ -70,14 +72,23 @@ def migrate_from_source(config: cfg.Config, console=None) -> dict:
         if not setup.has_state(src):
             raise StoreMigrationError(f"the source database {src.info.dbname} holds no schema pgfresh: nothing to "
                                       "move (`pgfresh sync` keeps its state in the store already)")
-        if setup.has_state(dst) and dst.execute("select exists (select 1 from pgfresh.sink_progress)").fetchone()[0]:
-            raise StoreMigrationError(f"the store database {dst.info.dbname} already holds pgfresh's state: point "
-                                      "store.dsn at an empty database, or drop schema pgfresh there first")
+        copied = setup.has_state(dst) and dst.execute("select exists (select 1 from pgfresh.sink_progress)").fetchone()[0]
+        if copied and not _same_state(src, dst):
+            raise StoreMigrationError(f"the store database {dst.info.dbname} already holds pgfresh's state, and it "
+                                      "differs from the source's: point store.dsn at an empty database, or drop "
+                                      "schema pgfresh there first (or, if the store's state is the one to keep, "
+                                      "DROP SCHEMA pgfresh CASCADE on the source)")
         active = src.execute("select slot_name from pg_replication_slots where database = current_database()"
                              " and active").fetchall()
         if active:
             raise StoreMigrationError(f"replication slot {active[0][0]} is in use: stop pgfresh sync before "
                                       "`pgfresh store migrate`")
+        if copied:  # an earlier run copied and verified, then failed to drop: finish it
+            counts = _counts(dst, _tables(dst))
+            say("the store already holds this copy (counts and positions match the source): dropping it from the source")
+            _drop_from_source(src, sum(counts.values()))
+            say(f"dropped schema pgfresh from the source database {src.info.dbname}")
+            return {"tables": counts, "rows": sum(counts.values()), "dropped_from_source": True}
         db.migrate(src)  # the old schema at the same version as the store's (it is dropped below)
         db.migrate(dst)
         tables = _tables(dst)
@@ -122,6 +133,32 @@ def migrate_from_source(config: cfg.Config, console=None) -> dict:
                 dst.execute(sql.SQL("alter table pgfresh.{} enable trigger user").format(sql.Identifier(t)))
         src.isolation_level = None
         # The store's copy has committed and matched, table by table: only now leave the source.
-        src.execute("drop schema pgfresh cascade")
+        _drop_from_source(src, sum(counts.values()))
         say(f"dropped schema pgfresh from the source database {src.info.dbname}")
     return {"tables": counts, "rows": sum(counts.values()), "dropped_from_source": True}
+
+
+def _counts(conn, tables: list[str]) -> dict[str, int]:
+    present = {r[0] for r in conn.execute(
+        "select c.relname from pg_class c join pg_namespace n on n.oid = c.relnamespace"
+        " where n.nspname = 'pgfresh' and c.relkind in ('r', 'p')")}
+    return {t: conn.execute(sql.SQL("select count(*) from {}").format(sql.Identifier("pgfresh", t))).fetchone()[0]
+            if t in present else 0 for t in tables}
+
+
+def _same_state(src, dst) -> bool:
+    """Is the store's state a copy of the source's (every table's row count and every stored position equal)?"""
+    tables = _tables(dst)
+    positions = "select pipeline, sink, lsn::text from pgfresh.sink_progress order by 1, 2"
+    return _counts(src, tables) == _counts(dst, tables) and \
+        src.execute(positions).fetchall() == dst.execute(positions).fetchall()
+
+
+def _drop_from_source(src, rows: int) -> None:
+    try:
+        src.execute("drop schema pgfresh cascade")
+    except psycopg.Error as exc:  # any failure here: the copy is safe in the store, the source unchanged
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise StoreMigrationError(f"copied and verified {rows} rows into the store, but dropping schema pgfresh from "
+                                  f"the source failed ({first}): fix that, then run `pgfresh store migrate` again "
+                                  "(it checks the copy once more and finishes)") from None

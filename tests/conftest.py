@@ -46,6 +46,16 @@ def _stop_stray_servers(tmp_path_factory):
 @pytest.fixture
 def dsn(pg_server):
     """DSN of a new, empty database on the session server; dropped (with its slots) afterwards."""
+    yield from _database(pg_server)
+
+
+@pytest.fixture
+def dsn2(pg_server):
+    """DSN of one more new, empty database on the session server (a second source); dropped afterwards."""
+    yield from _database(pg_server)
+
+
+def _database(pg_server):
     name = "t_" + uuid.uuid4().hex[:12]
     admin = pg_server.dsn()
     with psycopg.connect(admin, autocommit=True) as c:

@@ -164,3 +164,106 @@ def test_state_kept_in_the_source_moves_to_the_store_and_capture_resumes(db, dsn
                                 " and template = 'price'").fetchall())
     assert active["[1]"] == "500 EUR" and active["[2]"] == "7 EUR"
     assert store.execute("select count(*) from pgfresh.facts where status = 'active'").fetchone()[0] == active_before
+
+
+def test_pgfresh_adds_under_one_percent_to_the_wal_the_source_writes(tmp_path):
+    """The same statements twice, after a first run from a CHECKPOINT (so neither window pays a full-page
+    image the other does not): the source's WAL without pgfresh, then with `pgfresh sync` streaming it (started before the window: the live phase, not
+    the set-up). The store is a server of its own, as by default. pgfresh writes nothing to the
+    source; what it adds is asserted under 1%. The source is a server of its own too, autovacuum
+    off: WAL is server-wide, and the session server's other databases (or a vacuum) would write
+    into one window only."""
+    source_server = EmbeddedServer(tmp_path / "source", settings={"autovacuum": "off"})
+    store_server = EmbeddedServer(tmp_path / "store")
+    try:
+        dsn = source_server.start()
+        with psycopg.connect(dsn, autocommit=True) as db:
+            _wal_windows(db, dsn, tmp_path, store_server.start())
+    finally:
+        source_server.stop("immediate")
+        store_server.stop("immediate")
+
+
+def _wal_windows(db, dsn, tmp_path, store_dsn) -> None:
+    import threading
+    import time
+
+    from pgfresh.arena import dbimpact
+    from tests.conftest import write_config
+
+    store = psycopg.connect(store_dsn, autocommit=True)
+    # Autovacuum off for the table: a vacuum (or analyze) would write WAL in one window only.
+    db.execute("create table ledger (id bigint primary key, account int not null, amount int not null, note text)"
+               " with (autovacuum_enabled = off)")
+    config = cfg.load(write_config(tmp_path, dsn, '[[tables]]\nname = "ledger"\n', store=store_dsn))
+    sync.run(config, once=True)  # publication, slot and snapshot: the set-up
+    ids = iter(range(1, 10**6))
+    last: list[int] = []
+
+    def workload() -> int:
+        n = 0
+        with psycopg.connect(dsn, autocommit=True) as w:
+            for _ in range(1200):
+                i = next(ids)
+                w.execute("insert into ledger values (%s, %s, %s, 'payment received')", (i, i % 97, i % 1000))
+                n += 1
+                if i % 4 == 0:
+                    w.execute("update ledger set amount = amount + 1 where id = %s", (i - 1,))
+                    n += 1
+        last.append(i)
+        return n
+
+    def captured() -> None:  # the window closes once pgfresh has stored the workload's last row
+        key = f"[{last[-1]}]"
+        deadline = time.monotonic() + 120
+        while not store.execute("select exists (select 1 from pgfresh.rows where key = %s)", (key,)).fetchone()[0]:
+            assert time.monotonic() < deadline, "pgfresh did not capture the window's changes"
+            time.sleep(0.1)
+
+    dbimpact.wal_window(dsn, workload)  # from a checkpoint: both windows below then start on touched pages
+    without = dbimpact.wal_window(dsn, workload, checkpoint=False)
+    stop = threading.Event()
+    capture = threading.Thread(target=sync.run, args=(config,), kwargs={"stop": stop})
+    capture.start()
+    try:
+        deadline = time.monotonic() + 120
+        while not db.execute("select active from pg_replication_slots where slot_name = 'pgfresh'").fetchone()[0]:
+            assert time.monotonic() < deadline and capture.is_alive(), "sync did not start streaming"
+            time.sleep(0.1)
+        with_ = dbimpact.wal_window(dsn, workload, captured, checkpoint=False)
+    finally:
+        stop.set()
+        capture.join()
+    assert without["changes"] == with_["changes"] == 1500
+    share = dbimpact.wal_share(without, with_)
+    print(f"source WAL per change: {without['bytes_per_change']} without pgfresh, {with_['bytes_per_change']} with: {share:+.4%}")
+    assert share is not None and share < dbimpact.WAL_GOAL_SHARE, (without, with_)
+    store.close()
+
+
+def test_store_migrate_finishes_when_run_again_after_a_failed_drop(db, dsn, store, store_dsn, tmp_path):
+    from tests.conftest import write_config
+
+    db.execute("create table items (id int primary key, name text, price int)")
+    db.execute("insert into items select g, 'item ' || g, g from generate_series(1, 20) g")
+    old = write_config(tmp_path, dsn, FACTS)  # the old layout: state in the source
+    assert run_cli("sync", "--once", "--config", str(old)).returncode == 0
+    rows = db.execute("select count(*) from pgfresh.rows").fetchone()[0]
+    # Something on the source refuses the drop (here an event trigger; a lock or a privilege would do).
+    db.execute("create function no_drop() returns event_trigger language plpgsql as"
+               " $$ begin raise exception 'drops are refused here'; end $$")
+    db.execute("create event trigger no_drop on sql_drop execute function no_drop()")
+    new = write_config(tmp_path, dsn, FACTS, store=store_dsn)
+    failed = run_cli("store", "migrate", "--config", str(new))
+    assert failed.returncode == 2, failed.stderr
+    last = failed.stderr.strip().splitlines()[-1]  # after the progress lines, the error in one line
+    assert "copied and verified" in last and "store migrate` again" in last, failed.stderr
+    assert db.execute("select to_regnamespace('pgfresh') is not null").fetchone()[0]
+    assert store.execute("select count(*) from pgfresh.rows").fetchone()[0] == rows
+
+    db.execute("drop event trigger no_drop")
+    again = run_cli("store", "migrate", "--json", "--config", str(new))
+    assert again.returncode == 0, again.stderr
+    assert db.execute("select to_regnamespace('pgfresh')").fetchone()[0] is None
+    assert store.execute("select count(*) from pgfresh.rows").fetchone()[0] == rows
+    assert run_cli("sync", "--once", "--config", str(new)).returncode == 0

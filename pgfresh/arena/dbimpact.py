@@ -10,6 +10,12 @@
   the embedded server, a custom script of one UPDATE and one SELECT on `arena.oltp`); a Python
   loop of the same transaction where no pgbench binary exists. The runner measures it with and
   without pgfresh working.
+- `wal_window` / `wal_share`: WAL the source server wrote (`pg_current_wal_lsn` deltas) while a
+  workload ran, from a CHECKPOINT on so that every window pays the same full-page images, per
+  workload change; the runner measures one window of the live workload without pgfresh and one
+  with pgfresh capturing, and `wal_share` is what pgfresh added (goal: under 1%). pgfresh writes
+  nothing to the source, so what it adds is the WAL its reads cause (hint bits under checksums)
+  and what the server logs for an active slot.
 - `export_comparison`: the naive training export (read a table inside ONE long REPEATABLE READ
   transaction while the workload updates it) against the pgfresh way (the same reads in short
   transactions, one per chunk), each followed by VACUUM at the end of the read: the dead tuples
@@ -176,6 +182,55 @@ def _python_oltp(dsn: str, seconds: float, clients: int) -> dict:
         t.join()
     return {"tool": "python", "tps": sum(counts) / seconds, "seconds": seconds, "clients": clients,
             "transactions": sum(counts)}
+
+
+WAL_GOAL_SHARE = 0.01  # pgfresh adds under 1% to the WAL the source writes
+
+
+def wal_position(conn) -> int:
+    """The source server's current WAL write position, in bytes."""
+    (n,) = conn.execute("select pg_current_wal_lsn() - '0/0'::pg_lsn").fetchone()
+    return int(n)
+
+
+def wal_window(dsn: str, workload: Callable[[], int], settle: Callable[[], None] | None = None,
+               checkpoint: bool = True) -> dict:
+    """WAL the source server wrote while `workload()` ran (it returns how many changes it made).
+
+    With `checkpoint` the window starts with a CHECKPOINT (where the role may run one), so windows of
+    a random workload pay the same full-page images in expectation; without, a window right after
+    another pays none for the pages the first already touched (an exact comparison of two runs of
+    the same statements). `settle()` runs before the window closes (e.g. wait until pgfresh has
+    captured everything). Server-wide: run nothing else meanwhile.
+    """
+    with db.connect(dsn, "arena-wal", autocommit=True) as conn:
+        try:
+            if checkpoint:
+                conn.execute("checkpoint")
+        except pgerr.InsufficientPrivilege:  # pg_checkpoint (16+) or superuser; the window is noisier without
+            checkpoint = False
+        start = wal_position(conn)
+        changes = workload()
+        if settle is not None:
+            settle()
+        written = wal_position(conn) - start
+    return {"wal_bytes": written, "changes": changes, "checkpoint": checkpoint,
+            "bytes_per_change": round(written / changes, 3) if changes else None}
+
+
+def same_server(dsn: str, other_dsn: str) -> bool:
+    """Do both DSNs reach one server (one WAL)? Then the store's writes would count as the source's."""
+    ids = []
+    for d in (dsn, other_dsn):
+        with db.connect(d, "arena-wal", autocommit=True) as conn:
+            ids.append(conn.execute("select system_identifier, inet_server_port() from pg_control_system()").fetchone())
+    return ids[0] == ids[1]
+
+
+def wal_share(without: dict, with_: dict) -> float | None:
+    """What pgfresh added to the source's WAL: bytes per change with it over without, minus one."""
+    a, b = without.get("bytes_per_change"), with_.get("bytes_per_change")
+    return None if not a or b is None else round(b / a - 1, 5)
 
 
 def _key_columns(conn, table: str) -> list[str]:

@@ -211,6 +211,15 @@ STRATEGY_HEAD = ["strategy", "kind", "questions", "accuracy", "changed", "stale"
                  "forgetting", "FUAR"]
 
 
+def _wal(wal: dict | None) -> str:
+    """The source's WAL per workload change without and with pgfresh (dbimpact.wal_window)."""
+    if not wal or wal.get("added_share") is None:
+        return f"not measured ({wal['not_measured']})" if wal and wal.get("not_measured") else "not measured"
+    return (f"{wal['without_pgfresh']['bytes_per_change']:.0f} bytes without pgfresh, "
+            f"{wal['with_pgfresh']['bytes_per_change']:.0f} with it: {100 * wal['added_share']:+.2f}% "
+            f"(goal under {100 * wal['goal_share']:.0f}%; {wal['seconds']:g} s windows)")
+
+
 def render_html(results: dict) -> str:
     """The whole report as one HTML string."""
     from plotly.offline import get_plotlyjs
@@ -228,7 +237,8 @@ def render_html(results: dict) -> str:
              ["machine", f"{machine['cpus']} CPUs, {(machine['memory_bytes'] or 0) / 2**30:.1f} GiB, "
                          f"{machine['platform']}, GPU: {machine['gpu'] or 'none'}"],
              ["PostgreSQL", machine["postgres"]], ["Python", machine["python"]],
-             ["versions", ", ".join(f"{k} {v}" for k, v in machine["versions"].items() if v)]]
+             ["versions", ", ".join(f"{k} {v}" for k, v in machine["versions"].items() if v)],
+             ["source WAL per workload change", _wal(results["dbimpact"].get("wal"))]]
     verdict = _table(["claim", "measured evidence", "what it means for this workload"],
                      [[v["claim"], v["evidence"], v["meaning"]] for v in results["verdict"]])
     errors = "".join(f"<li>{html.escape(e)}</li>" for e in results.get("errors", []))

@@ -165,6 +165,40 @@ class ArenaRun:
         self.sampler = dbimpact.XminSampler(self.dsn)
         self.sampler.start()
 
+    def wal_windows(self) -> None:
+        """WAL the source writes per workload change: a window of the workload alone, then one with pgfresh
+        catching up all the time (its steps back to back). Before the pgbench windows, which write WAL too."""
+        if not self.s.wal_seconds or self.pipeline is None:
+            self.impact["wal"] = None
+            return
+        if dbimpact.same_server(self.dsn, db.store_dsn(self.config)):
+            self.impact["wal"] = {"not_measured": "the store is on the source's server: its WAL would count as the source's"}
+            return
+
+        def workload() -> int:
+            start = self.counter.value
+            time.sleep(self.s.wal_seconds)
+            return self.counter.value - start
+
+        with self.phase("wal"):
+            without = dbimpact.wal_window(self.dsn, workload)
+            stop = threading.Event()
+
+            def capture() -> None:
+                while not stop.is_set():
+                    self.pipeline.step()
+
+            thread = threading.Thread(target=capture, name="arena-wal-capture", daemon=True)
+            thread.start()
+            try:
+                with_ = dbimpact.wal_window(self.dsn, workload)
+            finally:
+                stop.set()
+                thread.join()
+        self.impact["wal"] = {"without_pgfresh": without, "with_pgfresh": with_, "seconds": self.s.wal_seconds,
+                              "added_share": dbimpact.wal_share(without, with_),
+                              "goal_share": dbimpact.WAL_GOAL_SHARE}
+
     def oltp_baseline(self) -> None:
         if not self.s.oltp_seconds:
             self.impact["oltp"] = {"without_pgfresh": None, "with_pgfresh": None}
@@ -458,6 +492,7 @@ def run_arena(config, workload: str | None = None, minutes: float | None = None,
         run.initial_sync()
         run.build()
         run.start_workload()
+        run.wal_windows()
         run.oltp_baseline()
         run.live()
         run.export()

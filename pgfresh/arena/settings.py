@@ -61,6 +61,7 @@ class ArenaSettings:
     strategies: list[str] = field(default_factory=list)  # empty: every registered strategy
     oltp_seconds: float = 5.0  # each pgbench window (with / without pgfresh); 0: not measured
     oltp_clients: int = 2
+    wal_seconds: float = 5.0  # each WAL window of the live workload (without / with pgfresh); 0: not measured
     export_seconds: float = 10.0  # each export in the long-transaction comparison; 0: not measured
     noisy_window_s: float = 60.0  # a corrected row stays in the noisy class this long
     scale: dict = field(default_factory=lambda: {"shops": 4, "products_per_shop": 30, "notes_per_shop": 10})
@@ -74,7 +75,8 @@ class ArenaSettings:
 _NUMBERS = {
     "minutes": (0.0, None, False), "noise": (0.0, 0.5, True), "rate_per_s": (0.0, None, False),
     "correct_after_s": (0.0, None, True), "batch_interval_s": (0.0, None, False),
-    "oltp_seconds": (0.0, None, True), "export_seconds": (0.0, None, True), "noisy_window_s": (0.0, None, True),
+    "oltp_seconds": (0.0, None, True), "export_seconds": (0.0, None, True), "wal_seconds": (0.0, None, True),
+    "noisy_window_s": (0.0, None, True),
 }
 _INTS = {"seed": 0, "questions_per_batch": 1, "oltp_clients": 1, "batches": 0, "min_questions": 0}
 _SCALE = ("shops", "products_per_shop", "notes_per_shop")

@@ -18,7 +18,12 @@ from pgfresh.capture.rowstore import register_tables
 
 
 def run(config: cfg.Config, console=None) -> dict:
-    """Re-create the slot, re-read every table, delete what the source no longer has. Returns counts."""
+    """Re-create the slot, re-read every table, delete what the source no longer has. Returns counts.
+
+    One source at a time: with several [[sources]], pass `config.for_source(name)`."""
+    if len(config.sources) > 1:
+        raise cfg.ConfigError([f"sources: resync one source at a time: pass --source NAME "
+                               f"({', '.join(s.name for s in config.sources)})"], str(config.path))
     dsn = setup.resolve_dsn(config)
     limit = config.source.max_txn_seconds
     with db.connect(dsn, "resync", max_txn_seconds=limit, autocommit=True) as conn, \
@@ -29,7 +34,7 @@ def run(config: cfg.Config, console=None) -> dict:
         setup.check_store(conn, store, config)
         db.migrate(store)
         pipeline = pipeline_of(config)
-        register_tables(store, pipeline, infos, str(config.path))
+        register_tables(store, pipeline, infos, str(config.path), source=conn)
         setup.ensure_publication(conn, config)
         slot_lsn = setup.recreate_slot(conn, config)
         rowstore.mark_resync(store, pipeline, list(infos), slot_lsn, source=conn)

@@ -179,35 +179,49 @@ def full_xid(xid32: int, reference: int) -> int:
     return full
 
 
-def register_tables(conn: psycopg.Connection, pipeline: str, infos: dict[str, TableInfo], config_path: str) -> None:
-    """Record the pipeline's configured tables (with tenant columns) in pgfresh.tables; commit.
+def register_tables(conn: psycopg.Connection, pipeline: str, infos: dict[str, TableInfo], config_path: str,
+                    source: psycopg.Connection | None = None) -> None:
+    """Record the pipeline's configured tables (with tenant columns and source database) in pgfresh.tables; commit.
 
-    A table belongs to one pipeline per database; one configured in another pipeline whose slot
-    exists is refused (ConfigError) before anything is created. A table that left the config is
-    kept, marked not configured (its changes are dropped from now on); one that comes back is
-    snapshotted again.
+    A stored table name belongs to one pipeline: one configured in another pipeline is refused
+    (ConfigError) before anything is created when that pipeline reads another source database
+    (two databases' tables of the same name: `[[sources]]` names them apart), or when its slot
+    still exists on the source (`source`, an autocommit connection; default `conn`). A table that
+    left the config is kept, marked not configured (its changes are dropped from now on); one that
+    comes back is snapshotted again.
     """
+    source = source if source is not None else conn
+    (source_id,) = source.execute("select system_identifier || '/' || current_database() from pg_control_system()"
+                                  ).fetchone()
     names = sorted(infos)
     with conn.transaction():
         conn.execute("select pg_advisory_xact_lock(hashtext('pgfresh.tables'))")
-        # A pipeline whose slot is gone (renamed, dropped) no longer holds its tables.
-        taken = conn.execute(
-            "select t.tbl, t.pipeline from pgfresh.tables t where t.tbl = any(%s) and t.pipeline <> %s and t.configured"
-            " and exists (select 1 from pg_replication_slots s where s.slot_name = t.pipeline"
-            " and s.database = current_database()) order by t.tbl", (names, pipeline)).fetchall()
-        if taken:
-            raise ConfigError([f"table {t} is captured by pipeline {p} (slot {p}) on this database; a table belongs "
-                               f"to one pipeline: remove it from one of the configs, or drop slot {p} if that "
-                               "pipeline is gone" for t, p in taken], config_path)
+        problems = []
+        for t, p, other in conn.execute(
+                "select tbl, pipeline, source from pgfresh.tables where tbl = any(%s) and pipeline <> %s and configured"
+                " order by tbl", (names, pipeline)).fetchall():
+            if other is not None and other != source_id:
+                problems.append(f"table {t} of another source database ({other}) is captured by pipeline {p} into "
+                                "this store; the same name in two databases needs [[sources]], which keeps each "
+                                "source's tables apart (name:schema.table): docs/CONFIG.md")
+            # A pipeline whose slot is gone (renamed, dropped) no longer holds its tables.
+            elif source.execute("select exists (select 1 from pg_replication_slots where slot_name = %s"
+                                " and database = current_database())", (p,)).fetchone()[0]:
+                problems.append(f"table {t} is captured by pipeline {p} (slot {p}) on this database; a table belongs "
+                                f"to one pipeline: remove it from one of the configs, or drop slot {p} if that "
+                                "pipeline is gone")
+        if problems:
+            raise ConfigError(problems, config_path)
         conn.execute("delete from pgfresh.tables where tbl = any(%s) and pipeline <> %s", (names, pipeline))
         back = [t for (t,) in conn.execute(
             "select tbl from pgfresh.tables where pipeline = %s and tbl = any(%s) and not configured", (pipeline, names))]
         if back:  # changes were dropped while it was away: read it again
             conn.execute("delete from pgfresh.snapshot_progress where pipeline = %s and tbl = any(%s)", (pipeline, back))
         conn.cursor().executemany(
-            "insert into pgfresh.tables (pipeline, tbl, tenant_column) values (%s, %s, %s) on conflict (pipeline, tbl)"
-            " do update set tenant_column = excluded.tenant_column, configured = true, updated_at = now()",
-            [(pipeline, n, infos[n].tenant) for n in names])
+            "insert into pgfresh.tables (pipeline, tbl, tenant_column, source) values (%s, %s, %s, %s)"
+            " on conflict (pipeline, tbl) do update set tenant_column = excluded.tenant_column, configured = true,"
+            " source = excluded.source, updated_at = now()",
+            [(pipeline, n, infos[n].tenant, source_id) for n in names])
         conn.execute("update pgfresh.tables set configured = false, updated_at = now()"
                      " where pipeline = %s and configured and tbl <> all(%s)", (pipeline, names))
 
@@ -223,6 +237,7 @@ class RowStore:
         self.source = source if source is not None else conn
         self.infos = infos
         self.pipeline = pipeline
+        self.tenant_prefix = ""  # [[sources]]: the source's tenant scope, before each tenant value read here
         conn.execute(_STAGE)
         conn.commit()
         self.snapshot_pending = self._pending_tables()
@@ -458,8 +473,9 @@ class RowStore:
         with cur.copy("copy pgfresh_stage (ord, tbl, key, tenant, row) from stdin") as cp:
             for i, raw in enumerate(rows):
                 row = {c: (v if f is None or v is None else f(v)) for c, f, v in zip(cols, convs, raw)}
+                tenant = raw[tenant_idx] if tenant_idx is not None else None
                 cp.write_row((i, info.name, key_text([row[cols[j]] for j in key_idx]),
-                              raw[tenant_idx] if tenant_idx is not None else None, row_json(row)))
+                              None if tenant is None else self.tenant_prefix + tenant, row_json(row)))
         cur.execute(_UPSERT_CHUNK, {"snap": snap_text, "pipeline": self.pipeline})
         applied = cur.rowcount
         cur.execute("truncate pgfresh_stage")

@@ -35,10 +35,11 @@ class TableInfo:
     types: list[str]  # format_type names, for casts
     key: list[str]
     tenant: str | None
+    relation: str | None = None  # schema.table in the source, where `name` (the stored name) differs
 
     @property
     def ident(self) -> sql.Composed:
-        schema, table = self.name.split(".", 1)
+        schema, table = (self.relation or self.name).split(".", 1)
         return sql.Identifier(schema, table)
 
 
@@ -139,17 +140,17 @@ def table_info(conn: psycopg.Connection, table: cfg.TableConfig) -> TableInfo:
     if not key:
         raise SourceError(
             f"table {table.name} has no primary key: add one, or set key = [...] for it in pgfresh.toml "
-            f"and run ALTER TABLE {table.name} REPLICA IDENTITY FULL"
+            f"and run ALTER TABLE {table.relation} REPLICA IDENTITY FULL"
         )
     if table.key and table.key != pk and replident != "f":
         raise SourceError(
             f"table {table.name}: key {table.key} is not its primary key, so deletes would not carry it: "
-            f"run ALTER TABLE {table.name} REPLICA IDENTITY FULL"
+            f"run ALTER TABLE {table.relation} REPLICA IDENTITY FULL"
         )
     if replident == "n":
         raise SourceError(
             f"table {table.name} has REPLICA IDENTITY NOTHING, so updates and deletes carry no key: "
-            f"run ALTER TABLE {table.name} REPLICA IDENTITY DEFAULT"
+            f"run ALTER TABLE {table.relation} REPLICA IDENTITY DEFAULT"
         )
     missing = [c for c in key + ([table.tenant] if table.tenant else []) if c not in names]
     if missing:
@@ -166,9 +167,10 @@ def table_info(conn: psycopg.Connection, table: cfg.TableConfig) -> TableInfo:
             cols = ", ".join(key)
             raise SourceError(
                 f"table {table.name}: key {key} is not unique (no unique index on NOT NULL columns among {cols}), "
-                f"so two rows could share it: set key to unique columns, or CREATE UNIQUE INDEX ON {table.name} ({cols})"
+                f"so two rows could share it: set key to unique columns, or CREATE UNIQUE INDEX ON {table.relation} ({cols})"
             )
-    return TableInfo(table.name, names, [c[1] for c in cols], [c[2] for c in cols], key, table.tenant)
+    return TableInfo(table.name, names, [c[1] for c in cols], [c[2] for c in cols], key, table.tenant,
+                     table.relation_name)
 
 
 def check_source(conn: psycopg.Connection, config: cfg.Config) -> dict[str, TableInfo]:
@@ -216,9 +218,9 @@ def missing_privileges(conn: psycopg.Connection, config: cfg.Config) -> list[str
             " join pg_namespace n on n.oid = c.relnamespace where n.nspname = %s and c.relname = %s",
             (t.schema, t.table)).fetchone()
         if not select_ok:
-            missing.append(f"SELECT on {t.name}: GRANT SELECT ON {_ident(conn, t.schema, t.table)} TO {role}")
-        if t.name not in in_pub and not owner_ok and not dba_made:
-            missing.append(f"ownership of {t.name} (to add it to publication {pub}): have its owner run "
+            missing.append(f"SELECT on {t.relation}: GRANT SELECT ON {_ident(conn, t.schema, t.table)} TO {role}")
+        if t.relation not in in_pub and not owner_ok and not dba_made:
+            missing.append(f"ownership of {t.relation} (to add it to publication {pub}): have its owner run "
                            + (f"CREATE PUBLICATION {_ident(conn, pub)} FOR TABLE ..." if pub_row is None else
                               f"ALTER PUBLICATION {_ident(conn, pub)} ADD TABLE {_ident(conn, t.schema, t.table)}"))
     return missing
@@ -247,14 +249,14 @@ def check_dba_publication(conn: psycopg.Connection, config: cfg.Config) -> list[
     pub = config.source.publication
     have = {f"{s}.{t}" for s, t in conn.execute(
         "select schemaname, tablename from pg_publication_tables where pubname = %s", (pub,))}
-    missing = [t for t in config.tables if t.name not in have]
+    missing = [t for t in config.tables if t.relation not in have]
     if missing:
-        names = ", ".join(t.name for t in missing)
+        names = ", ".join(t.relation for t in missing)
         idents = ", ".join(_ident(conn, t.schema, t.table) for t in missing)
         raise SourceError(f"publication {pub} (made by its owner, not by pgfresh) lacks {names}: have its owner run "
                           f"ALTER PUBLICATION {_ident(conn, pub)} ADD TABLE {idents}, or remove "
                           f"{'them' if len(missing) > 1 else 'it'} from pgfresh.toml")
-    return sorted(have - {t.name for t in config.tables})
+    return sorted(have - {t.relation for t in config.tables})
 
 
 def ensure_publication(conn: psycopg.Connection, config: cfg.Config) -> tuple[list[str], list[str]]:
@@ -274,18 +276,18 @@ def ensure_publication(conn: psycopg.Connection, config: cfg.Config) -> tuple[li
         names = [sql.Identifier(t.schema, t.table) for t in config.tables]
         if not exists:
             conn.execute(sql.SQL("create publication {} for table {}").format(sql.Identifier(pub), sql.SQL(", ").join(names)))
-            return [t.name for t in config.tables], []
+            return [t.relation for t in config.tables], []
         have = {f"{s}.{t}": (s, t) for s, t in conn.execute(
             "select schemaname, tablename from pg_publication_tables where pubname = %s", (pub,))}
-        added = [t for t in config.tables if t.name not in have]
-        removed = sorted(set(have) - {t.name for t in config.tables})
+        added = [t for t in config.tables if t.relation not in have]
+        removed = sorted(set(have) - {t.relation for t in config.tables})
         for t in added:
             conn.execute(sql.SQL("alter publication {} add table {}").format(
                 sql.Identifier(pub), sql.Identifier(t.schema, t.table)))
         for name in removed:
             conn.execute(sql.SQL("alter publication {} drop table {}").format(
                 sql.Identifier(pub), sql.Identifier(*have[name])))
-    return [t.name for t in added], removed
+    return [t.relation for t in added], removed
 
 
 @dataclass

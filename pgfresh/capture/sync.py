@@ -1,6 +1,6 @@
 """`pgfresh sync`: the capture loop, and the downstream workers it drives.
 
-One process, one thread, one direction: read whole transactions from the stream, apply them to the
+One loop per source (`[[sources]]`: a thread each, `run`), one direction: read whole transactions from the stream, apply them to the
 row store (one short sink transaction per batch, LSN stored with it), confirm the slot only up to
 what committed, interleave snapshot chunks until every table has been read, then let each
 downstream worker (gate/render facts, RAG index) consume the change log. `--once` stops when the
@@ -125,19 +125,21 @@ class _Capture:
             setup.check_store(self.conn, self.store_conn, config)
             db.migrate(self.store_conn)
             pipeline = pipeline_of(config)
-            register_tables(self.store_conn, pipeline, self.infos, str(config.path))
+            register_tables(self.store_conn, pipeline, self.infos, str(config.path), source=self.conn)
             added, removed = setup.ensure_publication(self.conn, config)
             # The publication follows the config: say what changed.
             self.notes = [f"added {n} to publication {src.publication}" for n in added] + [
                 f"removed {n} from publication {src.publication} (its changes are dropped)" for n in removed]
             self.store = RowStore(self.store_conn, self.infos, pipeline, source=self.conn)
+            self.store.tenant_prefix = src.tenant_prefix  # [[sources]]: tenants scoped by source
             # A stored position and no usable slot: refuse (SlotLostError), never re-snapshot silently.
             slot_lsn, created = setup.ensure_slot(self.conn, config, self.store.stored_lsn())
             self.store.start(slot_lsn, created)
             self.start_lsn = self.store.stored_lsn()
             self.slot = src.slot
             self.stream = Stream(dsn, src.slot, src.publication, po.format_lsn(self.start_lsn),
-                                 {n: i.key for n, i in self.infos.items()}, {n: i.tenant for n, i in self.infos.items()})
+                                 {i.relation or n: i.key for n, i in self.infos.items()},
+                                 {i.relation or n: i.tenant for n, i in self.infos.items()})
         except BaseException:
             self.conn.close()
             if self.store_conn is not None:
@@ -195,8 +197,59 @@ def connection_lost(exc: BaseException) -> bool:
 
 
 def run(config: cfg.Config, once: bool = False, console=None, stop: threading.Event | None = None,
-        workers: list | None = None) -> dict:
-    """Capture until stopped (or, with once, until caught up). Returns counts for the caller.
+        workers: list | None = None, source: str | None = None) -> dict:
+    """Capture every source of the config (or only `source`) until stopped, or with once until caught up.
+
+    One source (`[source]`, or `source` named): `run_source`, in this thread. Several (`[[sources]]`):
+    one capture loop per source, each in a thread of this process, sharing `stop` (SIGTERM stops
+    them all); the first that fails stops the others and its error is raised once they have closed.
+    Threads rather than processes: one `sync` to start, stop and supervise, and capture mostly waits
+    on the network (psycopg releases the GIL). Separate processes, one per source, are
+    `pgfresh sync --source NAME` (docs/SCALE.md). Returns the counts, per source under "sources".
+    """
+    views = [config.for_source(source)] if source else config.source_views()
+    if len(views) == 1:
+        return run_source(views[0], once=once, console=console, stop=stop, workers=workers)
+    if workers is not None:
+        raise ValueError("workers can be passed for one source only")
+    stop = stop or threading.Event()
+    db.store_dsn(config)  # starts the embedded store (if it is one) once, before the threads look for it
+    for view in views:
+        setup.resolve_dsn(view)
+    results: dict[str, dict] = {}
+    failed: list[tuple[str, BaseException]] = []
+
+    def capture(view: cfg.Config) -> None:
+        try:
+            results[view.source.name] = run_source(view, once=once, console=console, stop=stop)
+        except BaseException as exc:  # re-raised in the caller's thread below
+            failed.append((view.source.name, exc))
+            stop.set()
+
+    previous_handlers = _install_signals(stop)
+    threads = [threading.Thread(target=capture, args=(v,), name=f"pgfresh-sync-{v.source.name}", daemon=True)
+               for v in views]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            while t.is_alive():
+                t.join(0.5)
+    finally:
+        for sig, handler in previous_handlers.items():
+            signal.signal(sig, handler)
+    if failed:
+        name, exc = failed[0]
+        if console is not None:
+            console.print(f"source {name} stopped; the other sources stopped with it", highlight=False, markup=False)
+        raise exc
+    total = {k: sum(r[k] for r in results.values()) for k in ("changes", "transactions", "snapshot_rows", "reconnects")}
+    return {**total, "sources": {v.source.name: results[v.source.name] for v in views}}
+
+
+def run_source(config: cfg.Config, once: bool = False, console=None, stop: threading.Event | None = None,
+               workers: list | None = None) -> dict:
+    """Capture one source until stopped (or, with once, until caught up). Returns counts for the caller.
 
     `workers`: the downstream workers to drive (default: those the config asks for). Workers
     passed in stay open for the caller's next run (the arena keeps its embedder loaded).
@@ -290,8 +343,11 @@ def _loop(config, store, stream, workers, heartbeat, stats, stop, target, proces
     keep = retention.settings(config)
     consumers = [w.name for w in workers]  # a consumer the config no longer runs holds nothing back
     settle_until = None  # --once: caught up, waiting for the settle window of rows captured before
+    names = {i.relation: n for n, i in store.infos.items() if i.relation}  # [[sources]]: stored names
     while True:
         txs = stream.poll(timeout=0.02 if (batch or store.snapshot_pending) else 0.25)
+        if txs and (names or store.tenant_prefix):
+            _to_store(txs, names, store.tenant_prefix)
         if txs and not batch:
             batch_started = time.monotonic()
         batch.extend(txs)
@@ -346,6 +402,16 @@ def _loop(config, store, stream, workers, heartbeat, stats, stop, target, proces
     heartbeat.beat({"lsn": stats["lsn"], "changes": stats["changes"], "lag_seconds": stats["lag_seconds"],
                     "snapshot_pending": []}, force=True)
     retention.prune(store.conn, config, consumers, store.pipeline)
+
+
+def _to_store(txs, names: dict[str, str], tenant_prefix: str) -> None:
+    """[[sources]]: each change's table and tenant as the store keeps them (`billing:public.invoices`,
+    `billing:acme`). A table the source does not capture keeps its name (the row store drops it)."""
+    for tx in txs:
+        for c in tx.changes:
+            c.table = names.get(c.table, c.table)
+            if c.tenant is not None:
+                c.tenant = tenant_prefix + c.tenant
 
 
 def _settled(workers, until: float | None, console) -> float | None:

@@ -48,8 +48,8 @@ def salient(question: str) -> str:
 def lookup(conn, tenant: str, reader: str, question: str, qvec, index_id: int, similarity: float) -> dict | None:
     """A cached result for this question (exact, then similar), counting the hit or the miss."""
     row = conn.execute(
-        "select id, result from pgfresh.answer_cache where key_hash = %s",
-        (key_hash(tenant, reader, question),)).fetchone()
+        "select id, result from pgfresh.answer_cache where key_hash = %s and tenant = %s",  # tenant: docs/SCALE.md
+        (key_hash(tenant, reader, question), tenant)).fetchone()
     if row is None and qvec is not None and similarity < 1.0:
         row = conn.execute(
             "select id, result from (select id, result, 1 - (qvec <=> %s) as sim from pgfresh.answer_cache"
@@ -59,7 +59,7 @@ def lookup(conn, tenant: str, reader: str, question: str, qvec, index_id: int, s
     if row is None:
         _count(conn, "cache_misses")
         return None
-    conn.execute("update pgfresh.answer_cache set hits = hits + 1 where id = %s", (row[0],))
+    conn.execute("update pgfresh.answer_cache set hits = hits + 1 where id = %s and tenant = %s", (row[0], tenant))
     _count(conn, "cache_hits")
     return row[1]
 

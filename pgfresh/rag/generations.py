@@ -10,6 +10,7 @@ new ones between two queries. The old generation is then deleted in small batche
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 from psycopg import sql
@@ -17,6 +18,7 @@ from psycopg import sql
 from pgfresh.rag import embed
 
 _LOCK = 0x70676669  # advisory lock key: one process changes generations at a time
+HNSW_BUILD_LOCK = 0x70676668  # advisory lock class: one worker builds a generation's HNSW index at a time
 
 
 @dataclass
@@ -96,14 +98,29 @@ def _retire(conn, g: Generation) -> None:
 
 
 def _ensure_hnsw(conn, g: Generation, rag: dict) -> None:
-    """Create the generation's partial HNSW index (concurrently: writers are not blocked)."""
+    """Create the generation's partial HNSW index (concurrently: writers are not blocked).
+
+    Several index workers may start at once (one per source, or several syncs): one builds, the
+    others wait for it, polling a session advisory lock outside any transaction (a waiting
+    statement would hold a snapshot the concurrent build waits for: two builds at once deadlock).
+    """
     name = hnsw_index_name(g.id)
-    valid = conn.execute(
-        "select i.indisvalid from pg_index i join pg_class c on c.oid = i.indexrelid"
-        " join pg_namespace n on n.oid = c.relnamespace where n.nspname = 'pgfresh' and c.relname = %s",
-        (name,)).fetchone()
+    query = ("select i.indisvalid from pg_index i join pg_class c on c.oid = i.indexrelid"
+             " join pg_namespace n on n.oid = c.relnamespace where n.nspname = 'pgfresh' and c.relname = %s")
+    valid = conn.execute(query, (name,)).fetchone()
     if valid and valid[0]:
         return
+    while not conn.execute("select pg_try_advisory_lock(%s, %s)", (HNSW_BUILD_LOCK, g.id)).fetchone()[0]:
+        time.sleep(0.2)
+    try:
+        valid = conn.execute(query, (name,)).fetchone()
+        if not (valid and valid[0]):
+            _build_hnsw(conn, g, rag, name, valid)
+    finally:
+        conn.execute("select pg_advisory_unlock(%s, %s)", (HNSW_BUILD_LOCK, g.id))
+
+
+def _build_hnsw(conn, g: Generation, rag: dict, name: str, valid) -> None:
     if valid:  # an interrupted concurrent build leaves an invalid index behind
         conn.execute(sql.SQL("drop index concurrently if exists pgfresh.{}").format(sql.Identifier(name)))
     limit = None
