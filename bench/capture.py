@@ -38,6 +38,41 @@ from pgfresh.capture.pgoutput import parse_lsn
 from pgfresh.embedded import EmbeddedServer
 
 MAX_TXN_SECONDS = 5.0
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def server_cpu(server: EmbeddedServer) -> float:
+    """CPU seconds a server has used: the postmaster, its live children, and its exited children
+    (which the postmaster has waited for)."""
+    postmaster = int(open(os.path.join(server.pgdata, "postmaster.pid")).readline())
+    total = 0
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(pid) == postmaster:
+            total += sum(int(x) for x in fields[11:15])
+        elif int(fields[1]) == postmaster:
+            total += int(fields[11]) + int(fields[12])
+    return total / _TICK
+
+
+class CpuMeter:
+    """CPU seconds of this process and of the given servers over a `with` block."""
+
+    def __init__(self, *servers: EmbeddedServer):
+        self.servers = list(dict.fromkeys(servers))
+
+    def _now(self) -> float:
+        return time.process_time() + sum(server_cpu(s) for s in self.servers)
+
+    def __enter__(self):
+        self.start = self._now()
+        return self
+
+    def __exit__(self, *exc):
+        self.seconds = self._now() - self.start
 
 
 def raw_stream_rate(dsn: str, slot: str, publication: str, until_lsn: str) -> tuple[int, float]:
@@ -137,13 +172,14 @@ def main() -> None:
             c.execute("create publication rawpub for table hot")
 
         # Snapshot: pgfresh's chunked read vs one COPY of the same table, one right after the other.
-        with psycopg.connect(dsn) as c:
+        with psycopg.connect(dsn) as c, CpuMeter(server) as copy_cpu:
             t0 = time.perf_counter()
             with c.cursor().copy("copy snap to stdout") as cp:
                 copied = sum(1 for _ in cp.rows())
             copy_s = time.perf_counter() - t0
         with LongestTransaction(list(dict.fromkeys([dsn, store_dsn]))) as longest:
-            stats, snap_s = timed_sync(conf("snapslot", "snap"), prof("snapshot.prof"))
+            with CpuMeter(server, store_server or server) as snap_cpu:
+                stats, snap_s = timed_sync(conf("snapslot", "snap"), prof("snapshot.prof"))
 
         # Stream: one raw slot and pgfresh's slot see the same WAL.
         with psycopg.connect(dsn, autocommit=True) as c:
@@ -155,8 +191,10 @@ def main() -> None:
                 lo = start % 10000
                 c.execute("update hot set v = v + 1, price = price + 0.01 where id > %s and id <= %s", (lo, lo + 1000))
             end_lsn = c.execute("select pg_current_wal_lsn()::text").fetchone()[0]
-        n_raw, raw_s = raw_stream_rate(dsn, "rawslot", "rawpub", end_lsn)
-        stream_stats, e2e_s = timed_sync(hot_conf, prof("stream.prof"))
+        with CpuMeter(server) as raw_cpu:
+            n_raw, raw_s = raw_stream_rate(dsn, "rawslot", "rawpub", end_lsn)
+        with CpuMeter(server, store_server or server) as e2e_cpu:
+            stream_stats, e2e_s = timed_sync(hot_conf, prof("stream.prof"))
     finally:
         if store_server:
             store_server.destroy()
@@ -168,12 +206,18 @@ def main() -> None:
     load_after = os.getloadavg()
     print(f"machine: {os.cpu_count()} cores; load average {load_before[0]:.2f} before, {load_after[0]:.2f} after; "
           f"store: {args.store}")
-    print(f"raw pgoutput stream:   {n_raw:>9,} messages in {raw_s:6.2f} s = {raw_rate:>10,.0f} messages/s (no decoding)")
+    # CPU: this process plus the servers involved (source; store for pgfresh), in microseconds per
+    # row; less sensitive than wall time to what else the machine runs.
+    us = lambda meter, n: meter.seconds / max(n, 1) * 1e6
+    print(f"raw pgoutput stream:   {n_raw:>9,} messages in {raw_s:6.2f} s = {raw_rate:>10,.0f} messages/s (no decoding); "
+          f"CPU {us(raw_cpu, n_raw):.1f} us/message")
     print(f"pgfresh end to end:    {stream_stats['changes']:>9,} changes  in {e2e_s:6.2f} s = {e2e_rate:>10,.0f} changes/s "
-          f"into the row store ({e2e_rate / raw_rate:.2f} x raw)")
-    print(f"COPY TO STDOUT:        {copied:>9,} rows     in {copy_s:6.2f} s = {copied / copy_s:>10,.0f} rows/s")
+          f"into the row store ({e2e_rate / raw_rate:.2f} x raw); CPU {us(e2e_cpu, stream_stats['changes']):.1f} us/change")
+    print(f"COPY TO STDOUT:        {copied:>9,} rows     in {copy_s:6.2f} s = {copied / copy_s:>10,.0f} rows/s; "
+          f"CPU {us(copy_cpu, copied):.1f} us/row")
     print(f"pgfresh snapshot:      {stats['snapshot_rows']:>9,} rows     in {snap_s:6.2f} s = "
-          f"{stats['snapshot_rows'] / snap_s:>10,.0f} rows/s ({copy_s / snap_s:.2f} x COPY); longest pgfresh "
+          f"{stats['snapshot_rows'] / snap_s:>10,.0f} rows/s ({copy_s / snap_s:.2f} x COPY); "
+          f"CPU {us(snap_cpu, stats['snapshot_rows']):.1f} us/row; longest pgfresh "
           f"transaction {longest.worst:.2f} s (max_txn_seconds {MAX_TXN_SECONDS:g}, {longest.samples} samples)")
 
 
