@@ -293,20 +293,24 @@ class RowStore:
         """
         self._raise()
         (ref,) = self.source.execute("select pg_snapshot_xmax(pg_current_snapshot())::text::bigint").fetchone()
+        self._enqueue(("stream", txs, ref))
+
+    def _enqueue(self, job: tuple) -> None:
         self.in_flight += 1
         if self._todo is None:
-            self._done.put(self._commit(txs, ref))
+            self._done.put(self._run(job))
             return
         while True:
             try:
-                self._todo.put((txs, ref), timeout=0.1)
+                self._todo.put(job, timeout=0.1)
                 return
             except queue.Full:
                 self._raise()
 
     def committed(self) -> list[Committed]:
-        """Batches whose store transaction has committed since the last call, in order: the stream may
-        be confirmed up to their end LSN, and no further. Raises the error the writer stopped on."""
+        """Stream batches whose store transaction has committed since the last call, in order: the
+        stream may be confirmed up to their end LSN, and no further. Raises the error the writer
+        stopped on. (`in_flight` counts snapshot chunks too: they are applied in the same order.)"""
         out = []
         while True:
             try:
@@ -316,7 +320,7 @@ class RowStore:
         self.in_flight -= len(out)
         if not out:
             self._raise()
-        return out
+        return [c for c in out if c is not None]  # None: a snapshot chunk
 
     def drain(self) -> None:
         """Wait until every submitted batch has committed (their outcomes stay for `committed`)."""
@@ -330,15 +334,12 @@ class RowStore:
         """Stop the writer after the batch it is applying; batches still waiting are not applied (their
         transactions were not confirmed, so the stream sends them again)."""
         if self._thread is not None:
-            while True:  # make room for the sentinel: dropped batches are re-read after a restart
+            while True:  # drop what waits: it was not confirmed, so it is read again after a restart
                 try:
-                    self._todo.put_nowait(None)
+                    self._todo.get_nowait()
+                except queue.Empty:
                     break
-                except queue.Full:
-                    try:
-                        self._todo.get_nowait()
-                    except queue.Empty:
-                        pass
+            self._todo.put(None)  # the queue is empty and only this thread puts: no wait
             self._thread.join()
             self._thread = None
 
@@ -348,7 +349,7 @@ class RowStore:
             if item is None or self._error is not None:
                 return
             try:
-                self._done.put(self._commit(*item))
+                self._done.put(self._run(item))
             except BaseException as exc:  # handed to the caller's thread by submit/committed/drain
                 self._error = exc
                 return
@@ -357,7 +358,11 @@ class RowStore:
         if self._error is not None:
             raise self._error
 
-    def _commit(self, txs: list[Transaction], ref: int) -> Committed:
+    def _run(self, job: tuple) -> Committed | None:
+        if job[0] == "chunk":
+            self._commit_chunk(*job[1:])
+            return None
+        _, txs, ref = job
         applied = self.apply_transactions(txs, ref)
         return Committed(txs[-1].end_lsn, txs[-1].commit_time, len(txs), len(applied))
 
@@ -391,11 +396,16 @@ class RowStore:
         return {t: po.parse_lsn(lsn) for t, lsn in rows}
 
     def _pending_tables(self) -> list[str]:
-        names = [r[0] for r in self.conn.execute(
-            "select tbl from pgfresh.snapshot_progress where pipeline = %s and not done order by tbl",
-            (self.pipeline,))]
+        """Tables whose snapshot is not complete; also resets where the next chunk reads start."""
+        rows = self.conn.execute(
+            "select tbl, last_key from pgfresh.snapshot_progress where pipeline = %s and not done order by tbl",
+            (self.pipeline,)).fetchall()
         self.conn.commit()
-        return [n for n in names if n in self.infos]
+        names = [n for n, _ in rows if n in self.infos]
+        self._to_read = list(names)  # tables not read to their end (snapshot_pending: not applied to it)
+        self._last_keys = {n: last for n, last in rows}
+        self._chunk_seconds = 0.0
+        return names
 
     # -- stream ----------------------------------------------------------------------------------
     def apply_transactions(self, txs: list[Transaction], ref: int | None = None) -> list[Change]:
@@ -528,26 +538,42 @@ class RowStore:
 
     # -- snapshot --------------------------------------------------------------------------------
     def snapshot_step(self, max_rows: int) -> tuple[int, float]:
-        """Read and apply the next chunk of the first unfinished table. Returns (rows read, seconds)."""
-        if not self.snapshot_pending:
+        """Read the next chunk of the first table not read to its end, then submit it to be applied.
+
+        The read is its own short transaction on the source; the chunk is applied in a store
+        transaction of its own, in order with the stream batches (on the writer thread, while the
+        next chunk is read). Returns (rows read, seconds of the longer of this read and the last
+        chunk's store transaction).
+        """
+        self._raise()
+        if not self._to_read:
             return 0, 0.0
-        self.drain()  # chunks and stream batches reconcile against each other: never concurrently
-        name = self.snapshot_pending[0]
+        name = self._to_read[0]
         info = self.infos[name]
         started = time.monotonic()
-        conn = self.conn
+        last_key = self._last_keys.get(name)
+        snap_text, wal_pos, rows = self._read_source(info, last_key, max_rows)
+        seconds = time.monotonic() - started
+        new_last = [rows[-1][info.columns.index(k)] for k in info.key] if rows else last_key
+        done = len(rows) < max_rows
+        self._last_keys[name] = new_last
+        if done:
+            self._to_read.pop(0)
+        self._enqueue(("chunk", name, rows, snap_text, wal_pos, new_last, done))
+        return len(rows), max(seconds, self._chunk_seconds)
+
+    def _commit_chunk(self, name: str, rows: list[tuple], snap_text: str, wal_pos: str, new_last: list | None,
+                      done: bool) -> None:
+        """Apply one chunk with its progress row (and, after the last chunk, a resync's deletes)."""
+        started = time.monotonic()
+        conn = self.wconn
         with conn.transaction():
-            last_key, truncate_xid = conn.execute(
-                "select last_key, truncate_xid::text from pgfresh.snapshot_progress"
+            (truncate_xid,) = conn.execute(
+                "select truncate_xid::text from pgfresh.snapshot_progress"
                 " where pipeline = %s and tbl = %s for update", (self.pipeline, name)).fetchone()
-            snap_text, wal_pos, rows = self._read_source(info, last_key, max_rows)
             snap = Snapshot.parse(snap_text)
-            skip = truncate_xid is not None and not snap.visible(int(truncate_xid))
-            if not skip:
-                self._apply_chunk(info, rows, snap_text)
-            key_idx = [info.columns.index(k) for k in info.key]
-            new_last = [rows[-1][i] for i in key_idx] if rows else last_key
-            done = len(rows) < max_rows
+            if truncate_xid is None or snap.visible(int(truncate_xid)):  # else: read before a TRUNCATE, stale
+                self._apply_chunk(conn, self.infos[name], rows, snap_text)
             conn.execute(
                 "update pgfresh.snapshot_progress set last_key = %s, rows_read = rows_read + %s, done = %s,"
                 " finished_at = case when %s then now() end, reconcile_until = %s where pipeline = %s and tbl = %s",
@@ -556,8 +582,8 @@ class RowStore:
                 conn.execute(_RESYNC_DELETES, {"tbl": name, "pipeline": self.pipeline})
         self.reconcile_until[name] = po.parse_lsn(wal_pos)
         if done:
-            self.snapshot_pending.pop(0)
-        return len(rows), time.monotonic() - started
+            self.snapshot_pending.remove(name)
+        self._chunk_seconds = time.monotonic() - started
 
     def _read_source(self, info: TableInfo, last_key: list | None, limit: int) -> tuple[str, str, list[tuple]]:
         """One chunk from the source in its own short REPEATABLE READ transaction, closed before the
@@ -591,7 +617,7 @@ class RowStore:
         with cur.copy(query, params or None) as cp:
             return list(cp.rows())
 
-    def _apply_chunk(self, info: TableInfo, rows: list[tuple], snap_text: str) -> None:
+    def _apply_chunk(self, conn: psycopg.Connection, info: TableInfo, rows: list[tuple], snap_text: str) -> None:
         """Log the chunk's rows as 'read'; the server keeps those the stream has not superseded."""
         if not rows:
             return
@@ -603,5 +629,5 @@ class RowStore:
             row = {c: (v if f is None or v is None else f(v)) for c, f, v in zip(cols, convs, raw)}
             changes.append(Change(info.name, "read", [row[cols[j]] for j in key_idx], row, 0, None,
                                   tenant=raw[tenant_idx] if tenant_idx is not None else None))
-        after = self._log(self.conn, changes)
-        self.conn.execute(_UPSERT_CHUNK, {"snap": snap_text, "pipeline": self.pipeline, "after": after})
+        after = self._log(conn, changes)
+        conn.execute(_UPSERT_CHUNK, {"snap": snap_text, "pipeline": self.pipeline, "after": after})
