@@ -5,6 +5,12 @@ with the change-log entries (`pgfresh.changes`) and the stream position (`pgfres
 After a crash, capture restarts from that stored position and `apply_transactions` skips any
 transaction whose end LSN it already stored, so nothing is applied twice and nothing is lost.
 
+The writer thread: given a `writer` connection, batches (`submit`) and snapshot chunks
+(`snapshot_step`) are applied on a thread of its own, strictly in the order they were handed over,
+while the caller decodes the next ones; `committed` hands back, in order, the batches whose store
+transaction committed: the only positions the slot may be confirmed to. At most `queue_batches`
+items wait; what waits when the process dies was never confirmed, so the stream sends it again.
+
 Source and store: `RowStore` writes only to the store (its `conn`); the source connection is used
 for reads alone: snapshot chunks, and the xid8 reference that widens a stream xid. Each chunk is read
 in its own short REPEATABLE READ transaction on the source, which closes before the rows are applied
