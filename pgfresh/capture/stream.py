@@ -92,14 +92,8 @@ class Stream:
         return done
 
     def _handle(self, m) -> Transaction | None:
-        if type(m) is po.RowMessage:
-            change = self._change(m)
-            if self._stream_xid is not None:
-                self._streamed[self._stream_xid].append((m.xid, change))
-            elif self._open is not None:
-                self._open.changes.append(change)
-            else:
-                raise DecodeError(f"change to {change.table} outside a transaction")
+        if isinstance(m, po.RowMessage):
+            self._add(self._change(m), m.xid)
         elif isinstance(m, po.Begin):
             self._open = Transaction(m.xid, 0, m.commit_time)
         elif isinstance(m, po.Commit):
