@@ -10,12 +10,17 @@ import subprocess
 import sys
 import threading
 import time
+from datetime import datetime, timezone
 
 import psycopg
 import pytest
 
 from pgfresh import config as cfg
-from pgfresh.capture import sync
+from pgfresh import db as db_module
+from pgfresh.capture import setup, sync
+from pgfresh.capture.change import Change
+from pgfresh.capture.rowstore import RowStore
+from pgfresh.capture.stream import Transaction
 from pgfresh.capture.pgoutput import Decoder
 from pgfresh.errors import DecodeError
 from tests.conftest import run_cli, write_config
@@ -225,6 +230,34 @@ def test_kill9_while_the_writer_thread_has_queued_batches(db, dsn, tmp_path):
     assert db.execute("select count(*) from pgfresh.changes where op = 'update'").fetchone()[0] == 30
     versions = dict(db.execute("select (key::jsonb->>0)::int, versions from pgfresh.rows where tbl = 'public.q'").fetchall())
     assert versions == {i: 2 if i <= 30 else 1 for i in range(1, 101)}  # the snapshot read + one update each
+
+
+def test_chunk_rows_reconcile_with_streamed_changes_by_visibility(db, dsn):
+    """A chunk row whose key the stream changed in a transaction the chunk's snapshot cannot see is
+    neither applied nor logged; one whose streamed change the snapshot saw overwrites it and is
+    logged as 'read'. (The chunk SQL skips its delete when nothing was superseded.)"""
+    db.execute("create table s (id int primary key, v text)")
+    conf = make_config(dsn, [{"name": "s"}])
+    db_module.migrate(db)
+    infos = setup.check_source(db, conf)
+    with psycopg.connect(dsn, autocommit=True) as source:
+        store = RowStore(db, infos, "pgfresh", source=source)
+        store.start("0/1", True)
+        ctime = datetime.now(timezone.utc)
+
+        def tx(xid: int, end_lsn: int, key: int, v: str) -> Transaction:
+            return Transaction(xid, end_lsn, ctime, [Change("public.s", "insert", [key], {"id": key, "v": v}, end_lsn,
+                                                            ctime, xid)])
+
+        # Chunk snapshot 100:100: xid 50 committed before it (visible), xid 5000 after (not visible).
+        store.apply_transactions([tx(5000, 0x100, 2, "stream, newer"), tx(50, 0x200, 3, "stream, older")], ref=6000)
+        store._commit_chunk("public.s", [("1", "chunk"), ("2", "chunk"), ("3", "chunk")], "100:100:", "0/300",
+                            ["3"], True)
+        store.close()
+    rows = dict(db.execute("select key, row->>'v' from pgfresh.rows where tbl = 'public.s'").fetchall())
+    assert rows == {"[1]": "chunk", "[2]": "stream, newer", "[3]": "chunk"}
+    logged = db.execute("select key, op from pgfresh.changes where tbl = 'public.s' order by seq").fetchall()
+    assert logged == [("[2]", "insert"), ("[3]", "insert"), ("[1]", "read"), ("[3]", "read")]
 
 
 def test_200k_snapshot_while_updated_holds_no_long_transaction(db, dsn, tmp_path):

@@ -81,19 +81,22 @@ on conflict (pipeline, tbl, key) do update set
 """
 
 # A chunk's rows are logged as 'read' first; a row the stream has superseded (its last streamed
-# change is not visible in the chunk's snapshot) is neither upserted nor kept in the log.
+# change is not visible in the chunk's snapshot) is not upserted, and then not kept in the log.
 _UPSERT_CHUNK = """
-with up as (
-    insert into pgfresh.rows as r (pipeline, tbl, key, tenant, row, lsn, commit_time, deleted, xid, snap, versions)
-    select pipeline, tbl, key, tenant, row, '0/0', null, false, null, %(snap)s::pg_snapshot, 1 from pgfresh.changes
-    where pipeline = %(pipeline)s and seq > %(after)s
-    on conflict (pipeline, tbl, key) do update set
-        tenant = excluded.tenant, row = excluded.row, deleted = false, snap = excluded.snap
-        where r.xid is null or pg_visible_in_snapshot(r.xid, excluded.snap)
-    returning tbl, key
-)
-delete from pgfresh.changes c where c.pipeline = %(pipeline)s and c.seq > %(after)s
-    and not exists (select 1 from up where up.tbl = c.tbl and up.key = c.key)
+insert into pgfresh.rows as r (pipeline, tbl, key, tenant, row, lsn, commit_time, deleted, xid, snap, versions)
+select pipeline, tbl, key, tenant, row, '0/0', null, false, null, %(snap)s::pg_snapshot, 1 from pgfresh.changes
+where pipeline = %(pipeline)s and seq > %(after)s
+on conflict (pipeline, tbl, key) do update set
+    tenant = excluded.tenant, row = excluded.row, deleted = false, snap = excluded.snap
+    where r.xid is null or pg_visible_in_snapshot(r.xid, excluded.snap)
+"""
+
+# Only when the upsert skipped rows (rare: keys streamed while the table is read). The skipped rows
+# are exactly those still failing its condition: the upsert leaves `xid` as it was.
+_UNLOG_SUPERSEDED = """
+delete from pgfresh.changes c using pgfresh.rows r
+where c.pipeline = %(pipeline)s and c.seq > %(after)s and r.pipeline = c.pipeline and r.tbl = c.tbl and r.key = c.key
+  and r.xid is not null and not pg_visible_in_snapshot(r.xid, %(snap)s::pg_snapshot)
 """
 
 # Resync, one place for its SQL. A row the new snapshot read carries a chunk snapshot in which the
@@ -636,4 +639,6 @@ class RowStore:
             changes.append(Change(info.name, "read", [row[cols[j]] for j in key_idx], row, 0, None,
                                   tenant=raw[tenant_idx] if tenant_idx is not None else None))
         after = self._log(conn, changes)
-        conn.execute(_UPSERT_CHUNK, {"snap": snap_text, "pipeline": self.pipeline, "after": after})
+        params = {"snap": snap_text, "pipeline": self.pipeline, "after": after}
+        if conn.execute(_UPSERT_CHUNK, params).rowcount < len(changes):
+            conn.execute(_UNLOG_SUPERSEDED, params)
