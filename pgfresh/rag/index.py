@@ -1,24 +1,33 @@
 """The 'index' worker: the change log becomes searchable documents, exactly once, within about a second.
 
-Each `step` runs up to three short transactions and never embeds inside one:
+Two threads, each with its own connection to the store, so that embedding and the document writes
+overlap the capture loop's database work (torch, the tokenizer and psycopg all release the GIL):
 
-1. admit: read the next changes of consumer 'index' from `pgfresh.changes`, pass them through the
-   quality gate (`Gate(config, 'rag')`, which quarantines or holds back what it must), render the
-   accepted rows to document text, append them to `pgfresh.index_queue`, advance the consumer.
-2. embed, outside any transaction: the newest queued version of each row at the head of the queue
-   (older versions of the same row are consumed with it: a hot row is embedded once per batch, not
-   once per change), with the embedder of every live generation (the active one, and a building
-   one during a re-embedding).
-3. apply: delete exactly those queue entries and upsert/delete the documents in one transaction,
-   recording for each streamed change its commit -> searchable delay in `pgfresh.rag_freshness`.
+1. admit (the caller's thread, in `step`): read the next changes of consumer 'index' from
+   `pgfresh.changes`, pass them through the quality gate (`Gate(config, 'rag')`, which quarantines
+   or holds back what it must), render the accepted rows to document text, append them to
+   `pgfresh.index_queue`, advance the consumer; one short transaction.
+2. apply (the worker's 'pgfresh-index-apply' thread, one job at a time, started by `step`): until the
+   queue is empty, take the newest queued version of each row at the head of the queue (older
+   versions of the same row are consumed with it: a hot row is embedded once per batch, not once
+   per change), embed it outside any transaction with the embedder of every live generation (the
+   active one, and a building one during a re-embedding), then in one transaction delete exactly
+   those queue entries and upsert/delete the documents, recording for each streamed change its
+   commit -> searchable delay in `pgfresh.rag_freshness`. Then one batch of background
+   re-embedding or cleanup. Every embedding call of the worker runs in this thread (a tokenizer is
+   not safe to share between threads).
 
 A crash anywhere leaves either the change unread, or the entry queued: it is done again, never
-twice (the queue entry and the document write commit together). Deletes and truncates remove the
-documents (the gate never holds a tombstone back).
+twice (the queue entry and the document write commit together). A version admitted while an older
+one of the same row is being embedded stays queued and is applied after it (the delete consumes
+queue ids up to the embedded one only). Deletes and truncates remove the documents (the gate never
+holds a tombstone back). An error in the apply thread is raised by the next `step`.
 """
 
 from __future__ import annotations
 
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime
 
 from pgvector.psycopg import register_vector
@@ -30,6 +39,8 @@ from pgfresh.rag import generations
 from pgfresh.rag.lexical import TSVECTOR_SQL, bigram_text
 
 CONSUMER = "index"
+WAIT_SECONDS = 0.05  # how long an idle `step` waits for the apply job before reporting it busy
+JOB_SECONDS = 2.0  # an apply job stops taking batches after this, so background work is never starved
 
 
 def format_lsn(lsn: int) -> str:
@@ -47,7 +58,11 @@ class IndexWorker:
         self.dsn = dsn
         self.pipeline = pipeline_of(config)  # reads its own pipeline's change log, keeps its own position
         self.conn = None
+        self.apply_conn = None  # the apply thread's own connection
         self.gate = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._job: Future | None = None
+        self._queued_during_job = False  # admitted entries the running job may have missed
         self.active = self.building = None
         self.batch_changes = int(self.rag.get("index_batch_changes", 1000))
         self.batch_docs = int(self.rag.get("index_batch_docs", 128))
@@ -57,18 +72,48 @@ class IndexWorker:
         if self.conn is None:
             from pgfresh.gate import Gate
 
-            self.conn = db.connect(self.dsn or db.store_dsn(self.config), "index", autocommit=True,
-                                   max_txn_seconds=self.config.source.max_txn_seconds)
+            dsn = self.dsn or db.store_dsn(self.config)
+            self.conn = db.connect(dsn, "index", autocommit=True, max_txn_seconds=self.config.source.max_txn_seconds)
             db.migrate(self.conn)
             register_vector(self.conn)
             self.gate = Gate(self.config, "rag")
             self.active, self.building = generations.ensure(self.conn, self.config)
+            self.apply_conn = db.connect(dsn, "index", autocommit=True,
+                                         max_txn_seconds=self.config.source.max_txn_seconds)
+            register_vector(self.apply_conn)
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="pgfresh-index-apply")
         return self.conn
 
     def step(self) -> int:
-        """Admit, embed and apply one batch; then one batch of background re-embedding or cleanup."""
+        """Admit one batch here; apply the queue (and one batch of background re-embedding or
+        cleanup) in the apply thread, overlapping the caller's next work. 0 only when idle."""
         conn = self._connect()
-        done = self._admit(conn) + self._apply(conn)
+        admitted = self._admit(conn)
+        if self._job is not None and admitted:
+            self._queued_during_job = True
+        if self._job is not None and not admitted:
+            _wait(self._job, WAIT_SECONDS)
+        done = admitted
+        if self._job is None:
+            done += 1  # nothing known of the queue yet: busy until a job has found it empty
+        else:
+            if not self._job.done():
+                return done + 1
+            n = self._job.result()  # raises what the apply thread raised
+            done += n or int(self._queued_during_job)
+            self._job = None
+        self._queued_during_job = False
+        self._job = self._pool.submit(self._apply_job)
+        return done
+
+    def _apply_job(self) -> int:
+        """The apply thread's work: the queue until empty, then one background generation batch."""
+        conn = self.apply_conn
+        done, started = 0, time.monotonic()
+        while (n := self._apply(conn)) > 0:
+            done += n
+            if time.monotonic() - started > JOB_SECONDS:
+                break
         if self.building is not None:
             # ensure() built it for the configured embedder, which it has just loaded
             assert self.building.model is not None, "a building generation always has the configured embedder"
@@ -87,9 +132,20 @@ class IndexWorker:
         return self.gate.settling_seconds(conn)
 
     def close(self) -> None:
-        if self.conn is not None:
-            self.conn.close()
-            self.conn = None
+        """Wait for the apply job (its transaction commits or fails whole), then close both connections."""
+        if self._pool is not None:
+            job, self._job = self._job, None
+            if job is not None:
+                try:
+                    job.result()
+                except Exception:  # noqa: BLE001 - its transaction rolled back: the queue keeps it for the next start
+                    pass
+            self._pool.shutdown(wait=True)
+            self._pool = None
+        for c in (self.conn, self.apply_conn):
+            if c is not None:
+                c.close()
+        self.conn = self.apply_conn = None
 
     # -- 1. admit ------------------------------------------------------------------------------
     def _admit(self, conn) -> int:
@@ -199,6 +255,13 @@ class IndexWorker:
             for i, e in enumerate(upserts)]
         with conn.cursor() as cur:
             cur.executemany(query, params)
+
+
+def _wait(job: Future, seconds: float) -> None:
+    try:
+        job.exception(timeout=seconds)
+    except TimeoutError:
+        pass
 
 
 def _record_freshness(conn, commit_times: list[datetime]) -> None:
