@@ -446,3 +446,15 @@ def test_question_limits_are_one_line_and_a_long_question_is_cached(db, dsn, tmp
                              capture_output=True)
         err = out.stderr.decode("utf-8", "replace")
         assert out.returncode == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_lexical_match_is_bounded_by_estimated_rows_and_keeps_rare_words():
+    from pgfresh.rag.lexical import match_query, or_query
+
+    freq = {"red": 0.06, "oak": 0.06, "sofa": 0.025, "norvik": 0.05, "cost": 0.9, "the": 0.001}
+    words = ["sell", "red", "oak", "sofa", "norvik", "cost"]
+    # A small index: every word under lexical_max_df is matched, as or_query does.
+    assert match_query(words, freq, 0.2, 1000, 20000) == or_query(words, freq, 0.2)
+    # A million documents: the rare word, and the rows holding all the common ones.
+    assert match_query(words, freq, 0.2, 1e6, 20000) == "'sell' | ('red' & 'oak' & 'sofa' & 'norvik')"
+    assert match_query(["velora", "cost"], freq, 0.2, 1e6, 20000) == "'velora'"

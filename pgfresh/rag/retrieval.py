@@ -8,7 +8,9 @@ The pipeline, every stage's score kept on the hit for `--json`:
      (`hnsw.iterative_scan = relaxed_order`), so a selective filter still yields enough rows;
    - lexical: `tsvector @@ tsquery` on the GIN index, any question word or bigram, ranked by ts_rank;
      words found in more than `rag.lexical_max_df` of the documents (PostgreSQL's own statistics of
-     the tsvector column) are left out of the match, so "price" does not make every row a candidate.
+     the tsvector column) are left out of the match, so "price" does not make every row a candidate;
+     and the words matched are the rarest ones whose rows add up to `rag.lexical_max_rows`, plus the
+     rows holding every word (ranking cost stays bounded at a million documents).
    Both queries also compute the other retriever's score for their rows (and the share of the
    question's words a row contains), so fusion and rerank see every score of every candidate.
 2. fusion (hybrid): reciprocal rank fusion, or a weighted sum of min-max normalised scores.
@@ -28,7 +30,7 @@ from psycopg import sql
 
 from pgfresh.errors import PgfreshError
 from pgfresh.rag import embed, generations
-from pgfresh.rag.lexical import TSVECTOR_SQL, bigram_text, common_lexemes, or_query
+from pgfresh.rag.lexical import TSVECTOR_SQL, bigram_text, common_lexemes, document_count, match_query, or_query
 
 MODES = ("dense", "lexical", "hybrid")
 FUSIONS = ("rrf", "weighted")
@@ -46,6 +48,7 @@ DEFAULTS = {
     "ef_search": 200,  # recall@10 0.93 at 10k, 0.89 at 100k near-duplicate documents, against 0.86 / 0.83 at 100
     "text_search_config": "english",
     "lexical_max_df": 0.2,
+    "lexical_max_rows": 20000,  # rows a lexical query may match and rank (lexical.match_query)
     "mode": "hybrid",
 }
 _CROSS: dict[str, object] = {}
@@ -158,7 +161,10 @@ def _candidates(conn, rag, active, text, mode, qvec, where, params, n) -> dict:
     out: dict = {}
     with conn.transaction():
         p["qlex"] = conn.execute(qlex_sql, p).fetchone()[0]
-        p["tsq"] = or_query(p["qlex"], common_lexemes(conn), float(setting(rag, "lexical_max_df")))
+        freq, max_df = common_lexemes(conn), float(setting(rag, "lexical_max_df"))
+        p["tsq"] = or_query(p["qlex"], freq, max_df)  # what ts_rank scores
+        p["tsq_match"] = match_query(p["qlex"], freq, max_df, document_count(conn),  # which rows are ranked
+                                     int(setting(rag, "lexical_max_rows")))
         conn.execute(sql.SQL("set local hnsw.ef_search = {}").format(
             sql.Literal(max(int(setting(rag, "ef_search")), n))))
         if _iterative_scans(conn):
@@ -172,8 +178,8 @@ def _candidates(conn, rag, active, text, mode, qvec, where, params, n) -> dict:
             _collect(out, rows, "dense", lambda r: -(r[6] if r[6] is not None else -2.0))
         if mode in ("lexical", "hybrid"):
             inner = sql.SQL(
-                "select d.* from pgfresh.documents d, (select {tsq} as tsq) q0"
-                " where d.index_id = {gid} and d.tsv @@ q0.tsq and {where}"
+                "select d.* from pgfresh.documents d, (select {tsq} as tsq, %(tsq_match)s::tsquery as m) q0"
+                " where d.index_id = {gid} and d.tsv @@ q0.m and {where}"
                 " order by ts_rank(d.tsv, q0.tsq, 1) desc, d.tbl, d.key limit %(n)s"
             ).format(tsq=tsq, gid=sql.Literal(active.id), where=where)
             rows = conn.execute(outer.format(cos=cos, inner=inner, tsq=tsq), p).fetchall()
