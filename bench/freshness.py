@@ -8,6 +8,8 @@ transactions, paced every 20 ms). For each rate it reports:
 - an outside check: probe rows with a unique word, inserted every 2 s, and the time until a
   full-text query finds them in pgfresh.documents (end to end, as a client sees it);
 - the backlog left at the end of the phase (changes not yet searchable).
+- the CPU the pipeline spent per change (the sync process and the server backends of its
+  connections), a figure that other work on a shared machine disturbs far less than the delays.
 A rate is *sustained* when the backlog stays bounded and p99 < 1 s. `--find-max` then bisects
 between the highest sustained and the lowest failed rate with shorter phases.
 
@@ -132,8 +134,24 @@ class Prober(threading.Thread):
                 self.stop.wait(max(0.0, 2 - (time.perf_counter() - committed)))
 
 
-def phase(dsn: str, monitor, writer: Writer, rate: float, seconds: float, prober_ids: int) -> dict:
+def cpu_seconds(monitor, sync_pid: int) -> float:
+    """CPU seconds used so far by the sync process (all threads) and the server backends of its
+    connections (application_name pgfresh-*): the cost of the pipeline, whatever else loads the machine."""
+    pids = [sync_pid] + [r[0] for r in monitor.execute(
+        "select pid from pg_stat_activity where application_name like 'pgfresh-%'")]
+    total = 0.0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def phase(dsn: str, monitor, writer: Writer, rate: float, seconds: float, prober_ids: int, sync_pid: int) -> dict:
     before = histogram(monitor)
+    cpu_before = cpu_seconds(monitor, sync_pid)
     prober = Prober(dsn, prober_ids)
     prober.start()
     written, elapsed = writer.run(rate, seconds, stop_backlog=int(max(2000, rate * 10)), monitor=monitor)
@@ -145,6 +163,7 @@ def phase(dsn: str, monitor, writer: Writer, rate: float, seconds: float, prober
         time.sleep(0.2)
     drain = time.perf_counter() - t
     time.sleep(0.5)
+    cpu = cpu_seconds(monitor, sync_pid) - cpu_before
     after = histogram(monitor)
     diff = [(b, after.get(b, 0) - before.get(b, 0)) for b in after if after.get(b, 0) - before.get(b, 0) > 0]
     p50, p99 = percentile_ms(diff, 0.5), percentile_ms(diff, 0.99)
@@ -155,6 +174,7 @@ def phase(dsn: str, monitor, writer: Writer, rate: float, seconds: float, prober
             "probe_p50_ms": round(probes[len(probes) // 2], 1) if probes else None,
             "probe_max_ms": round(probes[-1], 1) if probes else None,
             "backlog_at_end": left, "drain_s": round(drain, 1),
+            "cpu_ms_per_change": round(cpu * 1000 / max(1, written), 2), "load": round(os.getloadavg()[0], 1),
             "sustained": (not stopped_early) and p99 is not None and p99 < 1000 and left < rate * 2}
 
 
@@ -251,7 +271,7 @@ def measure(args, code: str | None) -> None:
         results, probe_id = [], 10_000_000
         for i, rate in enumerate(float(r) for r in args.rates.split(",")):
             spy = profile(proc.pid, args.seconds, work / "profile.txt") if args.profile and i == 0 else None
-            r = phase(dsn, monitor, writer, rate, args.seconds, probe_id)
+            r = phase(dsn, monitor, writer, rate, args.seconds, probe_id, proc.pid)
             if spy is not None:
                 spy.wait()
                 summarise_profile(work / "profile.txt")
@@ -265,7 +285,7 @@ def measure(args, code: str | None) -> None:
             bad = min((r["rate"] for r in results if not r["sustained"]), default=ok * 4)
             while bad / ok > 1.15:
                 mid = round(math.sqrt(ok * bad))
-                r = phase(dsn, monitor, writer, mid, 20, probe_id)
+                r = phase(dsn, monitor, writer, mid, 20, probe_id, proc.pid)
                 probe_id += 1000
                 print(json.dumps(r), flush=True)
                 ok, bad = (mid, bad) if r["sustained"] else (ok, mid)
