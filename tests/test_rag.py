@@ -458,6 +458,8 @@ def test_lexical_match_is_bounded_by_estimated_rows_and_keeps_rare_words():
     # A million documents: the rare word, and the rows holding all the common ones.
     assert match_query(words, freq, 0.2, 1e6, 20000) == "'sell' | ('red' & 'oak' & 'sofa' & 'norvik')"
     assert match_query(["velora", "cost"], freq, 0.2, 1e6, 20000) == "'velora'"
+    # Every word common: only the rows holding all of them.
+    assert match_query(["red", "oak", "sofa"], freq, 0.2, 1e6, 20000) == "('red' & 'oak' & 'sofa')"
 
 
 class _HeldEmbedder:

@@ -52,8 +52,8 @@ def match_query(lexemes: list[str], frequency: dict[str, float], max_df: float, 
     """The tsquery that selects lexical candidates, bounded to about `max_rows` matching documents.
 
     `or_query`'s words, rarest first, while their estimated matches (share x `documents`) add up
-    to at most `max_rows` (the rarest always); when that leaves two or more words out, documents
-    holding *all* of those match too. In a million documents "red", "oak" and "sofa" are each in
+    to at most `max_rows`; when that leaves two or more words out (or every word is that common),
+    documents holding *all* of those match too. In a million documents "red", "oak" and "sofa" are each in
     tens of thousands of rows: ranking their OR costs a quarter of a second, while the rows holding
     all three (and those holding a rare word, like a name) are the ones ts_rank would put first.
     Words under ANALYZE's radar count at its smallest tracked frequency.
@@ -63,14 +63,15 @@ def match_query(lexemes: list[str], frequency: dict[str, float], max_df: float, 
     chosen, rows = [], 0.0
     for lx in sorted(keep, key=lambda lx: (frequency.get(lx, floor), lx)):
         rows += frequency.get(lx, floor) * documents
-        if chosen and rows > max_rows:
+        if rows > max_rows:
             break
         chosen.append(lx)
     left = [lx for lx in keep if lx not in chosen]
     chosen = [lx for lx in keep if lx in chosen]  # the question's order
-    if len(left) < 2:  # one word left out: its rows with a chosen word match already
-        return _or(chosen)
-    return _or(chosen) + " | (" + " & ".join(_quote(lx) for lx in left) + ")"
+    parts = [_or(chosen)] if chosen else []
+    if len(left) >= 2 or not chosen:  # one word left out: its rows with a chosen word match already
+        parts.append("(" + " & ".join(_quote(lx) for lx in left) + ")")
+    return " | ".join(parts)
 
 
 def _kept(lexemes: list[str], frequency: dict[str, float], max_df: float) -> list[str]:
