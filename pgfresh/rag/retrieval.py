@@ -50,7 +50,7 @@ DEFAULTS = {
     "ef_search": 200,  # recall@10 0.93 at 10k, 0.89 at 100k near-duplicate documents, against 0.86 / 0.83 at 100
     "text_search_config": "english",
     "lexical_max_df": 0.2,
-    "lexical_max_rows": 20000,  # rows a lexical query may match and rank (lexical.match_query)
+    "lexical_max_rows": 5000,  # rows a lexical query may match and rank (lexical.match_query; BENCHMARKS, 1M)
     "exact_max_rows": 20000,  # a tenant filter keeping at most this many documents: exact dense ranking
     "mode": "hybrid",
 }
