@@ -230,6 +230,8 @@ def main() -> None:
     ap.add_argument("--exact", choices=("numpy", "sql"), default="numpy",
                     help="exact kNN in numpy (all vectors read once) or by a scan in SQL (seconds per query at 1M)")
     ap.add_argument("--keep", action="store_true", help="leave the server in --work (for --reuse)")
+    ap.add_argument("--toast-default", action="store_true",
+                    help="build with PostgreSQL's default TOAST threshold (vectors out of line, as before migration 015)")
     args = ap.parse_args()
     work = Path(args.work)
     if not args.reuse:
@@ -243,12 +245,16 @@ def main() -> None:
         pdb.migrate(conn)
         register_vector(conn)
         if not args.reuse:
+            if args.toast_default:
+                conn.execute("alter table pgfresh.documents reset (toast_tuple_target)")
             model = static_embedder(work)
             print(json.dumps({"docs": args.docs, "build": build(conn, model, args.docs)}), flush=True)
         else:
             static_embedder(work)
-        size = conn.execute("select pg_size_pretty(pg_total_relation_size('pgfresh.documents'))").fetchone()[0]
-        print(f"pgfresh.documents with its indexes: {size}", flush=True)
+        size = conn.execute("select pg_size_pretty(pg_total_relation_size('pgfresh.documents')),"
+                            " pg_size_pretty(pg_relation_size(reltoastrelid)) from pg_class"
+                            " where oid = 'pgfresh.documents'::regclass").fetchone()
+        print(f"pgfresh.documents with its indexes: {size[0]} (TOAST: {size[1]})", flush=True)
         for settings in json.loads(args.rag):
             measure(conn, dsn, work, args.docs, args.queries, {"embedder": "static-minilm", **settings}, args.exact)
         conn.close()
