@@ -25,6 +25,7 @@ A request without a tenant is refused when any configured table declares a tenan
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -202,8 +203,6 @@ _TENANT_STATS: dict[tuple, tuple[float, dict[str, float], float]] = {}
 def _filtered_rows(conn, tenant: str) -> float:
     """Documents a tenant filter keeps, by ANALYZE's statistics of pgfresh.documents.tenant (its
     rows plus the shared ones without a tenant; cached a minute). Infinite before any statistics."""
-    import time
-
     key = (conn.info.host, conn.info.port, conn.info.dbname)
     hit = _TENANT_STATS.get(key)
     if hit is None or time.monotonic() - hit[0] > 60:
