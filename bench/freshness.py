@@ -8,11 +8,18 @@ transactions, paced every 20 ms). For each rate it reports:
 - an outside check: probe rows with a unique word, inserted every 2 s, and the time until a
   full-text query finds them in pgfresh.documents (end to end, as a client sees it);
 - the backlog left at the end of the phase (changes not yet searchable).
+- the CPU the pipeline spent per change (the sync process and the server backends of its
+  connections), a figure that other work on a shared machine disturbs far less than the delays.
 A rate is *sustained* when the backlog stays bounded and p99 < 1 s. `--find-max` then bisects
 between the highest sustained and the lowest failed rate with shorter phases.
 
 Run: .venv/bin/python bench/freshness.py [--rates 50,200,1000] [--seconds 60] [--embedder minilm]
-                                         [--find-max] [--rows 2000]
+                                         [--find-max] [--rows 2000] [--code DIR,DIR] [--profile]
+`--code` runs the whole measurement once per directory holding a `pgfresh` package (e.g. a checkout
+of the previous commit, then this one), each on a fresh server, so before/after share one run and
+one machine load. `--profile` samples the sync process with py-spy during the first phase and
+prints where its time went. The static embedder's matrix is distilled once and kept in
+~/.cache/pgfresh-bench (50 s of MiniLM otherwise spent by every run).
 """
 
 from __future__ import annotations
@@ -127,8 +134,24 @@ class Prober(threading.Thread):
                 self.stop.wait(max(0.0, 2 - (time.perf_counter() - committed)))
 
 
-def phase(dsn: str, monitor, writer: Writer, rate: float, seconds: float, prober_ids: int) -> dict:
+def cpu_seconds(monitor, sync_pid: int) -> float:
+    """CPU seconds used so far by the sync process (all threads) and the server backends of its
+    connections (application_name pgfresh-*): the cost of the pipeline, whatever else loads the machine."""
+    pids = [sync_pid] + [r[0] for r in monitor.execute(
+        "select pid from pg_stat_activity where application_name like 'pgfresh-%'")]
+    total = 0.0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def phase(dsn: str, monitor, writer: Writer, rate: float, seconds: float, prober_ids: int, sync_pid: int) -> dict:
     before = histogram(monitor)
+    cpu_before = cpu_seconds(monitor, sync_pid)
     prober = Prober(dsn, prober_ids)
     prober.start()
     written, elapsed = writer.run(rate, seconds, stop_backlog=int(max(2000, rate * 10)), monitor=monitor)
@@ -140,6 +163,7 @@ def phase(dsn: str, monitor, writer: Writer, rate: float, seconds: float, prober
         time.sleep(0.2)
     drain = time.perf_counter() - t
     time.sleep(0.5)
+    cpu = cpu_seconds(monitor, sync_pid) - cpu_before
     after = histogram(monitor)
     diff = [(b, after.get(b, 0) - before.get(b, 0)) for b in after if after.get(b, 0) - before.get(b, 0) > 0]
     p50, p99 = percentile_ms(diff, 0.5), percentile_ms(diff, 0.99)
@@ -150,7 +174,45 @@ def phase(dsn: str, monitor, writer: Writer, rate: float, seconds: float, prober
             "probe_p50_ms": round(probes[len(probes) // 2], 1) if probes else None,
             "probe_max_ms": round(probes[-1], 1) if probes else None,
             "backlog_at_end": left, "drain_s": round(drain, 1),
+            "cpu_ms_per_change": round(cpu * 1000 / max(1, written), 2), "load": round(os.getloadavg()[0], 1),
             "sustained": (not stopped_early) and p99 is not None and p99 < 1000 and left < rate * 2}
+
+
+STATIC_CACHE = Path.home() / ".cache" / "pgfresh-bench" / "static-minilm.npy"
+
+
+def profile(pid: int, seconds: float, out: Path) -> subprocess.Popen | None:
+    """py-spy samples `pid` (every thread, GIL holders or not) into `out` (collapsed stacks)."""
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    if not Path(spy).exists():
+        print("(py-spy not installed: no profile)")
+        return None
+    return subprocess.Popen([spy, "record", "-p", str(pid), "-d", str(int(seconds)), "-r", "50", "-f", "raw",
+                             "-o", str(out), "--threads", "--idle"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def summarise_profile(path: Path, top: int = 40) -> None:
+    """Share of samples per thread, and per pgfresh function on the stack (inclusive)."""
+    if not path.exists():
+        return
+    threads, funcs, total = {}, {}, 0
+    for line in path.read_text().splitlines():
+        stack, _, n = line.rpartition(" ")
+        n = int(n)
+        total += n
+        frames = stack.split(";")
+        threads[frames[0]] = threads.get(frames[0], 0) + n
+        seen = set()
+        for f in frames[next((i for i, f in enumerate(frames) if f.startswith("_loop ")), 1):]:
+            name = f.split(" (")[0] + " (" + f.split(" (")[-1].split(":")[0].split("/")[-1] + ")" if " (" in f else f
+            if name not in seen:
+                seen.add(name)
+                funcs[name] = funcs.get(name, 0) + n
+    print(f"profile: {total} samples at 50/s across threads (waiting included: wall time)")
+    for t, n in sorted(threads.items(), key=lambda x: -x[1]):
+        print(f"  thread {t}: {n / 50:.1f} s")
+    for f, n in sorted(funcs.items(), key=lambda x: -x[1])[:top]:
+        print(f"  {n / 50:6.1f} s  {f}")
 
 
 def main() -> None:
@@ -162,7 +224,16 @@ def main() -> None:
     ap.add_argument("--embed-threads", type=int, default=1)
     ap.add_argument("--find-max", action="store_true", help="bisect the highest sustained rate (20 s phases)")
     ap.add_argument("--all-rates", action="store_true", help="keep going after a rate is not sustained")
+    ap.add_argument("--code", default="", help="directories holding a pgfresh package, one full run each")
+    ap.add_argument("--profile", action="store_true", help="py-spy the sync process in the first phase")
     args = ap.parse_args()
+    for code in (args.code.split(",") if args.code else [None]):
+        if code:
+            print(f"== pgfresh from {code}", flush=True)
+        measure(args, code)
+
+
+def measure(args, code: str | None) -> None:
     work = Path(tempfile.mkdtemp(prefix="pgfresh-bench-fresh-"))
     server = EmbeddedServer(work / "pg")
     dsn = server.start()
@@ -173,10 +244,14 @@ def main() -> None:
             base = evalset.products(640, seed=5)
             c.cursor().executemany(INSERT, [dict(base[i % 640], id=i + 1, name=f"Item{i + 1}") for i in range(args.rows)])
         (work / "pgfresh.toml").write_text(
-            f'[source]\ndsn = "{dsn}"\n\n[[tables]]\nname = "products"\ndocument = "{evalset.DOCUMENT}"\n\n'
+            f'[source]\ndsn = "{dsn}"\n\n[store]\ndsn = "{dsn}"\n\n[[tables]]\nname = "products"\ndocument = "{evalset.DOCUMENT}"\n\n'
             f'[rag]\nembedder = "{args.embedder}"\nembed_threads = {args.embed_threads}\n')
+        if args.embedder == "static-minilm" and STATIC_CACHE.exists():
+            (work / ".pgfresh" / "embedders").mkdir(parents=True, exist_ok=True)
+            shutil.copy(STATIC_CACHE, work / ".pgfresh" / "embedders" / "static-minilm.npy")
+        env = dict(os.environ, PYTHONPATH=os.path.abspath(code)) if code else None
         proc = subprocess.Popen([sys.executable, "-m", "pgfresh", "sync", "--config", str(work / "pgfresh.toml")],
-                                stdout=subprocess.DEVNULL, stderr=open(work / "sync.log", "w"))
+                                stdout=subprocess.DEVNULL, stderr=open(work / "sync.log", "w"), env=env)
         monitor = psycopg.connect(dsn, autocommit=True)
         t = time.perf_counter()
         while True:
@@ -186,13 +261,20 @@ def main() -> None:
             if proc.poll() is not None:
                 raise SystemExit(f"pgfresh sync exited: {(work / 'sync.log').read_text()[-2000:]}")
             time.sleep(0.5)
+        if args.embedder == "static-minilm" and not STATIC_CACHE.exists():
+            STATIC_CACHE.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(work / ".pgfresh" / "embedders" / "static-minilm.npy", STATIC_CACHE)
         print(f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores; embedder {args.embedder} "
               f"(threads {args.embed_threads}); initial {args.rows} rows searchable after {time.perf_counter() - t:.1f} s"
               " (process start, model load, snapshot)", flush=True)
         writer = Writer(dsn, args.rows + 1)
         results, probe_id = [], 10_000_000
-        for rate in [float(r) for r in args.rates.split(",")]:
-            r = phase(dsn, monitor, writer, rate, args.seconds, probe_id)
+        for i, rate in enumerate(float(r) for r in args.rates.split(",")):
+            spy = profile(proc.pid, args.seconds, work / "profile.txt") if args.profile and i == 0 else None
+            r = phase(dsn, monitor, writer, rate, args.seconds, probe_id, proc.pid)
+            if spy is not None:
+                spy.wait()
+                summarise_profile(work / "profile.txt")
             probe_id += 1000
             results.append(r)
             print(json.dumps(r), flush=True)
@@ -203,7 +285,7 @@ def main() -> None:
             bad = min((r["rate"] for r in results if not r["sustained"]), default=ok * 4)
             while bad / ok > 1.15:
                 mid = round(math.sqrt(ok * bad))
-                r = phase(dsn, monitor, writer, mid, 20, probe_id)
+                r = phase(dsn, monitor, writer, mid, 20, probe_id, proc.pid)
                 probe_id += 1000
                 print(json.dumps(r), flush=True)
                 ok, bad = (mid, bad) if r["sustained"] else (ok, mid)

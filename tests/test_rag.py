@@ -444,3 +444,64 @@ def test_question_limits_are_one_line_and_a_long_question_is_cached(db, dsn, tmp
                              capture_output=True)
         err = out.stderr.decode("utf-8", "replace")
         assert out.returncode == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_lexical_match_is_bounded_by_estimated_rows_and_keeps_rare_words():
+    from pgfresh.rag.lexical import match_query, or_query
+
+    freq = {"red": 0.06, "oak": 0.06, "sofa": 0.025, "norvik": 0.05, "cost": 0.9, "the": 0.001}
+    words = ["sell", "red", "oak", "sofa", "norvik", "cost"]
+    # A small index: every word under lexical_max_df is matched, as or_query does.
+    assert match_query(words, freq, 0.2, 1000, 20000) == or_query(words, freq, 0.2)
+    # A million documents: the rare word, and the rows holding all the common ones.
+    assert match_query(words, freq, 0.2, 1e6, 20000) == "'sell' | ('red' & 'oak' & 'sofa' & 'norvik')"
+    assert match_query(["velora", "cost"], freq, 0.2, 1e6, 20000) == "'velora'"
+    # Every word common: only the rows holding all of them.
+    assert match_query(["red", "oak", "sofa"], freq, 0.2, 1e6, 20000) == "('red' & 'oak' & 'sofa')"
+
+
+class _HeldEmbedder:
+    """Wraps an embedder; its first call waits until released (an embedding that takes a while)."""
+
+    def __init__(self, model):
+        self.model, self.entered, self.release, self.calls = model, threading.Event(), threading.Event(), 0
+
+    def embed(self, texts):
+        self.calls += 1
+        if self.calls == 1:
+            self.entered.set()
+            assert self.release.wait(60)
+        return self.model.embed(texts)
+
+
+def test_a_version_admitted_during_embedding_is_applied_after_it(db, dsn, tmp_path):
+    from pgfresh.rag.index import IndexWorker
+
+    rows = evalset.products(3, seed=4)
+    config = setup_products(db, tmp_path, dsn, rows)
+    sync.run(config, once=True)
+    worker = IndexWorker(config, dsn)
+    held = None
+    try:
+        worker.step()
+        held = worker.active.model = _HeldEmbedder(worker.active.model)
+        db.execute("update products set city = 'Hobart' where id = 1")
+        sync.run(config, once=True, workers=[])  # capture only
+        worker.step()  # admits Hobart; the apply thread starts embedding it and is held there
+        assert held.entered.wait(60)
+        db.execute("update products set city = 'Perth' where id = 1")
+        sync.run(config, once=True, workers=[])
+        assert worker.step() > 0  # admits Perth while Hobart is still being embedded
+        assert "made in Hobart" not in docs(db)["[1]"][1]
+        held.release.set()
+        deadline = time.monotonic() + 60
+        while worker.step() and time.monotonic() < deadline:
+            pass
+    finally:
+        if held is not None:
+            held.release.set()
+        worker.close()
+    assert "made in Perth." in docs(db)["[1]"][1]
+    assert db.execute("select count(*) from pgfresh.index_queue").fetchone()[0] == 0
+    current = db.execute("select lsn::text from pgfresh.rows where tbl = 'public.products' and key = '[1]'").fetchone()[0]
+    assert docs(db)["[1]"][3] == current

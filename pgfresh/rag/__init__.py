@@ -31,6 +31,8 @@ _SPEC = {
     "ef_search": (int, lambda v: 1 <= v <= 1000, "an integer in 1..1000"),
     "text_search_config": (str, lambda v: bool(re.match(r"^[a-z_][a-z0-9_]*$", v)), "a text search configuration like 'english'"),
     "lexical_max_df": (_NUM, lambda v: 0 < v <= 1, "a fraction in (0, 1] (words in more documents are left out of lexical matching)"),
+    "exact_max_rows": (int, lambda v: v >= 0, "an integer >= 0 (a tenant filter keeping at most this many documents ranks them exactly)"),
+    "lexical_max_rows": (int, lambda v: v > 0, "a positive integer (rows a lexical query may match and rank)"),
     "mode": (str, lambda v: v in MODES, f"one of {', '.join(MODES)}"),
     "ask_search_mode": (str, lambda v: v in MODES, f"one of {', '.join(MODES)}"),
     "fusion": (str, lambda v: v in FUSIONS, f"one of {', '.join(FUSIONS)}"),

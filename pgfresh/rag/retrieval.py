@@ -5,10 +5,14 @@ The pipeline, every stage's score kept on the hit for `--json`:
 1. candidates (at most `rag.candidates`, default 100) from one or both retrievers, each in SQL with
    the tenant filter in its WHERE clause, so no other tenant's row ever leaves PostgreSQL:
    - dense: HNSW cosine over the active generation, with pgvector's iterative index scans
-     (`hnsw.iterative_scan = relaxed_order`), so a selective filter still yields enough rows;
+     (`hnsw.iterative_scan = relaxed_order`), so a selective filter still yields enough rows; a
+     tenant filter that keeps at most `rag.exact_max_rows` documents (by ANALYZE's statistics)
+     ranks them exactly instead (recall 1, and faster at a million documents);
    - lexical: `tsvector @@ tsquery` on the GIN index, any question word or bigram, ranked by ts_rank;
      words found in more than `rag.lexical_max_df` of the documents (PostgreSQL's own statistics of
-     the tsvector column) are left out of the match, so "price" does not make every row a candidate.
+     the tsvector column) are left out of the match, so "price" does not make every row a candidate;
+     and the words matched are the rarest ones whose rows add up to `rag.lexical_max_rows`, plus the
+     rows holding every word (ranking cost stays bounded at a million documents).
    Both queries also compute the other retriever's score for their rows (and the share of the
    question's words a row contains), so fusion and rerank see every score of every candidate.
 2. fusion (hybrid): reciprocal rank fusion, or a weighted sum of min-max normalised scores.
@@ -21,6 +25,7 @@ A request without a tenant is refused when any configured table declares a tenan
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -28,7 +33,7 @@ from psycopg import sql
 
 from pgfresh.errors import PgfreshError
 from pgfresh.rag import embed, generations
-from pgfresh.rag.lexical import TSVECTOR_SQL, bigram_text, common_lexemes, or_query
+from pgfresh.rag.lexical import TSVECTOR_SQL, bigram_text, common_lexemes, document_count, match_query, or_query
 
 MODES = ("dense", "lexical", "hybrid")
 FUSIONS = ("rrf", "weighted")
@@ -46,6 +51,8 @@ DEFAULTS = {
     "ef_search": 200,  # recall@10 0.93 at 10k, 0.89 at 100k near-duplicate documents, against 0.86 / 0.83 at 100
     "text_search_config": "english",
     "lexical_max_df": 0.2,
+    "lexical_max_rows": 5000,  # rows a lexical query may match and rank (lexical.match_query; BENCHMARKS, 1M)
+    "exact_max_rows": 20000,  # a tenant filter keeping at most this many documents: exact dense ranking
     "mode": "hybrid",
 }
 _CROSS: dict[str, object] = {}
@@ -158,22 +165,30 @@ def _candidates(conn, rag, active, text, mode, qvec, where, params, n) -> dict:
     out: dict = {}
     with conn.transaction():
         p["qlex"] = conn.execute(qlex_sql, p).fetchone()[0]
-        p["tsq"] = or_query(p["qlex"], common_lexemes(conn), float(setting(rag, "lexical_max_df")))
+        freq, max_df = common_lexemes(conn), float(setting(rag, "lexical_max_df"))
+        p["tsq"] = or_query(p["qlex"], freq, max_df)  # what ts_rank scores
+        p["tsq_match"] = match_query(p["qlex"], freq, max_df, document_count(conn),  # which rows are ranked
+                                     int(setting(rag, "lexical_max_rows")))
         conn.execute(sql.SQL("set local hnsw.ef_search = {}").format(
             sql.Literal(max(int(setting(rag, "ef_search")), n))))
         if _iterative_scans(conn):
             conn.execute("set local hnsw.iterative_scan = relaxed_order")
         if mode in ("dense", "hybrid"):
+            # A filter that leaves few rows (a small tenant): rank them all exactly, through the tenant
+            # index ("+ 0" keeps the HNSW index out): all the true neighbours, and faster than a graph
+            # walk that skips 99 rows of other tenants for each one it keeps.
+            exact = "tenant" in params and _filtered_rows(conn, params["tenant"]) <= int(setting(rag, "exact_max_rows"))
             inner = sql.SQL(
                 "select d.*, d.{vec} <=> {qv} as dist from pgfresh.documents d"
-                " where d.index_id = {gid} and d.embedding is not null and {where} order by dist limit %(n)s"
-            ).format(vec=vec, qv=qv, gid=sql.Literal(active.id), where=where)
+                " where d.index_id = {gid} and d.embedding is not null and {where} order by {order} limit %(n)s"
+            ).format(vec=vec, qv=qv, gid=sql.Literal(active.id), where=where,
+                     order=sql.SQL("(d.{} <=> {}) + 0").format(vec, qv) if exact else sql.SQL("dist"))
             rows = conn.execute(outer.format(cos=cos, inner=inner, tsq=tsq), p).fetchall()
             _collect(out, rows, "dense", lambda r: -(r[6] if r[6] is not None else -2.0))
         if mode in ("lexical", "hybrid"):
             inner = sql.SQL(
-                "select d.* from pgfresh.documents d, (select {tsq} as tsq) q0"
-                " where d.index_id = {gid} and d.tsv @@ q0.tsq and {where}"
+                "select d.* from pgfresh.documents d, (select {tsq} as tsq, %(tsq_match)s::tsquery as m) q0"
+                " where d.index_id = {gid} and d.tsv @@ q0.m and {where}"
                 " order by ts_rank(d.tsv, q0.tsq, 1) desc, d.tbl, d.key limit %(n)s"
             ).format(tsq=tsq, gid=sql.Literal(active.id), where=where)
             rows = conn.execute(outer.format(cos=cos, inner=inner, tsq=tsq), p).fetchall()
@@ -182,6 +197,26 @@ def _candidates(conn, rag, active, text, mode, qvec, where, params, n) -> dict:
 
 
 _VECTOR_VERSIONS: dict[tuple, bool] = {}
+_TENANT_STATS: dict[tuple, tuple[float, dict[str, float], float]] = {}
+
+
+def _filtered_rows(conn, tenant: str) -> float:
+    """Documents a tenant filter keeps, by ANALYZE's statistics of pgfresh.documents.tenant (its
+    rows plus the shared ones without a tenant; cached a minute). Infinite before any statistics."""
+    key = (conn.info.host, conn.info.port, conn.info.dbname)
+    hit = _TENANT_STATS.get(key)
+    if hit is None or time.monotonic() - hit[0] > 60:
+        row = conn.execute(
+            "select most_common_vals::text::text[], most_common_freqs, null_frac from pg_stats"
+            " where schemaname = 'pgfresh' and tablename = 'documents' and attname = 'tenant'").fetchone()
+        hit = _TENANT_STATS[key] = (time.monotonic(), dict(zip(row[0] or [], row[1] or [])) if row else {},
+                                    row[2] if row else -1.0)
+    _, freq, nulls = hit
+    if nulls < 0:
+        return float("inf")
+    # A tenant missing from the most common values is rarer than the rarest of them.
+    share = freq.get(tenant, min(freq.values(), default=0.0)) + nulls
+    return share * document_count(conn)
 
 
 def _iterative_scans(conn) -> bool:
