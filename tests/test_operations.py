@@ -130,6 +130,8 @@ def _writer(dsn: str, stop: threading.Event, counts: dict, first_id: int) -> Non
     while not stop.is_set():
         try:
             with psycopg.connect(dsn, autocommit=True, connect_timeout=2) as w:
+                # An insert whose commit the restart hid from us may have landed: go on after it.
+                next_id = max(next_id, w.execute("select coalesce(max(id), 0) + 1 from acct").fetchone()[0])
                 while not stop.is_set():
                     r = rng.random()
                     if r < 0.6:
