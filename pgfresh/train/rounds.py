@@ -7,11 +7,13 @@ A round of slice S (one tenant's facts) trains on:
   is learnt in this round, that is the update (its old answer becomes the stale answer the gate
   watches for); where none exists (a deleted row without a `gone` template), the old questions
   are taught `unknown_answer`;
-- *replay*: a random `replay_ratio` share of the unchanged known facts (never the probe set).
+- *replay*: a random sample of the unchanged known facts, drawn afresh each epoch: `replay_ratio`
+  of them, or `replay_per_new` per fact the round teaches where that is more (`replay_size`).
 
 The gate asks held-out phrasings only: accuracy on the learn facts, the stale-answer rate, and
-forgetting on the slice's fixed probe set (the share of probe answers the parent got right that
-the candidate gets wrong). A candidate that passes is published in one transaction with the
+forgetting on the slice's probe set (the share of probe answers the parent got right that the
+candidate gets wrong; `probe_size` known facts, a sample of the slice replayed at the slice's rate,
+so it estimates what users of the slice would see lost), each with its 95% Wilson interval. A candidate that passes is published in one transaction with the
 fact_training rows of what it learnt; one that fails is recorded with its reason, and its facts
 wait for the next round. The database is only touched in short transactions; a session-level
 advisory lock per slice keeps two trainers apart and lets a restart tell an abandoned round.
@@ -33,6 +35,7 @@ from psycopg.types.json import Jsonb
 
 from pgfresh import model as base_model
 from pgfresh.errors import PgfreshError
+from pgfresh.stats import wilson
 from pgfresh.train import data, settings, slice_of, slices
 from pgfresh.train.slices import Version
 
@@ -141,14 +144,20 @@ def plan(conn, s, name: str, tenant: str | None, parent: Version, replay_ratio: 
         p.updates.append(f)
     known = [f for f in active if learnt(f)]
     p.probe = _probe(conn, s, name, known)
-    probe_ids = {f.fact_id for f in p.probe}
-    pool = [f for f in known if f.fact_id not in probe_ids]
-    ratio = s.replay_ratio if replay_ratio is None else replay_ratio
-    n = min(s.replay_max, math.ceil(ratio * len(pool))) if ratio > 0 else 0
-    p.replay_pool, p.replay_n = pool, min(n, len(pool))
+    pool = known  # the probe is a sample of the slice, replayed at the same rate as the rest of it
+    p.replay_pool, p.replay_n = pool, replay_size(s, len(pool), len(p.learn) + len(p.explicit), replay_ratio)
     p.replay = random.Random(f"{s.seed}:{name}:{parent.version}:0").sample(pool, p.replay_n)
     p.lsn = max([parent.lsn, *(f.lsn for f in p.learn + p.updates)], key=lsn_int)
     return p
+
+
+def replay_size(s, pool: int, new: int, replay_ratio: float | None = None) -> int:
+    """Replay facts per epoch: `replay_ratio` of the known facts, or `replay_per_new` per fact the
+    round teaches where that is more (a round of 5 facts on a slice of 40 replays 5, not 4), at most
+    `replay_max` and the pool. An explicit `replay_ratio` (tests, benchmarks) is the share alone."""
+    by_share = math.ceil((s.replay_ratio if replay_ratio is None else replay_ratio) * pool)
+    by_new = math.ceil(s.replay_per_new * new) if replay_ratio is None else 0
+    return min(s.replay_max, pool, max(by_share, by_new))
 
 
 def _successor(f, by_id: dict):
@@ -162,13 +171,22 @@ def _successor(f, by_id: dict):
 
 
 def _probe(conn, s, name: str, known: list) -> list:
-    """The slice's fixed probe set: kept while at least half of it is still known and unchanged."""
+    """The slice's probe set: `probe_size` of its known, unchanged facts (all of them in a smaller
+    slice). The facts of the stored set that are still known stay in it; a seeded sample of the
+    other known facts tops it up (a changed fact leaves the set, the next round replaces it).
+
+    Sized for the gate's interval: with 100 probe answers the parent got right, forgetting 0.30 has
+    a 95% Wilson interval of [0.22, 0.40]; on the 7-fact probes of earlier versions (20% of a
+    40-fact tenant) one answer moved it by 0.14 and the interval spanned 0.08-0.64 (docs/TRAINING.md)."""
     stored = conn.execute("select probe from pgfresh.slices where name = %s", (name,)).fetchone()[0] or []
     by_id = {f.fact_id: f for f in known}
-    probe = [by_id[i] for i in stored if i in by_id]
-    want = min(s.probe_size, math.ceil(0.2 * len(known)))  # most known facts stay available for replay
-    if len(probe) * 2 < want or (not probe and want):
-        probe = random.Random(f"{s.seed}:{name}:probe").sample(known, want)
+    probe = [by_id[i] for i in stored if i in by_id][:s.probe_size]
+    want = min(s.probe_size, len(known))
+    if len(probe) < want:
+        kept = {f.fact_id for f in probe}
+        rest = [f for f in known if f.fact_id not in kept]
+        probe += random.Random(f"{s.seed}:{name}:probe:{len(stored)}").sample(rest, want - len(probe))
+    if [f.fact_id for f in probe] != list(stored):
         conn.execute("update pgfresh.slices set probe = %s where name = %s", ([f.fact_id for f in probe], name))
     return probe
 
@@ -345,6 +363,7 @@ def _metrics(loaded, s, p: Plan, probe_pairs, before: list[bool]) -> dict:
     return {
         "learn": len(p.learn), "updates": len(p.updates), "replay": len(p.replay), "probe": len(p.probe),
         "new_accuracy": round(sum(right) / len(right), 4) if right else None,
+        "new_accuracy_ci": _ci(sum(right), len(right)),
         "new_accuracy_trained": fit.accuracy(loaded, [(f.question, f.answer) for f in p.learn]),
         "stale_rate": round(sum(fit.normalize(g) == fit.normalize(o) for g, o in changed) / len(changed), 4) if changed else None,
         "changed": len(changed),
@@ -352,7 +371,15 @@ def _metrics(loaded, s, p: Plan, probe_pairs, before: list[bool]) -> dict:
         "probe_before": round(kept_before / len(before), 4) if before else None,
         "probe_after": round(sum(after) / len(after), 4) if after else None,
         "forgetting": round(lost / kept_before, 4) if kept_before else None,
+        "forgetting_ci": _ci(lost, kept_before),  # over the kept_before probe answers the parent got right
+        "kept_before": kept_before,
     }
+
+
+def _ci(k: int, n: int) -> list[float] | None:
+    """The 95% Wilson interval of k of n, rounded for the round's record."""
+    ci = wilson(k, n)
+    return None if ci is None else [round(x, 4) for x in ci]
 
 
 def _gate(s, m: dict) -> list[str]:
