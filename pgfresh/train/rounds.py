@@ -226,14 +226,25 @@ def _share(state, obj):
     return box[0]
 
 
+def lineage_name(tenant: str | None, variant: str | None = None) -> str:
+    """The slice a round trains: the tenant's (`slice_of`), or for an experiment's lineage of its
+    own (the arena's `tuned-gate-off`), `_<variant>:<the tenant's slice>`: a name with a single `_`
+    in front, which no tenant maps to, so it never serves a tenant's `ask --mode tuned`."""
+    return slice_of(tenant) if variant is None else f"_{variant}:{slice_of(tenant)}"
+
+
 def run_round(config, tenant: str | None, console=None, *, publish: bool = True, replay_ratio: float | None = None,
-              should_stop=None) -> dict | None:
+              should_stop=None, variant: str | None = None, gate: bool = True) -> dict | None:
     """One round for the tenant's slice; None when nothing waits. Returns the round's record.
+
+    `variant`: train the lineage `lineage_name(tenant, variant)` instead of the tenant's slice.
+    `gate=False`: publish the candidate whatever the gate says (its reasons stay in the record and
+    in the metrics as `gate_reasons`): what the arena's gate-off column measures.
 
     Distributed (`accelerate launch`): the main process plans, evaluates and publishes; the others
     receive its plan and train with it (the gradients are averaged), then return None."""
     s = settings(config)
-    name = slice_of(tenant)
+    name = lineage_name(tenant, variant)
     state = _dist()
     if state is not None and not state.is_main_process:
         p = _share(state, None)
@@ -263,7 +274,7 @@ def run_round(config, tenant: str | None, console=None, *, publish: bool = True,
                 " values (%s, %s, 'running', pg_backend_pid(), %s, %s, %s) returning id",
                 (name, parent.version, len(p.learn), len(p.updates), len(p.replay))).fetchone()[0]
             try:
-                return _train_and_gate(config, conn, s, p, round_id, console, publish, should_stop)
+                return _train_and_gate(config, conn, s, p, round_id, console, publish, should_stop, gate)
             except Exception as exc:
                 conn.execute("update pgfresh.train_rounds set status = 'failed', reason = %s, finished_at = now()"
                              " where id = %s", (f"{type(exc).__name__}: {exc}"[:2000], round_id))
@@ -319,7 +330,8 @@ def _candidate(config, conn, s, p: Plan, label: str, console, should_stop, on_pa
     return loaded, stats, list(replayed.values()), device
 
 
-def _train_and_gate(config, conn, s, p: Plan, round_id: int, console, publish: bool, should_stop) -> dict:
+def _train_and_gate(config, conn, s, p: Plan, round_id: int, console, publish: bool, should_stop,
+                    gate: bool = True) -> dict:
     from pgfresh.train import fit
 
     started, cpu0 = time.time(), time.process_time()
@@ -332,6 +344,8 @@ def _train_and_gate(config, conn, s, p: Plan, round_id: int, console, publish: b
              method=s.method, lora_rank=s.lora_rank if s.method == "lora" else None,
              processes=int(os.environ.get("WORLD_SIZE", "1")))
     reasons = _gate(s, m)
+    if not gate:
+        m["gate_reasons"] = reasons  # what the gate would have said; published all the same
     m.update(seconds=round(time.time() - started, 2), cpu_seconds=round(time.process_time() - cpu0, 2))
     record = {"round": round_id, "slice": p.slice, "tenant": p.tenant, "parent": p.parent.version,
               "learn": [f.fact_id for f in p.learn], "updates": [f.fact_id for f in p.updates],
@@ -340,12 +354,12 @@ def _train_and_gate(config, conn, s, p: Plan, round_id: int, console, publish: b
         conn.execute("update pgfresh.train_rounds set status = 'trial', metrics = %s, reason = 'trial: never published',"
                      " finished_at = now() where id = %s", (Jsonb(m), round_id))
         return {**record, "status": "trial", "reasons": reasons}
-    if reasons:
+    if reasons and gate:
         conn.execute("update pgfresh.train_rounds set status = 'rejected', metrics = %s, reason = %s, finished_at = now()"
                      " where id = %s", (Jsonb(m), "; ".join(reasons), round_id))
         return {**record, "status": "rejected", "reasons": reasons}
     version = _publish(config, conn, s, p, round_id, loaded, m)
-    return {**record, "status": "published", "version": version, "lsn": p.lsn}
+    return {**record, "status": "published", "version": version, "lsn": p.lsn, "reasons": reasons}
 
 
 def _metrics(loaded, s, p: Plan, probe_pairs, before: list[bool]) -> dict:
@@ -437,9 +451,9 @@ def tenants(conn) -> list[str | None]:
                                        " order by tenant nulls first", (list(data.TRAINABLE),))]
 
 
-def _due(conn, s, config, tenant) -> bool:
+def _due(conn, s, config, tenant, variant: str | None = None) -> bool:
     """Enough facts wait, or the oldest has waited long enough (and the last failure was a while ago)."""
-    name = slice_of(tenant)
+    name = lineage_name(tenant, variant)
     parent = ensure_lineage(conn, config, name, tenant)
     p = plan(conn, s, name, tenant, parent, replay_ratio=0)
     if p.empty:
@@ -453,10 +467,11 @@ def _due(conn, s, config, tenant) -> bool:
     return len(p.learn) + len(p.explicit) >= s.min_new_facts or age >= s.max_wait_seconds
 
 
-def run(config, once: bool = False, console=None, due_only: bool = False) -> list[dict] | None:
+def run(config, once: bool = False, console=None, due_only: bool = False, variant: str | None = None,
+        gate: bool = True) -> list[dict] | None:
     """Rounds for every slice as its facts arrive; `once`: one round per slice with waiting facts
     (`due_only`: only where a round is due, as the long-running loop decides). Under a distributed
-    launch, the processes other than the main one return None."""
+    launch, the processes other than the main one return None. `variant`, `gate`: as `run_round`."""
     s = settings(config)
     state = _dist()
     main = state is None or state.is_main_process
@@ -464,7 +479,7 @@ def run(config, once: bool = False, console=None, due_only: bool = False) -> lis
     if not once and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, lambda *_: stop.set())  # finish the round in progress, then exit
     try:
-        results = _rounds(config, s, state, main, once, due_only, stop, console)
+        results = _rounds(config, s, state, main, once, due_only, stop, console, variant, gate)
         if state is not None:
             state.wait_for_everyone()
         return results
@@ -473,21 +488,22 @@ def run(config, once: bool = False, console=None, due_only: bool = False) -> lis
             state.destroy_process_group()  # when the interpreter exits with the group still open
 
 
-def _rounds(config, s, state, main: bool, once: bool, due_only: bool, stop, console) -> list[dict] | None:
+def _rounds(config, s, state, main: bool, once: bool, due_only: bool, stop, console, variant=None,
+            gate: bool = True) -> list[dict] | None:
     results = []
     while True:
         todo = None
         if main:
             with slices.connect(config) as conn:
-                todo = [t for t in tenants(conn) if (once and not due_only) or _due(conn, s, config, t)]
+                todo = [t for t in tenants(conn) if (once and not due_only) or _due(conn, s, config, t, variant)]
         for tenant in _share(state, todo):
             try:
-                r = run_round(config, tenant, console if main else None)
+                r = run_round(config, tenant, console if main else None, variant=variant, gate=gate)
             except PgfreshError as exc:
                 if once:
                     raise
                 if console is not None:
-                    console.print(f"[red]round of slice {slice_of(tenant)!r} failed:[/] {exc}")
+                    console.print(f"[red]round of slice {lineage_name(tenant, variant)!r} failed:[/] {exc}")
                 continue
             if r is not None:
                 results.append(r)
@@ -500,6 +516,8 @@ def _rounds(config, s, state, main: bool, once: bool, due_only: bool, stop, cons
 def _report(console, r: dict) -> None:
     m = r["metrics"]
     what = f"published version {r['version']}" if r["status"] == "published" else f"rejected ({'; '.join(r['reasons'])})"
+    ci = m.get("forgetting_ci")
     console.print(f"slice {r['slice']}: round {r['round']} {what}: learn {m['learn']}, updates {m['updates']}, "
-                  f"replay {m['replay']}; new-fact accuracy {m['new_accuracy']}, forgetting {m['forgetting']}, "
-                  f"stale {m['stale_rate']}; {m['seconds']} s")
+                  f"replay {m['replay']}; new-fact accuracy {m['new_accuracy']}, forgetting {m['forgetting']}"
+                  + (f" [{ci[0]:.2f}-{ci[1]:.2f}] of {m['kept_before']}" if ci else "")
+                  + f", stale {m['stale_rate']}; {m['seconds']} s")
