@@ -1,7 +1,7 @@
 """Sweep of a training round's learning rate, length and replay on a finished demo's facts.
 
     .venv/bin/python bench/rounds.py --demo .pgfresh/demo [--facts 5,20] [--lr 1e-3,3e-3,1e-2]
-                                     [--steps 0,150,300] [--replay-per-new 0,0.5,1,2] [--workdir DIR]
+                                     [--steps 0,150,300] [--replay-per-new 0,0.5,1,2] [--slices N] [--workdir DIR]
 
 The demo directory (`pgfresh demo --workdir DIR`, after its run) holds the base model it built and
 its store, with every fact the run rendered. Both are copied into `--workdir` (the demo stays as
@@ -92,13 +92,14 @@ def main() -> None:
     ap.add_argument("--steps", default="0,150,300", help="min_steps per round")
     ap.add_argument("--replay-per-new", default="0,0.5,1,2")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--slices", type=int, default=0, help="only the first N tenants' slices (0: all)")
     a = ap.parse_args()
     path = copy_demo(a.demo.resolve(), a.workdir.resolve())
     config = cfg.load(path)
     from pgfresh.train import rounds, slices
 
     with slices.connect(config) as conn:
-        tenants = rounds.tenants(conn)
+        tenants = rounds.tenants(conn)[:a.slices or None]
     load = os.getloadavg()
     print(f"demo {a.demo}: slices {[rounds.slice_of(t) for t in tenants]}; load average {load[0]:.1f} at start")
     base = {"threads": a.threads, "replay_per_new": 1.0}
