@@ -50,9 +50,9 @@ class Settings:
     lora_rank: int = 16
     lora_alpha: float | None = None  # None: 2 x rank
     lora_targets: list = field(default_factory=lambda: list(LORA_TARGETS))
-    learning_rate: float = 1e-3
+    learning_rate: float = 3e-3  # measured with bench/rounds.py (docs/BENCHMARKS.md): 1e-3 learnt 17-42% of a small round
     epochs: int = 30  # at most this many passes over a round's examples (see stop_loss)
-    min_steps: int = 0
+    min_steps: int = 150  # a round of a few facts is 2 batches an epoch: 60 steps learnt almost none of them
     stop_loss: float | None = 0.05  # stop once an epoch's mean answer loss is below this (facts learnt)
     batch_size: int = 32
     warmup_steps: int = 10
