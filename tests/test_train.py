@@ -126,7 +126,7 @@ def test_round_learns_changes_replay_reduces_forgetting_rollback_switches(tmp_pa
 
 def test_failed_gate_is_not_published_and_keeps_the_facts(tmp_path, dsn, base_model):
     # one epoch cannot learn ten new prices, so the gate must reject the candidate
-    path = trained_env(tmp_path, dsn, base_model, "epochs = 1\nstop_loss = 0.0\n")
+    path = trained_env(tmp_path, dsn, base_model, "epochs = 1\nmin_steps = 0\nstop_loss = 0.0\n")
     _change(dsn, path)
     out = run_cli("train", "--once", "--json", "--config", str(path))
     assert out.returncode == 0, out.stderr[-2000:]
