@@ -13,8 +13,9 @@ A round of slice S (one tenant's facts) trains on:
 The gate asks held-out phrasings only: accuracy on the learn facts, the stale-answer rate, and
 forgetting on the slice's probe set (the share of probe answers the parent got right that the
 candidate gets wrong; `probe_size` known facts, a sample of the slice replayed at the slice's rate,
-so it estimates what users of the slice would see lost), each with its 95% Wilson interval. A candidate that passes is published in one transaction with the
-fact_training rows of what it learnt; one that fails is recorded with its reason, and its facts
+so it estimates what users of the slice would see lost), each with its 95% Wilson interval. A
+candidate that passes is published in one transaction with the fact_training rows of what it
+learnt; one that fails is recorded with its reason, and its facts
 wait for the next round. The database is only touched in short transactions; a session-level
 advisory lock per slice keeps two trainers apart and lets a restart tell an abandoned round.
 """
