@@ -360,3 +360,13 @@ def test_smollm2_wheel_resolves_loads_and_answers(tmp_path):
     assert 130e6 < sum(p.numel() for p in loaded.model.parameters()) < 140e6
     (text,) = model.generate(loaded, [model.format_prompt("What is the capital of France?")], max_new_tokens=8)
     assert isinstance(text, str)
+
+
+def test_replay_is_sized_by_the_rounds_new_facts_on_small_slices():
+    from pgfresh.train import Settings
+
+    s = Settings()  # replay_ratio 0.10, replay_per_new 1
+    assert rounds.replay_size(s, pool=40, new=6) == 6  # 10% of a 40-fact tenant would be 4
+    assert rounds.replay_size(s, pool=400, new=6) == 40  # the share where it is more
+    assert rounds.replay_size(s, pool=5, new=6) == 5  # never more than the slice knows
+    assert rounds.replay_size(s, pool=40, new=6, replay_ratio=0.0) == 0  # an explicit share is the share alone
