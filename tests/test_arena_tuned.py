@@ -35,13 +35,15 @@ def tuned_run(pg_server, tmp_path_factory):
     try:
         text = workload.shop_config_text({"dsn": pg_server.dsn(name), "max_txn_seconds": 5.0, "slot": name})
         text = text.replace("settle_seconds = 30", "settle_seconds = 5")
+        # rounds of at most 12 facts: a round finishes within a batch or two even on a loaded machine
+        text = text.replace("max_facts_per_round = 40", "max_facts_per_round = 12")
         # one thread, deterministic algorithms: the build and the rounds repeat on one machine
         text = text.replace("\n[train]\n", "\n[train]\ndeterministic = true\n", 1)
         path = directory / "pgfresh.toml"
         path.write_text(f'store = {{ dsn = "{pg_server.dsn(name)}" }}\n' + text)  # the store in the test database
         r = runner.run_arena(
             cfg.load(path), minutes=0.3, noise=0.0, seed=5, strategies=STRATEGIES, json_path=directory / "results.json",
-            overrides={"batches": 6, "batch_interval_s": 8.0, "rate_per_s": 6.0, "questions_per_batch": 12,
+            overrides={"batches": 5, "batch_interval_s": 8.0, "rate_per_s": 6.0, "questions_per_batch": 12,
                        "correct_after_s": 3.0, "oltp_seconds": 0.0, "export_seconds": 0.0,
                        "scale": {"shops": SHOPS, "products_per_shop": 8, "notes_per_shop": 2}})
         with psycopg.connect(pg_server.dsn(name)) as c:
