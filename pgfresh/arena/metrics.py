@@ -31,6 +31,8 @@ import unicodedata
 from collections import Counter
 from decimal import Decimal, InvalidOperation
 
+from pgfresh.stats import Z95, wilson  # noqa: F401  (metrics.wilson: the arena's name for it)
+
 # Digits next to Chinese characters are numbers too ("售价12.50元"): only ASCII letters, digits
 # and a decimal point glue a number into a word.
 _NUMBER = re.compile(r"(?<![A-Za-z0-9_.])[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?![A-Za-z0-9_])")
@@ -47,7 +49,6 @@ _UNKNOWN_ZH = re.compile(r"不知道|不清楚|不确定|没有(?:相关)?(?:信
                          r"|找不到")
 _CJK = re.compile("[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
 BUCKETS = [(0, 10), (10, 30), (30, 60), (60, 120), (120, 300), (300, math.inf)]
-Z95 = 1.959963984540054  # two-sided 95% normal quantile
 ALPHA = 0.05  # a comparison calls a difference when its two-sided p-value is below this
 BOOT_RESAMPLES = 1000
 BOOT_SEED = 20251201
@@ -152,18 +153,6 @@ def _rate(part: int, whole: int) -> float | None:
 
 
 # -- intervals and tests -----------------------------------------------------------------------
-def wilson(k: int, n: int, z: float = Z95) -> list[float] | None:
-    """The Wilson score interval [lo, hi] of k successes in n trials (None for n = 0)."""
-    if not n:
-        return None
-    p = k / n
-    d = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / d
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
-    # At k = 0 or k = n one bound is exactly 0 or 1 (floating point would leave 1e-16 off).
-    return [0.0 if k == 0 else max(0.0, centre - half), 1.0 if k == n else min(1.0, centre + half)]
-
-
 def _boot_value(v: float | None):
     return None if v is None or math.isinf(v) else v
 

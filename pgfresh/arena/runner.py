@@ -23,6 +23,7 @@ import math
 import multiprocessing as mp
 import os
 import platform
+import re
 import threading
 import time
 from dataclasses import asdict, replace
@@ -392,7 +393,7 @@ def assemble(run: ArenaRun, started_at: datetime, machine: dict) -> dict:
     for s in run.strategies:
         rs = [r for r in run.records if r["strategy"] == s.name]
         cost = {**run.cost[s.name], "background_cpu_s": s.background_cpu_s()}
-        strategies[s.name] = {"kind": s.kind, "gate": s.gate,
+        strategies[s.name] = {"kind": s.kind, "gate": s.gate, "publish_gate": s.publish_gate,
                               **metrics.summarise_strategy(rs, run.batches, cost, workload["changes"])}
     ingest = {**run.ingest, "cpu_s_per_1k_changes": (run.ingest["cpu_s"] / workload["changes"] * 1000
                                                      if workload["changes"] and run.pipeline else None)}
@@ -419,9 +420,44 @@ def assemble(run: ArenaRun, started_at: datetime, machine: dict) -> dict:
         "errors": run.errors,
         "records": run.records,
     }
+    results["training"] = _training(run, {s.name: s for s in run.strategies})
     results["verdict"] = verdict.verdict(results)
     results["router"] = verdict.router_table(results)  # the router per class against its parts ([] without them)
     return results
+
+
+def _training(run: ArenaRun, strategies: dict) -> dict:
+    """Per tuned strategy, the training rounds of its slices during the live phase: counts by
+    status, and each round's size, gate metrics (with intervals) and reasons ({} without training)."""
+    tuned = {n: s for n, s in strategies.items() if s.kind == "tuned" and s.publish_gate is not None}
+    if not tuned:
+        return {}
+    out = {}
+    with db.connect_store(run.config, "arena") as store:
+        if store.execute("select to_regclass('pgfresh.train_rounds')").fetchone()[0] is None:
+            return {}
+        rows = store.execute(
+            "select slice, status, learn, updates, metrics, reason, extract(epoch from started_at - %s),"
+            " extract(epoch from finished_at - %s) from pgfresh.train_rounds where started_at >= %s order by id",
+            (run.live_start, run.live_start, run.live_start)).fetchall()
+    for name, s in tuned.items():
+        variant = getattr(s, "VARIANT", None) if s.publish_gate is False else None
+        mine = [r for r in rows if _variant_of(r[0]) == variant]
+        out[name] = {"published": sum(r[1] == "published" for r in mine), "rejected": sum(r[1] == "rejected" for r in mine),
+                     "slices_published": sorted({r[0] for r in mine if r[1] == "published"}),
+                     "slices": sorted({r[0] for r in mine}),
+                     "rounds": [{"slice": r[0], "status": r[1], "learn": r[2], "updates": r[3], "reason": r[5],
+                                 "started_s": float(r[6]), "finished_s": None if r[7] is None else float(r[7]),
+                                 **{k: (r[4] or {}).get(k) for k in ("new_accuracy", "new_accuracy_ci", "forgetting",
+                                                                     "forgetting_ci", "kept_before", "replay", "probe",
+                                                                     "steps", "seconds")}} for r in mine]}
+    return out
+
+
+def _variant_of(slice_name: str) -> str | None:
+    """The variant of a lineage named by `train.rounds.lineage_name` (`_<variant>:<slice>`), else None."""
+    m = re.match(r"_([^_:][^:]*):", slice_name)
+    return m.group(1) if m else None
 
 
 def _count_by(records: list[dict], field: str) -> dict:

@@ -11,6 +11,10 @@ question would otherwise be answered from the cache and inflate accuracy).
 - `rag-hybrid`: `serve.answer(mode="rag")` with hybrid retrieval and the configured rerank.
 - `tuned`: `serve.answer(mode="tuned")`: the tenant's continual slice; `refresh` runs the training
   rounds that are due (`pgfresh train --once`), so its time-to-fresh includes training.
+- `tuned-gate-off`: `tuned` with the publish gate off, on the same questions: a lineage of its own
+  per tenant (`_gate-off:<slice>`, `train.rounds.lineage_name`; no tenant's `ask` ever reads it)
+  that publishes every round whatever its forgetting, at the same times `tuned` trains. Beside
+  `tuned` it shows what the gate buys: the answers a rejected round would have changed.
 - `hybrid`: `serve.answer(mode="hybrid")`: the product's router (pgfresh.serve.router, configured
   by `[serve.router]`). The route taken is the first entry of each answer's sources
   (`route:slice` / `route:rag`).
@@ -106,7 +110,7 @@ class Rag(_Served):
 
 
 class Tuned(_Served):
-    kind, gate, mode = "tuned", True, "tuned"
+    kind, gate, publish_gate, mode = "tuned", True, True, "tuned"
 
     def prepare(self, ctx: ArenaContext) -> None:
         from pgfresh import train
@@ -119,6 +123,46 @@ class Tuned(_Served):
 
         # Only the rounds that are due (enough new facts, or waited long; back-off after a rejection).
         train.run(ctx.config, once=True, due_only=True)
+
+
+class TunedGateOff(Strategy):
+    """Closed-book from the tenant's gate-off lineage, loaded through the run's registry as
+    `serve.answer(mode="tuned")` loads a slice; rounds run with `gate=False`."""
+
+    kind, gate, publish_gate = "tuned", True, False
+    VARIANT = "gate-off"
+
+    def prepare(self, ctx: ArenaContext) -> None:
+        from pgfresh.train import rounds
+
+        self.config, self.registry = arena_config(ctx.config), registry(ctx)
+        ensure_base_model(ctx)
+        rounds.run(ctx.config, once=True, variant=self.VARIANT, gate=False)
+
+    def refresh(self, ctx: ArenaContext) -> None:
+        from pgfresh.train import rounds
+
+        rounds.run(ctx.config, once=True, due_only=True, variant=self.VARIANT, gate=False)
+
+    def answer(self, question: Question) -> Answer:
+        from pgfresh.model import format_prompt, generate
+        from pgfresh.serve.answer import TUNED_MAX_NEW_TOKENS
+        from pgfresh.train import rounds, slices
+
+        t0 = time.perf_counter()
+        with self.registry.connection(self.config, "arena") as conn:
+            name = rounds.lineage_name(question.tenant, self.VARIANT)
+            version = slices.current(conn, name)
+            if version is None:
+                raise slices.SliceError(f"no {name} lineage yet: the strategy's prepare trains it")
+            version, loaded, lock, _ = self.registry.slice_model(self.config, conn, version)
+        with lock:
+            text = generate(loaded, [format_prompt(question.text)], max_new_tokens=TUNED_MAX_NEW_TOKENS)[0]
+        return Answer(text, time.perf_counter() - t0, sources=[f"slice {version.slice} v{version.version}"])
+
+    def close(self) -> None:
+        if getattr(self, "registry", None) is not None:
+            self.registry.evict("connections")
 
 
 class Hybrid(_Served):
@@ -144,6 +188,11 @@ def rag_hybrid(ctx: ArenaContext) -> Strategy:
 @register("tuned")
 def tuned(ctx: ArenaContext) -> Strategy:
     return Tuned()
+
+
+@register("tuned-gate-off")
+def tuned_gate_off(ctx: ArenaContext) -> Strategy:
+    return TunedGateOff()
 
 
 @register("hybrid")

@@ -67,6 +67,7 @@ class Strategy:
     name: str = "unnamed"
     kind: str = "other"  # one of KINDS
     gate: bool | None = None  # whether the quality gate is on for this strategy (None: not applicable)
+    publish_gate: bool | None = None  # tuned kinds: whether a round must pass the publish gate to serve
 
     def prepare(self, ctx: ArenaContext) -> None:
         """Build whatever the strategy needs before the live phase (index, model, slices)."""

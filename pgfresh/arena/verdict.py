@@ -46,8 +46,9 @@ def _sec(v) -> str:
 
 
 def _kind(results: dict, kind: str) -> list[tuple[str, dict]]:
-    """Strategies of a kind, best overall accuracy first."""
-    rows = [(n, s) for n, s in results["strategies"].items() if s["kind"] == kind]
+    """Strategies of a kind, best overall accuracy first (a publish-gate-off variant is the
+    `publish_gate` row's, never another row's representative of its kind)."""
+    rows = [(n, s) for n, s in results["strategies"].items() if s["kind"] == kind and s.get("publish_gate") is not False]
     return sorted(rows, key=lambda x: -(x[1]["overall"]["accuracy"] or 0))
 
 
@@ -222,6 +223,31 @@ def _fuar(f: dict) -> str:
     return "undefined (learnt no updated or new fact)" if f["forgotten"] is not None else NOT_MEASURED
 
 
+def publish_gate(results: dict) -> dict:
+    """The tuned strategy beside its publish-gate-off twin, on the same questions: what the gate
+    costs on changed facts (rejected rounds leave them stale) and what it buys on the others."""
+    claim = "The publish gate keeps forgetting out of the served slices"
+    on = [(n, s) for n, s in results["strategies"].items() if s["kind"] == "tuned" and s.get("publish_gate") is True]
+    off = [(n, s) for n, s in results["strategies"].items() if s["kind"] == "tuned" and s.get("publish_gate") is False]
+    if not on or not off:
+        return _row(claim, None, None)
+    (gn, gs), (fn, fs) = on[0], off[0]
+    rounds = results.get("training") or {}
+
+    def tally(name):
+        t = rounds.get(name) or {}
+        return f"{t.get('published', 0)} rounds published, {t.get('rejected', 0)} rejected" if t else "rounds not recorded"
+
+    evidence = "; ".join(
+        f"{n}{' (gate off)' if s.get('publish_gate') is False else ''}: overall {_rate(s['overall'], 'accuracy')},"
+        f" changed {_cls(s, 'changed')}, unchanged {_cls(s, 'unchanged')}, held-out {_cls(s, 'held_out')}; {tally(n)}"
+        for n, s in ((gn, gs), (fn, fs)))
+    parts = [f"{cls}: {_cmp(metrics.compare(results['records'], gn, fn, cls))}" for cls in ("changed", "unchanged")]
+    meaning = (f"{gn} (gate on) against {fn} (gate off), same questions: overall "
+               f"{_cmp(metrics.compare(results['records'], gn, fn))}; " + "; ".join(parts))
+    return _row(claim, evidence, meaning)
+
+
 def rag_enough(results: dict) -> dict:
     claim = "Modern RAG is enough"
     rag = _kind(results, "rag")
@@ -356,4 +382,4 @@ def router_table(results: dict) -> list[dict]:
 
 def verdict(results: dict) -> list[dict]:
     return [rag_scaling(results), internalised(results), training_cost(results), pollution(results),
-            forgetting(results), rag_enough(results), router_parts(results), bloat(results), placement(results)]
+            forgetting(results), publish_gate(results), rag_enough(results), router_parts(results), bloat(results), placement(results)]

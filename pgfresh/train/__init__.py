@@ -50,20 +50,21 @@ class Settings:
     lora_rank: int = 16
     lora_alpha: float | None = None  # None: 2 x rank
     lora_targets: list = field(default_factory=lambda: list(LORA_TARGETS))
-    learning_rate: float = 1e-3
+    learning_rate: float = 3e-3  # measured with bench/rounds.py (docs/BENCHMARKS.md): 1e-3 learnt 17-42% of a small round
     epochs: int = 30  # at most this many passes over a round's examples (see stop_loss)
-    min_steps: int = 0
+    min_steps: int = 150  # a round of a few facts is 2 batches an epoch: 60 steps learnt almost none of them
     stop_loss: float | None = 0.05  # stop once an epoch's mean answer loss is below this (facts learnt)
     batch_size: int = 32
     warmup_steps: int = 10
-    replay_ratio: float = 0.10  # share of the slice's unchanged known facts replayed each round
+    replay_ratio: float = 0.10  # share of the slice's unchanged known facts replayed each epoch ...
+    replay_per_new: float = 1.0  # ... or at least this many per fact the round learns (the larger; 0: off)
     replay_max: int = 2000  # at most this many replay facts per round
     min_new_facts: int = 10  # a round starts when this many facts wait ...
     max_wait_seconds: float = 300.0  # ... or the oldest waiting fact is this old
     poll_seconds: float = 5.0
     max_facts_per_round: int = 5000
     max_phrasings: int = 6  # training phrasings per fact (canonical + paraphrases); one more is held out
-    probe_size: int = 50  # fixed probe set of old facts, per slice (forgetting)
+    probe_size: int = 100  # probe set of known facts, per slice (forgetting): every known fact in smaller slices
     gate_min_new_accuracy: float = 0.6  # held-out accuracy on the round's new facts needed to publish
     gate_max_forgetting: float = 0.3  # share of probe answers the parent got right and the candidate lost
     gate_max_stale_rate: float = 1.0  # share of changed facts still answered with the superseded value
@@ -81,7 +82,7 @@ _SPEC = {  # key: (kind, lower bound or choices, upper bound)
     "lora_rank": ("int", 1, 1024), "lora_alpha": ("num", 0, None), "lora_targets": ("strlist", None, None),
     "learning_rate": ("num", 0, 1), "epochs": ("int", 1, 100_000), "min_steps": ("int", 0, 10**9),
     "stop_loss": ("num", 0, None), "batch_size": ("int", 1, 65536), "warmup_steps": ("int", 0, 10**9), "replay_ratio": ("num", 0, 1),
-    "replay_max": ("int", 0, 10**9), "min_new_facts": ("int", 1, 10**9), "max_wait_seconds": ("num", 0, None),
+    "replay_per_new": ("num", 0, 100), "replay_max": ("int", 0, 10**9), "min_new_facts": ("int", 1, 10**9), "max_wait_seconds": ("num", 0, None),
     "poll_seconds": ("num", 0, None), "max_facts_per_round": ("int", 1, 10**9), "max_phrasings": ("int", 1, 1000),
     "probe_size": ("int", 0, 10**6), "gate_min_new_accuracy": ("num", 0, 1), "gate_max_forgetting": ("num", 0, 1),
     "gate_max_stale_rate": ("num", 0, 1), "unknown_answer": ("str", None, None), "eval_max_facts": ("int", 1, 10**9),

@@ -7,12 +7,15 @@ A round of slice S (one tenant's facts) trains on:
   is learnt in this round, that is the update (its old answer becomes the stale answer the gate
   watches for); where none exists (a deleted row without a `gone` template), the old questions
   are taught `unknown_answer`;
-- *replay*: a random `replay_ratio` share of the unchanged known facts (never the probe set).
+- *replay*: a random sample of the unchanged known facts, drawn afresh each epoch: `replay_ratio`
+  of them, or `replay_per_new` per fact the round teaches where that is more (`replay_size`).
 
 The gate asks held-out phrasings only: accuracy on the learn facts, the stale-answer rate, and
-forgetting on the slice's fixed probe set (the share of probe answers the parent got right that
-the candidate gets wrong). A candidate that passes is published in one transaction with the
-fact_training rows of what it learnt; one that fails is recorded with its reason, and its facts
+forgetting on the slice's probe set (the share of probe answers the parent got right that the
+candidate gets wrong; `probe_size` known facts, a sample of the slice replayed at the slice's rate,
+so it estimates what users of the slice would see lost), each with its 95% Wilson interval. A
+candidate that passes is published in one transaction with the fact_training rows of what it
+learnt; one that fails is recorded with its reason, and its facts
 wait for the next round. The database is only touched in short transactions; a session-level
 advisory lock per slice keeps two trainers apart and lets a restart tell an abandoned round.
 """
@@ -33,6 +36,7 @@ from psycopg.types.json import Jsonb
 
 from pgfresh import model as base_model
 from pgfresh.errors import PgfreshError
+from pgfresh.stats import wilson
 from pgfresh.train import data, settings, slice_of, slices
 from pgfresh.train.slices import Version
 
@@ -141,14 +145,20 @@ def plan(conn, s, name: str, tenant: str | None, parent: Version, replay_ratio: 
         p.updates.append(f)
     known = [f for f in active if learnt(f)]
     p.probe = _probe(conn, s, name, known)
-    probe_ids = {f.fact_id for f in p.probe}
-    pool = [f for f in known if f.fact_id not in probe_ids]
-    ratio = s.replay_ratio if replay_ratio is None else replay_ratio
-    n = min(s.replay_max, math.ceil(ratio * len(pool))) if ratio > 0 else 0
-    p.replay_pool, p.replay_n = pool, min(n, len(pool))
+    pool = known  # the probe is a sample of the slice, replayed at the same rate as the rest of it
+    p.replay_pool, p.replay_n = pool, replay_size(s, len(pool), len(p.learn) + len(p.explicit), replay_ratio)
     p.replay = random.Random(f"{s.seed}:{name}:{parent.version}:0").sample(pool, p.replay_n)
     p.lsn = max([parent.lsn, *(f.lsn for f in p.learn + p.updates)], key=lsn_int)
     return p
+
+
+def replay_size(s, pool: int, new: int, replay_ratio: float | None = None) -> int:
+    """Replay facts per epoch: `replay_ratio` of the known facts, or `replay_per_new` per fact the
+    round teaches where that is more (a round of 5 facts on a slice of 40 replays 5, not 4), at most
+    `replay_max` and the pool. An explicit `replay_ratio` (tests, benchmarks) is the share alone."""
+    by_share = math.ceil((s.replay_ratio if replay_ratio is None else replay_ratio) * pool)
+    by_new = math.ceil(s.replay_per_new * new) if replay_ratio is None else 0
+    return min(s.replay_max, pool, max(by_share, by_new))
 
 
 def _successor(f, by_id: dict):
@@ -162,13 +172,22 @@ def _successor(f, by_id: dict):
 
 
 def _probe(conn, s, name: str, known: list) -> list:
-    """The slice's fixed probe set: kept while at least half of it is still known and unchanged."""
+    """The slice's probe set: `probe_size` of its known, unchanged facts (all of them in a smaller
+    slice). The facts of the stored set that are still known stay in it; a seeded sample of the
+    other known facts tops it up (a changed fact leaves the set, the next round replaces it).
+
+    Sized for the gate's interval: with 100 probe answers the parent got right, forgetting 0.30 has
+    a 95% Wilson interval of [0.22, 0.40]; on the 7-fact probes of earlier versions (20% of a
+    40-fact tenant) one answer moved it by 0.14 and the interval spanned 0.08-0.64 (docs/TRAINING.md)."""
     stored = conn.execute("select probe from pgfresh.slices where name = %s", (name,)).fetchone()[0] or []
     by_id = {f.fact_id: f for f in known}
-    probe = [by_id[i] for i in stored if i in by_id]
-    want = min(s.probe_size, math.ceil(0.2 * len(known)))  # most known facts stay available for replay
-    if len(probe) * 2 < want or (not probe and want):
-        probe = random.Random(f"{s.seed}:{name}:probe").sample(known, want)
+    probe = [by_id[i] for i in stored if i in by_id][:s.probe_size]
+    want = min(s.probe_size, len(known))
+    if len(probe) < want:
+        kept = {f.fact_id for f in probe}
+        rest = [f for f in known if f.fact_id not in kept]
+        probe += random.Random(f"{s.seed}:{name}:probe:{len(stored)}").sample(rest, want - len(probe))
+    if [f.fact_id for f in probe] != list(stored):
         conn.execute("update pgfresh.slices set probe = %s where name = %s", ([f.fact_id for f in probe], name))
     return probe
 
@@ -208,14 +227,25 @@ def _share(state, obj):
     return box[0]
 
 
+def lineage_name(tenant: str | None, variant: str | None = None) -> str:
+    """The slice a round trains: the tenant's (`slice_of`), or for an experiment's lineage of its
+    own (the arena's `tuned-gate-off`), `_<variant>:<the tenant's slice>`: a name with a single `_`
+    in front, which no tenant maps to, so it never serves a tenant's `ask --mode tuned`."""
+    return slice_of(tenant) if variant is None else f"_{variant}:{slice_of(tenant)}"
+
+
 def run_round(config, tenant: str | None, console=None, *, publish: bool = True, replay_ratio: float | None = None,
-              should_stop=None) -> dict | None:
+              should_stop=None, variant: str | None = None, gate: bool = True) -> dict | None:
     """One round for the tenant's slice; None when nothing waits. Returns the round's record.
+
+    `variant`: train the lineage `lineage_name(tenant, variant)` instead of the tenant's slice.
+    `gate=False`: publish the candidate whatever the gate says (its reasons stay in the record and
+    in the metrics as `gate_reasons`): what the arena's gate-off column measures.
 
     Distributed (`accelerate launch`): the main process plans, evaluates and publishes; the others
     receive its plan and train with it (the gradients are averaged), then return None."""
     s = settings(config)
-    name = slice_of(tenant)
+    name = lineage_name(tenant, variant)
     state = _dist()
     if state is not None and not state.is_main_process:
         p = _share(state, None)
@@ -245,7 +275,7 @@ def run_round(config, tenant: str | None, console=None, *, publish: bool = True,
                 " values (%s, %s, 'running', pg_backend_pid(), %s, %s, %s) returning id",
                 (name, parent.version, len(p.learn), len(p.updates), len(p.replay))).fetchone()[0]
             try:
-                return _train_and_gate(config, conn, s, p, round_id, console, publish, should_stop)
+                return _train_and_gate(config, conn, s, p, round_id, console, publish, should_stop, gate)
             except Exception as exc:
                 conn.execute("update pgfresh.train_rounds set status = 'failed', reason = %s, finished_at = now()"
                              " where id = %s", (f"{type(exc).__name__}: {exc}"[:2000], round_id))
@@ -301,7 +331,8 @@ def _candidate(config, conn, s, p: Plan, label: str, console, should_stop, on_pa
     return loaded, stats, list(replayed.values()), device
 
 
-def _train_and_gate(config, conn, s, p: Plan, round_id: int, console, publish: bool, should_stop) -> dict:
+def _train_and_gate(config, conn, s, p: Plan, round_id: int, console, publish: bool, should_stop,
+                    gate: bool = True) -> dict:
     from pgfresh.train import fit
 
     started, cpu0 = time.time(), time.process_time()
@@ -314,6 +345,8 @@ def _train_and_gate(config, conn, s, p: Plan, round_id: int, console, publish: b
              method=s.method, lora_rank=s.lora_rank if s.method == "lora" else None,
              processes=int(os.environ.get("WORLD_SIZE", "1")))
     reasons = _gate(s, m)
+    if not gate:
+        m["gate_reasons"] = reasons  # what the gate would have said; published all the same
     m.update(seconds=round(time.time() - started, 2), cpu_seconds=round(time.process_time() - cpu0, 2))
     record = {"round": round_id, "slice": p.slice, "tenant": p.tenant, "parent": p.parent.version,
               "learn": [f.fact_id for f in p.learn], "updates": [f.fact_id for f in p.updates],
@@ -322,12 +355,12 @@ def _train_and_gate(config, conn, s, p: Plan, round_id: int, console, publish: b
         conn.execute("update pgfresh.train_rounds set status = 'trial', metrics = %s, reason = 'trial: never published',"
                      " finished_at = now() where id = %s", (Jsonb(m), round_id))
         return {**record, "status": "trial", "reasons": reasons}
-    if reasons:
+    if reasons and gate:
         conn.execute("update pgfresh.train_rounds set status = 'rejected', metrics = %s, reason = %s, finished_at = now()"
                      " where id = %s", (Jsonb(m), "; ".join(reasons), round_id))
         return {**record, "status": "rejected", "reasons": reasons}
     version = _publish(config, conn, s, p, round_id, loaded, m)
-    return {**record, "status": "published", "version": version, "lsn": p.lsn}
+    return {**record, "status": "published", "version": version, "lsn": p.lsn, "reasons": reasons}
 
 
 def _metrics(loaded, s, p: Plan, probe_pairs, before: list[bool]) -> dict:
@@ -345,6 +378,7 @@ def _metrics(loaded, s, p: Plan, probe_pairs, before: list[bool]) -> dict:
     return {
         "learn": len(p.learn), "updates": len(p.updates), "replay": len(p.replay), "probe": len(p.probe),
         "new_accuracy": round(sum(right) / len(right), 4) if right else None,
+        "new_accuracy_ci": _ci(sum(right), len(right)),
         "new_accuracy_trained": fit.accuracy(loaded, [(f.question, f.answer) for f in p.learn]),
         "stale_rate": round(sum(fit.normalize(g) == fit.normalize(o) for g, o in changed) / len(changed), 4) if changed else None,
         "changed": len(changed),
@@ -352,7 +386,15 @@ def _metrics(loaded, s, p: Plan, probe_pairs, before: list[bool]) -> dict:
         "probe_before": round(kept_before / len(before), 4) if before else None,
         "probe_after": round(sum(after) / len(after), 4) if after else None,
         "forgetting": round(lost / kept_before, 4) if kept_before else None,
+        "forgetting_ci": _ci(lost, kept_before),  # over the kept_before probe answers the parent got right
+        "kept_before": kept_before,
     }
+
+
+def _ci(k: int, n: int) -> list[float] | None:
+    """The 95% Wilson interval of k of n, rounded for the round's record."""
+    ci = wilson(k, n)
+    return None if ci is None else [round(x, 4) for x in ci]
 
 
 def _gate(s, m: dict) -> list[str]:
@@ -410,9 +452,9 @@ def tenants(conn) -> list[str | None]:
                                        " order by tenant nulls first", (list(data.TRAINABLE),))]
 
 
-def _due(conn, s, config, tenant) -> bool:
+def _due(conn, s, config, tenant, variant: str | None = None) -> bool:
     """Enough facts wait, or the oldest has waited long enough (and the last failure was a while ago)."""
-    name = slice_of(tenant)
+    name = lineage_name(tenant, variant)
     parent = ensure_lineage(conn, config, name, tenant)
     p = plan(conn, s, name, tenant, parent, replay_ratio=0)
     if p.empty:
@@ -426,10 +468,11 @@ def _due(conn, s, config, tenant) -> bool:
     return len(p.learn) + len(p.explicit) >= s.min_new_facts or age >= s.max_wait_seconds
 
 
-def run(config, once: bool = False, console=None, due_only: bool = False) -> list[dict] | None:
+def run(config, once: bool = False, console=None, due_only: bool = False, variant: str | None = None,
+        gate: bool = True) -> list[dict] | None:
     """Rounds for every slice as its facts arrive; `once`: one round per slice with waiting facts
     (`due_only`: only where a round is due, as the long-running loop decides). Under a distributed
-    launch, the processes other than the main one return None."""
+    launch, the processes other than the main one return None. `variant`, `gate`: as `run_round`."""
     s = settings(config)
     state = _dist()
     main = state is None or state.is_main_process
@@ -437,7 +480,7 @@ def run(config, once: bool = False, console=None, due_only: bool = False) -> lis
     if not once and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, lambda *_: stop.set())  # finish the round in progress, then exit
     try:
-        results = _rounds(config, s, state, main, once, due_only, stop, console)
+        results = _rounds(config, s, state, main, once, due_only, stop, console, variant, gate)
         if state is not None:
             state.wait_for_everyone()
         return results
@@ -446,21 +489,22 @@ def run(config, once: bool = False, console=None, due_only: bool = False) -> lis
             state.destroy_process_group()  # when the interpreter exits with the group still open
 
 
-def _rounds(config, s, state, main: bool, once: bool, due_only: bool, stop, console) -> list[dict] | None:
+def _rounds(config, s, state, main: bool, once: bool, due_only: bool, stop, console, variant=None,
+            gate: bool = True) -> list[dict] | None:
     results = []
     while True:
         todo = None
         if main:
             with slices.connect(config) as conn:
-                todo = [t for t in tenants(conn) if (once and not due_only) or _due(conn, s, config, t)]
+                todo = [t for t in tenants(conn) if (once and not due_only) or _due(conn, s, config, t, variant)]
         for tenant in _share(state, todo):
             try:
-                r = run_round(config, tenant, console if main else None)
+                r = run_round(config, tenant, console if main else None, variant=variant, gate=gate)
             except PgfreshError as exc:
                 if once:
                     raise
                 if console is not None:
-                    console.print(f"[red]round of slice {slice_of(tenant)!r} failed:[/] {exc}")
+                    console.print(f"[red]round of slice {lineage_name(tenant, variant)!r} failed:[/] {exc}")
                 continue
             if r is not None:
                 results.append(r)
@@ -473,6 +517,8 @@ def _rounds(config, s, state, main: bool, once: bool, due_only: bool, stop, cons
 def _report(console, r: dict) -> None:
     m = r["metrics"]
     what = f"published version {r['version']}" if r["status"] == "published" else f"rejected ({'; '.join(r['reasons'])})"
+    ci = m.get("forgetting_ci")
     console.print(f"slice {r['slice']}: round {r['round']} {what}: learn {m['learn']}, updates {m['updates']}, "
-                  f"replay {m['replay']}; new-fact accuracy {m['new_accuracy']}, forgetting {m['forgetting']}, "
-                  f"stale {m['stale_rate']}; {m['seconds']} s")
+                  f"replay {m['replay']}; new-fact accuracy {m['new_accuracy']}, forgetting {m['forgetting']}"
+                  + (f" [{ci[0]:.2f}-{ci[1]:.2f}] of {m['kept_before']}" if ci else "")
+                  + f", stale {m['stale_rate']}; {m['seconds']} s")
