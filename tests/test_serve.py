@@ -71,9 +71,11 @@ def row_lsn(db, key: str) -> str:
 
 # -- the answer path and the router ------------------------------------------------------------
 def test_rag_answer_carries_route_lineage_cache_and_timings(db, dsn, tmp_path):
+    from pgfresh.rag.models import Models
+
     rows = evalset.products(8, seed=5)
-    config = products(db, tmp_path, dsn, rows)
-    reg = serve.Registry()
+    config = products(db, tmp_path, dsn, rows, extra="\n[train]\n")  # hybrid needs the training stage configured
+    reg = serve.Registry(models=Models())  # models of its own: the counters below are this test's
     q = f"Where is the {rows[2]['name']} made?"
     first = serve.answer(config, q, None, "rag", registry=reg)
     assert first["route"]["taken"] == "rag" and first["cache"] == "miss" and first["slice"] is None
@@ -82,6 +84,13 @@ def test_rag_answer_carries_route_lineage_cache_and_timings(db, dsn, tmp_path):
     assert {"embed_ms", "retrieve_ms", "generate_ms", "total_ms"} <= set(first["timings"])
     assert serve.answer(config, q, None, "rag", registry=reg)["cache"] == "hit"
     assert serve.answer(config, q, None, "rag", registry=reg, options=serve.Options(cache=False))["cache"] == "off"
+    # the registry holds the embedder: loaded once, then reused, visible, evictable
+    held = reg.loaded()["models"]
+    assert held["loaded"] == ["embedder all-MiniLM-L6-v2@" + held["loaded"][0].split("@")[1]], held
+    assert held["loads"] == 1 and held["hits"] >= 2 and held["evictions"] == 0
+    reg.evict("models")
+    assert reg.loaded()["models"]["loaded"] == [] and reg.loaded()["models"]["evictions"] == 1
+    assert serve.search(config, rows[2]["name"], registry=reg)[0].key == "[3]" and reg.models.counters["loads"] == 2
     with pytest.raises(PgfreshError, match="unknown ask mode"):
         serve.answer(config, q, None, "psychic", registry=reg)
     # hybrid without any slice: documented rule 1, through the CLI
@@ -144,6 +153,20 @@ def test_router_rules_on_constructed_cases():
     assert router.route(router.Policy(max_slice_age_seconds=3600), hit("0/1000"), v, now=now).taken == "rag"
     assert router.route(router.Policy(max_table_changes=5), hit("0/1000"), v, lambda *a: 6).taken == "rag"
     assert router.route(router.Policy(max_table_changes=5), hit("0/1000"), v, lambda *a: 5).taken == "slice"
+
+
+def test_models_are_bounded_least_recently_used_first():
+    from pgfresh.rag.models import Models
+
+    built = []
+    models = Models(max_loaded=2)
+    load = lambda name: models.get("embedder", name, lambda: built.append(name) or name)  # noqa: E731
+    assert [load("a"), load("b"), load("a"), load("c")] == ["a", "b", "a", "c"]  # c evicts b (a was used since)
+    assert built == ["a", "b", "c"] and [x.split()[1] for x in models.stats()["loaded"]] == ["a", "c"]
+    load("b")
+    assert built == ["a", "b", "c", "b"] and models.stats()["loaded"] == ["embedder c", "embedder b"]
+    assert {k: models.counters[k] for k in ("loads", "hits", "evictions")} == {"loads": 4, "hits": 1, "evictions": 2}
+    assert models.evict("cross-encoder") == 0 and models.evict() == 2 and models.stats()["loaded"] == []
 
 
 def test_serve_config_problems_are_reported(tmp_path):

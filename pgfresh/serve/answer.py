@@ -126,7 +126,7 @@ def _rag(config, conn, reg, question, tenant, opts: Options, qvec=None, hits=Non
     cache_cfg = rag.get("cache", {})
     use_cache = cache_cfg.get("enabled", True) if opts.cache is None else opts.cache
     t = time.perf_counter()
-    active = retrieval.active_generation(conn, config)
+    active = retrieval.active_generation(conn, config, reg.models)
     if active is None:
         raise retrieval.NotIndexed("nothing is indexed yet: run `pgfresh sync` first")
     if qvec is None and active.model is not None:
@@ -141,7 +141,7 @@ def _rag(config, conn, reg, question, tenant, opts: Options, qvec=None, hits=Non
             return {**hit, "cache": "hit", "timings": timings}
     if hits is None:
         t = time.perf_counter()
-        hits = _search(config, conn, question, tenant, opts, qvec)
+        hits = _search(config, conn, reg, question, tenant, opts, qvec)
         timings["retrieve_ms"] = _ms(t)
     t = time.perf_counter()
     text = None
@@ -159,12 +159,13 @@ def _rag(config, conn, reg, question, tenant, opts: Options, qvec=None, hits=Non
     return {**result, "cache": "miss" if use_cache else "off", "timings": timings}
 
 
-def _search(config, conn, question, tenant, opts: Options, qvec):
+def _search(config, conn, reg, question, tenant, opts: Options, qvec):
     from pgfresh.rag import retrieval
 
     rag = config.rag
     return retrieval.search(conn, config, question, tenant, k=opts.k or int(rag.get("ask_k", 4)),
-                            mode=opts.search_mode or rag.get("ask_search_mode"), rerank=opts.rerank, qvec=qvec)
+                            mode=opts.search_mode or rag.get("ask_search_mode"), rerank=opts.rerank, qvec=qvec,
+                            models=reg.models)
 
 
 def _published(conn, tenant):
@@ -217,11 +218,11 @@ def _hybrid(config, conn, reg, question, tenant, opts: Options) -> dict:
 
     timings = {}
     t = time.perf_counter()
-    active = retrieval.active_generation(conn, config)
+    active = retrieval.active_generation(conn, config, reg.models)
     if active is None:
         raise retrieval.NotIndexed("nothing is indexed yet: run `pgfresh sync` first")
     qvec = active.model.embed([question])[0] if active.model is not None else None
-    hits = _search(config, conn, question, tenant, opts, qvec)
+    hits = _search(config, conn, reg, question, tenant, opts, qvec)
     timings["retrieve_ms"] = _ms(t)
     version = _published(conn, tenant)
 

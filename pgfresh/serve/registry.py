@@ -1,4 +1,5 @@
-"""The registry: the one place that owns what serving loads (readers, the base model, slices, connections).
+"""The registry: the one place that owns what serving loads (readers, the base model, slices, embedders,
+cross-encoders, connections).
 
 One `Registry` is made at the edge (the CLI command, the HTTP server, an arena run) and passed to
 `serve.answer`; nothing in the answer path keeps a module-level cache of its own. Loading is
@@ -6,11 +7,13 @@ explicit and visible (`loaded()`), a slice is reloaded when its published versio
 or a rollback; if the new version cannot be loaded the one in memory keeps serving, with a
 warning), and `evict()` drops everything or one kind.
 
+Embedders and cross-encoders are held by `models` (a bounded `pgfresh.rag.models.Models`, with load,
+hit and eviction counters), which the registry passes to every search. By default it is the
+process's: the index worker running in the same process (the arena) then shares the loaded embedder
+instead of holding a second copy.
+
 Generation on one loaded model is serialised by a lock per model: torch's CPU generation is not
 made faster by interleaving, and one tokenizer is not safe to share mid-call.
-
-Embedders are still cached by `pgfresh.rag.embed` (the index worker shares them); `loaded()` lists
-the ones the active index uses.
 """
 
 from __future__ import annotations
@@ -45,7 +48,10 @@ class BuiltinReader:
 class Registry:
     """Loaded readers, base models and slice versions, and pooled store connections (thread-safe)."""
 
-    def __init__(self, pool_size: int = 8):
+    def __init__(self, pool_size: int = 8, models=None):
+        from pgfresh.rag import models as rag_models
+
+        self.models = models if models is not None else rag_models.process()
         self._lock = threading.RLock()
         self._readers: dict[tuple, object] = {}
         self._bases: dict[str, tuple[object, threading.Lock]] = {}
@@ -150,7 +156,7 @@ class Registry:
             if held is None or held[0] != version.version:
                 try:
                     s = settings(config)
-                    fit.set_threads(s.threads)
+                    fit.set_threads(s.threads, s.deterministic)
                     loaded = slices.load_version(config, conn, version, device=fit.pick_device(s.device)[0])
                     self._slices[key] = (version.version, loaded, threading.Lock())
                     self._event("load", f"slice {version.slice} v{version.version}")
@@ -166,17 +172,18 @@ class Registry:
     # --- visibility and eviction ----------------------------------------------------------------
     def loaded(self) -> dict:
         """What is in memory now (for `status` and the dashboard)."""
-        from pgfresh.rag import embed
-
         with self._lock:
             return {"readers": sorted(r.id for r in self._readers.values()),
                     "base_models": sorted(self._bases),
                     "slices": sorted(f"{name} v{v}" for (_, name), (v, _, _) in self._slices.items()),
-                    "embedders": sorted(str(k[0]) for k in getattr(embed, "_LOADED", {})),
+                    "models": self.models.stats(),
                     "connections": {dsn.split("@")[-1]: p.qsize() for dsn, p in self._pools.items()}}
 
     def evict(self, kind: str | None = None) -> None:
-        """Drop loaded models of `kind` (readers, base_models, slices, connections) or all of them."""
+        """Drop loaded models of `kind` (readers, base_models, slices, models, connections) or all of them.
+
+        `models` (embedders, cross-encoders) may be the process's, shared with an index worker: it
+        reloads what it needs on its next batch."""
         with self._lock:
             if kind in (None, "readers"):
                 self._readers.clear()
@@ -185,6 +192,8 @@ class Registry:
                 self._readers = {k: r for k, r in self._readers.items() if not getattr(r, "builtin", False)}
             if kind in (None, "slices"):
                 self._slices.clear()
+            if kind in (None, "models"):
+                self.models.evict()
             if kind in (None, "connections"):
                 for pool in self._pools.values():
                     while not pool.empty():
