@@ -28,25 +28,38 @@ class Models:
         if max_loaded < 1:
             raise ValueError("max_loaded must be >= 1")
         self.max_loaded = max_loaded
-        # re-entrant: building static-minilm loads its teacher through the same cache
-        self._lock = threading.RLock()
+        self._lock = threading.Lock()  # the table and the counters; never held while a model loads
         self._held: OrderedDict[tuple[str, object], object] = OrderedDict()
+        self._building: dict[tuple[str, object], threading.Lock] = {}  # one lock per model being loaded
         self.counters = {"loads": 0, "hits": 0, "evictions": 0}
 
     def get(self, kind: str, key, build: Callable[[], object]):
         """The model `(kind, key)`, built by `build()` on first use (or after its eviction)."""
+        k = (kind, key)
         with self._lock:
-            if (kind, key) in self._held:
-                self._held.move_to_end((kind, key))
-                self.counters["hits"] += 1
-                return self._held[(kind, key)]
-            model = build()  # under the lock: two threads never load the same model twice
-            self._held[(kind, key)] = model
-            self.counters["loads"] += 1
-            while len(self._held) > self.max_loaded:
-                self._held.popitem(last=False)
-                self.counters["evictions"] += 1
+            if k in self._held:
+                return self._hit(k)
+            building = self._building.setdefault(k, threading.Lock())
+        # Built outside the cache's lock (a load takes seconds: `stats()` and other models must not
+        # wait for it), under the model's own: two threads never load the same model twice.
+        with building:
+            with self._lock:
+                if k in self._held:
+                    return self._hit(k)
+            model = build()
+            with self._lock:
+                self._held[k] = model
+                self._building.pop(k, None)
+                self.counters["loads"] += 1
+                while len(self._held) > self.max_loaded:
+                    self._held.popitem(last=False)
+                    self.counters["evictions"] += 1
             return model
+
+    def _hit(self, k):
+        self._held.move_to_end(k)
+        self.counters["hits"] += 1
+        return self._held[k]
 
     def evict(self, kind: str | None = None) -> int:
         """Drop the loaded models of `kind` (embedder, cross-encoder) or all; returns how many."""

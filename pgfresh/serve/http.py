@@ -437,6 +437,8 @@ def _ready(config, reg: Registry) -> tuple[bool, dict]:
             row = conn.execute("select info from pgfresh.workers where name = 'capture'").fetchone()
     except PgfreshError as exc:
         return False, {"reason": _one_line(exc)}
+    if reg.warm_state == "loading":
+        return False, {"reason": "loading models (the active index's embedder, the reader): see /v1/status serve.loaded"}
     if row is None:
         return False, {"reason": "capture has not run yet: start `pgfresh sync`"}
     lag = float((row[0] or {}).get("lag_seconds", 0.0))
@@ -461,4 +463,9 @@ def run(config, host: str | None = None, port: int | None = None, console=None) 
         host = "127.0.0.1"
     elif not configured and console is not None:
         console.print("no API key exists: every local request acts as admin (create keys with `pgfresh keys create`)")
+    import threading
+
+    reg.warm_state = "loading"  # before the server answers: /readyz must not say ready in between
+    # the first search no longer pays for loading the embedder (/readyz is 503 until this is done)
+    threading.Thread(target=reg.warm, args=(config,), name="pgfresh-warm", daemon=True).start()
     uvicorn.run(create_app(config, reg), host=host, port=port, log_level="warning")

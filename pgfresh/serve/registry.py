@@ -60,6 +60,7 @@ class Registry:
         self._migrated: set[str] = set()
         self.pool_size = pool_size
         self.events: list[dict] = []  # loads and evictions, newest last (at most 100)
+        self.warm_state = "cold"  # cold, loading, warm, or "failed: <one line>" (see warm())
 
     def _event(self, what: str, name: str) -> None:
         self.events = (self.events + [{"at": time.time(), "event": what, "name": name}])[-100:]
@@ -169,6 +170,34 @@ class Registry:
             version = slices.get_version(conn, version.slice, served)
         return version, loaded, lock, warning
 
+    # --- warming ----------------------------------------------------------------------------------
+    def warm(self, config) -> None:
+        """Load what the first request would otherwise wait for: the active index's embedder (with one
+        embedding, torch's first pass being slow too) and the configured reader.
+
+        Why: the server loaded the embedder on its first search, which then took 15 s at load 4 and
+        27-52 s at load 10-13 (measured, docs/SERVE.md); a dashboard or client retrying meanwhile
+        piled requests behind it. `pgfresh serve` warms in the background and `/readyz` says "loading
+        models" until it is done. A failure is kept in `warm_state` (status shows it); the requests
+        that need the model then fail with the same error, as they would have anyway.
+        """
+        from pgfresh.rag import retrieval
+
+        self.warm_state = "loading"
+        try:
+            if "rag" in config.sections:
+                with self.connection(config, "serve") as conn:
+                    active = retrieval.active_generation(conn, config, self.models)
+                if active is not None and active.model is not None:
+                    active.model.embed(["warm-up"])
+                self.reader(config)
+            self.warm_state = "warm"
+        except PgfreshError as exc:
+            self.warm_state = "failed: " + str(exc).splitlines()[0]
+        finally:
+            if self.warm_state == "loading":  # a bug, raised on in the warming thread
+                self.warm_state = "failed: see the server log"
+
     # --- visibility and eviction ----------------------------------------------------------------
     def loaded(self) -> dict:
         """What is in memory now (for `status` and the dashboard)."""
@@ -176,7 +205,7 @@ class Registry:
             return {"readers": sorted(r.id for r in self._readers.values()),
                     "base_models": sorted(self._bases),
                     "slices": sorted(f"{name} v{v}" for (_, name), (v, _, _) in self._slices.items()),
-                    "models": self.models.stats(),
+                    "models": self.models.stats(), "warm": self.warm_state,
                     "connections": {dsn.split("@")[-1]: p.qsize() for dsn, p in self._pools.items()}}
 
     def evict(self, kind: str | None = None) -> None:
