@@ -116,12 +116,14 @@ def test_hybrid_routes_as_its_policy_says(db, dsn, tmp_path):
     assert fresh["sources"][0]["key"] == "[4]"
     assert fresh["route"]["taken"] == "slice", fresh["route"]
     assert fresh["slice"]["version"] == 0 and fresh["slice"]["lsn"] == newest and fresh["cache"] == "off"
+    assert fresh["route"]["signals"]["slice_knows_row"] is True and 0 < fresh["route"]["confidence"] <= 1
 
     db.execute("update products set price = 123.45 where id = 4")
     sync.run(config, once=True)
     changed = serve.answer(config, q, None, "hybrid", registry=reg)
     assert changed["route"]["taken"] == "rag", changed["route"]
     assert "changed at LSN" in changed["route"]["reason"] and changed["sources"][0]["lsn"] == row_lsn(db, "[4]")
+    assert changed["route"]["signals"]["slice_knows_row"] is False and changed["route"]["signals"]["row_lsn"] == row_lsn(db, "[4]")
     assert "123.45" in changed["sources"][0]["text"] and isinstance(changed["answer"], str)
 
     # another, unchanged product still goes to the slice; tuned mode always does
@@ -153,6 +155,36 @@ def test_router_rules_on_constructed_cases():
     assert router.route(router.Policy(max_slice_age_seconds=3600), hit("0/1000"), v, now=now).taken == "rag"
     assert router.route(router.Policy(max_table_changes=5), hit("0/1000"), v, lambda *a: 6).taken == "rag"
     assert router.route(router.Policy(max_table_changes=5), hit("0/1000"), v, lambda *a: 5).taken == "slice"
+
+
+def test_router_confidence_follows_its_signals():
+    from types import SimpleNamespace as NS
+
+    p = router.Policy()
+    v = NS(slice="A", version=3, lsn="0/2000", created_at=None, metrics={"new_accuracy": 0.8})
+    best = lambda score: NS(tbl="public.t", key="[1]", lsn="0/1000", score=score)  # noqa: E731
+    second = NS(tbl="public.t", key="[2]", lsn="0/1000", score=0.5)
+    # retrieval's margin: a clear best hit makes the slice's answer likelier to be about the right row
+    clear = router.route(p, best(1.0), v, runner_up=second)
+    close = router.route(p, best(0.55), v, runner_up=second)
+    assert clear.taken == close.taken == "slice" and clear.confidence > close.confidence
+    assert clear.signals["margin"] == 0.5 and clear.signals["slice_knows_row"] is True
+    assert clear.confidence == pytest.approx(0.75 * 0.8)  # identified 0.75, times the slice's measured recall
+    # the row changed after the slice (pgfresh.rows is ahead of the indexed document): retrieval, surely for that row
+    stale = router.route(p, best(1.0), v, runner_up=second, row_lsn=lambda tbl, key: "0/3000")
+    assert stale.taken == "rag" and stale.signals["slice_knows_row"] is False and stale.signals["row_lsn"] == "0/3000"
+    assert stale.confidence == pytest.approx(0.75) != clear.confidence
+    assert "0/3000" in stale.reason  # rule 4 compares the row's latest change, not the document's
+    # a slice whose recall was never measured (a base version) counts half
+    unmeasured = router.route(p, best(1.0), NS(**{**vars(v), "metrics": {}}), runner_up=second)
+    assert unmeasured.confidence == pytest.approx(0.375) and unmeasured.signals["slice_recall"] is None
+    # no slice for the tenant: retrieval is the only route
+    none = router.route(p, best(1.0), None, runner_up=second)
+    assert none.taken == "rag" and none.confidence == 1.0 and none.signals["slice"] is None
+    assert router.route(p, None, v).confidence == 0.5
+    d = clear.as_dict()
+    assert d["confidence"] == 0.6 and d["signals"]["slice"] == "A v3 (LSN 0/2000)"
+    assert router.Route("rag", "mode rag: retrieval answers").as_dict() == {"taken": "rag", "reason": "mode rag: retrieval answers"}
 
 
 def test_models_are_bounded_least_recently_used_first():

@@ -231,7 +231,13 @@ def _hybrid(config, conn, reg, question, tenant, opts: Options) -> dict:
         return conn.execute("select count(*) from (select 1 from pgfresh.rows where tbl = %s and lsn > %s::pg_lsn"
                             " limit %s) c", (tbl, lsn, limit)).fetchone()[0]
 
-    decision = router.route(router.Policy.from_config(config), hits[0] if hits else None, version, table_changes)
+    def row_lsn(tbl: str, key: str) -> str | None:
+        # the row's latest change, which the index may not have caught up with yet
+        row = conn.execute("select lsn::text from pgfresh.rows where tbl = %s and key = %s", (tbl, key)).fetchone()
+        return row[0] if row else None
+
+    decision = router.route(router.Policy.from_config(config), hits[0] if hits else None, version, table_changes,
+                            runner_up=hits[1] if len(hits) > 1 else None, row_lsn=row_lsn)
     if decision.taken == router.SLICE:
         from pgfresh.train.slices import SliceError
 
@@ -240,7 +246,8 @@ def _hybrid(config, conn, reg, question, tenant, opts: Options) -> dict:
             out["sources"] = [h.as_dict() for h in hits]  # what the router compared, for lineage
             return out
         except SliceError as exc:
-            decision = router.Route(router.RETRIEVE, f"the slice cannot be loaded ({exc}): retrieval answers")
+            decision = router.Route(router.RETRIEVE, f"the slice cannot be loaded ({exc}): retrieval answers", 1.0,
+                                    decision.signals)
     out = _rag(config, conn, reg, question, tenant, opts, qvec=qvec, hits=hits, timings=timings)
     out["route"] = decision.as_dict()
     return out
