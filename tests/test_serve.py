@@ -187,6 +187,28 @@ def test_router_confidence_follows_its_signals():
     assert router.Route("rag", "mode rag: retrieval answers").as_dict() == {"taken": "rag", "reason": "mode rag: retrieval answers"}
 
 
+def test_read_side_connects_to_the_store_never_through_capture():
+    """gate, render (the facts worker), rag, train and serve take the store's DSN from `db.store_dsn`:
+    none imports capture's setup or calls its `resolve_dsn` (the source's DSN); capture's types are fine."""
+    import ast
+
+    import pgfresh
+
+    root, offenders = Path(pgfresh.__file__).parent, []
+    for stage in ("gate", "render", "rag", "train", "serve"):
+        for f in sorted((root / stage).rglob("*.py")):
+            for node in ast.walk(ast.parse(f.read_text())):
+                if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("pgfresh.capture"):
+                    bad = node.module == "pgfresh.capture.setup" or {a.name for a in node.names} & {"setup", "resolve_dsn"}
+                elif isinstance(node, (ast.Name, ast.Attribute)):
+                    bad = (getattr(node, "id", None) or getattr(node, "attr", None)) == "resolve_dsn"
+                else:
+                    bad = False
+                if bad:
+                    offenders.append(f"{f.relative_to(root)}:{node.lineno}")
+    assert not offenders, offenders
+
+
 def test_models_are_bounded_least_recently_used_first():
     from pgfresh.rag.models import Models
 
@@ -445,6 +467,7 @@ def test_dashboard_in_chromium(live_server, db, dsn):
             page.wait_for_function(f"document.querySelector('#latest').dataset.lsn === '{lsn}'", timeout=60_000)
             assert page.text_content("#latest") == "public.products [77]"
             assert "searchable" in page.text_content("#latest-sub") and lsn in page.text_content("#latest-sub")
+            assert page.text_content("#models") == "1 / 4" and "embedder all-MiniLM-L6-v2@" in page.text_content("#models-sub")
         finally:
             worker.terminate()
             worker.wait(timeout=30)

@@ -53,6 +53,11 @@ async function loadStatus() {
   $("#docs").textContent = rag.documents ?? "-";
   const c = rag.cache || {};
   $("#cache").textContent = c.hits !== undefined ? "cache " + c.hits + " hits / " + c.misses + " misses" : "";
+  // the registry's embedders and cross-encoders: what this server holds, loads, reuses and evicts
+  const loaded = (s.serve && s.serve.loaded) || {}, m = loaded.models;
+  $("#models").textContent = m ? m.loaded.length + " / " + m.max_loaded : "-";
+  $("#models-sub").textContent = m ? m.loads + " loads, " + m.hits + " hits, " + m.evictions + " evictions" +
+    (loaded.warm && loaded.warm !== "warm" ? "; " + loaded.warm : "") + (m.loaded.length ? ": " + m.loaded.join(", ") : "") : "";
   const tbody = $("#stages tbody"); tbody.replaceChildren();
   const log = cap.change_log || {};
   for (const [name, seq] of Object.entries(log.consumers || {})) {
