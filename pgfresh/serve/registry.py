@@ -58,6 +58,7 @@ class Registry:
         self._slices: dict[tuple[str, str], tuple[int, object, threading.Lock]] = {}
         self._pools: dict[str, queue.LifoQueue] = {}
         self._migrated: set[str] = set()
+        self._building: dict[tuple, threading.Lock] = {}  # one lock per reader or base model being loaded
         self.pool_size = pool_size
         self.events: list[dict] = []  # loads and evictions, newest last (at most 100)
         self.warm_state = "cold"  # cold, loading, warm, or "failed: <one line>" (see warm())
@@ -106,15 +107,17 @@ class Registry:
         kind = spec.get("kind", "openai")
         key = (kind, json.dumps(spec, sort_keys=True), str(config.path.parent), str(config.data_dir),
                environ.get(spec.get("api_key_env") or "", ""))
-        with self._lock:
-            if key not in self._readers:
-                if kind == "builtin":
-                    loaded, lock = self._base(config)
-                    self._readers[key] = BuiltinReader(loaded, lock)
-                else:
-                    self._readers[key] = readers.build(spec, base_dir=config.path.parent, environ=environ)
-                self._event("load", f"reader {self._readers[key].id}")
-            return self._readers[key]
+
+        def build():
+            if kind == "builtin":
+                loaded, lock = self._base(config)
+                built = BuiltinReader(loaded, lock)
+            else:
+                built = readers.build(spec, base_dir=config.path.parent, environ=environ)
+            self._event("load", f"reader {built.id}")
+            return built
+
+        return self._once(self._readers, key, build)
 
     # --- the base model -------------------------------------------------------------------------
     def base_model(self, config, build: bool = False, console=None):
@@ -135,11 +138,30 @@ class Registry:
         from pgfresh import model
 
         path = str(model.base_dir(config))
+
+        def build():
+            loaded = model.load(path)
+            self._event("load", f"base {path}")
+            return loaded, threading.Lock()
+
+        return self._once(self._bases, path, build)
+
+    def _once(self, table: dict, key, build):
+        """`table[key]`, built once by `build()` outside the registry's lock (a load takes seconds:
+        `loaded()`, status and the other models must not wait for it), under a lock of its own."""
         with self._lock:
-            if path not in self._bases:
-                self._bases[path] = (model.load(path), threading.Lock())
-                self._event("load", f"base {path}")
-            return self._bases[path]
+            if key in table:
+                return table[key]
+            building = self._building.setdefault((id(table), key), threading.Lock())
+        with building:
+            with self._lock:
+                if key in table:
+                    return table[key]
+            value = build()
+            with self._lock:
+                table[key] = value
+                self._building.pop((id(table), key), None)
+            return value
 
     # --- slices ---------------------------------------------------------------------------------
     def slice_model(self, config, conn, version) -> tuple[object, object, threading.Lock, str | None]:
