@@ -214,6 +214,7 @@ def _tuned(config, conn, reg, question, tenant, route: router.Route, version=Non
 
 def _hybrid(config, conn, reg, question, tenant, opts: Options) -> dict:
     """Retrieve, ask the router, answer by the route it picks (retrieval if the slice cannot load)."""
+    from pgfresh.capture.change import pipeline_of
     from pgfresh.rag import retrieval
 
     timings = {}
@@ -232,8 +233,9 @@ def _hybrid(config, conn, reg, question, tenant, opts: Options) -> dict:
                             " limit %s) c", (tbl, lsn, limit)).fetchone()[0]
 
     def row_lsn(tbl: str, key: str) -> str | None:
-        # the row's latest change, which the index may not have caught up with yet
-        row = conn.execute("select lsn::text from pgfresh.rows where tbl = %s and key = %s", (tbl, key)).fetchone()
+        # the row's latest change, which the index may not have caught up with yet (a primary-key lookup)
+        row = conn.execute("select lsn::text from pgfresh.rows where pipeline = %s and tbl = %s and key = %s",
+                           (pipeline_of(config), tbl, key)).fetchone()
         return row[0] if row else None
 
     decision = router.route(router.Policy.from_config(config), hits[0] if hits else None, version, table_changes,
