@@ -28,6 +28,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pgfresh import serve
@@ -302,8 +303,29 @@ class _Auth:
             self._configured = (time.monotonic(), value)
         return value
 
-    def __call__(self, request: Request) -> apikeys.Principal:
+    async def __call__(self, request: Request) -> apikeys.Principal:
+        # On the event loop when everything is cached (the common case: no thread hop per request);
+        # in the threadpool when the store must be asked (a key not seen within KEY_TTL_SECONDS).
         header = request.headers.get("authorization", "")
+        if self._cached(header):
+            return self.resolve(header)
+        return await run_in_threadpool(self.resolve, header)
+
+    def _cached(self, header: str) -> bool:
+        """True when resolving `header` needs no store query (what it needs was read within the TTL)."""
+        now = time.monotonic()
+        configured_fresh = now - self._configured[0] <= KEY_TTL_SECONDS
+        if not header:
+            return configured_fresh
+        scheme, _, key = header.partition(" ")
+        if scheme.lower() != "bearer" or not key.strip():
+            return True  # a 401 without asking the store
+        with self._lock:
+            hit = self._seen.get(apikeys.digest(key.strip()))
+        return hit is not None and now - hit[0] <= KEY_TTL_SECONDS and (hit[1] is not None or configured_fresh)
+
+    def resolve(self, header: str) -> apikeys.Principal:
+        """The principal of an `Authorization` header value (may query the store)."""
         if not header:
             if not self.configured():
                 return apikeys.LOCAL
