@@ -253,6 +253,7 @@ def main() -> None:
         if thread_server is not None:
             thread_server.should_exit = True
         reg.close()
+        EmbeddedServer(config.data_dir / "store").destroy()  # the store db.store_dsn started (no [store] dsn)
         server.destroy()
 
 
