@@ -5,16 +5,22 @@ indexed through the real pipeline. Then, at 1, 8 and 32 concurrent clients, each
 for `--seconds` seconds:
 - in-process: `pgfresh.serve.search` / `pgfresh.serve.answer(mode="rag")` from client threads of
   this process (one registry, as the server has);
-- HTTP: the same questions against `pgfresh serve` (a uvicorn process), keep-alive connections,
-  one per client thread.
+- HTTP: the same questions over HTTP, keep-alive connections, one per client thread, against the
+  same app `pgfresh serve` runs (`create_app`), served by uvicorn in a thread of this process on the
+  same registry (`--server thread`, the default: the only difference is the HTTP layer), or by a
+  `pgfresh serve` process (`--server process`: a second process, its own models and pool).
+The two sides alternate (`--repeats` pairs, in-process first) so load that drifts during the run
+(a shared machine) falls on both; the machine's load average is printed beside each row.
 Chat is rag mode with the built-in reader (`[rag.reader] kind = "builtin"`) and the answer cache
 off, so every request retrieves and generates. The reader is a tiny 1-layer model built here unless
 `--base-model DIR` names a real one (generation cost is then the model's, not the HTTP layer's).
 
 Printed: requests/s, p50 and p99 latency (ms) per endpoint, concurrency and side, and the HTTP
-layer's cost as 1 - HTTP throughput / in-process throughput (goal: under 10%).
+layer's cost as 1 - HTTP throughput / in-process throughput (goal: under 10%), over the summed
+requests of all pairs.
 
-Run: .venv/bin/python bench/serve.py [--docs 10000] [--seconds 10] [--clients 1,8,32] [--base-model DIR]
+Run: .venv/bin/python bench/serve.py [--docs 10000] [--seconds 10] [--clients 1,8,32] [--repeats 2]
+     [--server thread|process] [--base-model DIR]
 """
 
 from __future__ import annotations
@@ -105,7 +111,43 @@ def drive(clients: int, seconds: float, call) -> dict:
     lat.sort()
     return {"rps": len(lat) / wall, "p50": statistics.median(lat) if lat else float("nan"),
             "p99": lat[min(len(lat) - 1, int(0.99 * len(lat)))] if lat else float("nan"), "n": len(lat),
-            "errors": len(errors), "first_error": errors[0] if errors else None}
+            "errors": len(errors), "first_error": errors[0] if errors else None, "lat": lat, "wall": wall}
+
+
+def load_average() -> str:
+    return "/".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+def alternate(n: int, seconds: float, repeats: int, a_call, b_call) -> tuple[dict, dict]:
+    """`repeats` pairs of (in-process, HTTP) runs of `seconds / repeats` each, summed per side."""
+    runs = {"a": [], "b": []}
+    for _ in range(repeats):
+        runs["a"].append(drive(n, seconds / repeats, a_call))
+        runs["b"].append(drive(n, seconds / repeats, b_call))
+    return tuple(_merge(runs[k]) for k in ("a", "b"))
+
+
+def _merge(parts: list[dict]) -> dict:
+    lat = sorted(x for p in parts for x in p["lat"])
+    wall = sum(p["wall"] for p in parts)
+    errors = sum(p["errors"] for p in parts)
+    return {"rps": len(lat) / wall if wall else 0.0, "p50": statistics.median(lat) if lat else float("nan"),
+            "p99": lat[min(len(lat) - 1, int(0.99 * len(lat)))] if lat else float("nan"), "n": len(lat),
+            "errors": errors, "first_error": next((p["first_error"] for p in parts if p["first_error"]), None)}
+
+
+def in_thread_server(config, reg, port: int):
+    """The app `pgfresh serve` runs, served by uvicorn in a thread of this process, on `reg`."""
+    import uvicorn
+
+    from pgfresh.serve.http import create_app
+
+    server = uvicorn.Server(uvicorn.Config(create_app(config, reg), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    return server, thread
 
 
 def http_post(port: int):
@@ -128,6 +170,9 @@ def main() -> None:
     ap.add_argument("--clients", default="1,8,32")
     ap.add_argument("--base-model", default=None, help="a local HF model directory as the reader (default: a tiny one)")
     ap.add_argument("--embedder", default="minilm")
+    ap.add_argument("--repeats", type=int, default=2, help="alternating (in-process, HTTP) pairs per row")
+    ap.add_argument("--server", choices=("thread", "process"), default="thread",
+                    help="HTTP served in this process on the same registry, or by a `pgfresh serve` process")
     args = ap.parse_args()
     levels = [int(x) for x in args.clients.split(",")]
     work = Path(tempfile.mkdtemp(prefix="pgfresh-bench-serve-"))
@@ -155,20 +200,26 @@ def main() -> None:
     sync.run(config, once=True)
     print(f"indexed {args.docs} documents in {time.monotonic() - t:.1f} s ({args.embedder}); reader: {model_dir}")
 
-    questions = [f"Where is the {name} made?" for _, name, *_ in rng.sample(rows, 500)]
+    questions = [f"Where is the {name} made?" for _, name, *_ in rng.sample(rows, min(500, len(rows)))]
     reg = serve.Registry(pool_size=64)
     opts = serve.Options(cache=False)
     inproc = {
-        "search": lambda i, s: serve.search(config, questions[i % 500], registry=reg),
-        "chat": lambda i, s: serve.answer(config, questions[i % 500], None, "rag", options=opts, registry=reg),
+        "search": lambda i, s: serve.search(config, questions[i % len(questions)], registry=reg),
+        "chat": lambda i, s: serve.answer(config, questions[i % len(questions)], None, "rag", options=opts, registry=reg),
     }
     serve.answer(config, questions[0], None, "rag", options=opts, registry=reg)  # load the models once
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "pgfresh", "serve", "--port", str(port), "--config", str(path)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = thread_server = None
+    if args.server == "process":
+        proc = subprocess.Popen([sys.executable, "-m", "pgfresh", "serve", "--port", str(port), "--config", str(path)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    else:
+        thread_server, _ = in_thread_server(config, reg, port)
+    print(f"HTTP: {'a `pgfresh serve` process' if proc else 'uvicorn in this process, same registry'}; "
+          f"{os.cpu_count()} CPUs; load average {load_average()} (1/5/15 min)")
     try:
         for _ in range(600):
             try:
@@ -178,27 +229,31 @@ def main() -> None:
                 time.sleep(0.1)
         post = http_post(port)
         over_http = {
-            "search": lambda i, s: post(i, s, "/v1/search", {"text": questions[i % 500]}),
+            "search": lambda i, s: post(i, s, "/v1/search", {"text": questions[i % len(questions)]}),
             "chat": lambda i, s: post(i, s, "/v1/chat/completions", {
-                "model": "rag", "cache": False, "messages": [{"role": "user", "content": questions[i % 500]}]}),
+                "model": "rag", "cache": False, "messages": [{"role": "user", "content": questions[i % len(questions)]}]}),
         }
         post(0, {}, "/v1/chat/completions", {"model": "rag", "cache": False,
                                              "messages": [{"role": "user", "content": questions[0]}]})  # warm up
         print(f"\n{'endpoint':8} {'clients':>7} | {'in-process rps':>14} {'p50 ms':>8} {'p99 ms':>8} | "
-              f"{'HTTP rps':>9} {'p50 ms':>8} {'p99 ms':>8} | HTTP cost")
+              f"{'HTTP rps':>9} {'p50 ms':>8} {'p99 ms':>8} | HTTP cost | load avg")
         for name in ("search", "chat"):
             for n in levels:
-                a = drive(n, args.seconds, inproc[name])
-                b = drive(n, args.seconds, over_http[name])
+                a, b = alternate(n, args.seconds, args.repeats, inproc[name], over_http[name])
                 cost = 1 - b["rps"] / a["rps"] if a["rps"] else float("nan")
                 errs = f"  errors: in-process {a['errors']}, HTTP {b['errors']} {b['first_error'] or a['first_error'] or ''}" \
                     if a["errors"] or b["errors"] else ""
                 print(f"{name:8} {n:>7} | {a['rps']:>14.1f} {a['p50']:>8.1f} {a['p99']:>8.1f} | "
-                      f"{b['rps']:>9.1f} {b['p50']:>8.1f} {b['p99']:>8.1f} | {cost:>6.1%}{errs}", flush=True)
+                      f"{b['rps']:>9.1f} {b['p50']:>8.1f} {b['p99']:>8.1f} | {cost:>9.1%} | {load_average()}{errs}",
+                      flush=True)
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        if proc is not None:
+            proc.terminate()
+            proc.wait(timeout=30)
+        if thread_server is not None:
+            thread_server.should_exit = True
         reg.close()
+        EmbeddedServer(config.data_dir / "store").destroy()  # the store db.store_dsn started (no [store] dsn)
         server.destroy()
 
 

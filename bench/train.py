@@ -114,6 +114,7 @@ def retention(config, unchanged_ids: set) -> float:
 
 
 def rounds_for(args, server, workdir: Path, base_dir: Path, replay: float, rank: int) -> list[dict]:
+    from pgfresh import serve
     from pgfresh.train import Settings, rounds, slices
 
     name = f"bench_r{int(replay * 100)}_k{rank}"
@@ -147,7 +148,7 @@ def rounds_for(args, server, workdir: Path, base_dir: Path, replay: float, rank:
         # time from commit to the first correct tuned answer among the changed facts, asked in turn
         first = None
         for i in ids[:5]:
-            a = slices.ask(config, f"What is the price of {names[i]}?")
+            a = serve.answer(config, f"What is the price of {names[i]}?", mode="tuned")
             if a["answer"] == new[i]:
                 first = round(time.time() - committed, 1)
                 break

@@ -71,9 +71,11 @@ def row_lsn(db, key: str) -> str:
 
 # -- the answer path and the router ------------------------------------------------------------
 def test_rag_answer_carries_route_lineage_cache_and_timings(db, dsn, tmp_path):
+    from pgfresh.rag.models import Models
+
     rows = evalset.products(8, seed=5)
-    config = products(db, tmp_path, dsn, rows)
-    reg = serve.Registry()
+    config = products(db, tmp_path, dsn, rows, extra="\n[train]\n")  # hybrid needs the training stage configured
+    reg = serve.Registry(models=Models())  # models of its own: the counters below are this test's
     q = f"Where is the {rows[2]['name']} made?"
     first = serve.answer(config, q, None, "rag", registry=reg)
     assert first["route"]["taken"] == "rag" and first["cache"] == "miss" and first["slice"] is None
@@ -82,6 +84,13 @@ def test_rag_answer_carries_route_lineage_cache_and_timings(db, dsn, tmp_path):
     assert {"embed_ms", "retrieve_ms", "generate_ms", "total_ms"} <= set(first["timings"])
     assert serve.answer(config, q, None, "rag", registry=reg)["cache"] == "hit"
     assert serve.answer(config, q, None, "rag", registry=reg, options=serve.Options(cache=False))["cache"] == "off"
+    # the registry holds the embedder: loaded once, then reused, visible, evictable
+    held = reg.loaded()["models"]
+    assert held["loaded"] == ["embedder all-MiniLM-L6-v2@" + held["loaded"][0].split("@")[1]], held
+    assert held["loads"] == 1 and held["hits"] >= 2 and held["evictions"] == 0
+    reg.evict("models")
+    assert reg.loaded()["models"]["loaded"] == [] and reg.loaded()["models"]["evictions"] == 1
+    assert serve.search(config, rows[2]["name"], registry=reg)[0].key == "[3]" and reg.models.counters["loads"] == 2
     with pytest.raises(PgfreshError, match="unknown ask mode"):
         serve.answer(config, q, None, "psychic", registry=reg)
     # hybrid without any slice: documented rule 1, through the CLI
@@ -107,12 +116,14 @@ def test_hybrid_routes_as_its_policy_says(db, dsn, tmp_path):
     assert fresh["sources"][0]["key"] == "[4]"
     assert fresh["route"]["taken"] == "slice", fresh["route"]
     assert fresh["slice"]["version"] == 0 and fresh["slice"]["lsn"] == newest and fresh["cache"] == "off"
+    assert fresh["route"]["signals"]["slice_knows_row"] is True and 0 < fresh["route"]["confidence"] <= 1
 
     db.execute("update products set price = 123.45 where id = 4")
     sync.run(config, once=True)
     changed = serve.answer(config, q, None, "hybrid", registry=reg)
     assert changed["route"]["taken"] == "rag", changed["route"]
     assert "changed at LSN" in changed["route"]["reason"] and changed["sources"][0]["lsn"] == row_lsn(db, "[4]")
+    assert changed["route"]["signals"]["slice_knows_row"] is False and changed["route"]["signals"]["row_lsn"] == row_lsn(db, "[4]")
     assert "123.45" in changed["sources"][0]["text"] and isinstance(changed["answer"], str)
 
     # another, unchanged product still goes to the slice; tuned mode always does
@@ -144,6 +155,72 @@ def test_router_rules_on_constructed_cases():
     assert router.route(router.Policy(max_slice_age_seconds=3600), hit("0/1000"), v, now=now).taken == "rag"
     assert router.route(router.Policy(max_table_changes=5), hit("0/1000"), v, lambda *a: 6).taken == "rag"
     assert router.route(router.Policy(max_table_changes=5), hit("0/1000"), v, lambda *a: 5).taken == "slice"
+
+
+def test_router_confidence_follows_its_signals():
+    from types import SimpleNamespace as NS
+
+    p = router.Policy()
+    v = NS(slice="A", version=3, lsn="0/2000", created_at=None, metrics={"new_accuracy": 0.8})
+    best = lambda score: NS(tbl="public.t", key="[1]", lsn="0/1000", score=score)  # noqa: E731
+    second = NS(tbl="public.t", key="[2]", lsn="0/1000", score=0.5)
+    # retrieval's margin: a clear best hit makes the slice's answer likelier to be about the right row
+    clear = router.route(p, best(1.0), v, runner_up=second)
+    close = router.route(p, best(0.55), v, runner_up=second)
+    assert clear.taken == close.taken == "slice" and clear.confidence > close.confidence
+    assert clear.signals["margin"] == 0.5 and clear.signals["slice_knows_row"] is True
+    assert clear.confidence == pytest.approx(0.75 * 0.8)  # identified 0.75, times the slice's measured recall
+    # the row changed after the slice (pgfresh.rows is ahead of the indexed document): retrieval, surely for that row
+    stale = router.route(p, best(1.0), v, runner_up=second, row_lsn=lambda tbl, key: "0/3000")
+    assert stale.taken == "rag" and stale.signals["slice_knows_row"] is False and stale.signals["row_lsn"] == "0/3000"
+    assert stale.confidence == pytest.approx(0.75) != clear.confidence
+    assert "0/3000" in stale.reason  # rule 4 compares the row's latest change, not the document's
+    # a slice whose recall was never measured (a base version) counts half
+    unmeasured = router.route(p, best(1.0), NS(**{**vars(v), "metrics": {}}), runner_up=second)
+    assert unmeasured.confidence == pytest.approx(0.375) and unmeasured.signals["slice_recall"] is None
+    # no slice for the tenant: retrieval is the only route
+    none = router.route(p, best(1.0), None, runner_up=second)
+    assert none.taken == "rag" and none.confidence == 1.0 and none.signals["slice"] is None
+    assert router.route(p, None, v).confidence == 0.5
+    d = clear.as_dict()
+    assert d["confidence"] == 0.6 and d["signals"]["slice"] == "A v3 (LSN 0/2000)"
+    assert router.Route("rag", "mode rag: retrieval answers").as_dict() == {"taken": "rag", "reason": "mode rag: retrieval answers"}
+
+
+def test_read_side_connects_to_the_store_never_through_capture():
+    """gate, render (the facts worker), rag, train and serve take the store's DSN from `db.store_dsn`:
+    none imports capture's setup or calls its `resolve_dsn` (the source's DSN); capture's types are fine."""
+    import ast
+
+    import pgfresh
+
+    root, offenders = Path(pgfresh.__file__).parent, []
+    for stage in ("gate", "render", "rag", "train", "serve"):
+        for f in sorted((root / stage).rglob("*.py")):
+            for node in ast.walk(ast.parse(f.read_text())):
+                if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("pgfresh.capture"):
+                    bad = node.module == "pgfresh.capture.setup" or {a.name for a in node.names} & {"setup", "resolve_dsn"}
+                elif isinstance(node, (ast.Name, ast.Attribute)):
+                    bad = (getattr(node, "id", None) or getattr(node, "attr", None)) == "resolve_dsn"
+                else:
+                    bad = False
+                if bad:
+                    offenders.append(f"{f.relative_to(root)}:{node.lineno}")
+    assert not offenders, offenders
+
+
+def test_models_are_bounded_least_recently_used_first():
+    from pgfresh.rag.models import Models
+
+    built = []
+    models = Models(max_loaded=2)
+    load = lambda name: models.get("embedder", name, lambda: built.append(name) or name)  # noqa: E731
+    assert [load("a"), load("b"), load("a"), load("c")] == ["a", "b", "a", "c"]  # c evicts b (a was used since)
+    assert built == ["a", "b", "c"] and [x.split()[1] for x in models.stats()["loaded"]] == ["a", "c"]
+    load("b")
+    assert built == ["a", "b", "c", "b"] and models.stats()["loaded"] == ["embedder c", "embedder b"]
+    assert {k: models.counters[k] for k in ("loads", "hits", "evictions")} == {"loads": 4, "hits": 1, "evictions": 2}
+    assert models.evict("cross-encoder") == 0 and models.evict() == 2 and models.stats()["loaded"] == []
 
 
 def test_serve_config_problems_are_reported(tmp_path):
@@ -327,6 +404,8 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
 
 @pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian's chromium is not installed (make test-deps)")
 def test_dashboard_in_chromium(live_server, db, dsn):
+    import urllib.request
+
     from playwright.sync_api import sync_playwright
 
     base, config, rows, _ = live_server
@@ -368,14 +447,27 @@ def test_dashboard_in_chromium(live_server, db, dsn):
                 if db.execute("select count(*) from pgfresh.documents where key = '[76]'").fetchone()[0]:
                     break
                 time.sleep(0.2)
+            # the server loads its models in the background after it starts: not what is measured either
+            for _ in range(600):
+                if urllib.request.urlopen(base + "/v1/status").status == 200 and \
+                        json.loads(urllib.request.urlopen(base + "/v1/status").read())["serve"]["loaded"].get("warm") != "loading":
+                    break
+                time.sleep(0.2)
             db.execute(INSERT, {**rows[0], "id": 77, "name": "Zanzibarite", "city": "Reykjavik"})
-            started, found = time.monotonic(), False
+            started, found, searches = time.monotonic(), False, 0
             while not found and time.monotonic() - started < 60:
                 page.fill("#search-text", "Zanzibarite")
                 page.click("#search-form button")
-                page.wait_for_timeout(250)
+                searches += 1  # wait for this search's answer on the page (a hang guard, not a timing)
+                page.wait_for_function(f"document.querySelector('#hits').dataset.shown === '{searches}'", timeout=120_000)
                 found = "Zanzibarite" in (page.text_content("#hits tbody") or "")
-            print(f"committed -> in the dashboard's search: {time.monotonic() - started:.1f} s")
+            print(f"committed -> in the dashboard's search: {time.monotonic() - started:.1f} s, {searches} searches")
+            # the dashboard's freshness shows this change: its LSN, as the store recorded it
+            lsn = row_lsn(db, "[77]")
+            page.wait_for_function(f"document.querySelector('#latest').dataset.lsn === '{lsn}'", timeout=60_000)
+            assert page.text_content("#latest") == "public.products [77]"
+            assert "searchable" in page.text_content("#latest-sub") and lsn in page.text_content("#latest-sub")
+            assert page.text_content("#models") == "1 / 4" and "embedder all-MiniLM-L6-v2@" in page.text_content("#models-sub")
         finally:
             worker.terminate()
             worker.wait(timeout=30)

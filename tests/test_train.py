@@ -16,6 +16,7 @@ import psycopg
 import pytest
 
 from pgfresh import config as cfg
+from pgfresh import serve
 from pgfresh.errors import PgfreshError
 from pgfresh.train import SHARED, rounds, slices
 from tests.conftest import run_cli, write_config
@@ -46,6 +47,11 @@ def _state(dsn: str) -> dict:
             "trained": c.execute("select role, count(*) from pgfresh.fact_training group by role order by role").fetchall(),
             "rounds": c.execute("select status from pgfresh.train_rounds order by id").fetchall(),
         }
+
+
+def tuned(config, question: str, tenant: str | None = None, registry: serve.Registry | None = None) -> dict:
+    """A closed-book answer through the one answer path (`serve.answer`, mode tuned)."""
+    return serve.answer(config, question, tenant, "tuned", registry=registry)
 
 
 # The probe set here is every one of the 48 known unchanged facts (until 2026-12 it was 10 of them,
@@ -92,16 +98,17 @@ def test_round_learns_changes_replay_reduces_forgetting_rollback_switches(tmp_pa
     assert r["lsn"] == newest
 
     names = {i: n for i, n, _ in products()}
-    answers = [slices.ask(config, f"What is the price of {names[i]}?") for i in CHANGED]
-    assert all(a["version"] == 1 and a["lsn"] == newest for a in answers)
+    server = serve.Registry()  # one registry, as a running `pgfresh serve` holds
+    answers = [tuned(config, f"What is the price of {names[i]}?", registry=server) for i in CHANGED]
+    assert all(a["slice"]["version"] == 1 and a["slice"]["lsn"] == newest for a in answers)
     assert sum(a["answer"] == new_price(i) for a, i in zip(answers, CHANGED)) >= 7
 
     # rollback: version 0 serves again (old prices), without a restart, and the changes wait again
     out = run_cli("slices", "rollback", SHARED, "0", "--config", str(path))
     assert out.returncode == 0, out.stderr
     old = {i: p for i, _, p in products()}
-    back = slices.ask(config, f"What is the price of {names[0]}?")
-    assert back["version"] == 0 and back["answer"] == old[0]
+    back = tuned(config, f"What is the price of {names[0]}?", registry=server)
+    assert back["slice"]["version"] == 0 and back["answer"] == old[0]
     with slices.connect(config) as conn:
         p = rounds.plan(conn, rounds.settings(config), SHARED, None, slices.current(conn, SHARED))
     assert len(p.learn) == len(CHANGED)
@@ -118,8 +125,8 @@ def test_round_learns_changes_replay_reduces_forgetting_rollback_switches(tmp_pa
     target.write_bytes(target.read_bytes()[:-64] + b"\0" * 64)
     out = run_cli("ask", f"What is the price of {names[0]}?", "--mode", "tuned", "--config", str(path))
     assert out.returncode == 2 and "corrupted" in out.stderr and out.stderr.count("\n") <= 3, out.stderr
-    warm = slices.ask(config, f"What is the price of {names[0]}?")
-    assert warm["version"] == 0 and "corrupted" in warm["warning"]
+    warm = tuned(config, f"What is the price of {names[0]}?", registry=server)
+    assert warm["slice"]["version"] == 0 and "corrupted" in warm["warning"]
     out = run_cli("slices", "rollback", SHARED, "1", "--config", str(path))
     assert out.returncode == 2 and "corrupted" in out.stderr
 
@@ -139,8 +146,8 @@ def test_failed_gate_is_not_published_and_keeps_the_facts(tmp_path, dsn, base_mo
     assert "gate_min_new_accuracy" in reason
     config = cfg.load(path)
     name = dict((i, n) for i, n, _ in products())[0]
-    a = slices.ask(config, f"What is the price of {name}?")
-    assert a["version"] == 0 and a["answer"] == products()[0][2]  # the previous version keeps answering
+    a = tuned(config, f"What is the price of {name}?")
+    assert a["slice"]["version"] == 0 and a["answer"] == products()[0][2]  # the previous version keeps answering
     with slices.connect(config) as conn:
         p = rounds.plan(conn, rounds.settings(config), SHARED, None, slices.current(conn, SHARED))
     assert len(p.learn) == len(CHANGED)  # the facts wait for the next round
@@ -185,18 +192,18 @@ def test_tenant_slices_train_only_on_their_tenant(tmp_path, dsn, base_model):
         assert len(r["learn"]) == n_tenant_qa[r["tenant"]]
     assert trained and all(rounds.slice_of(t) == s for s, t, _ in trained)
     assert shared_row == (None,) and shared_trained in ([], [(None,)])  # no tenant's fact in the shared slice
-    assert slices.ask(config, "What is the plan of Acme Client 0?", "acme")["slice"] == "acme"
-    assert slices.ask(config, "What is the plan of _Shared Client 12?", SHARED)["slice"] == "__shared"
+    assert tuned(config, "What is the plan of Acme Client 0?", "acme")["slice"]["name"] == "acme"
+    assert tuned(config, "What is the plan of _Shared Client 12?", SHARED)["slice"]["name"] == "__shared"
     # a question without a tenant on tenant tables: refused by tuned as by search (one line, exit 2)
     for args in (("ask", "What is the plan of Acme Client 0?", "--mode", "tuned"), ("search", "Acme Client 0")):
         out = run_cli(*args, "--config", str(path))
         assert out.returncode == 2 and "--tenant" in out.stderr and out.stderr.strip().count("\n") == 0, out
     with pytest.raises(PgfreshError, match="--tenant"):
-        slices.ask(config, "What is the plan of Acme Client 0?")
+        tuned(config, "What is the plan of Acme Client 0?")
     listed = json.loads(run_cli("slices", "--tenant", "__shared", "--json", "--config", str(path)).stdout)
     assert {v["tenant"] for v in listed} == {SHARED}
     with pytest.raises(slices.SliceError, match="no published slice"):
-        slices.ask(config, "What is the plan of Acme Client 0?", "initech")
+        tuned(config, "What is the plan of Acme Client 0?", "initech")
 
 
 def test_kill_9_mid_round_leaves_the_published_slice_and_the_round_restarts(tmp_path, dsn, base_model):
@@ -332,7 +339,7 @@ def test_tuned_ask_without_a_tenant_is_refused_on_tenant_tables_as_search_is(tmp
         out = run_cli(*args, "--config", str(path))
         assert out.returncode == 2 and "--tenant" in out.stderr and out.stderr.strip().count("\n") == 0, out
     with pytest.raises(PgfreshError, match="--tenant"):
-        slices.ask(cfg.load(path), "What is the plan of Acme Client 0?")
+        tuned(cfg.load(path), "What is the plan of Acme Client 0?")
 
 
 def test_named_base_model_says_in_one_line_what_to_install(tmp_path, monkeypatch):

@@ -21,7 +21,6 @@ Heavy imports (torch, sentence_transformers) happen inside functions, on first u
 from __future__ import annotations
 
 import hashlib
-import threading
 from pathlib import Path
 from typing import Protocol, Sequence
 
@@ -30,8 +29,6 @@ import numpy as np
 from pgfresh.errors import PgfreshError
 
 BUILTIN = ("minilm", "minilm-int8", "static-minilm")
-_LOADED: dict[tuple, "Embedder"] = {}
-_LOCK = threading.RLock()  # re-entrant: building static-minilm loads its teacher through load()
 
 
 class EmbedderError(PgfreshError):
@@ -179,21 +176,23 @@ def distill_static(teacher: SentenceTransformerEmbedder, out: Path, batch: int =
     return out
 
 
-def load(rag: dict, data_dir: Path) -> Embedder:
-    """The embedder `[rag]` configures (cached per process: loading a model takes seconds)."""
+def load(rag: dict, data_dir: Path, models=None) -> Embedder:
+    """The embedder `[rag]` configures, held by `models` (a `rag.models.Models`; default: the
+    process's): loading a model takes seconds."""
+    from pgfresh.rag.models import process
+
     kind = rag.get("embedder", "minilm")
     path = rag.get("embedder_path")
     device = rag.get("device", "auto")
     batch = int(rag.get("embed_batch", 64))
     threads = int(rag.get("embed_threads", 1))
     key = (kind, path, device, batch, threads, str(data_dir))
-    with _LOCK:
-        if key not in _LOADED:
-            _LOADED[key] = _build(kind, path, device, batch, threads, data_dir)
-        return _LOADED[key]
+    models = models if models is not None else process()
+    return models.get("embedder", key, lambda: _build(kind, path, device, batch, threads, data_dir, models))
 
 
-def _build(kind: str, path: str | None, device: str, batch: int, threads: int, data_dir: Path) -> Embedder:
+def _build(kind: str, path: str | None, device: str, batch: int, threads: int, data_dir: Path,
+           models=None) -> Embedder:
     if path:
         p = Path(path).expanduser().resolve()
         return SentenceTransformerEmbedder(p, name=kind if kind not in BUILTIN else p.name, version=_dir_version(p),
@@ -210,15 +209,15 @@ def _build(kind: str, path: str | None, device: str, batch: int, threads: int, d
         matrix = data_dir / "embedders" / "static-minilm.npy"
         if not matrix.exists():
             teacher = load({"embedder": "minilm", "device": device, "embed_batch": batch, "embed_threads": threads},
-                           data_dir)
+                           data_dir, models)
             distill_static(teacher, matrix)
         return StaticEmbedder(matrix, minilm_path())
     raise EmbedderError(f"unknown embedder {kind!r}: use one of {', '.join(BUILTIN)} or set rag.embedder_path")
 
 
-def find(rag: dict, data_dir: Path, name: str, version: str) -> Embedder | None:
+def find(rag: dict, data_dir: Path, name: str, version: str, models=None) -> Embedder | None:
     """The embedder that built an index generation, if this installation can still load it."""
-    configured = load(rag, data_dir)
+    configured = load(rag, data_dir, models)
     if (configured.name, configured.version) == (name, version):
         return configured
     for kind in BUILTIN:
@@ -227,7 +226,7 @@ def find(rag: dict, data_dir: Path, name: str, version: str) -> Embedder | None:
         if kind == "static-minilm" and not (data_dir / "embedders" / "static-minilm.npy").exists():
             continue  # never distil just to look: it takes minutes
         try:
-            e = load({**rag, "embedder": kind, "embedder_path": None}, data_dir)
+            e = load({**rag, "embedder": kind, "embedder_path": None}, data_dir, models)
         except EmbedderError:
             continue
         if (e.name, e.version) == (name, version):

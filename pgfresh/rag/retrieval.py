@@ -24,7 +24,6 @@ A request without a tenant is refused when any configured table declares a tenan
 
 from __future__ import annotations
 
-import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -55,8 +54,6 @@ DEFAULTS = {
     "exact_max_rows": 20000,  # a tenant filter keeping at most this many documents: exact dense ranking
     "mode": "hybrid",
 }
-_CROSS: dict[str, object] = {}
-_CROSS_LOCK = threading.Lock()
 
 
 class TenantRequired(PgfreshError):
@@ -106,14 +103,15 @@ def tenant_filter(config, tenant: str | None) -> tuple[sql.Composable, dict]:
 
 
 def search(conn, config, text: str, tenant: str | None = None, k: int = 10, mode: str | None = None, *,
-           fusion: str | None = None, rerank: str | None = None, qvec=None) -> list[Hit]:
-    """The k best documents for `text` that `tenant` may see, best first."""
+           fusion: str | None = None, rerank: str | None = None, qvec=None, models=None) -> list[Hit]:
+    """The k best documents for `text` that `tenant` may see, best first (`models`: who holds the
+    embedder and cross-encoder, a `rag.models.Models`; default: the process's)."""
     rag = config.rag
     mode = mode or setting(rag, "mode")
     if mode not in MODES:
         raise PgfreshError(f"unknown search mode {mode!r}: use one of {', '.join(MODES)}")
     where, params = tenant_filter(config, tenant)
-    active = active_generation(conn, config)
+    active = active_generation(conn, config, models)
     if active is None:
         raise NotIndexed("nothing is indexed yet: run `pgfresh sync` first")
     how = rerank or setting(rag, "rerank")
@@ -133,16 +131,16 @@ def search(conn, config, text: str, tenant: str | None = None, k: int = 10, mode
     hits.sort(key=lambda h: (-h.score, h.tbl, h.key))
     if how != "none":
         top = hits[:min(100, max(int(setting(rag, "rerank_depth")), k))]
-        _rerank(top, text, how, rag, active)
+        _rerank(top, text, how, rag, active, models)
         top.sort(key=lambda h: (-h.score, h.tbl, h.key))
         hits = top + hits[len(top):]
     return hits[:k]
 
 
-def active_generation(conn, config) -> generations.Generation | None:
+def active_generation(conn, config, models=None) -> generations.Generation | None:
     active, _ = generations.live(conn)
     if active is not None:
-        active.model = embed.find(config.rag, config.data_dir, active.embedder, active.version)
+        active.model = embed.find(config.rag, config.data_dir, active.embedder, active.version, models)
     return active
 
 
@@ -258,11 +256,11 @@ def _fuse(hits: list[Hit], fusion: str, rag: dict) -> None:
         h.scores["fused"] = h.score
 
 
-def _rerank(hits: list[Hit], text: str, how: str, rag: dict, active) -> None:
+def _rerank(hits: list[Hit], text: str, how: str, rag: dict, active, models=None) -> None:
     if not hits:
         return
     if how == "cross-encoder" or (how == "auto" and rag.get("rerank_model")):
-        model = _cross_encoder(rag)
+        model = _cross_encoder(rag, models)
         scores = model.predict([(text, h.text) for h in hits], show_progress_bar=False)
     elif active.model is None:
         return  # no embedder for this index: the fused order stands
@@ -314,16 +312,19 @@ def _chunks(text: str, max_tokens: int) -> list[str]:
     return [" ".join(words[i:i + size]) for i in starts]
 
 
-def _cross_encoder(rag: dict):
+def _cross_encoder(rag: dict, models=None):
+    from pgfresh.rag.models import process
+
     path = rag.get("rerank_model")
     if not path:
         raise PgfreshError("rag.rerank = 'cross-encoder' needs rag.rerank_model (a local cross-encoder directory)")
-    with _CROSS_LOCK:
-        if path not in _CROSS:
-            from sentence_transformers import CrossEncoder
 
-            _CROSS[path] = CrossEncoder(path, device="cpu")
-        return _CROSS[path]
+    def build():
+        from sentence_transformers import CrossEncoder
+
+        return CrossEncoder(path, device="cpu")
+
+    return (models if models is not None else process()).get("cross-encoder", path, build)
 
 
 def exact_dense(conn, config, qvec, tenant: str | None, k: int) -> list[tuple[str, str, float]]:

@@ -1,4 +1,10 @@
-"""What `pgfresh status` shows of the rag stage: documents, backlog, generations, freshness, cache."""
+"""What `pgfresh status` shows of the rag stage: documents, backlog, generations, freshness, cache.
+
+Freshness is two figures: `freshness`, the commit -> searchable histogram of every streamed change
+since the index began (percentiles of all time: one slow start stays in them), and `latest`, the
+newest searchable change now (the active generation's document of the highest LSN: its row, LSN,
+commit time, how long after its commit it became searchable, and how long ago), read on each call.
+"""
 
 from __future__ import annotations
 
@@ -42,6 +48,10 @@ def counts(conn) -> dict:
         " where k.pipeline = c.pipeline and k.name = 'index'), 0)").fetchone()[0]
     buckets = conn.execute("select bucket, n from pgfresh.rag_freshness").fetchall()
     counters = dict(conn.execute("select name, value from pgfresh.rag_counters").fetchall())
+    latest = conn.execute(
+        "select tbl, key, lsn::text, commit_time, round(extract(epoch from indexed_at - commit_time) * 1000, 1)::float8,"
+        " round(extract(epoch from now() - indexed_at), 3)::float8 from pgfresh.documents"
+        " where index_id = %s order by lsn desc limit 1", (active[0] if active else -1,)).fetchone()
     entries = conn.execute("select count(*) from pgfresh.answer_cache").fetchone()[0]
     asks = counters.get("cache_hits", 0) + counters.get("cache_misses", 0)
     return {
@@ -54,6 +64,10 @@ def counts(conn) -> dict:
         "oldest_queued_seconds": round(float(queue[1]), 3) if queue[1] is not None else None,
         "freshness": {"changes": sum(n for _, n in buckets), "p50_ms": percentile_ms(buckets, 0.5),
                       "p99_ms": percentile_ms(buckets, 0.99)},
+        "latest": None if latest is None else {
+            "tbl": latest[0], "key": latest[1], "lsn": latest[2],
+            "commit_time": latest[3].isoformat() if latest[3] else None,  # null: read by the snapshot
+            "searchable_after_ms": latest[4], "indexed_seconds_ago": latest[5]},
         "cache": {"entries": entries, "hits": counters.get("cache_hits", 0), "misses": counters.get("cache_misses", 0),
                   "hit_rate": round(counters.get("cache_hits", 0) / asks, 4) if asks else None,
                   "stores": counters.get("cache_stores", 0), "invalidations": counters.get("cache_invalidations", 0),

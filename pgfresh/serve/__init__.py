@@ -5,7 +5,8 @@ Public entry points:
   tuned and hybrid; the answer, the route and why, the source rows with LSNs, the slice version,
   cache hit or miss, timings per step;
 - `search(config, text, tenant, k, mode, registry=)`: the documents, as `pgfresh search`;
-- `Registry` (pgfresh.serve.registry): owns loaded readers, base models, slices and connections;
+- `Registry` (pgfresh.serve.registry): owns loaded readers, base models, slices, embedders and
+  cross-encoders (a bounded `rag.models.Models`) and connections;
 - `router.Policy` / `router.route`: the hybrid router, configured by `[serve.router]`;
 - `create_app(config)` (pgfresh.serve.http) and `run(config, host, port)`: the HTTP server;
 - `check_config(config)` for the `[serve]` section.
@@ -57,4 +58,4 @@ def search(config, text: str, tenant: str | None = None, k: int | None = None, m
     retrieval.tenant_filter(config, tenant)  # refuse before connecting
     reg = registry or default_registry()
     with reg.connection(config, "search") as conn:
-        return retrieval.search(conn, config, text, tenant, k or int(config.rag.get("k", 10)), mode)
+        return retrieval.search(conn, config, text, tenant, k or int(config.rag.get("k", 10)), mode, models=reg.models)

@@ -126,7 +126,7 @@ def _rag(config, conn, reg, question, tenant, opts: Options, qvec=None, hits=Non
     cache_cfg = rag.get("cache", {})
     use_cache = cache_cfg.get("enabled", True) if opts.cache is None else opts.cache
     t = time.perf_counter()
-    active = retrieval.active_generation(conn, config)
+    active = retrieval.active_generation(conn, config, reg.models)
     if active is None:
         raise retrieval.NotIndexed("nothing is indexed yet: run `pgfresh sync` first")
     if qvec is None and active.model is not None:
@@ -141,7 +141,7 @@ def _rag(config, conn, reg, question, tenant, opts: Options, qvec=None, hits=Non
             return {**hit, "cache": "hit", "timings": timings}
     if hits is None:
         t = time.perf_counter()
-        hits = _search(config, conn, question, tenant, opts, qvec)
+        hits = _search(config, conn, reg, question, tenant, opts, qvec)
         timings["retrieve_ms"] = _ms(t)
     t = time.perf_counter()
     text = None
@@ -159,12 +159,13 @@ def _rag(config, conn, reg, question, tenant, opts: Options, qvec=None, hits=Non
     return {**result, "cache": "miss" if use_cache else "off", "timings": timings}
 
 
-def _search(config, conn, question, tenant, opts: Options, qvec):
+def _search(config, conn, reg, question, tenant, opts: Options, qvec):
     from pgfresh.rag import retrieval
 
     rag = config.rag
     return retrieval.search(conn, config, question, tenant, k=opts.k or int(rag.get("ask_k", 4)),
-                            mode=opts.search_mode or rag.get("ask_search_mode"), rerank=opts.rerank, qvec=qvec)
+                            mode=opts.search_mode or rag.get("ask_search_mode"), rerank=opts.rerank, qvec=qvec,
+                            models=reg.models)
 
 
 def _published(conn, tenant):
@@ -213,15 +214,16 @@ def _tuned(config, conn, reg, question, tenant, route: router.Route, version=Non
 
 def _hybrid(config, conn, reg, question, tenant, opts: Options) -> dict:
     """Retrieve, ask the router, answer by the route it picks (retrieval if the slice cannot load)."""
+    from pgfresh.capture.change import pipeline_of
     from pgfresh.rag import retrieval
 
     timings = {}
     t = time.perf_counter()
-    active = retrieval.active_generation(conn, config)
+    active = retrieval.active_generation(conn, config, reg.models)
     if active is None:
         raise retrieval.NotIndexed("nothing is indexed yet: run `pgfresh sync` first")
     qvec = active.model.embed([question])[0] if active.model is not None else None
-    hits = _search(config, conn, question, tenant, opts, qvec)
+    hits = _search(config, conn, reg, question, tenant, opts, qvec)
     timings["retrieve_ms"] = _ms(t)
     version = _published(conn, tenant)
 
@@ -230,7 +232,14 @@ def _hybrid(config, conn, reg, question, tenant, opts: Options) -> dict:
         return conn.execute("select count(*) from (select 1 from pgfresh.rows where tbl = %s and lsn > %s::pg_lsn"
                             " limit %s) c", (tbl, lsn, limit)).fetchone()[0]
 
-    decision = router.route(router.Policy.from_config(config), hits[0] if hits else None, version, table_changes)
+    def row_lsn(tbl: str, key: str) -> str | None:
+        # the row's latest change, which the index may not have caught up with yet (a primary-key lookup)
+        row = conn.execute("select lsn::text from pgfresh.rows where pipeline = %s and tbl = %s and key = %s",
+                           (pipeline_of(config), tbl, key)).fetchone()
+        return row[0] if row else None
+
+    decision = router.route(router.Policy.from_config(config), hits[0] if hits else None, version, table_changes,
+                            runner_up=hits[1] if len(hits) > 1 else None, row_lsn=row_lsn)
     if decision.taken == router.SLICE:
         from pgfresh.train.slices import SliceError
 
@@ -239,7 +248,8 @@ def _hybrid(config, conn, reg, question, tenant, opts: Options) -> dict:
             out["sources"] = [h.as_dict() for h in hits]  # what the router compared, for lineage
             return out
         except SliceError as exc:
-            decision = router.Route(router.RETRIEVE, f"the slice cannot be loaded ({exc}): retrieval answers")
+            decision = router.Route(router.RETRIEVE, f"the slice cannot be loaded ({exc}): retrieval answers", 1.0,
+                                    decision.signals)
     out = _rag(config, conn, reg, question, tenant, opts, qvec=qvec, hits=hits, timings=timings)
     out["route"] = decision.as_dict()
     return out

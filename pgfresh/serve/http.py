@@ -28,6 +28,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pgfresh import serve
@@ -302,8 +303,29 @@ class _Auth:
             self._configured = (time.monotonic(), value)
         return value
 
-    def __call__(self, request: Request) -> apikeys.Principal:
+    async def __call__(self, request: Request) -> apikeys.Principal:
+        # On the event loop when everything is cached (the common case: no thread hop per request);
+        # in the threadpool when the store must be asked (a key not seen within KEY_TTL_SECONDS).
         header = request.headers.get("authorization", "")
+        if self._cached(header):
+            return self.resolve(header)
+        return await run_in_threadpool(self.resolve, header)
+
+    def _cached(self, header: str) -> bool:
+        """True when resolving `header` needs no store query (what it needs was read within the TTL)."""
+        now = time.monotonic()
+        configured_fresh = now - self._configured[0] <= KEY_TTL_SECONDS
+        if not header:
+            return configured_fresh
+        scheme, _, key = header.partition(" ")
+        if scheme.lower() != "bearer" or not key.strip():
+            return True  # a 401 without asking the store
+        with self._lock:
+            hit = self._seen.get(apikeys.digest(key.strip()))
+        return hit is not None and now - hit[0] <= KEY_TTL_SECONDS and (hit[1] is not None or configured_fresh)
+
+    def resolve(self, header: str) -> apikeys.Principal:
+        """The principal of an `Authorization` header value (may query the store)."""
         if not header:
             if not self.configured():
                 return apikeys.LOCAL
@@ -437,6 +459,8 @@ def _ready(config, reg: Registry) -> tuple[bool, dict]:
             row = conn.execute("select info from pgfresh.workers where name = 'capture'").fetchone()
     except PgfreshError as exc:
         return False, {"reason": _one_line(exc)}
+    if reg.warm_state == "loading":
+        return False, {"reason": "loading models (the active index's embedder, the reader): see /v1/status serve.loaded"}
     if row is None:
         return False, {"reason": "capture has not run yet: start `pgfresh sync`"}
     lag = float((row[0] or {}).get("lag_seconds", 0.0))
@@ -461,4 +485,9 @@ def run(config, host: str | None = None, port: int | None = None, console=None) 
         host = "127.0.0.1"
     elif not configured and console is not None:
         console.print("no API key exists: every local request acts as admin (create keys with `pgfresh keys create`)")
+    import threading
+
+    reg.warm_state = "loading"  # before the server answers: /readyz must not say ready in between
+    # the first search no longer pays for loading the embedder (/readyz is 503 until this is done)
+    threading.Thread(target=reg.warm, args=(config,), name="pgfresh-warm", daemon=True).start()
     uvicorn.run(create_app(config, reg), host=host, port=port, log_level="warning")

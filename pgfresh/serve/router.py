@@ -7,8 +7,9 @@ order; the first that fires decides, and its sentence is the `reason` every answ
 1. no published slice for the tenant                              -> retrieve
 2. the slice is older than `max_slice_age_seconds` (if set)       -> retrieve
 3. nothing retrieved                                              -> slice (closed-book is all there is)
-4. the best row changed after the slice's LSN (the slice has not
-   learnt its current version)                                    -> retrieve
+4. the best row's latest change (its LSN in `pgfresh.rows`, which
+   can be newer than the indexed document's) is after the slice's
+   LSN: the slice has not learnt its current version              -> retrieve
 5. more than `max_table_changes` rows of the best row's table
    changed after the slice's LSN (if set): the table changes
    faster than slices are published                               -> retrieve
@@ -16,6 +17,19 @@ order; the first that fires decides, and its sentence is the `reason` every answ
 
 Rule 4 compares LSNs, so it is exact for the row retrieval found; what it cannot see is a question
 whose right row retrieval misses. Rule 5 trades speed for safety on busy tables.
+
+Every decision carries a `confidence` (0..1) and the `signals` it was computed from:
+- `margin`: how far the best hit's score is ahead of the runner-up's, relative to the best
+  ((s1 - s2) / |s1|, clipped to 0..1; 1 with a single hit). It says how sure retrieval is that the
+  best hit is the question's row: `identified = 0.5 + 0.5 * margin`.
+- `slice`: whether the tenant has a published slice (and which); `slice_recall`: the share of new
+  facts its round's gate measured it answering (`new_accuracy`; none for a base version).
+- `row_lsn`, `slice_knows_row`: the best row's latest change and whether the slice's LSN covers it.
+The confidence, per rule: no slice (1) or a policy rule (2, 5) -> 1.0 (there is no other route,
+or the operator chose); nothing retrieved -> 0.5 (no evidence either way); the
+slice does not know the row -> `identified` (right if the best hit is the question's row); the
+slice knows the row -> `identified * slice_recall` (0.5 for an unmeasured slice). Low confidence is
+a signal for the caller (the answer's `route`); it does not change the route.
 """
 
 from __future__ import annotations
@@ -48,9 +62,14 @@ class Policy:
 class Route:
     taken: str  # "rag" or "slice"
     reason: str  # one sentence: which rule fired, with the LSNs it compared
+    confidence: float | None = None  # 0..1, see the module docstring (None: the mode chose, not the router)
+    signals: dict | None = None
 
     def as_dict(self) -> dict:
-        return {"taken": self.taken, "reason": self.reason}
+        out = {"taken": self.taken, "reason": self.reason}
+        if self.confidence is not None:
+            out.update(confidence=round(self.confidence, 3), signals=self.signals)
+        return out
 
 
 def check(raw, problems: list[str]) -> None:
@@ -70,28 +89,55 @@ def lsn_int(lsn: str) -> int:
     return (int(hi, 16) << 32) | int(lo, 16)
 
 
-def route(policy: Policy, best, version, table_changes=None, now: datetime | None = None) -> Route:
-    """Decide for one question. `best`: the best retrieval hit (or None); `version`: the slice's
-    published version (or None); `table_changes(tbl, lsn, limit)`: rows of a table changed after an LSN
-    (only called when rule 5 is on)."""
+def margin(best, runner_up) -> float | None:
+    """How far the best hit's score is ahead of the runner-up's, relative to the best (0..1)."""
+    if best is None:
+        return None
+    if runner_up is None:
+        return 1.0
+    top = abs(float(best.score))
+    return 0.0 if top == 0 else min(1.0, max(0.0, (float(best.score) - float(runner_up.score)) / top))
+
+
+def route(policy: Policy, best, version, table_changes=None, now: datetime | None = None, *,
+          runner_up=None, row_lsn=None) -> Route:
+    """Decide for one question. `best`, `runner_up`: the two best retrieval hits (or None); `version`:
+    the slice's published version (or None); `table_changes(tbl, lsn, limit)`: rows of a table changed
+    after an LSN (only called when rule 5 is on); `row_lsn(tbl, key)`: the LSN of a row's latest change
+    (None: use the hit's, the indexed document's)."""
+    m = margin(best, runner_up)
+    identified = None if m is None else 0.5 + 0.5 * m
+    latest = None if best is None else ((row_lsn(best.tbl, best.key) if row_lsn else None) or best.lsn)
+    recall = None
+    if version is not None:
+        measured = (getattr(version, "metrics", None) or {}).get("new_accuracy")
+        recall = float(measured) if isinstance(measured, (int, float)) else None
+    signals = {"margin": None if m is None else round(m, 3),
+               "slice": None if version is None else f"{version.slice} v{version.version} (LSN {version.lsn})",
+               "slice_recall": recall, "row_lsn": latest,
+               "slice_knows_row": None if latest is None or version is None else lsn_int(latest) <= lsn_int(version.lsn)}
+
+    def decided(taken: str, reason: str, confidence: float) -> Route:
+        return Route(taken, reason, confidence, signals)
+
     if version is None:
-        return Route(RETRIEVE, "no published slice for this tenant: retrieval answers")
+        return decided(RETRIEVE, "no published slice for this tenant: retrieval answers", 1.0)
     if policy.max_slice_age_seconds is not None and version.created_at is not None:
         now = now or datetime.now(timezone.utc)
         age = (now - version.created_at).total_seconds()
         if age > policy.max_slice_age_seconds:
-            return Route(RETRIEVE, f"slice {version.slice} v{version.version} is {age:.0f} s old "
-                                   f"(max_slice_age_seconds = {policy.max_slice_age_seconds:g}): retrieval answers")
+            return decided(RETRIEVE, f"slice {version.slice} v{version.version} is {age:.0f} s old "
+                                     f"(max_slice_age_seconds = {policy.max_slice_age_seconds:g}): retrieval answers", 1.0)
     if best is None:
-        return Route(SLICE, f"nothing retrieved: slice {version.slice} v{version.version} answers closed-book")
+        return decided(SLICE, f"nothing retrieved: slice {version.slice} v{version.version} answers closed-book", 0.5)
     row = f"{best.tbl}{best.key}"
-    if lsn_int(best.lsn) > lsn_int(version.lsn):
-        return Route(RETRIEVE, f"{row} changed at LSN {best.lsn}, after slice {version.slice} v{version.version} "
-                               f"(LSN {version.lsn}): retrieval answers")
+    if not signals["slice_knows_row"]:
+        return decided(RETRIEVE, f"{row} changed at LSN {latest}, after slice {version.slice} v{version.version} "
+                                 f"(LSN {version.lsn}): retrieval answers", identified)
     if policy.max_table_changes is not None and table_changes is not None:
         n = table_changes(best.tbl, version.lsn, policy.max_table_changes + 1)
         if n > policy.max_table_changes:
-            return Route(RETRIEVE, f"more than {policy.max_table_changes} rows of {best.tbl} changed after slice "
-                                   f"{version.slice} v{version.version} (LSN {version.lsn}): retrieval answers")
-    return Route(SLICE, f"slice {version.slice} v{version.version} (LSN {version.lsn}) knows {row} at LSN {best.lsn}: "
-                        "the slice answers")
+            return decided(RETRIEVE, f"more than {policy.max_table_changes} rows of {best.tbl} changed after slice "
+                                     f"{version.slice} v{version.version} (LSN {version.lsn}): retrieval answers", 1.0)
+    return decided(SLICE, f"slice {version.slice} v{version.version} (LSN {version.lsn}) knows {row} at LSN {latest}: "
+                          "the slice answers", identified * (0.5 if recall is None else recall))

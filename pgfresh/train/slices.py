@@ -5,24 +5,20 @@ A version is a row of `pgfresh.slice_versions` plus, for a trained version, a di
 whose sha256 is recorded so a corrupted file is caught before it serves. A version is loaded as
 its lineage: the base model, then every adapter from the base to it, merged in order.
 
-`ask` refuses a question without a tenant where tables declare a tenant column (one line, as
-`search` does), and always serves the slice's current published version: it reads the pointer on
-every call and reloads when it moved (a publish or a rollback), so serving switches without a
-restart. If
-the new version cannot be loaded, the version already in memory keeps serving, with a warning.
+Serving is not here: `pgfresh.serve.answer(..., mode="tuned")` answers from the current published
+version, loaded through the serve registry (`Registry.slice_model`), which reloads when the pointer
+moves (a publish or a rollback) and keeps the version in memory serving if the new one cannot load.
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 from pgfresh import db
 from pgfresh.errors import PgfreshError
-from pgfresh.train import settings, slice_of
 
 WEIGHT_FILES = {"lora": "adapter_model.safetensors", "full": "model.safetensors"}
 
@@ -149,48 +145,6 @@ def _load_full(loaded, v: Version, device: str):
         raise SliceError(f"slice {v.slice!r} version {v.version}: weights in {v.path} cannot be loaded "
                          f"({str(exc).splitlines()[0][:200]})") from None
     return loaded
-
-
-# --- serving ------------------------------------------------------------------------------------
-
-_SERVING: dict[tuple[str, str], tuple[int, object]] = {}  # (data_dir, slice) -> (version, Loaded)
-_LOCK = threading.Lock()
-
-
-def ask(config, question: str, tenant: str | None = None) -> dict:
-    """Closed-book answer from the tenant's current published version (see the module docstring)."""
-    from pgfresh.model import format_prompt, generate
-    from pgfresh.rag.retrieval import tenant_filter
-    from pgfresh.train import fit
-
-    tenant_filter(config, tenant)  # refuse a tenant-less question on tenant tables, as `search` does
-    name = slice_of(tenant)
-    with connect(config, "serve") as conn:
-        v = current(conn, name)
-        if v is None:
-            raise SliceError(f"no published slice for {'tenant ' + repr(tenant) if tenant else 'shared facts'} yet; "
-                             "run `pgfresh model build` and `pgfresh train --once`")
-        key, warning = (str(config.data_dir), name), None
-        with _LOCK:
-            held = _SERVING.get(key)
-            if held is None or held[0] != v.version:
-                try:
-                    s = settings(config)
-                    fit.set_threads(s.threads, s.deterministic)
-                    _SERVING[key] = (v.version, load_version(config, conn, v, device=fit.pick_device(s.device)[0]))
-                except PgfreshError as exc:
-                    if held is None:
-                        raise
-                    warning = f"version {v.version} cannot be loaded, version {held[0]} keeps serving: {exc}"
-            version, loaded = _SERVING[key]
-        if version != v.version:
-            v = get_version(conn, name, version)
-    answer = generate(loaded, [format_prompt(question)], max_new_tokens=32)[0]
-    out = {"answer": answer, "mode": "tuned", "tenant": tenant, "slice": name, "version": v.version, "lsn": v.lsn,
-           "base_id": v.base_id}
-    if warning:
-        out["warning"] = warning
-    return out
 
 
 # --- listing and rollback -----------------------------------------------------------------------

@@ -5,6 +5,7 @@ const keyInput = $("#key");
 keyInput.value = localStorage.getItem("pgfresh-key") || "";
 keyInput.addEventListener("change", () => { localStorage.setItem("pgfresh-key", keyInput.value.trim()); refresh(); });
 const history = [];
+let searches = 0;
 
 async function api(path, options = {}) {
   const headers = Object.assign({ "Content-Type": "application/json" }, options.headers || {});
@@ -40,17 +41,29 @@ async function loadStatus() {
   const fr = rag.freshness || {};
   $("#fresh").textContent = (fr.p50_ms ?? "-") + " / " + (fr.p99_ms ?? "-") + " ms";
   $("#fresh-n").textContent = (fr.changes ?? 0) + " changes measured";
+  // the newest change searchable now (read on each refresh), not the all-time percentiles above
+  const la = rag.latest;
+  $("#latest").textContent = la ? la.tbl + " " + la.key : "-";
+  $("#latest").dataset.lsn = la ? la.lsn : "";
+  $("#latest-sub").textContent = !la ? "nothing indexed" : "LSN " + la.lsn + (la.commit_time === null
+    ? ", from the snapshot" : ", searchable " + la.searchable_after_ms + " ms after its commit") +
+    ", " + la.indexed_seconds_ago + " s ago";
   $("#slot-wal").textContent = fmtBytes(slot.retained_wal_bytes);
   $("#slot-state").textContent = slot.exists ? (slot.active ? "active" : "inactive") + ", " + slot.wal_status : "no slot";
   $("#docs").textContent = rag.documents ?? "-";
   const c = rag.cache || {};
   $("#cache").textContent = c.hits !== undefined ? "cache " + c.hits + " hits / " + c.misses + " misses" : "";
+  // the registry's embedders and cross-encoders: what this server holds, loads, reuses and evicts
+  const loaded = (s.serve && s.serve.loaded) || {}, m = loaded.models;
+  $("#models").textContent = m ? m.loaded.length + " / " + m.max_loaded : "-";
+  $("#models-sub").textContent = m ? m.loads + " loads, " + m.hits + " hits, " + m.evictions + " evictions" +
+    (loaded.warm && loaded.warm !== "warm" ? "; " + loaded.warm : "") + (m.loaded.length ? ": " + m.loaded.join(", ") : "") : "";
   const tbody = $("#stages tbody"); tbody.replaceChildren();
   const log = cap.change_log || {};
   for (const [name, seq] of Object.entries(log.consumers || {})) {
     const tr = document.createElement("tr"); cell(tr, name); cell(tr, seq); cell(tr, (log.head || 0) - seq); tbody.appendChild(tr);
   }
-  history.push({ t: Date.now(), lag: Number(cap.lag_seconds) || 0, p99: (Number(fr.p99_ms) || 0) / 1000 });
+  history.push({ t: Date.now(), lag: Number(cap.lag_seconds) || 0, p99: ((la && Number(la.searchable_after_ms)) || 0) / 1000 });
   if (history.length > 240) history.shift();
   drawHistory();
 }
@@ -140,13 +153,17 @@ $("#search-form").addEventListener("submit", async (ev) => {
   const tenant = $("#search-tenant").value.trim();
   if (tenant) body.tenant = tenant;
   const tbody = $("#hits tbody"); tbody.replaceChildren();
+  const mine = ++searches;  // only the newest search's answer is shown: an older one may arrive later
   try {
     const hits = await api("/v1/search", { method: "POST", body: JSON.stringify(body) });
+    if (mine !== searches) return;
+    tbody.replaceChildren();
     hits.forEach((h, i) => {
       const tr = document.createElement("tr");
       cell(tr, i + 1); cell(tr, h.tbl); cell(tr, h.key); cell(tr, h.lsn); cell(tr, h.commit_time || "snapshot"); cell(tr, h.text, "doc");
       tbody.appendChild(tr);
     });
+    $("#hits").dataset.shown = String(mine);
     say(hits.length ? "" : "no matching document");
   } catch (e) { say(e.message); }
 });
