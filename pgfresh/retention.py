@@ -99,11 +99,11 @@ _TARGETS = {
         delete from pgfresh.rows r using (
             select tbl, key from pgfresh.rows t
              where pipeline = %(pipeline)s and deleted
-               and deleted_at < now() - make_interval(secs => %(tombstone_keep_seconds)s)
+               and commit_time < now() - make_interval(secs => %(tombstone_keep_seconds)s)
                and tbl not in (select tbl from pgfresh.snapshot_progress where pipeline = %(pipeline)s and not done)
                and not exists (select 1 from pgfresh.changes c where c.pipeline = %(pipeline)s
                                   and c.seq > %(upto)s and c.tbl = t.tbl and c.key = t.key)
-             order by deleted_at limit %(n)s) d
+             order by commit_time limit %(n)s) d
         where r.pipeline = %(pipeline)s and r.tbl = d.tbl and r.key = d.key and r.deleted returning 0""",
     # Candidates only: `_prune_facts` keeps the chains of replacements whole before deleting them.
     "facts": """

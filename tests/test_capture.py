@@ -10,17 +10,12 @@ import subprocess
 import sys
 import threading
 import time
-from datetime import datetime, timezone
 
 import psycopg
 import pytest
 
 from pgfresh import config as cfg
-from pgfresh import db as db_module
-from pgfresh.capture import setup, sync
-from pgfresh.capture.change import Change
-from pgfresh.capture.rowstore import RowStore
-from pgfresh.capture.stream import Transaction
+from pgfresh.capture import sync
 from pgfresh.capture.pgoutput import Decoder
 from pgfresh.errors import DecodeError
 from tests.conftest import run_cli, write_config
@@ -158,106 +153,6 @@ def test_kill9_at_random_moments_loses_nothing_applies_nothing_twice(db, dsn, tm
     stream_born = db.execute("select count(*) from acct where id > %s", (initial_max,)).fetchone()[0]
     assert stream_born > 50
     assert mismatched == 0
-
-
-def _wait_for(condition, what: str, deadline_seconds: float = 300) -> None:
-    """Poll `condition` until it holds (a wait, not a timed assertion: the deadline only ends a hung test)."""
-    deadline = time.monotonic() + deadline_seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"gave up waiting for {what}")
-        time.sleep(0.05)
-
-
-def test_kill9_while_the_writer_thread_has_queued_batches(db, dsn, tmp_path):
-    """Stream batches are applied on a writer thread while the next ones are decoded. Block the
-    writer inside its first batch (its sink row locked) so later batches queue behind it, then
-    kill -9: the slot was never confirmed past what the store committed, and the next run applies
-    every change exactly once."""
-    db.execute("create table q (id int primary key, v int not null default 0)")
-    db.execute("insert into q select g, 0 from generate_series(1, 100) g")
-    path = write_config(tmp_path, dsn, '[[tables]]\nname = "q"\n')
-    # One transaction per batch; a long max_txn_seconds so the blocked writer is not ended by the server.
-    path.write_text(path.read_text().replace("max_txn_seconds = 5\n", "max_txn_seconds = 600\nbatch_max_changes = 1\n"))
-    result = run_cli("sync", "--once", "--config", str(path))
-    assert result.returncode == 0, result.stderr
-
-    first_end = None  # WAL position right after the first update committed
-
-    def slot_before_updates() -> bool:
-        """While none of the updates is stored, the slot stays before the first of them (an idle
-        database's position may be confirmed beyond the stored LSN: the first update is the bound)."""
-        return db.execute("select confirmed_flush_lsn < %s from pg_replication_slots where slot_name = 'pgfresh'",
-                          (first_end,)).fetchone()[0]
-
-    locker = psycopg.connect(dsn)
-    proc = None
-    try:
-        (stored_before,) = locker.execute("select lsn from pgfresh.sink_progress where sink = 'rows' for update").fetchone()
-        proc = subprocess.Popen([sys.executable, "-m", "pgfresh", "sync", "--config", str(path)],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        for i in range(1, 31):  # 30 transactions, each its own batch
-            db.execute("update q set v = v + 1 where id = %s", (i,))
-            if i == 1:
-                (first_end,) = db.execute("select pg_current_wal_lsn()").fetchone()
-        (end,) = db.execute("select pg_current_wal_lsn()").fetchone()
-
-        def writer_blocked_and_all_sent() -> bool:
-            assert proc.poll() is None, proc.stderr.read()
-            blocked = db.execute("select count(*) from pg_stat_activity where application_name = 'pgfresh-capture-writer'"
-                                 " and wait_event_type = 'Lock'").fetchone()[0]
-            sent = db.execute("select count(*) from pg_stat_replication where application_name = 'pgfresh-stream'"
-                              " and sent_lsn >= %s", (end,)).fetchone()[0]
-            return blocked == 1 and sent == 1
-
-        _wait_for(writer_blocked_and_all_sent, "the writer to block with every change received")
-        assert slot_before_updates()
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    finally:
-        if proc is not None and proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        locker.rollback()
-        locker.close()
-    assert slot_before_updates()
-    assert db.execute("select lsn from pgfresh.sink_progress where sink = 'rows'").fetchone()[0] == stored_before
-    assert db.execute("select count(*) from pgfresh.changes where op = 'update'").fetchone()[0] == 0
-
-    result = run_cli("sync", "--once", "--config", str(path))
-    assert result.returncode == 0, result.stderr
-    assert diff_count(db, "q") == 0
-    assert db.execute("select count(*) from pgfresh.changes where op = 'update'").fetchone()[0] == 30
-    versions = dict(db.execute("select (key::jsonb->>0)::int, versions from pgfresh.rows where tbl = 'public.q'").fetchall())
-    assert versions == {i: 2 if i <= 30 else 1 for i in range(1, 101)}  # the snapshot read + one update each
-
-
-def test_chunk_rows_reconcile_with_streamed_changes_by_visibility(db, dsn):
-    """A chunk row whose key the stream changed in a transaction the chunk's snapshot cannot see is
-    neither applied nor logged; one whose streamed change the snapshot saw overwrites it and is
-    logged as 'read'. (The chunk SQL skips its delete when nothing was superseded.)"""
-    db.execute("create table s (id int primary key, v text)")
-    conf = make_config(dsn, [{"name": "s"}])
-    db_module.migrate(db)
-    infos = setup.check_source(db, conf)
-    with psycopg.connect(dsn, autocommit=True) as source:
-        store = RowStore(db, infos, "pgfresh", source=source)
-        store.start("0/1", True)
-        ctime = datetime.now(timezone.utc)
-
-        def tx(xid: int, end_lsn: int, key: int, v: str) -> Transaction:
-            return Transaction(xid, end_lsn, ctime, [Change("public.s", "insert", [key], {"id": key, "v": v}, end_lsn,
-                                                            ctime, xid)])
-
-        # Chunk snapshot 100:100: xid 50 committed before it (visible), xid 5000 after (not visible).
-        store.apply_transactions([tx(5000, 0x100, 2, "stream, newer"), tx(50, 0x200, 3, "stream, older")], ref=6000)
-        store._commit_chunk("public.s", [("1", "chunk"), ("2", "chunk"), ("3", "chunk")], "100:100:", "0/300",
-                            ["3"], True)
-        store.close()
-    rows = dict(db.execute("select key, row->>'v' from pgfresh.rows where tbl = 'public.s'").fetchall())
-    assert rows == {"[1]": "chunk", "[2]": "stream, newer", "[3]": "chunk"}
-    logged = db.execute("select key, op from pgfresh.changes where tbl = 'public.s' order by seq").fetchall()
-    assert logged == [("[2]", "insert"), ("[3]", "insert"), ("[1]", "read"), ("[3]", "read")]
 
 
 def test_200k_snapshot_while_updated_holds_no_long_transaction(db, dsn, tmp_path):

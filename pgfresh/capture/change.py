@@ -50,6 +50,7 @@ class Change:
     seq: int | None = None  # position in pgfresh.changes, once logged
     unchanged: tuple = ()  # TOASTed columns the stream did not resend (the row store fills them in)
     _key_text: str | None = None
+    _row_json: str | None = None  # the row serialised once (capture writes it twice)
 
     @property
     def key_text(self) -> str:

@@ -79,11 +79,13 @@ class Relation:
     type_oids: list[int]
     key_columns: list[str]
     converters: list = None  # per column: None (keep text) or a function text -> value
-    qualified: str = ""  # schema.name
 
     def __post_init__(self):
         self.converters = [converter(o) for o in self.type_oids]
-        self.qualified = f"{self.schema}.{self.name}"
+
+    @property
+    def qualified(self) -> str:
+        return f"{self.schema}.{self.name}"
 
 
 @dataclass(slots=True)
@@ -180,7 +182,7 @@ class Decoder:
     def __init__(self) -> None:
         self.relations: dict[int, Relation] = {}
         self.in_stream = False
-        self.unchanged: tuple[str, ...] = ()  # columns the last new tuple left out as unchanged TOAST
+        self.unchanged: list[str] = []  # columns the last new tuple left out as unchanged TOAST
 
     # -- primitives ------------------------------------------------------------------------------
     @staticmethod
@@ -189,39 +191,33 @@ class Decoder:
         return buf[pos:end].decode("utf-8"), end + 1
 
     def _tuple(self, buf: bytes, pos: int, rel: Relation) -> tuple[dict, int]:
-        # The hottest loop of capture (every column of every change): kept flat on purpose.
         (ncols,) = _i16(buf, pos)
         pos += 2
         names, convs = rel.columns, rel.converters
+        unchanged = self.unchanged = []
         if ncols > len(names):
             raise DecodeError(
                 f"tuple for {rel.qualified} has {ncols} columns but its Relation message named {len(names)}"
             )
-        if ncols < len(names):  # columns added after this row's version was written are not sent
-            names, convs = names[:ncols], convs[:ncols]
         row = {}
-        unchanged = None
-        i32 = _i32
-        for name, conv in zip(names, convs):
+        for i in range(ncols):
             kind = buf[pos]
+            pos += 1
             if kind == 0x74:  # 't' text
-                start = pos + 5
-                pos = start + i32(buf, pos + 1)[0]
-                text = buf[start:pos].decode()
-                row[name] = text if conv is None else conv(text)
+                (n,) = _i32(buf, pos)
+                pos += 4
+                text = buf[pos:pos + n].decode("utf-8")
+                conv = convs[i]
+                row[names[i]] = text if conv is None else conv(text)
+                pos += n
             elif kind == 0x6E:  # 'n' null
-                row[name] = None
-                pos += 1
+                row[names[i]] = None
             elif kind == 0x75:  # 'u' unchanged TOASTed value: not sent, the row store has it
-                if unchanged is None:
-                    unchanged = []
-                unchanged.append(name)
-                pos += 1
+                unchanged.append(names[i])
             elif kind == 0x62:  # 'b' binary: only sent when asked for with binary=true, which we never do
-                raise DecodeError(f"binary column value for {rel.qualified}.{name}; pgfresh asks for text")
+                raise DecodeError(f"binary column value for {rel.qualified}.{names[i]}; pgfresh asks for text")
             else:
-                raise DecodeError(f"unknown tuple column kind {kind!r} for {rel.qualified}.{name}")
-        self.unchanged = () if unchanged is None else tuple(unchanged)
+                raise DecodeError(f"unknown tuple column kind {kind!r} for {rel.qualified}.{names[i]}")
         return row, pos
 
     def _rel(self, relid: int) -> Relation:

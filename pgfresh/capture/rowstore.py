@@ -5,12 +5,6 @@ with the change-log entries (`pgfresh.changes`) and the stream position (`pgfres
 After a crash, capture restarts from that stored position and `apply_transactions` skips any
 transaction whose end LSN it already stored, so nothing is applied twice and nothing is lost.
 
-The writer thread: given a `writer` connection, batches (`submit`) and snapshot chunks
-(`snapshot_step`) are applied on a thread of its own, strictly in the order they were handed over,
-while the caller decodes the next ones; `committed` hands back, in order, the batches whose store
-transaction committed: the only positions the slot may be confirmed to. At most `queue_batches`
-items wait; what waits when the process dies was never confirmed, so the stream sends it again.
-
 Source and store: `RowStore` writes only to the store (its `conn`); the source connection is used
 for reads alone: snapshot chunks, and the xid8 reference that widens a stream xid. Each chunk is read
 in its own short REPEATABLE READ transaction on the source, which closes before the rows are applied
@@ -42,11 +36,8 @@ each as a delete, so documents, facts and cache entries follow through the chang
 
 from __future__ import annotations
 
-import queue
-import threading
 import time
 from dataclasses import dataclass
-from datetime import datetime
 
 import psycopg
 from psycopg import sql
@@ -60,43 +51,39 @@ from pgfresh.errors import ConfigError
 
 SINK = "rows"
 
-# Each batch is written once, by COPY, into the change log; the row store is then upserted from the
-# log entries just written (the last per key; `versions` counts them), so every row is parsed once.
-_LOG_COPY = "copy pgfresh.changes (pipeline, tbl, key, tenant, op, row, lsn, commit_time) from stdin"
+_STAGE = """
+create temp table if not exists pgfresh_stage (
+    ord integer, tbl text, key text, tenant text, op text, row jsonb, lsn pg_lsn, commit_time timestamptz, xid xid8
+) on commit delete rows
+"""
 
-# Capture is the only writer of its pipeline's log (docs: change.py), so "after the pipeline's
-# highest seq before the COPY" is exactly the entries the COPY wrote.
-_LAST_SEQ = "select coalesce(max(seq), 0) from pgfresh.changes where pipeline = %s"
+_LOG_STAGE = """
+insert into pgfresh.changes (pipeline, tbl, key, tenant, op, row, lsn, commit_time)
+select %(pipeline)s, tbl, key, tenant, op, row, lsn, commit_time from pgfresh_stage order by ord
+"""
 
 _UPSERT_STREAM = """
 insert into pgfresh.rows as r (pipeline, tbl, key, tenant, row, lsn, commit_time, deleted, xid, snap, versions)
-select distinct on (c.tbl, c.key) c.pipeline, c.tbl, c.key, c.tenant, c.row, c.lsn, c.commit_time, c.op = 'delete',
-       x.xid, null::pg_snapshot, count(*) over (partition by c.tbl, c.key)
-from pgfresh.changes c left join unnest(%(lsns)s::pg_lsn[], %(xids)s::xid8[]) x(lsn, xid) on x.lsn = c.lsn
-where c.pipeline = %(pipeline)s and c.seq > %(after)s
-order by c.tbl, c.key, c.seq desc
+select distinct on (tbl, key) %(pipeline)s, tbl, key, tenant, row, lsn, commit_time, op = 'delete', xid,
+       null::pg_snapshot, count(*) over (partition by tbl, key)
+from pgfresh_stage order by tbl, key, ord desc
 on conflict (pipeline, tbl, key) do update set
     tenant = excluded.tenant, row = excluded.row, lsn = excluded.lsn, commit_time = excluded.commit_time,
     deleted = excluded.deleted, xid = excluded.xid, snap = null, versions = r.versions + excluded.versions
 """
 
-# A chunk's rows are logged as 'read' first; a row the stream has superseded (its last streamed
-# change is not visible in the chunk's snapshot) is not upserted, and then not kept in the log.
 _UPSERT_CHUNK = """
-insert into pgfresh.rows as r (pipeline, tbl, key, tenant, row, lsn, commit_time, deleted, xid, snap, versions)
-select pipeline, tbl, key, tenant, row, '0/0', null, false, null, %(snap)s::pg_snapshot, 1 from pgfresh.changes
-where pipeline = %(pipeline)s and seq > %(after)s
-on conflict (pipeline, tbl, key) do update set
-    tenant = excluded.tenant, row = excluded.row, deleted = false, snap = excluded.snap
-    where r.xid is null or pg_visible_in_snapshot(r.xid, excluded.snap)
-"""
-
-# Only when the upsert skipped rows (rare: keys streamed while the table is read). The skipped rows
-# are exactly those still failing its condition: the upsert leaves `xid` as it was.
-_UNLOG_SUPERSEDED = """
-delete from pgfresh.changes c using pgfresh.rows r
-where c.pipeline = %(pipeline)s and c.seq > %(after)s and r.pipeline = c.pipeline and r.tbl = c.tbl and r.key = c.key
-  and r.xid is not null and not pg_visible_in_snapshot(r.xid, %(snap)s::pg_snapshot)
+with up as (
+    insert into pgfresh.rows as r (pipeline, tbl, key, tenant, row, lsn, commit_time, deleted, xid, snap, versions)
+    select %(pipeline)s, tbl, key, tenant, row, '0/0', null, false, null, %(snap)s::pg_snapshot, 1 from pgfresh_stage
+    on conflict (pipeline, tbl, key) do update set
+        tenant = excluded.tenant, row = excluded.row, deleted = false, snap = excluded.snap
+        where r.xid is null or pg_visible_in_snapshot(r.xid, excluded.snap)
+    returning tbl, key
+)
+insert into pgfresh.changes (pipeline, tbl, key, tenant, op, row, lsn, commit_time)
+select %(pipeline)s, s.tbl, s.key, s.tenant, 'read', s.row, '0/0', null from pgfresh_stage s join up using (tbl, key)
+order by s.ord
 """
 
 # Resync, one place for its SQL. A row the new snapshot read carries a chunk snapshot in which the
@@ -159,16 +146,6 @@ def resync_counts(conn: psycopg.Connection, pipeline: str) -> dict[str, dict]:
     return {t: {"rows_read": read, "deleted": deleted} for t, read, deleted in rows}
 
 
-@dataclass(slots=True)
-class Committed:
-    """A submitted batch whose store transaction committed (or was already stored)."""
-
-    end_lsn: int  # the slot may be confirmed up to here
-    commit_time: datetime  # of the batch's last source transaction
-    transactions: int
-    changes: int  # changes applied (0 when the batch had been stored before)
-
-
 @dataclass
 class Snapshot:
     """A pg_snapshot (xmin:xmax:xip) for visibility tests in Python."""
@@ -187,41 +164,11 @@ class Snapshot:
         return xid8 < self.xmin or (xid8 < self.xmax and xid8 not in self.xip)
 
 
-def _escape(text: str) -> str:
-    """A value in COPY's text format: backslash, tab, newline and carriage return escaped."""
-    if "\\" in text or "\t" in text or "\n" in text or "\r" in text:
-        return text.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
-    return text
-
-
-def copy_text(changes: list[Change], pipeline: str) -> str:
-    """Change-log rows in COPY text format (pipeline, tbl, key, tenant, op, row, lsn, commit_time).
-
-    Formatted here rather than by `Copy.write_row`, which costs several times more per row: the key
-    and row are JSON (orjson escapes every control character, so only backslashes need doubling),
-    and a transaction's LSN and commit time are formatted once.
-    """
-    pipe = _escape(pipeline)
-    tables: dict[str, str] = {}
-    stamps: dict[tuple, str] = {}
-    lines = []
-    for c in changes:
-        tbl = tables.get(c.table)
-        if tbl is None:
-            tbl = tables[c.table] = f"{pipe}\t{_escape(c.table)}"
-        stamp = stamps.get((c.lsn, c.commit_time))
-        if stamp is None:
-            ctime = "\\N" if c.commit_time is None else c.commit_time.isoformat()
-            stamp = stamps[(c.lsn, c.commit_time)] = f"{po.format_lsn(c.lsn)}\t{ctime}\n"
-        key = c._key_text
-        if key is None:
-            key = c.key_text
-        key = key.replace("\\", "\\\\")
-        row = "\\N" if c.row is None else row_json(c.row).replace("\\", "\\\\")
-        tenant = "\\N" if c.tenant is None else _escape(c.tenant)
-        lines.append(f"{tbl}\t{key}\t{tenant}\t{c.op}\t{row}\t{stamp}")
-    return "".join(lines)
-
+def _json(c: Change) -> str | None:
+    """The change's row as JSON text, serialised once for the stage and the change log."""
+    if c._row_json is None and c.row is not None:
+        c._row_json = row_json(c.row)
+    return c._row_json
 
 
 def full_xid(xid32: int, reference: int) -> int:
@@ -283,112 +230,18 @@ class RowStore:
     """Applies streamed transactions and snapshot chunks to pgfresh.rows, logging each applied change."""
 
     def __init__(self, conn: psycopg.Connection, infos: dict[str, TableInfo], pipeline: str = DEFAULT_PIPELINE,
-                 source: psycopg.Connection | None = None, writer: psycopg.Connection | None = None,
-                 queue_batches: int = 2):
+                 source: psycopg.Connection | None = None):
         """`conn`: the store (autocommit off or on); `source`: an autocommit connection to the source,
-        never the same connection as `conn`; `writer`: a second autocommit store connection, given to
-        a thread that applies submitted batches (at most `queue_batches` waiting) while the caller
-        decodes the next ones; without it `submit` applies each batch at once."""
+        never the same connection as `conn`."""
         self.conn = conn
         self.source = source if source is not None else conn
         self.infos = infos
         self.pipeline = pipeline
         self.tenant_prefix = ""  # [[sources]]: the source's tenant scope, before each tenant value read here
+        conn.execute(_STAGE)
+        conn.commit()
         self.snapshot_pending = self._pending_tables()
         self.reconcile_until = self._reconcile_until()
-        self.wconn = writer if writer is not None else conn  # the connection stream batches are applied on
-        self.in_flight = 0  # batches submitted whose outcome `committed` has not handed back yet
-        self._done: queue.Queue[Committed] = queue.Queue()
-        self._error: BaseException | None = None
-        self._todo: queue.Queue | None = None
-        self._thread: threading.Thread | None = None
-        if writer is not None:
-            self._todo = queue.Queue(maxsize=queue_batches)
-            self._thread = threading.Thread(target=self._write, name="pgfresh-capture-writer", daemon=True)
-            self._thread.start()
-
-    # -- the writer: batches applied in order, each in its own store transaction --------------------
-    def submit(self, txs: list[Transaction]) -> None:
-        """Apply a batch of whole transactions, in submission order (on the writer thread, if any).
-
-        Blocks while `queue_batches` batches wait. Raises the error the writer stopped on. The xid8
-        reference is read from the source here: every transaction in `txs` has committed, so any
-        later reading is newer than their xids.
-        """
-        self._raise()
-        (ref,) = self.source.execute("select pg_snapshot_xmax(pg_current_snapshot())::text::bigint").fetchone()
-        self._enqueue(("stream", txs, ref))
-
-    def _enqueue(self, job: tuple) -> None:
-        self.in_flight += 1
-        if self._todo is None:
-            self._done.put(self._run(job))
-            return
-        while True:
-            try:
-                self._todo.put(job, timeout=0.1)
-                return
-            except queue.Full:
-                self._raise()
-
-    def committed(self) -> list[Committed]:
-        """Stream batches whose store transaction has committed since the last call, in order: the
-        stream may be confirmed up to their end LSN, and no further. Raises the error the writer
-        stopped on. (`in_flight` counts snapshot chunks too: they are applied in the same order.)"""
-        out = []
-        while True:
-            try:
-                out.append(self._done.get_nowait())
-            except queue.Empty:
-                break
-        self.in_flight -= len(out)
-        if not out:
-            self._raise()
-        return [c for c in out if c is not None]  # None: a snapshot chunk
-
-    def drain(self) -> None:
-        """Wait until every submitted batch has committed (their outcomes stay for `committed`)."""
-        if self._todo is not None:
-            while self._done.qsize() < self.in_flight:
-                self._raise()
-                time.sleep(0.001)
-        self._raise()
-
-    def close(self) -> None:
-        """Stop the writer after the batch it is applying; batches still waiting are not applied (their
-        transactions were not confirmed, so the stream sends them again)."""
-        if self._thread is not None:
-            while True:  # drop what waits: it was not confirmed, so it is read again after a restart
-                try:
-                    self._todo.get_nowait()
-                except queue.Empty:
-                    break
-            self._todo.put(None)  # the queue is empty and only this thread puts: no wait
-            self._thread.join()
-            self._thread = None
-
-    def _write(self) -> None:
-        while True:
-            item = self._todo.get()
-            if item is None or self._error is not None:
-                return
-            try:
-                self._done.put(self._run(item))
-            except BaseException as exc:  # handed to the caller's thread by submit/committed/drain
-                self._error = exc
-                return
-
-    def _raise(self) -> None:
-        if self._error is not None:
-            raise self._error
-
-    def _run(self, job: tuple) -> Committed | None:
-        if job[0] == "chunk":
-            self._commit_chunk(*job[1:])
-            return None
-        _, txs, ref = job
-        applied = self.apply_transactions(txs, ref)
-        return Committed(txs[-1].end_lsn, txs[-1].commit_time, len(txs), len(applied))
 
     # -- positions -------------------------------------------------------------------------------
     def stored_lsn(self) -> int:
@@ -420,25 +273,17 @@ class RowStore:
         return {t: po.parse_lsn(lsn) for t, lsn in rows}
 
     def _pending_tables(self) -> list[str]:
-        """Tables whose snapshot is not complete; also resets where the next chunk reads start."""
-        rows = self.conn.execute(
-            "select tbl, last_key from pgfresh.snapshot_progress where pipeline = %s and not done order by tbl",
-            (self.pipeline,)).fetchall()
+        names = [r[0] for r in self.conn.execute(
+            "select tbl from pgfresh.snapshot_progress where pipeline = %s and not done order by tbl",
+            (self.pipeline,))]
         self.conn.commit()
-        names = [n for n, _ in rows if n in self.infos]
-        self._to_read = list(names)  # tables not read to their end (snapshot_pending: not applied to it)
-        self._last_keys = {n: last for n, last in rows}
-        self._chunk_seconds = 0.0
-        return names
+        return [n for n in names if n in self.infos]
 
     # -- stream ----------------------------------------------------------------------------------
-    def apply_transactions(self, txs: list[Transaction], ref: int | None = None) -> list[Change]:
-        """Apply whole transactions (skipping ones already stored) in one DB transaction; commit.
-
-        `ref`: an xid8 of the source newer than every transaction in `txs` (read from the source if
-        not given)."""
-        with self.wconn.transaction():
-            (stored,) = self.wconn.execute(
+    def apply_transactions(self, txs: list[Transaction]) -> list[Change]:
+        """Apply whole transactions (skipping ones already stored) in one DB transaction; commit."""
+        with self.conn.transaction():
+            (stored,) = self.conn.execute(
                 "select lsn::text from pgfresh.sink_progress where pipeline = %s and sink = %s for update",
                 (self.pipeline, SINK)).fetchone()
             stored = po.parse_lsn(stored)
@@ -446,14 +291,13 @@ class RowStore:
             if not txs:
                 return []
             # The stream's 32-bit xids widen against the SOURCE's current xid8 (the store's counter is unrelated).
-            if ref is None:
-                (ref,) = self.source.execute("select pg_snapshot_xmax(pg_current_snapshot())::text::bigint").fetchone()
+            (ref,) = self.source.execute("select pg_snapshot_xmax(pg_current_snapshot())::text::bigint").fetchone()
             changes = [c for t in txs for c in t.changes if c.table in self.infos]
             self._count_dropped([c for t in txs for c in t.changes if c.table not in self.infos])
             for c in changes:
                 c.xid = full_xid(c.xid, ref) if c.xid is not None else None
             applied = self._apply_changes(changes)
-            self.wconn.execute("update pgfresh.sink_progress set lsn = %s, updated_at = now()"
+            self.conn.execute("update pgfresh.sink_progress set lsn = %s, updated_at = now()"
                               " where pipeline = %s and sink = %s", (po.format_lsn(txs[-1].end_lsn), self.pipeline, SINK))
         return applied
 
@@ -466,7 +310,7 @@ class RowStore:
             n = counts.setdefault(c.table, [0, 0])
             n[0] += 1
             n[1] = max(n[1], c.lsn)
-        self.wconn.cursor().executemany(
+        self.conn.cursor().executemany(
             "insert into pgfresh.dropped_changes (pipeline, tbl, changes, last_lsn) values (%s, %s, %s, %s)"
             " on conflict (pipeline, tbl) do update set changes = pgfresh.dropped_changes.changes + excluded.changes,"
             " last_lsn = excluded.last_lsn, updated_at = now()",
@@ -485,7 +329,7 @@ class RowStore:
         if not wanted:
             return {}
         tbls, keys = zip(*wanted)
-        rows = self.wconn.execute(
+        rows = self.conn.execute(
             "select r.tbl, r.key, r.row, r.snap::text, r.tenant from pgfresh.rows r"
             " join unnest(%s::text[], %s::text[]) w(tbl, key) using (tbl, key) where r.pipeline = %s",
             (list(tbls), list(keys), self.pipeline))
@@ -529,75 +373,52 @@ class RowStore:
         return applied
 
     def _flush(self, changes: list[Change]) -> None:
-        """Log the changes once (COPY); the server upserts the last one per key from the log."""
+        """Stage the changes once; the server logs each and upserts the last one per key."""
         if not changes:
             return
-        after = self._log(self.wconn, changes)
-        xids = {}
-        for c in changes:
-            xids[c.lsn] = c.xid
-        self.wconn.execute(_UPSERT_STREAM, {
-            "pipeline": self.pipeline, "after": after, "lsns": [po.format_lsn(lsn) for lsn in xids],
-            "xids": [None if x is None else str(x) for x in xids.values()]})
-
-    def _log(self, conn: psycopg.Connection, changes: list[Change]) -> int:
-        """COPY `changes` into the change log, in order; returns the pipeline's last seq before them."""
-        (after,) = conn.execute(_LAST_SEQ, (self.pipeline,)).fetchone()
-        with conn.cursor().copy(_LOG_COPY) as cp:
-            cp.write(copy_text(changes, self.pipeline))
-        return after
+        cur = self.conn.cursor()
+        with cur.copy("copy pgfresh_stage (ord, tbl, key, tenant, op, row, lsn, commit_time, xid) from stdin") as cp:
+            for i, c in enumerate(changes):
+                cp.write_row((i, c.table, c.key_text, c.tenant, c.op, _json(c), po.format_lsn(c.lsn), c.commit_time,
+                              c.xid))
+        cur.execute(_LOG_STAGE, {"pipeline": self.pipeline})
+        cur.execute(_UPSERT_STREAM, {"pipeline": self.pipeline})
+        cur.execute("truncate pgfresh_stage")
 
     def _truncate(self, c: Change) -> None:
-        self.wconn.execute(
+        self.conn.execute(
             "update pgfresh.rows set deleted = true, lsn = %s, commit_time = %s, xid = %s::xid8, snap = null"
             " where pipeline = %s and tbl = %s and not deleted",
             (po.format_lsn(c.lsn), c.commit_time, str(c.xid), self.pipeline, c.table))
-        self.wconn.execute("update pgfresh.snapshot_progress set truncate_xid = %s::xid8"
+        self.conn.execute("update pgfresh.snapshot_progress set truncate_xid = %s::xid8"
                           " where pipeline = %s and tbl = %s and not done", (str(c.xid), self.pipeline, c.table))
 
     def _log_truncate(self, c: Change) -> None:
-        self.wconn.execute("insert into pgfresh.changes (pipeline, tbl, key, tenant, op, row, lsn, commit_time)"
+        self.conn.execute("insert into pgfresh.changes (pipeline, tbl, key, tenant, op, row, lsn, commit_time)"
                           " values (%s, %s, '[]', null, 'truncate', null, %s, %s)",
                           (self.pipeline, c.table, po.format_lsn(c.lsn), c.commit_time))
 
     # -- snapshot --------------------------------------------------------------------------------
     def snapshot_step(self, max_rows: int) -> tuple[int, float]:
-        """Read the next chunk of the first table not read to its end, then submit it to be applied.
-
-        The read is its own short transaction on the source; the chunk is applied in a store
-        transaction of its own, in order with the stream batches (on the writer thread, while the
-        next chunk is read). Returns (rows read, seconds of the longer of this read and the last
-        chunk's store transaction).
-        """
-        self._raise()
-        if not self._to_read:
+        """Read and apply the next chunk of the first unfinished table. Returns (rows read, seconds)."""
+        if not self.snapshot_pending:
             return 0, 0.0
-        name = self._to_read[0]
+        name = self.snapshot_pending[0]
         info = self.infos[name]
         started = time.monotonic()
-        last_key = self._last_keys.get(name)
-        snap_text, wal_pos, rows = self._read_source(info, last_key, max_rows)
-        seconds = time.monotonic() - started
-        new_last = [rows[-1][info.columns.index(k)] for k in info.key] if rows else last_key
-        done = len(rows) < max_rows
-        self._last_keys[name] = new_last
-        if done:
-            self._to_read.pop(0)
-        self._enqueue(("chunk", name, rows, snap_text, wal_pos, new_last, done))
-        return len(rows), max(seconds, self._chunk_seconds)
-
-    def _commit_chunk(self, name: str, rows: list[tuple], snap_text: str, wal_pos: str, new_last: list | None,
-                      done: bool) -> None:
-        """Apply one chunk with its progress row (and, after the last chunk, a resync's deletes)."""
-        started = time.monotonic()
-        conn = self.wconn
+        conn = self.conn
         with conn.transaction():
-            (truncate_xid,) = conn.execute(
-                "select truncate_xid::text from pgfresh.snapshot_progress"
+            last_key, truncate_xid = conn.execute(
+                "select last_key, truncate_xid::text from pgfresh.snapshot_progress"
                 " where pipeline = %s and tbl = %s for update", (self.pipeline, name)).fetchone()
+            snap_text, wal_pos, rows = self._read_source(info, last_key, max_rows)
             snap = Snapshot.parse(snap_text)
-            if truncate_xid is None or snap.visible(int(truncate_xid)):  # else: read before a TRUNCATE, stale
-                self._apply_chunk(conn, self.infos[name], rows, snap_text)
+            skip = truncate_xid is not None and not snap.visible(int(truncate_xid))
+            if not skip:
+                self._apply_chunk(info, rows, snap_text)
+            key_idx = [info.columns.index(k) for k in info.key]
+            new_last = [rows[-1][i] for i in key_idx] if rows else last_key
+            done = len(rows) < max_rows
             conn.execute(
                 "update pgfresh.snapshot_progress set last_key = %s, rows_read = rows_read + %s, done = %s,"
                 " finished_at = case when %s then now() end, reconcile_until = %s where pipeline = %s and tbl = %s",
@@ -606,8 +427,8 @@ class RowStore:
                 conn.execute(_RESYNC_DELETES, {"tbl": name, "pipeline": self.pipeline})
         self.reconcile_until[name] = po.parse_lsn(wal_pos)
         if done:
-            self.snapshot_pending.remove(name)
-        self._chunk_seconds = time.monotonic() - started
+            self.snapshot_pending.pop(0)
+        return len(rows), time.monotonic() - started
 
     def _read_source(self, info: TableInfo, last_key: list | None, limit: int) -> tuple[str, str, list[tuple]]:
         """One chunk from the source in its own short REPEATABLE READ transaction, closed before the
@@ -641,20 +462,21 @@ class RowStore:
         with cur.copy(query, params or None) as cp:
             return list(cp.rows())
 
-    def _apply_chunk(self, conn: psycopg.Connection, info: TableInfo, rows: list[tuple], snap_text: str) -> None:
-        """Log the chunk's rows as 'read'; the server keeps those the stream has not superseded."""
+    def _apply_chunk(self, info: TableInfo, rows: list[tuple], snap_text: str) -> int:
+        """Stage the chunk's rows; the server keeps those the stream has not superseded and logs them."""
         if not rows:
-            return
+            return 0
         cols, convs = info.columns, [po.converter(o) for o in info.type_oids]
         key_idx = [cols.index(k) for k in info.key]
         tenant_idx = cols.index(info.tenant) if info.tenant else None
-        changes = []
-        for raw in rows:
-            row = {c: (v if f is None or v is None else f(v)) for c, f, v in zip(cols, convs, raw)}
-            changes.append(Change(info.name, "read", [row[cols[j]] for j in key_idx], row, 0, None,
-                                  tenant=None if tenant_idx is None or raw[tenant_idx] is None
-                                  else self.tenant_prefix + raw[tenant_idx]))
-        after = self._log(conn, changes)
-        params = {"snap": snap_text, "pipeline": self.pipeline, "after": after}
-        if conn.execute(_UPSERT_CHUNK, params).rowcount < len(changes):
-            conn.execute(_UNLOG_SUPERSEDED, params)
+        cur = self.conn.cursor()
+        with cur.copy("copy pgfresh_stage (ord, tbl, key, tenant, row) from stdin") as cp:
+            for i, raw in enumerate(rows):
+                row = {c: (v if f is None or v is None else f(v)) for c, f, v in zip(cols, convs, raw)}
+                tenant = raw[tenant_idx] if tenant_idx is not None else None
+                cp.write_row((i, info.name, key_text([row[cols[j]] for j in key_idx]),
+                              None if tenant is None else self.tenant_prefix + tenant, row_json(row)))
+        cur.execute(_UPSERT_CHUNK, {"snap": snap_text, "pipeline": self.pipeline})
+        applied = cur.rowcount
+        cur.execute("truncate pgfresh_stage")
+        return applied

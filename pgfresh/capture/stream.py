@@ -71,7 +71,6 @@ class Stream:
         self.confirmed = 0
         self._last_feedback = 0.0
         self.messages = 0
-        self._plans: dict[int, tuple] = {}  # relation oid -> (Relation, _plan's answer)
 
     # -- reading ---------------------------------------------------------------------------------
     def poll(self, max_messages: int = 20_000, timeout: float = 0.1) -> list[Transaction]:
@@ -100,7 +99,11 @@ class Stream:
             tx, self._open = self._open, None
             if tx is None:
                 raise DecodeError(f"Commit at {po.format_lsn(m.end_lsn)} without Begin")
-            return self._committed(tx, m.end_lsn, m.commit_time)
+            tx.end_lsn, tx.commit_time = m.end_lsn, m.commit_time
+            self.last_end_lsn = m.end_lsn
+            for c in tx.changes:
+                c.lsn, c.commit_time = m.end_lsn, m.commit_time
+            return tx
         elif isinstance(m, po.Truncate):
             for rel in m.relations:
                 self._add(Change(rel.qualified, "truncate", [], None, 0, None), m.xid)
@@ -111,8 +114,11 @@ class Stream:
             self._stream_xid = None
         elif isinstance(m, po.StreamCommit):
             parts = self._streamed.pop(m.xid, [])
-            return self._committed(Transaction(m.xid, 0, m.commit_time, [c for _, c in parts]), m.end_lsn,
-                                   m.commit_time)
+            tx = Transaction(m.xid, m.end_lsn, m.commit_time, [c for _, c in parts])
+            self.last_end_lsn = m.end_lsn
+            for c in tx.changes:
+                c.xid, c.lsn, c.commit_time = m.xid, m.end_lsn, m.commit_time
+            return tx
         elif isinstance(m, po.StreamAbort):
             if m.xid == m.subxid:
                 self._streamed.pop(m.xid, None)
@@ -121,61 +127,43 @@ class Stream:
         # Relation, Type, Origin and logical messages carry nothing to apply (the decoder keeps relations).
         return None
 
-    def _committed(self, tx: Transaction, end_lsn: int, commit_time: datetime) -> Transaction:
-        """A transaction whose commit arrived: its changes get its xid, end LSN and commit time."""
-        tx.end_lsn, tx.commit_time = end_lsn, commit_time
-        self.last_end_lsn = end_lsn
-        xid = tx.xid
-        for c in tx.changes:
-            c.xid, c.lsn, c.commit_time = xid, end_lsn, commit_time
-        return tx
-
     def _add(self, change: Change, subxid: int | None) -> None:
         if self._stream_xid is not None:
             self._streamed[self._stream_xid].append((subxid, change))
         elif self._open is not None:
+            change.xid = self._open.xid
             self._open.changes.append(change)
         else:
             raise DecodeError(f"change to {change.table} outside a transaction")
 
-    def _plan(self, rel: po.Relation) -> tuple:
-        """(key columns, tenant column) of a relation, or None for a table outside the config."""
-        table = rel.qualified
-        if table not in self.keys:  # left the config, still in the WAL: the row store counts and drops it
-            plan = None
-        else:
-            key_cols = self.keys.get(table) or rel.key_columns
-            if not key_cols:
-                raise SourceError(
-                    f"table {table} has no primary key: add one, or set key in pgfresh.toml and run "
-                    f"ALTER TABLE {table} REPLICA IDENTITY FULL"
-                )
-            plan = (key_cols, self.tenants.get(table))
-        self._plans[rel.oid] = (rel, plan)
-        return plan
-
     def _change(self, m: po.RowMessage) -> Change:
         rel = m.relation
-        cached = self._plans.get(rel.oid)
-        plan = cached[1] if cached is not None and cached[0] is rel else self._plan(rel)
-        if plan is None:
-            return Change(rel.qualified, m.op, [], None, 0, None)
-        key_cols, tenant_col = plan
+        table = rel.qualified
+        if table not in self.keys:  # left the config, still in the WAL: the row store counts and drops it
+            return Change(table, m.op, [], None, 0, None)
+        key_cols = self.keys.get(table) or rel.key_columns
+        if not key_cols:
+            raise SourceError(
+                f"table {table} has no primary key: add one, or set key in pgfresh.toml and run "
+                f"ALTER TABLE {table} REPLICA IDENTITY FULL"
+            )
+        tenant_col = self.tenants.get(table)
         if m.op == "delete":
             old = m.old or {}
-            return Change(rel.qualified, "delete", [old.get(k) for k in key_cols], None, 0, None, None, None,
-                          _text(old.get(tenant_col)) if tenant_col else None)
+            return Change(table, "delete", [old.get(k) for k in key_cols], None, 0, None,
+                          tenant=_text(old.get(tenant_col)) if tenant_col else None)
         row = m.new
+        unchanged = self.decoder.unchanged  # set by the new tuple, decoded last
         key = [row.get(k) for k in key_cols]
         old_key = None
-        old = m.old
-        if old is not None and any(k in old for k in key_cols):
-            candidate = [old.get(k) for k in key_cols]
+        if m.old is not None and any(k in m.old for k in key_cols):
+            candidate = [m.old.get(k) for k in key_cols]
             if candidate != key:
                 old_key = candidate
-        # The decoder's `unchanged` is that of the new tuple, decoded last.
-        return Change(rel.qualified, m.op, key, row, 0, None, None, old_key,
-                      _text(row.get(tenant_col)) if tenant_col else None, None, self.decoder.unchanged)
+        change = Change(table, m.op, key, row, 0, None, old_key=old_key,
+                        tenant=_text(row.get(tenant_col)) if tenant_col else None)
+        change.unchanged = tuple(unchanged)
+        return change
 
     # -- positions -------------------------------------------------------------------------------
     @property

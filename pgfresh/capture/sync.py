@@ -115,7 +115,7 @@ class _Capture:
     def __init__(self, config: cfg.Config, dsn: str):
         src = config.source
         self.conn = db.connect(dsn, "capture", max_txn_seconds=src.max_txn_seconds, autocommit=True)
-        self.stream = self.store_conn = self.writer_conn = self.store = None
+        self.stream = self.store_conn = None
         try:
             self.infos = setup.check_source(self.conn, config)  # everything checked before anything is created
             check_stage_columns(config, self.infos)
@@ -130,10 +130,7 @@ class _Capture:
             # The publication follows the config: say what changed.
             self.notes = [f"added {n} to publication {src.publication}" for n in added] + [
                 f"removed {n} from publication {src.publication} (its changes are dropped)" for n in removed]
-            # Stream batches are applied on a thread with a connection of its own (rowstore.RowStore).
-            self.writer_conn = db.connect_store(config, "capture-writer", max_txn_seconds=src.max_txn_seconds,
-                                                autocommit=True)
-            self.store = RowStore(self.store_conn, self.infos, pipeline, source=self.conn, writer=self.writer_conn)
+            self.store = RowStore(self.store_conn, self.infos, pipeline, source=self.conn)
             self.store.tenant_prefix = src.tenant_prefix  # [[sources]]: tenants scoped by source
             # A stored position and no usable slot: refuse (SlotLostError), never re-snapshot silently.
             slot_lsn, created = setup.ensure_slot(self.conn, config, self.store.stored_lsn())
@@ -144,18 +141,13 @@ class _Capture:
                                  {i.relation or n: i.key for n, i in self.infos.items()},
                                  {i.relation or n: i.tenant for n, i in self.infos.items()})
         except BaseException:
-            if self.store is not None:
-                self.store.close()
             self.conn.close()
-            for conn in (self.store_conn, self.writer_conn):
-                if conn is not None:
-                    conn.close()
+            if self.store_conn is not None:
+                self.store_conn.close()
             raise
         self.heartbeat = _Heartbeat(self.store_conn, "capture", pipeline)
 
     def close(self) -> None:
-        self.store.close()  # the writer first: nothing is confirmed after this
-        self.writer_conn.close()
         if self.stream is not None:
             self.stream.close()  # sends the last confirmed position
             self._await_confirmed(self.stream.confirmed)
@@ -353,8 +345,7 @@ def _loop(config, store, stream, workers, heartbeat, stats, stop, target, proces
     settle_until = None  # --once: caught up, waiting for the settle window of rows captured before
     names = {i.relation: n for n, i in store.infos.items() if i.relation}  # [[sources]]: stored names
     while True:
-        txs = [] if stop.is_set() else stream.poll(timeout=0.02 if (batch or store.snapshot_pending or store.in_flight)
-                                                   else 0.25)
+        txs = stream.poll(timeout=0.02 if (batch or store.snapshot_pending) else 0.25)
         if txs and (names or store.tenant_prefix):
             _to_store(txs, names, store.tenant_prefix)
         if txs and not batch:
@@ -363,18 +354,15 @@ def _loop(config, store, stream, workers, heartbeat, stats, stop, target, proces
         batch_changes += sum(len(t.changes) for t in txs)
         due = batch and (not txs or stop.is_set() or batch_changes >= src.batch_max_changes
                          or time.monotonic() - batch_started >= src.batch_max_seconds)
-        if stop.is_set():
-            store.drain()  # stopping: the writer finishes what was submitted, then it is confirmed
-        for done in store.committed():  # batches the writer thread has committed, in order
-            processed = max(processed, done.end_lsn)
-            stream.confirm(processed)  # only now: the sink transaction has committed
-            stats["changes"] += done.changes
-            stats["lag_seconds"] = round(time.time() - done.commit_time.timestamp(), 3)
-            stats["transactions"] += done.transactions
         if due:
-            store.submit(batch)  # applied in order on the writer thread while we decode the next batch
+            applied = store.apply_transactions(batch)
+            processed = max(processed, batch[-1].end_lsn)
+            stream.confirm(processed)  # only now: the sink transaction has committed
+            stats["changes"] += len(applied)
+            stats["lag_seconds"] = round(time.time() - batch[-1].commit_time.timestamp(), 3)
+            stats["transactions"] += len(batch)
             batch, batch_changes = [], 0
-        elif not batch and not txs and not store.in_flight:
+        elif not batch and not txs:
             idle = stream.idle_position()
             if idle > processed:
                 processed = idle
@@ -402,9 +390,9 @@ def _loop(config, store, stream, workers, heartbeat, stats, stop, target, proces
         if time.monotonic() - last_prune > keep.prune_interval_seconds:
             retention.prune(store.conn, config, consumers, store.pipeline)
             last_prune = time.monotonic()
-        if stop.is_set() and not batch and not store.in_flight:
+        if stop.is_set() and not batch:
             break
-        if target is not None and not batch and not store.snapshot_pending and not store.in_flight:
+        if target is not None and not batch and not store.snapshot_pending:
             if processed >= target and not txs and not busy:
                 settle_until = _settled(workers, settle_until, console)
                 if settle_until is None or time.monotonic() >= settle_until:
