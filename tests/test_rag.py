@@ -505,3 +505,10 @@ def test_a_version_admitted_during_embedding_is_applied_after_it(db, dsn, tmp_pa
     assert db.execute("select count(*) from pgfresh.index_queue").fetchone()[0] == 0
     current = db.execute("select lsn::text from pgfresh.rows where tbl = 'public.products' and key = '[1]'").fetchone()[0]
     assert docs(db)["[1]"][3] == current
+
+
+def test_a_question_without_words_matches_nothing_lexically():
+    from pgfresh.rag import lexical
+
+    # ":" has no lexeme: the bounded match query used to be "()", a tsquery syntax error (HTTP 500).
+    assert lexical.match_query([], {"oak": 0.01}, 0.2, 1000, 5000) == lexical.or_query([], {"oak": 0.01}, 0.2) == ""

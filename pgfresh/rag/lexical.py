@@ -59,6 +59,8 @@ def match_query(lexemes: list[str], frequency: dict[str, float], max_df: float, 
     Words under ANALYZE's radar count at its smallest tracked frequency.
     """
     keep = _kept(lexemes, frequency, max_df)
+    if not keep:  # no word at all (a question of punctuation): nothing to match, as or_query
+        return ""
     floor = min(frequency.values(), default=0.0)
     chosen, rows = [], 0.0
     for lx in sorted(keep, key=lambda lx: (frequency.get(lx, floor), lx)):
