@@ -460,7 +460,10 @@ def test_builtin_rag_is_fresher_than_the_stale_model_on_changed_facts(pg_server,
     # the frozen model does for about half of them.
     assert changed["n"] >= 5
     assert changed["accuracy"] >= stale["by_class"]["changed"]["accuracy"]
-    assert changed["stale_rate"] < stale["by_class"]["changed"]["stale_rate"]
+    # The frozen model's old-value rate depends on how often the workload changed a row twice before
+    # it was asked (then the snapshot value is not "the old value" either): measured 0.05-0.5. RAG
+    # must never serve old values more often than it, and rarely in absolute terms.
+    assert changed["stale_rate"] <= min(stale["by_class"]["changed"]["stale_rate"], 0.25)
     assert rag["retrieval"]["hit_at_k"]["1"] >= 0.6
 
 
