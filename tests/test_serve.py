@@ -533,3 +533,13 @@ def test_arena_builtin_strategies_answer_through_serve(pg_server, tmp_path):
     hybrid = [x for x in r["records"] if x["strategy"] == "hybrid"]
     assert hybrid and all(x["sources"][0] == "route:rag" for x in hybrid if x["outcome"] != "error")  # no slice: rule 1
     assert r["strategies"]["rag-hybrid"]["retrieval"]["hit_at_k"]["1"] is not None
+
+
+def test_search_refuses_a_nul_in_the_tenant_before_connecting(tmp_path):
+    # Found by schemathesis: {"text": "0", "tenant": "\u0000"} reached PostgreSQL and gave a 500.
+    from pgfresh.rag.question import QuestionError
+
+    config = cfg.parse({"source": {"dsn": "host=127.0.0.1 port=1 dbname=nowhere", "data_dir": str(tmp_path)},
+                        "tables": [{"name": "t"}], "rag": {}})
+    with pytest.raises(QuestionError, match="tenant contains a NUL"):
+        serve.search(config, "0", "\x00")

@@ -54,7 +54,9 @@ def search(config, text: str, tenant: str | None = None, k: int | None = None, m
            registry: Registry | None = None) -> list:
     """`rag.search` on a pooled store connection: the form the CLI and the HTTP API use."""
     from pgfresh.rag import retrieval
+    from pgfresh.rag.question import check
 
+    check(text, tenant=tenant, k=k, what="search text")  # NUL, non-text, empty, too long: one line, no 500
     retrieval.tenant_filter(config, tenant)  # refuse before connecting
     reg = registry or default_registry()
     with reg.connection(config, "search") as conn:
