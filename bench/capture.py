@@ -17,6 +17,7 @@ import tempfile
 import time
 
 import psycopg
+from psycopg.conninfo import make_conninfo
 import psycopg2
 import psycopg2.extras
 
@@ -69,8 +70,15 @@ def main() -> None:
             with c.cursor().copy("copy snap to stdout") as cp:
                 copied = sum(1 for _ in cp.rows())
             copy_s = time.perf_counter() - t0
-        snap_conf = cfg.parse({"source": {"dsn": dsn, "slot": "snapslot", "publication": "snappub"},
-                               "tables": [{"name": "snap"}]})
+        # The store is a database of its own on the same server (by default it is a server of its own),
+        # so the slot's walsender does not decode pgfresh's own writes; nothing is left in the working
+        # directory, so every run starts from an empty store.
+        with psycopg.connect(dsn, autocommit=True) as c:
+            c.execute("create database bench_store")
+        store = {"dsn": make_conninfo(dsn, dbname="bench_store")}
+        data_dir = os.path.join(work, "data")
+        snap_conf = cfg.parse({"source": {"dsn": dsn, "slot": "snapslot", "publication": "snappub",
+                                          "data_dir": data_dir}, "store": store, "tables": [{"name": "snap"}]})
         t0 = time.perf_counter()
         stats = sync.run(snap_conf, once=True)
         snap_s = time.perf_counter() - t0
@@ -78,8 +86,8 @@ def main() -> None:
         # Stream: one raw slot and pgfresh's slot see the same WAL.
         with psycopg.connect(dsn, autocommit=True) as c:
             c.execute("select pg_create_logical_replication_slot('rawslot', 'pgoutput')")
-        hot_conf = cfg.parse({"source": {"dsn": dsn, "slot": "hotslot", "publication": "hotpub"},
-                              "tables": [{"name": "hot"}]})
+        hot_conf = cfg.parse({"source": {"dsn": dsn, "slot": "hotslot", "publication": "hotpub",
+                                         "data_dir": data_dir}, "store": store, "tables": [{"name": "hot"}]})
         sync.run(hot_conf, once=True)  # creates the slot and reads the 10k-row table
         with psycopg.connect(dsn, autocommit=True) as c:
             for start in range(0, args.changes, 1000):

@@ -37,10 +37,12 @@ each as a delete, so documents, facts and cache entries follow through the chang
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import psycopg
 from psycopg import sql
+from psycopg.pq import TransactionStatus
 from psycopg.types.json import Jsonb
 
 from pgfresh.capture import pgoutput as po
@@ -53,7 +55,8 @@ SINK = "rows"
 
 _STAGE = """
 create temp table if not exists pgfresh_stage (
-    ord integer, tbl text, key text, tenant text, op text, row jsonb, lsn pg_lsn, commit_time timestamptz, xid xid8
+    ord integer, tbl text, key text, tenant text, op text, row jsonb, lsn pg_lsn, commit_time timestamptz, xid xid8,
+    last boolean, versions integer
 ) on commit delete rows
 """
 
@@ -62,11 +65,12 @@ insert into pgfresh.changes (pipeline, tbl, key, tenant, op, row, lsn, commit_ti
 select %(pipeline)s, tbl, key, tenant, op, row, lsn, commit_time from pgfresh_stage order by ord
 """
 
+# `last` and `versions` (the key's last change in the batch, how many it had) are set by capture, which
+# saves the server a sort and a window over the batch.
 _UPSERT_STREAM = """
 insert into pgfresh.rows as r (pipeline, tbl, key, tenant, row, lsn, commit_time, deleted, xid, snap, versions)
-select distinct on (tbl, key) %(pipeline)s, tbl, key, tenant, row, lsn, commit_time, op = 'delete', xid,
-       null::pg_snapshot, count(*) over (partition by tbl, key)
-from pgfresh_stage order by tbl, key, ord desc
+select %(pipeline)s, tbl, key, tenant, row, lsn, commit_time, op = 'delete', xid, null::pg_snapshot, versions
+from pgfresh_stage where last
 on conflict (pipeline, tbl, key) do update set
     tenant = excluded.tenant, row = excluded.row, lsn = excluded.lsn, commit_time = excluded.commit_time,
     deleted = excluded.deleted, xid = excluded.xid, snap = null, versions = r.versions + excluded.versions
@@ -171,6 +175,17 @@ def _json(c: Change) -> str | None:
     return c._row_json
 
 
+_N = "\\N"  # NULL in COPY's text format
+_COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+
+
+def _copy_text(value: str) -> str:
+    """A text value as a field of COPY's text format (backslash, tab, newline and CR escaped)."""
+    if "\\" in value or "\t" in value or "\n" in value or "\r" in value:
+        return value.translate(_COPY_ESCAPES)
+    return value
+
+
 def full_xid(xid32: int, reference: int) -> int:
     """Widen a 32-bit xid from the stream to xid8, given any xid8 known to be newer."""
     full = (reference & ~0xFFFFFFFF) | xid32
@@ -240,6 +255,7 @@ class RowStore:
         self.tenant_prefix = ""  # [[sources]]: the source's tenant scope, before each tenant value read here
         conn.execute(_STAGE)
         conn.commit()
+        self._stage_dirty = False  # pgfresh_stage may hold rows (it empties itself when a transaction ends)
         self.snapshot_pending = self._pending_tables()
         self.reconcile_until = self._reconcile_until()
 
@@ -282,7 +298,7 @@ class RowStore:
     # -- stream ----------------------------------------------------------------------------------
     def apply_transactions(self, txs: list[Transaction]) -> list[Change]:
         """Apply whole transactions (skipping ones already stored) in one DB transaction; commit."""
-        with self.conn.transaction():
+        with self._transaction():
             (stored,) = self.conn.execute(
                 "select lsn::text from pgfresh.sink_progress where pipeline = %s and sink = %s for update",
                 (self.pipeline, SINK)).fetchone()
@@ -376,14 +392,49 @@ class RowStore:
         """Stage the changes once; the server logs each and upserts the last one per key."""
         if not changes:
             return
-        cur = self.conn.cursor()
-        with cur.copy("copy pgfresh_stage (ord, tbl, key, tenant, op, row, lsn, commit_time, xid) from stdin") as cp:
-            for i, c in enumerate(changes):
-                cp.write_row((i, c.table, c.key_text, c.tenant, c.op, _json(c), po.format_lsn(c.lsn), c.commit_time,
-                              c.xid))
+        last: dict[tuple[str, str], int] = {}  # (table, key) -> index of its last change here
+        versions: dict[tuple[str, str], int] = {}
+        for i, c in enumerate(changes):
+            k = (c.table, c.key_text)
+            last[k] = i
+            versions[k] = versions.get(k, 0) + 1
+        lines = []
+        for i, c in enumerate(changes):
+            k = (c.table, c.key_text)
+            row = _json(c)
+            lines.append("\t".join((
+                str(i), _copy_text(c.table), _copy_text(c.key_text), _N if c.tenant is None else _copy_text(c.tenant),
+                c.op, _N if row is None else _copy_text(row), po.format_lsn(c.lsn),
+                _N if c.commit_time is None else str(c.commit_time), _N if c.xid is None else str(c.xid),
+                "t" if last[k] == i else "f", str(versions[k]))))
+        lines.append("")
+        cur = self._stage()
+        with cur.copy("copy pgfresh_stage (ord, tbl, key, tenant, op, row, lsn, commit_time, xid, last, versions)"
+                      " from stdin") as cp:
+            cp.write("\n".join(lines))
         cur.execute(_LOG_STAGE, {"pipeline": self.pipeline})
         cur.execute(_UPSERT_STREAM, {"pipeline": self.pipeline})
-        cur.execute("truncate pgfresh_stage")
+
+    def _stage(self) -> psycopg.Cursor:
+        """A cursor, with pgfresh_stage empty (it empties itself when a transaction ends; a second
+        use in one transaction, after a TRUNCATE in the batch, empties it here)."""
+        cur = self.conn.cursor()
+        if self._stage_dirty:
+            cur.execute("truncate pgfresh_stage")
+        self._stage_dirty = True
+        return cur
+
+    @contextmanager
+    def _transaction(self):
+        """The store transaction of one batch or chunk; the stage is empty after it if it was a
+        transaction of its own (not a savepoint in the caller's)."""
+        own = self.conn.info.transaction_status == TransactionStatus.IDLE
+        try:
+            with self.conn.transaction():
+                yield
+        finally:
+            if own:
+                self._stage_dirty = False
 
     def _truncate(self, c: Change) -> None:
         self.conn.execute(
@@ -407,7 +458,7 @@ class RowStore:
         info = self.infos[name]
         started = time.monotonic()
         conn = self.conn
-        with conn.transaction():
+        with self._transaction():
             last_key, truncate_xid = conn.execute(
                 "select last_key, truncate_xid::text from pgfresh.snapshot_progress"
                 " where pipeline = %s and tbl = %s for update", (self.pipeline, name)).fetchone()
@@ -469,14 +520,14 @@ class RowStore:
         cols, convs = info.columns, [po.converter(o) for o in info.type_oids]
         key_idx = [cols.index(k) for k in info.key]
         tenant_idx = cols.index(info.tenant) if info.tenant else None
-        cur = self.conn.cursor()
+        tbl, prefix, lines = _copy_text(info.name), self.tenant_prefix, []
+        for i, raw in enumerate(rows):
+            row = {c: (v if f is None or v is None else f(v)) for c, f, v in zip(cols, convs, raw)}
+            tenant = raw[tenant_idx] if tenant_idx is not None else None
+            lines.append(f"{i}\t{tbl}\t{_copy_text(key_text([row[cols[j]] for j in key_idx]))}\t"
+                         f"{_N if tenant is None else _copy_text(prefix + tenant)}\t{_copy_text(row_json(row))}\n")
+        cur = self._stage()
         with cur.copy("copy pgfresh_stage (ord, tbl, key, tenant, row) from stdin") as cp:
-            for i, raw in enumerate(rows):
-                row = {c: (v if f is None or v is None else f(v)) for c, f, v in zip(cols, convs, raw)}
-                tenant = raw[tenant_idx] if tenant_idx is not None else None
-                cp.write_row((i, info.name, key_text([row[cols[j]] for j in key_idx]),
-                              None if tenant is None else self.tenant_prefix + tenant, row_json(row)))
+            cp.write("".join(lines))
         cur.execute(_UPSERT_CHUNK, {"snap": snap_text, "pipeline": self.pipeline})
-        applied = cur.rowcount
-        cur.execute("truncate pgfresh_stage")
-        return applied
+        return cur.rowcount
