@@ -159,14 +159,18 @@ def test_kill9_while_decoded_transactions_wait_in_memory_applies_each_once(db, d
     """sync is killed while it catches up on a backlog: its reader thread holds decoded transactions
     the store has not committed, and the stream holds what makes psycopg2 move the flush position on
     its own (a Relation message sent again after ANALYZE, a transaction that began before others
-    committed). Afterwards each row's applied-change count equals its source version: nothing lost,
-    nothing applied twice."""
+    committed). Sampled all along, the slot is never confirmed past a backlog transaction the store
+    has not committed; afterwards each row's applied-change count equals its source version."""
     db.execute("create table backlog (id int primary key, v int not null default 1, note text)")
     db.execute("insert into backlog (id, note) select g, 'n' || g from generate_series(1, 2000) g")
     path = write_config(tmp_path, dsn, '[[tables]]\nname = "backlog"\n')
     assert run_cli("sync", "--once", "--config", str(path)).returncode == 0
     rng = random.Random(int(os.environ.get("PGFRESH_KILL_SEED", "3")))
-    stored = "select lsn from pgfresh.sink_progress where sink = 'rows'"
+    # The slot first: a position it shows was stored before it was confirmed, so the store read after
+    # it is at least as far unless capture confirmed too early.
+    sample = ("select (select confirmed_flush_lsn from pg_replication_slots where slot_name = 'pgfresh'),"
+              " (select lsn from pgfresh.sink_progress where sink = 'rows')")
+    ahead, ends = [], []  # ends: the WAL position right after each backlog commit (nothing else writes then)
     with psycopg.connect(dsn, autocommit=True) as a, psycopg.connect(dsn, autocommit=True) as b:
         for _ in range(5):
             with a.transaction():  # begins first, commits last: its messages start below later commits
@@ -174,25 +178,30 @@ def test_kill9_while_decoded_transactions_wait_in_memory_applies_each_once(db, d
                 for i in range(300):  # rows a does not hold locked
                     b.execute("update backlog set v = v + 1, note = %s where id = any(%s)",
                               (f"tab\there\nnew line \\ {i}", [rng.randint(101, 2000) for _ in range(40)]))
+                    ends.append(b.execute("select pg_current_wal_lsn()").fetchone()[0])
                     if i == 150:
                         b.execute("analyze backlog")  # relcache invalidation: the Relation message comes again
-            before = db.execute(stored).fetchone()[0]
+            ends.append(a.execute("select pg_current_wal_lsn()").fetchone()[0])
+            before = db.execute(sample).fetchone()[1]
             proc = subprocess.Popen([sys.executable, "-m", "pgfresh", "sync", "--config", str(path)],
                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-            deadline = time.monotonic() + 60
-            while db.execute(stored).fetchone()[0] == before and time.monotonic() < deadline:
+            deadline, kill_at = time.monotonic() + 60, None
+            while kill_at is None or time.monotonic() < kill_at:
                 assert proc.poll() is None, proc.stderr.read()
-                time.sleep(0.01)
-            time.sleep(rng.uniform(0, 0.3))  # the first batch committed: the reader is ahead of the store
+                assert time.monotonic() < deadline, "sync made no progress"
+                slot, stored = db.execute(sample).fetchone()
+                ahead += [(slot, stored, e) for e in ends if stored < e <= slot]
+                if kill_at is None and stored != before:  # a batch committed: the reader is ahead of the store
+                    kill_at = time.monotonic() + rng.uniform(0, 0.3)
             proc.send_signal(signal.SIGKILL)
             proc.wait()
+    assert ahead == [], "slot confirmed past backlog commits the store did not have"
     result = run_cli("sync", "--once", "--config", str(path))
     assert result.returncode == 0, result.stderr
     assert diff_count(db, "backlog") == 0
     wrong = db.execute("select count(*) from pgfresh.rows r join backlog s on r.key = json_build_array(s.id)::text"
                        " where r.versions <> s.v").fetchone()[0]
     assert wrong == 0
-
 
 def test_200k_snapshot_while_updated_holds_no_long_transaction(db, dsn, tmp_path):
     db.execute("create table big (id int primary key, v int not null default 0, pad text)")
