@@ -95,9 +95,9 @@ def main() -> None:
                 c.execute("update hot set v = v + 1, price = price + 0.01 where id > %s and id <= %s", (lo, lo + 1000))
             end_lsn = c.execute("select pg_current_wal_lsn()::text").fetchone()[0]
         n_raw, raw_s = raw_stream_rate(dsn, "rawslot", "rawpub", end_lsn)
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         stream_stats = sync.run(hot_conf, once=True)
-        e2e_s = time.perf_counter() - t0
+        e2e_s, e2e_cpu = time.perf_counter() - t0, time.process_time() - cpu0
     finally:
         server.destroy()
 
@@ -107,6 +107,8 @@ def main() -> None:
     print(f"raw pgoutput stream:   {n_raw:>9,} messages in {raw_s:6.2f} s = {raw_rate:>10,.0f} messages/s (no decoding)")
     print(f"pgfresh end to end:    {stream_stats['changes']:>9,} changes  in {e2e_s:6.2f} s = {e2e_rate:>10,.0f} changes/s "
           f"into the row store ({e2e_rate / raw_rate:.2f} x raw)")
+    print(f"  pgfresh's own CPU (all threads, not the servers'): {e2e_cpu / stream_stats['changes'] * 1e6:.1f} us/change; "
+          f"load average {os.getloadavg()[0]:.1f}")
     print(f"COPY TO STDOUT:        {copied:>9,} rows     in {copy_s:6.2f} s = {copied / copy_s:>10,.0f} rows/s")
     print(f"pgfresh snapshot:      {stats['snapshot_rows']:>9,} rows     in {snap_s:6.2f} s = "
           f"{stats['snapshot_rows'] / snap_s:>10,.0f} rows/s ({copy_s / snap_s:.2f} x COPY), chunked, short transactions")
