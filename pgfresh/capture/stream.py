@@ -223,6 +223,10 @@ class Stream:
                 select.select([self.conn], [], [], WAKE_SECONDS)
                 return
             self.messages += 1
+            if not self.messages % 32:
+                # Hand the GIL over now and then: the capture loop, back from the store, waits for it
+                # otherwise until the interpreter's switch interval (5 ms) ends, on every round trip.
+                time.sleep(0)
             self._last_data_start = msg.data_start
             tx = self._handle(self.decoder.decode(msg.payload, msg.data_start))
             if tx is not None:
