@@ -29,22 +29,19 @@ import time
 import psycopg
 import psycopg2
 
+from psycopg.types.json import Jsonb
+
 from pgfresh import config as cfg
 from pgfresh import db
 from pgfresh import retention
+from pgfresh import stages
 from pgfresh.capture import pgoutput as po
 from pgfresh.capture import setup
 from pgfresh.capture.change import pipeline_of, worker_name
 from pgfresh.capture.rowstore import RowStore, register_tables
 from pgfresh.capture.stream import Stream
-from pgfresh.errors import ConnectionLostError, SourceError
+from pgfresh.errors import ConfigError, ConnectionLostError, SourceError
 
-# Later stages that run inside `pgfresh sync`, and when: the facts worker when a table has fact
-# templates or [train] is present, the RAG index when [rag] is present (`pgfresh init` writes it).
-DOWNSTREAM_MODULES = {
-    "pgfresh.render": lambda c: "train" in c.sections or any(t.facts for t in c.tables),
-    "pgfresh.rag": lambda c: "rag" in c.sections,
-}
 HEARTBEAT_SECONDS = 2.0
 RECONNECT_MAX_SECONDS = 10.0  # the cap of the backoff between reconnect attempts
 # SQLSTATEs of a server shutting down, crashed, or still starting up: the connection is gone, not the data.
@@ -52,19 +49,14 @@ SHUTDOWN_STATES = ("57P01", "57P02", "57P03")
 
 
 def downstream_workers(config: cfg.Config) -> list:
-    """Workers of the later stages, in data-flow order (each module's `workers(config)`)."""
-    wanted = [name for name, asked in DOWNSTREAM_MODULES.items() if asked(config)]
-    return [w for workers in cfg.stage_functions(wanted, "workers") for w in workers(config)]
+    """The change-log consumers of the later stages this config asks for (pgfresh.stages), in data-flow order."""
+    return stages.workers(config)
 
 
 def check_stage_columns(config: cfg.Config, infos: dict) -> None:
     """Templates and validators that name columns the tables lack: all reported before anything runs."""
-    columns = {name: info.columns for name, info in infos.items()}
-    problems = [p for check in cfg.stage_functions(("pgfresh.gate", "pgfresh.render"), "check_against_columns")
-                for p in check(config, columns)]
+    problems = stages.check_against_columns(config, {name: info.columns for name, info in infos.items()})
     if problems:
-        from pgfresh.errors import ConfigError
-
         raise ConfigError(problems, str(config.path))
 
 
@@ -77,8 +69,6 @@ class _Heartbeat:
         if not force and now - self.last < HEARTBEAT_SECONDS:
             return
         self.last = now
-        from psycopg.types.json import Jsonb
-
         self.conn.execute(
             "insert into pgfresh.workers (name, pipeline, pid, heartbeat, info) values (%s, %s, %s, now(), %s)"
             " on conflict (name) do update set pid = excluded.pid, heartbeat = now(), info = excluded.info",
@@ -422,7 +412,7 @@ def _settled(workers, until: float | None, console) -> float | None:
     """
     if until is not None:
         return until
-    waits = [s for s in (w.settling_seconds() for w in workers if hasattr(w, "settling_seconds")) if s is not None]
+    waits = [s for s in (w.settling_seconds() for w in workers) if s is not None]
     if not waits:
         return None
     if console is not None:

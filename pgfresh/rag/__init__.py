@@ -1,7 +1,7 @@
 """The rag stage: a hybrid index kept current by the change log, search, answers, and an answer cache.
 
 Public entry points:
-- `workers(config)`: the 'index' worker that `pgfresh sync` drives (pgfresh.rag.index);
+- the 'index' worker that `pgfresh sync` drives (pgfresh.rag.index, registered in `pgfresh.stages`);
 - `search(conn, config, text, tenant, k, mode) -> list[Hit]` (pgfresh.rag.retrieval);
 - `ask(config, question, tenant, mode)`: a shim over `pgfresh.serve.answer`, the one answer path;
 - `status_counts(conn)` for `pgfresh status`; `check_config(config)` for the `[rag]` section.
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 
+from pgfresh.rag import status
 from pgfresh.rag.retrieval import FUSIONS, MODES, RERANKS, Hit, search  # noqa: F401  (re-exported)
 
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
@@ -83,15 +84,6 @@ def check_config(config) -> list[str]:
     return problems
 
 
-def workers(config) -> list:
-    """The 'index' worker, unless `[rag] enabled = false`."""
-    if not config.rag.get("enabled", True):
-        return []
-    from pgfresh.rag.index import IndexWorker
-
-    return [IndexWorker(config)]
-
-
 def ask(config, question: str, tenant: str | None = None, mode: str = "rag", **kw) -> dict:
     from pgfresh.rag.answer import ask as _ask
 
@@ -100,9 +92,7 @@ def ask(config, question: str, tenant: str | None = None, mode: str = "rag", **k
 
 def status_counts(conn) -> dict:
     """Documents, queue, generations, freshness p50/p99 and cache counters, for `pgfresh status`."""
-    from pgfresh.rag.status import counts
-
-    return counts(conn)
+    return status.counts(conn)
 
 
 def run_search(config, text: str, tenant: str | None = None, k: int | None = None, mode: str | None = None) -> list[Hit]:

@@ -8,7 +8,7 @@
   question comes in several phrasings: the template's own, plus built-in rule-based rewrites
   (`paraphrases`), at least 3 besides the canonical one; plus the row's document as a statement.
   With no fact templates, one question per column ("What is the price of Blue mug?").
-- The facts worker (`workers(config)`, consumer 'facts') reads the change log, passes it through
+- The facts worker (`pgfresh.render.worker`, consumer 'facts', registered in `pgfresh.stages`) reads the change log, passes it through
   `Gate(config, 'train')`, and writes `pgfresh.facts` with supersession: a newer version of a row
   supersedes its older facts of the same template; a delete supersedes them and, where the
   template has `gone`, adds a "no longer exists" fact. All in one short transaction with `advance`.
@@ -28,7 +28,7 @@ from datetime import datetime
 from decimal import Decimal, InvalidOperation
 
 from pgfresh.render import paraphrase
-from pgfresh.config import TableConfig
+from pgfresh.configtypes import TableConfig, plain_table  # noqa: F401  (plain_table re-exported)
 from pgfresh.errors import PgfreshError
 
 STATEMENT = "document"  # template name of the statement fact (reserved)
@@ -133,11 +133,6 @@ def value_text(value) -> str:
 
 def _heading(table: TableConfig) -> str:
     return table.table if table.schema == "public" else table.name
-
-
-def plain_table(name: str) -> TableConfig:
-    """A table with no configuration (default document, default facts)."""
-    return TableConfig(name=name if "." in name else f"public.{name}")
 
 
 def render_document(table: TableConfig, row: dict) -> str:
@@ -371,9 +366,3 @@ def check_against_columns(config, columns_by_table: dict[str, list[str]]) -> lis
                                 f" (columns: {', '.join(columns)})")
     return problems
 
-
-def workers(config) -> list:
-    """The facts worker (consumer 'facts'), which `pgfresh sync` steps after each capture batch."""
-    from pgfresh.render.worker import FactsWorker
-
-    return [FactsWorker(config)]
