@@ -143,3 +143,46 @@ def test_pgfresh_has_no_import_cycles():
     graph = import_graph()
     assert "pgfresh.capture.sync" in graph and "pgfresh.stages" in graph["pgfresh.capture.sync"]
     assert cycles(graph) == []
+
+
+def test_several_sources_feed_one_consumer_per_stage_and_embed_each_row_once(dsn, dsn2, store_dsn, tmp_path,
+                                                                           monkeypatch):
+    """[[sources]]: the downstream stages run once over the store (one index worker reading both
+    sources' change logs, one apply thread), not once per source thread; every text embedded once."""
+    import psycopg
+
+    from pgfresh import config as cfg
+    from pgfresh.capture import sync
+    from pgfresh.rag.index import IndexWorker
+
+    for source, label in ((dsn, "alpha"), (dsn2, "beta")):
+        with psycopg.connect(source, autocommit=True) as conn:
+            conn.execute("create table items (id int primary key, name text)")
+            conn.execute("insert into items select g, %s || ' item ' || g from generate_series(1, 30) g", (label,))
+    path = tmp_path / "pgfresh.toml"
+    path.write_text(f'store = {{ dsn = "{store_dsn}" }}\n[[sources]]\nname = "a"\ndsn = "{dsn}"\n'
+                    f'[[sources]]\nname = "b"\ndsn = "{dsn2}"\n[[tables]]\nsource = "a"\nname = "items"\n'
+                    '[[tables]]\nsource = "b"\nname = "items"\n[rag]\n')
+    config = cfg.load(path)
+    workers, embedded = [], []
+    opened = IndexWorker.opened
+
+    def counting_opened(self, conn):
+        opened(self, conn)
+        workers.append(self)
+        model = self.active.model
+        real = model.embed
+
+        def embed(texts):
+            embedded.extend(texts)
+            return real(texts)
+        monkeypatch.setattr(model, "embed", embed)
+
+    monkeypatch.setattr(IndexWorker, "opened", counting_opened)
+    result = sync.run(config, once=True)
+    assert result["changes"] == 0 and result["snapshot_rows"] == 60
+    assert len(workers) == 1 and {r.pipeline for r in workers[0].readers} == {"pgfresh_a", "pgfresh_b"}
+    assert sorted(embedded) == sorted({t for t in embedded}) and len(embedded) == 60
+    with psycopg.connect(store_dsn, autocommit=True) as store:
+        assert store.execute("select count(*) from pgfresh.documents").fetchone()[0] == 60
+        assert store.execute("select count(*) from pgfresh.index_queue").fetchone()[0] == 0
