@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from pgfresh import stages
-from pgfresh.configtypes import Config, SourceConfig, StoreConfig, TableConfig, plain_table  # noqa: F401  (re-exported)
+from pgfresh.configtypes import (Config, SourceConfig, Spec, StoreConfig, TableConfig,  # noqa: F401  (re-exported)
+                                 check_section, plain_table)
 from pgfresh.errors import ConfigError
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]*$")
@@ -45,6 +46,38 @@ def _check_type(problems: list[str], path: str, value: Any, kind: type | tuple, 
     return True
 
 
+_SLUG = re.compile(r"^[a-z_][a-z0-9_]*$")
+_NUM = (int, float)
+
+
+def _positive(v) -> bool:
+    return v > 0
+
+
+def _slug(v) -> bool:
+    return bool(_SLUG.match(v))
+
+
+_SOURCE_SPEC: Spec = {
+    "dsn": (str, None, "a libpq connection string"),
+    "data_dir": (str, None, "a directory path"),
+    "slot": (str, _slug, "a replication slot name (lower-case letters, digits and _)"),
+    "publication": (str, _slug, "a publication name (lower-case letters, digits and _)"),
+    "max_txn_seconds": (_NUM, _positive, "a number of seconds > 0"),
+    "snapshot_chunk_rows": (int, _positive, "a positive integer"),
+    "batch_max_changes": (int, _positive, "a positive integer"),
+    "batch_max_seconds": (_NUM, _positive, "a number of seconds > 0"),
+    "wal_warn_mb": (int, _positive, "a positive integer (MB)"),
+    "max_slot_wal_keep_size_mb": (int, lambda v: v >= 0, "an integer >= 0 (MB; 0: no bound required)"),
+    "reconnect_give_up_seconds": (_NUM, _positive, "a number of seconds > 0"),
+}
+_SOURCES_SPEC: Spec = {  # an entry of [[sources]]: a [source] with a name and a tenant scope
+    **_SOURCE_SPEC,
+    "name": (str, _slug, "the source's name (lower-case letters, digits and _)"),
+    "tenants": (str, _slug, "a tenant scope name shared by sources that share tenants (lower-case letters, digits and _)"),
+}
+
+
 def _parse_source(raw: Any, problems: list[str], where: str = "source") -> SourceConfig:
     src = SourceConfig()
     if raw is None:
@@ -52,38 +85,9 @@ def _parse_source(raw: Any, problems: list[str], where: str = "source") -> Sourc
     if not isinstance(raw, dict):
         problems.append(f"{where}: expected a table ([{where}])")
         return src
-    spec = {
-        "dsn": ((str,), "a libpq connection string"),
-        "data_dir": ((str,), "a directory path"),
-        "slot": ((str,), "a replication slot name"),
-        "publication": ((str,), "a publication name"),
-        "max_txn_seconds": ((int, float), "a number of seconds > 0"),
-        "snapshot_chunk_rows": ((int,), "a positive integer"),
-        "batch_max_changes": ((int,), "a positive integer"),
-        "batch_max_seconds": ((int, float), "a number of seconds > 0"),
-        "wal_warn_mb": ((int,), "a positive integer (MB)"),
-        "max_slot_wal_keep_size_mb": ((int,), "an integer >= 0 (MB; 0: no bound required)"),
-        "reconnect_give_up_seconds": ((int, float), "a number of seconds > 0"),
-    }
-    if where != "source":  # an entry of [[sources]]
-        spec.update({"name": ((str,), "the source's name (lower-case letters, digits and _)"),
-                     "tenants": ((str,), "a tenant scope name shared by sources that share tenants")})
-    for key, value in raw.items():
-        if key not in spec:
-            problems.append(f"{where}.{key}: unknown key (known: {', '.join(spec)})")
-            continue
-        kinds, expected = spec[key]
-        if not _check_type(problems, f"{where}.{key}", value, kinds, expected):
-            continue
-        if isinstance(value, float) and not math.isfinite(value):
-            continue  # reported once, by _non_finite
-        if isinstance(value, (int, float)) and (value < 0 if key == "max_slot_wal_keep_size_mb" else value <= 0):
-            problems.append(f"{where}.{key}: expected {expected}, got {value!r}")
-            continue
-        if key in ("slot", "publication", "name", "tenants") and not re.fullmatch(r"[a-z_][a-z0-9_]*", value):
-            problems.append(f"{where}.{key}: expected lower-case letters, digits and _, got {value!r}")
-            continue
-        setattr(src, key, float(value) if kinds == (int, float) else value)
+    spec = _SOURCE_SPEC if where == "source" else _SOURCES_SPEC
+    for key, value in check_section(raw, where, spec, problems).items():
+        setattr(src, key, float(value) if spec[key][0] == _NUM else value)
     if src.dsn == "":
         src.dsn = None
     return src
@@ -126,11 +130,7 @@ def _parse_store(raw: Any, problems: list[str]) -> StoreConfig:
     if not isinstance(raw, dict):
         problems.append("store: expected a table ([store])")
         return store
-    for key, value in raw.items():
-        if key != "dsn":
-            problems.append(f"store.{key}: unknown key (known: dsn)")
-        elif _check_type(problems, "store.dsn", value, (str,), "a libpq connection string"):
-            store.dsn = value or None
+    store.dsn = check_section(raw, "store", {"dsn": (str, None, "a libpq connection string")}, problems).get("dsn") or None
     return store
 
 

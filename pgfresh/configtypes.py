@@ -2,6 +2,8 @@
 
 A leaf module (it imports nothing of pgfresh's but the errors), so that the stages can name these
 types while `pgfresh.config`, which validates every stage's section, imports the stages.
+`check_section` is the one way a section's keys are checked against a spec (`[source]`,
+`[[sources]]`, `[store]`, `[rag]`): every problem of the section collected, each with its key path.
 """
 
 from __future__ import annotations
@@ -9,8 +11,12 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable
 
 from pgfresh.errors import ConfigError
+
+# key -> (accepted types, check or None, what is expected): one section's keys, for `check_section`.
+Spec = dict[str, tuple[type | tuple[type, ...], Callable[[Any], bool] | None, str]]
 
 
 @dataclass
@@ -120,3 +126,22 @@ class Config:
 def plain_table(name: str) -> TableConfig:
     """A table with no configuration (default document, default facts)."""
     return TableConfig(name=name if "." in name else f"public.{name}")
+
+
+def check_section(raw: dict, where: str, spec: Spec, problems: list[str]) -> dict:
+    """The keys of one section (`raw`, at key path `where`) that pass `spec`; every one that does not
+    is one problem in `problems`: an unknown key (the known ones listed), a value of the wrong type (a
+    boolean is never a number) or one its check refuses ("expected <what>, got <value>")."""
+    good = {}
+    for key, value in raw.items():
+        if key not in spec:
+            problems.append(f"{where}.{key}: unknown key (known: {', '.join(spec)})")
+            continue
+        kinds, ok, expected = spec[key]
+        kinds = kinds if isinstance(kinds, tuple) else (kinds,)
+        if (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds) or \
+                (ok is not None and not ok(value)):
+            problems.append(f"{where}.{key}: expected {expected}, got {value!r}")
+            continue
+        good[key] = value
+    return good
