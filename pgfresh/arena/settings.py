@@ -14,7 +14,7 @@
     held_out = { price = ["Tell me what {name} goes for these days."] }
     invent = { name = ["Quantum Toaster"] }   # values for questions about rows that never existed
 
-`check_config(config)` is called by `pgfresh.config.parse` (STAGE_MODULES); `settings(config)`
+`check_config(config)` is called by `pgfresh.config.parse` (registered in `pgfresh.stages`); `settings(config)`
 returns the parsed `ArenaSettings` for the runner.
 """
 
