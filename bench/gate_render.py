@@ -46,14 +46,14 @@ def run(server: EmbeddedServer, rows: int, near: bool) -> None:
     dsn = server.dsn("bench_gate")
     with psycopg.connect(dsn, autocommit=True) as db:
         db.execute("create table products (id int primary key, name text, price numeric, description text)")
-        head = f'[source]\ndsn = "{dsn}"\n' + TABLE.format(near=str(near).lower())
+        head = f'store = {{ dsn = "{dsn}" }}\n[source]\ndsn = "{dsn}"\n' + TABLE.format(near=str(near).lower())
         config = cfg.parse(tomllib.loads(head))
-        sync.once(config)  # slot and schema; no [train], no fact templates: no facts worker yet
+        sync.run(config, once=True)  # slot and schema; no [train], no fact templates: no facts worker yet
         for lo in range(1, rows + 1, 1000):
             db.execute("insert into products select g, 'Product ' || g, (g %% 500) + 0.99, 'A sturdy product,"
                        " number ' || g || ', for everyday use; questions: +1 415 555 ' || (1000 + g %% 9000)"
                        " from generate_series(%s::int, %s::int) g", (lo, min(lo + 999, rows)))
-        sync.once(config)
+        sync.run(config, once=True)
         path = Path(tempfile.mkdtemp()) / "pgfresh.toml"
         path.write_text(head + FACTS)
         worker = FactsWorker(cfg.load(path))

@@ -5,8 +5,9 @@ The file has a `[source]` section (where the data comes from and how gently to r
 store), one `[[tables]]` entry per captured table, and one section per later stage (`[rag]`, `[train]`,
 `[arena]`). This module owns `source` and the core of each table (name, key, tenant). The keys a
 stage owns (`tables.*.gate`, `tables.*.document`, `tables.*.facts`, `[rag]`, `[train]`) are checked
-by that stage's `check_config(config) -> list[str]`, called from `load` so that one load reports
-every problem in the file, each with its key path.
+by that stage's `check_config(config) -> list[str]` (registered in `pgfresh.stages`), called from
+`load` so that one load reports every problem in the file, each with its key path. The types
+themselves live in `pgfresh.configtypes` (re-exported here), so the stages can name them.
 
 Several sources (`[[sources]]`): each table names its source (`source = "billing"`), and is kept in
 the store as `billing:public.invoices` (its *stored name*, unique across sources; `relation` is
@@ -20,126 +21,18 @@ Environment variables are read only at the edge (the CLI), never here.
 
 from __future__ import annotations
 
-import importlib
-import dataclasses
 import math
 import re
 import tomllib
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pgfresh import stages
+from pgfresh.configtypes import (Config, SourceConfig, Spec, StoreConfig, TableConfig,  # noqa: F401  (re-exported)
+                                 check_section, plain_table)
 from pgfresh.errors import ConfigError
 
-# Stages that validate their own sections of the file, in data-flow order.
-STAGE_MODULES = ("pgfresh.gate", "pgfresh.render", "pgfresh.rag", "pgfresh.train", "pgfresh.serve", "pgfresh.arena",
-                 "pgfresh.retention")
-
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]*$")
-
-
-@dataclass
-class SourceConfig:
-    dsn: str | None = None  # None: the embedded server in data_dir
-    data_dir: str = ".pgfresh"
-    slot: str = "pgfresh"
-    publication: str = "pgfresh"
-    max_txn_seconds: float = 5.0  # no transaction pgfresh opens on the source lives longer
-    snapshot_chunk_rows: int = 10_000  # rows per snapshot chunk (one short transaction each)
-    batch_max_changes: int = 5_000  # changes per sink transaction
-    batch_max_seconds: float = 0.2  # flush a sink batch at least this often (freshness)
-    wal_warn_mb: int = 1024  # warn when the slot retains more WAL than this
-    max_slot_wal_keep_size_mb: int = 0  # >0: sync refuses a server whose max_slot_wal_keep_size is unlimited or larger
-    reconnect_give_up_seconds: float = 300.0  # sync reconnects after a lost connection; exits (code 2) after this long
-    name: str | None = None  # [[sources]] only: the source's name (None: the single [source])
-    tenants: str | None = None  # [[sources]] only: the tenant scope; sources with the same one share tenants
-
-    @property
-    def tenant_prefix(self) -> str:
-        """Put before every tenant value of this source in the store ('' for the single [source])."""
-        return "" if self.name is None else f"{self.tenants or self.name}:"
-
-    @property
-    def table_prefix(self) -> str:
-        """Put before every table name of this source in the store ('' for the single [source])."""
-        return "" if self.name is None else f"{self.name}:"
-
-
-@dataclass
-class StoreConfig:
-    """Where pgfresh keeps all its state (schema pgfresh): never the source database by default."""
-
-    dsn: str | None = None  # None: the embedded server in <data_dir>/store (its own data directory and port)
-
-
-@dataclass
-class TableConfig:
-    name: str  # schema-qualified, e.g. "public.products"
-    key: list[str] | None = None  # None: the table's primary key
-    tenant: str | None = None  # column holding the tenant id, if the table is multi-tenant
-    document: str | None = None  # document template (render)
-    facts: list[dict] = field(default_factory=list)  # fact templates (render)
-    gate: dict = field(default_factory=dict)  # gate policy (gate)
-    source: str | None = None  # [[sources]]: the source it comes from (name is then "source:schema.table")
-    relation_name: str | None = None  # [[sources]]: schema.table in the source database
-
-    @property
-    def relation(self) -> str:
-        """schema.table in the source database (`name` is the stored name, the same for the single [source])."""
-        return self.relation_name or self.name
-
-    @property
-    def schema(self) -> str:
-        return self.relation.split(".", 1)[0]
-
-    @property
-    def table(self) -> str:
-        return self.relation.split(".", 1)[1]
-
-
-@dataclass
-class Config:
-    source: SourceConfig
-    tables: list[TableConfig]
-    rag: dict = field(default_factory=dict)
-    train: dict = field(default_factory=dict)
-    arena: dict = field(default_factory=dict)
-    store: StoreConfig = field(default_factory=StoreConfig)
-    serve: dict = field(default_factory=dict)
-    retention: dict = field(default_factory=dict)  # [retention]: pgfresh.retention owns its keys
-    path: Path = Path("pgfresh.toml")
-    sections: frozenset = frozenset()  # top-level sections present in the file: a stage runs only if asked for
-    sources: list = field(default_factory=list)  # every SourceConfig ([source] alone, or the [[sources]])
-
-    def __post_init__(self):
-        if not self.sources:
-            self.sources = [self.source]
-
-    def for_source(self, name: str | None) -> "Config":
-        """The view one capture loop runs: this source, its tables. The single [source] (or name None): the config itself."""
-        if name is None or (len(self.sources) == 1 and name == self.sources[0].name):
-            return self
-        for s in self.sources:
-            if s.name == name:
-                return dataclasses.replace(self, source=s, sources=[s],
-                                           tables=[t for t in self.tables if t.source == name])
-        known = ", ".join(s.name for s in self.sources)
-        raise ConfigError([f"sources: no source named {name!r} (known: {known})"], str(self.path))
-
-    def source_views(self) -> list["Config"]:
-        """One view per source, in file order."""
-        return [self] if len(self.sources) == 1 else [self.for_source(s.name) for s in self.sources]
-
-    def table(self, name: str) -> TableConfig:
-        for t in self.tables:
-            if t.name == name:
-                return t
-        raise KeyError(name)
-
-    @property
-    def data_dir(self) -> Path:
-        d = Path(self.source.data_dir)
-        return d if d.is_absolute() else (self.path.parent / d).resolve()
 
 
 def _check_type(problems: list[str], path: str, value: Any, kind: type | tuple, expected: str) -> bool:
@@ -153,6 +46,38 @@ def _check_type(problems: list[str], path: str, value: Any, kind: type | tuple, 
     return True
 
 
+_SLUG = re.compile(r"^[a-z_][a-z0-9_]*$")
+_NUM = (int, float)
+
+
+def _positive(v) -> bool:
+    return v > 0
+
+
+def _slug(v) -> bool:
+    return bool(_SLUG.match(v))
+
+
+_SOURCE_SPEC: Spec = {
+    "dsn": (str, None, "a libpq connection string"),
+    "data_dir": (str, None, "a directory path"),
+    "slot": (str, _slug, "a replication slot name (lower-case letters, digits and _)"),
+    "publication": (str, _slug, "a publication name (lower-case letters, digits and _)"),
+    "max_txn_seconds": (_NUM, _positive, "a number of seconds > 0"),
+    "snapshot_chunk_rows": (int, _positive, "a positive integer"),
+    "batch_max_changes": (int, _positive, "a positive integer"),
+    "batch_max_seconds": (_NUM, _positive, "a number of seconds > 0"),
+    "wal_warn_mb": (int, _positive, "a positive integer (MB)"),
+    "max_slot_wal_keep_size_mb": (int, lambda v: v >= 0, "an integer >= 0 (MB; 0: no bound required)"),
+    "reconnect_give_up_seconds": (_NUM, _positive, "a number of seconds > 0"),
+}
+_SOURCES_SPEC: Spec = {  # an entry of [[sources]]: a [source] with a name and a tenant scope
+    **_SOURCE_SPEC,
+    "name": (str, _slug, "the source's name (lower-case letters, digits and _)"),
+    "tenants": (str, _slug, "a tenant scope name shared by sources that share tenants (lower-case letters, digits and _)"),
+}
+
+
 def _parse_source(raw: Any, problems: list[str], where: str = "source") -> SourceConfig:
     src = SourceConfig()
     if raw is None:
@@ -160,38 +85,9 @@ def _parse_source(raw: Any, problems: list[str], where: str = "source") -> Sourc
     if not isinstance(raw, dict):
         problems.append(f"{where}: expected a table ([{where}])")
         return src
-    spec = {
-        "dsn": ((str,), "a libpq connection string"),
-        "data_dir": ((str,), "a directory path"),
-        "slot": ((str,), "a replication slot name"),
-        "publication": ((str,), "a publication name"),
-        "max_txn_seconds": ((int, float), "a number of seconds > 0"),
-        "snapshot_chunk_rows": ((int,), "a positive integer"),
-        "batch_max_changes": ((int,), "a positive integer"),
-        "batch_max_seconds": ((int, float), "a number of seconds > 0"),
-        "wal_warn_mb": ((int,), "a positive integer (MB)"),
-        "max_slot_wal_keep_size_mb": ((int,), "an integer >= 0 (MB; 0: no bound required)"),
-        "reconnect_give_up_seconds": ((int, float), "a number of seconds > 0"),
-    }
-    if where != "source":  # an entry of [[sources]]
-        spec.update({"name": ((str,), "the source's name (lower-case letters, digits and _)"),
-                     "tenants": ((str,), "a tenant scope name shared by sources that share tenants")})
-    for key, value in raw.items():
-        if key not in spec:
-            problems.append(f"{where}.{key}: unknown key (known: {', '.join(spec)})")
-            continue
-        kinds, expected = spec[key]
-        if not _check_type(problems, f"{where}.{key}", value, kinds, expected):
-            continue
-        if isinstance(value, float) and not math.isfinite(value):
-            continue  # reported once, by _non_finite
-        if isinstance(value, (int, float)) and (value < 0 if key == "max_slot_wal_keep_size_mb" else value <= 0):
-            problems.append(f"{where}.{key}: expected {expected}, got {value!r}")
-            continue
-        if key in ("slot", "publication", "name", "tenants") and not re.fullmatch(r"[a-z_][a-z0-9_]*", value):
-            problems.append(f"{where}.{key}: expected lower-case letters, digits and _, got {value!r}")
-            continue
-        setattr(src, key, float(value) if kinds == (int, float) else value)
+    spec = _SOURCE_SPEC if where == "source" else _SOURCES_SPEC
+    for key, value in check_section(raw, where, spec, problems).items():
+        setattr(src, key, float(value) if spec[key][0] == _NUM else value)
     if src.dsn == "":
         src.dsn = None
     return src
@@ -234,11 +130,7 @@ def _parse_store(raw: Any, problems: list[str]) -> StoreConfig:
     if not isinstance(raw, dict):
         problems.append("store: expected a table ([store])")
         return store
-    for key, value in raw.items():
-        if key != "dsn":
-            problems.append(f"store.{key}: unknown key (known: dsn)")
-        elif _check_type(problems, "store.dsn", value, (str,), "a libpq connection string"):
-            store.dsn = value or None
+    store.dsn = check_section(raw, "store", {"dsn": (str, None, "a libpq connection string")}, problems).get("dsn") or None
     return store
 
 
@@ -314,24 +206,6 @@ def _assign_sources(tables: list[TableConfig], sources: list[SourceConfig], mult
             t.relation_name, t.name = t.name, f"{t.source}:{t.name}"
 
 
-def stage_functions(modules, name: str) -> list:
-    """Function `name` of each stage module that is installed and has it, in the order given.
-
-    A stage left out of an installation is skipped; an import error inside a stage is not.
-    """
-    found = []
-    for module_name in modules:
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name != module_name:
-                raise
-            continue
-        if hasattr(module, name):
-            found.append(getattr(module, name))
-    return found
-
-
 def _non_finite(value: Any, path: str, found: list[str]) -> None:
     """Key paths of every nan or inf in the file: TOML allows them, no pgfresh setting means them."""
     if isinstance(value, float) and not math.isfinite(value):
@@ -383,8 +257,7 @@ def parse(raw: dict, path: Path = Path("pgfresh.toml")) -> Config:
     config = Config(source=source, tables=tables, store=store, path=path, sections=frozenset(raw), sources=sources,
                     **sections)
     # The stages check their sections even when the core has problems: one load reports them all.
-    for check in stage_functions(STAGE_MODULES, "check_config"):
-        problems.extend(check(config))
+    problems += stages.check_config(config)
     if non_finite:  # one problem per nan/inf, not a second one in a stage's own words
         problems = [p for p in problems if not any(p.startswith(f"{k}:") for k in non_finite)]
         problems += [f"{k}: expected a finite number, got {_lookup(raw, k)!r}" for k in non_finite]

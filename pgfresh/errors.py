@@ -24,6 +24,13 @@ class ConfigError(PgfreshError):
         super().__init__(msg)
 
 
+class RenderError(PgfreshError):
+    """A row that cannot be rendered with its table's templates (missing column, wrong type).
+
+    Here rather than in `pgfresh.render` because the gate, which comes before render, quarantines it.
+    """
+
+
 class SourceError(PgfreshError):
     """The source database cannot be used as configured (unreachable, privileges, wal_level, tables)."""
 

@@ -16,17 +16,20 @@ Slot, WAL and backends are read from the source; every position and count from t
 
 - `source`: pgfresh backends on the pipeline's own database, and the oldest transaction age and
   xmin age any of them holds right now;
-- one section per later stage that exposes `status_counts(conn)` (gate, rag, train).
+- one section per later stage that reports one (`pgfresh.stages`: gate, rag, train).
 """
 
 from __future__ import annotations
 
+from rich.markup import escape
+from rich.table import Table
+
 from pgfresh import config as cfg
 from pgfresh import db
+from pgfresh import stages
 from pgfresh.capture import setup
 from pgfresh.capture.change import pipeline_of
-
-STAGE_STATUS = ("pgfresh.gate", "pgfresh.rag", "pgfresh.train")
+from pgfresh.capture.pgoutput import format_lsn, parse_lsn
 
 
 def collect(config: cfg.Config) -> dict:
@@ -47,9 +50,7 @@ def collect(config: cfg.Config) -> dict:
 
 
 def _stages(conn, report: dict) -> None:
-    for name in STAGE_STATUS:
-        for counts in cfg.stage_functions([name], "status_counts"):
-            report[name.rsplit(".", 1)[1]] = counts(conn)
+    report.update(stages.status(conn))
 
 
 def _collect(config: cfg.Config, stages: bool = True) -> dict:
@@ -95,8 +96,6 @@ def _source(conn, store_pid: int) -> dict:
 
 def _slot(conn, config: cfg.Config, stored) -> dict:
     """The slot: state (ok | missing | lost | invalidated), WAL it retains, the server's bound, warnings."""
-    from pgfresh.capture.pgoutput import format_lsn, parse_lsn
-
     slot = config.source.slot
     health = setup.slot_health(conn, slot)
     keep_mb = setup.wal_keep_size_mb(conn)
@@ -197,17 +196,12 @@ def _pipelines(conn) -> dict:
 
 def show(report: dict, console) -> None:
     """Human-readable status. Values (names, errors, counts) are escaped: only our labels are markup."""
-    from rich.markup import escape
-    from rich.table import Table
-
     for name, one in report.get("sources", {}).items():
         console.print(f"[bold]source {escape(name)}[/]")
         show(one, console)
     cap = report.get("capture", {})
     if "sources" in report:
-        for stage in ("gate", "rag", "train"):
-            if stage in report:
-                console.print(f"[bold]{stage}[/] {escape(str(report[stage]))}")
+        _show_stages(report, console)
         return
     slot = report.get("slot", {})
     src = report.get("source", {})
@@ -236,6 +230,10 @@ def show(report: dict, console) -> None:
         err = f" last error: {w['last_error']}" if w["last_error"] else ""
         again = f" reconnects {w['reconnects']}" if w.get("reconnects") else ""
         console.print(escape(f"worker {name}: heartbeat {w['heartbeat']}{again}{err}"), highlight=False)
-    for stage in ("gate", "rag", "train"):
-        if stage in report:
-            console.print(f"[bold]{stage}[/] {escape(str(report[stage]))}")
+    _show_stages(report, console)
+
+
+def _show_stages(report: dict, console) -> None:
+    for stage in stages.STAGES:
+        if stage.name in report:
+            console.print(f"[bold]{stage.name}[/] {escape(str(report[stage.name]))}")

@@ -246,13 +246,13 @@ def test_settle_window_waits_for_unread_changes_and_settle_final(dsn):
     """The gate itself on a hand-written change log: due times are set, not waited for."""
     from pgfresh import db as pgdb
     from pgfresh.capture.change import advance, read_changes
-    from pgfresh.gate import Gate
+    from pgfresh.gate import Gate, Rendered
 
     config = cfg.parse({"source": {"dsn": dsn}, "store": {"dsn": dsn}, "tables": [
         {"name": "notes", "gate": {"train": {"settle_seconds": 60}}},
         {"name": "posts", "gate": {"final_when": "status = 'published'",
                                    "train": {"settle_seconds": 60, "settle_final": True}}}]})
-    gate = Gate(config, "train")
+    gate = Gate(config, "train", lambda table, c: Rendered(c.row["body"], c.row["body"], None))
     with pgdb.connect(dsn, "test", autocommit=True) as conn:
         pgdb.migrate(conn)
 
@@ -282,7 +282,7 @@ def test_settle_window_waits_for_unread_changes_and_settle_final(dsn):
         third, = read("t")
         assert gate.admit(conn, [third]) == []
         due_now()
-        assert [c.row["body"] for c in gate.release_due(conn, third.seq)] == ["final text of the note"]
+        assert [a.change.row["body"] for a in gate.release_due(conn, third.seq)] == ["final text of the note"]
         assert [o for _, o, _ in outcomes(conn, "public.notes")["[1]"]] == ["superseded", "superseded", "accepted"]
 
         log("public.posts", "Opening hours", "published")  # final, but settle_final: it settles too

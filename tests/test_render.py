@@ -236,3 +236,84 @@ def test_gone_facts_of_a_tenant_table_keep_their_tenant(db, dsn, tmp_path):
     with pytest.raises(psycopg.errors.CheckViolation):  # nor a captured delete whose row has one
         db.execute("insert into pgfresh.changes (tbl, key, tenant, op, row, lsn) values"
                    " ('public.products', '[9]', null, 'delete', '{\"shop_id\": \"A\"}', '0/0')")
+
+
+def test_each_change_is_rendered_once_on_the_facts_and_the_rag_path(db, dsn, tmp_path, monkeypatch):
+    """The gate deduplicates on the text the consumer writes: one render per change and path, counted.
+
+    Every call of the stage's render hook (the gate's one way to a row's text) must render the row's
+    document exactly once, and every change the gate took to rendering (accepted or duplicate) on a
+    path must have been rendered exactly once on that path (the old loop rendered each twice: once in
+    the gate to deduplicate, once in the consumer to write).
+    """
+    from pgfresh import render
+    from pgfresh.capture import sync
+    from pgfresh.rag.index import IndexWorker
+    from pgfresh.render.worker import FactsWorker
+
+    db.execute("create table products (id int primary key, name text, price numeric, stock int)")
+    db.execute("insert into products select g, 'Mug ' || g, g + 0.5, g from generate_series(1, 12) g")
+    path = write_config(tmp_path, dsn, '[train]\n[rag]\n[[tables]]\nname = "products"\n'
+                                       '[tables.gate]\nsettle_seconds = 0\n')
+    config = cfg.load(path)
+    calls: list[tuple[str, int, int]] = []  # (path, seq, documents rendered during the hook)
+    documents = [0]
+    original_document = render.render_document
+
+    def counted_document(table, row):
+        documents[0] += 1
+        return original_document(table, row)
+
+    def counting(cls):
+        original = cls.render
+
+        def hook(self, table, change):
+            before = documents[0]
+            try:
+                return original(self, table, change)
+            finally:
+                calls.append((self.path, change.seq, documents[0] - before))
+        monkeypatch.setattr(cls, "render", hook)
+
+    monkeypatch.setattr(render, "render_document", counted_document)
+    counting(FactsWorker)
+    counting(IndexWorker)
+    sync.run(config, once=True)
+    db.execute("update products set price = price + 1 where id <= 4")
+    db.execute("update products set stock = stock where id = 5")  # renders as before: a duplicate
+    db.execute("delete from products where id = 6")
+    sync.run(config, once=True)
+    assert calls and all(n == 1 for _, _, n in calls), calls
+    assert documents[0] == len(calls)
+    for gate_path in ("train", "rag"):
+        rendered = sorted(seq for p, seq, _ in calls if p == gate_path)
+        expected = [s for (s,) in db.execute(
+            # (the snapshot reaches a consumer as a backfill, whose seqs are not in the change log)
+            "select seq from pgfresh.gate_log where path = %s and outcome in ('accepted', 'duplicate')"
+            " and seq not in (select seq from pgfresh.changes where op in ('delete', 'truncate')) order by seq",
+            (gate_path,))]
+        assert rendered == expected and len(expected) == 12 + 5, (gate_path, rendered, expected)
+    duplicates = db.execute("select count(*) from pgfresh.gate_log where outcome = 'duplicate'").fetchone()[0]
+    assert duplicates == 2  # the unchanged row 5, on each path
+
+
+def test_the_arena_names_and_fills_fact_templates_as_render_does():
+    """One template parser: an unnamed [[tables.facts]] entry has the same name for the arena as in
+    pgfresh.facts (was '0' against 'fact0'), and the arena's truth is filled as the facts are
+    (`{price:.2f}` of a numeric column: the arena's own parser failed on it)."""
+    from decimal import Decimal
+
+    from pgfresh.arena import questions
+    from pgfresh.arena.settings import QuestionSpec, fact_templates as arena_templates
+
+    config = cfg.parse({"source": {"dsn": "host=nowhere"}, "tables": [{"name": "products", "facts": [
+        {"question": "What does {name} cost?", "answer": "{price:.2f} EUR"},
+        {"question": "How many {name} are left?", "answer": "{stock}"}]}]})
+    row = {"name": "Blue mug", "price": Decimal("12.5"), "stock": 3}
+    rendered = [t.name for t in fact_templates(config.tables[0], row)]
+    assert [t.name for t in arena_templates(config, QuestionSpec("public.products"))] == rendered == ["fact0", "fact1"]
+    answer = next(f.answer for f in render_facts(config.tables[0], Change("public.products", "insert", [1], row, 0, T0))
+                  if f.template == "fact0")
+    assert questions.fill("{price:.2f} EUR", row) == answer == "12.50 EUR"
+    with pytest.raises(RenderError):
+        questions.fill("{colour}", row)

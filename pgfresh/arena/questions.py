@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import random
-import string
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
@@ -33,7 +32,8 @@ from psycopg.types.json import Jsonb
 
 from pgfresh.arena.settings import ArenaSettings, FactTemplate, fact_templates
 from pgfresh.arena.strategy import Question
-from pgfresh.errors import ConfigError
+from pgfresh.errors import ConfigError, RenderError
+from pgfresh.render import fill  # the one template parser: the arena's truth reads as the facts do
 
 CLASSES = ("changed", "unchanged", "deleted", "never", "noisy", "held_out")
 # Share of each batch per class; slots a class cannot fill go to changed, then unchanged.
@@ -66,22 +66,12 @@ class Probe:
         return (self.table, json.dumps(self.key), self.template)
 
 
-class _Text(dict):
-    def __missing__(self, key):
-        raise KeyError(key)
-
-
 def text_value(v) -> str:
     if v is None:
         return ""
     if isinstance(v, bool):
         return "true" if v else "false"
     return str(v)
-
-
-def fill(template: str, row: dict) -> str:
-    """`template` with `{column}` replaced by the row's values as text (numeric keeps its scale)."""
-    return string.Formatter().vformat(template, (), _Text({k: text_value(v) for k, v in row.items()}))
 
 
 @dataclass
@@ -150,8 +140,8 @@ class QuestionGenerator:
             return None
         try:
             return fill(tpl.answer, row)
-        except KeyError as exc:
-            raise ConfigError([f"tables ({tpl.table}).facts.{tpl.name}.answer: no column {exc} in the row"]) from None
+        except RenderError as exc:
+            raise ConfigError([f"tables ({tpl.table}).facts.{tpl.name}.answer: {exc}"]) from None
 
     def _fact_events(self, events: list[_Event], tpl: FactTemplate) -> list[_Event]:
         """Events that changed this template's value (or the row's existence as a fact)."""
@@ -311,7 +301,7 @@ class QuestionGenerator:
         self.next_id += 1
         try:
             question = fill(text, row)
-        except KeyError:
+        except RenderError:
             return None  # the template needs columns the invented row lacks
         return Probe(Question(f"q{self.next_id}", question, tenant), "never", table, [], tpl.name, how,
                      truth_kind="never", invented=row)

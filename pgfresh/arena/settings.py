@@ -14,7 +14,7 @@
     held_out = { price = ["Tell me what {name} goes for these days."] }
     invent = { name = ["Quantum Toaster"] }   # values for questions about rows that never existed
 
-`check_config(config)` is called by `pgfresh.config.parse` (STAGE_MODULES); `settings(config)`
+`check_config(config)` is called by `pgfresh.config.parse` (registered in `pgfresh.stages`); `settings(config)`
 returns the parsed `ArenaSettings` for the runner.
 """
 
@@ -22,6 +22,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
+
+from pgfresh.render import default_template_name
 
 WORKLOADS = ("shop", "shop-zh", "custom")
 
@@ -213,7 +215,7 @@ def fact_templates(config, spec: QuestionSpec) -> list[FactTemplate]:
         question = raw.get("question")
         phrasings = list(question) if isinstance(question, list) else [question]
         phrasings += list(raw.get("paraphrases", []))
-        name = str(raw.get("name", i))
+        name = str(raw.get("name", default_template_name(i)))
         out.append(FactTemplate(name=name, table=spec.table, phrasings=[p for p in phrasings if p],
                                 answer=raw.get("answer", ""), gone=raw.get("gone"),
                                 held_out=spec.held_out.get(name, [])))

@@ -22,6 +22,7 @@ from datetime import datetime
 
 from psycopg import sql
 
+from pgfresh.capture.pgoutput import parse_lsn
 
 DEFAULT_PIPELINE = "pgfresh"  # the default slot's name: existing installations' rows belong to it
 
@@ -106,9 +107,7 @@ def read_changes(conn, consumer: str, limit: int = 1000, tables: list[str] | Non
 
 
 def _change(seq, tbl, key, tenant, op, row, lsn, ctime) -> Change:
-    hi, lo = lsn.split("/")
-    return Change(tbl, op, json.loads(key), row, (int(hi, 16) << 32) | int(lo, 16), ctime, tenant=tenant, seq=seq,
-                  _key_text=key)
+    return Change(tbl, op, json.loads(key), row, parse_lsn(lsn), ctime, tenant=tenant, seq=seq, _key_text=key)
 
 
 def pruned_through(conn, pipeline: str = DEFAULT_PIPELINE) -> int:

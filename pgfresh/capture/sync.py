@@ -21,7 +21,6 @@ on PostgreSQL 17+ the server enforces the limit itself (`transaction_timeout`).
 
 from __future__ import annotations
 
-import os
 import signal
 import threading
 import time
@@ -32,57 +31,34 @@ import psycopg2
 from pgfresh import config as cfg
 from pgfresh import db
 from pgfresh import retention
+from pgfresh import stages
 from pgfresh.capture import pgoutput as po
 from pgfresh.capture import setup
 from pgfresh.capture.change import pipeline_of, worker_name
 from pgfresh.capture.rowstore import RowStore, register_tables
 from pgfresh.capture.stream import Stream
-from pgfresh.errors import ConnectionLostError, SourceError
+from pgfresh.consume import BatchSize, Heartbeat
+from pgfresh.errors import ConfigError, ConnectionLostError, SourceError
 
-# Later stages that run inside `pgfresh sync`, and when: the facts worker when a table has fact
-# templates or [train] is present, the RAG index when [rag] is present (`pgfresh init` writes it).
-DOWNSTREAM_MODULES = {
-    "pgfresh.render": lambda c: "train" in c.sections or any(t.facts for t in c.tables),
-    "pgfresh.rag": lambda c: "rag" in c.sections,
-}
-HEARTBEAT_SECONDS = 2.0
 RECONNECT_MAX_SECONDS = 10.0  # the cap of the backoff between reconnect attempts
 # SQLSTATEs of a server shutting down, crashed, or still starting up: the connection is gone, not the data.
 SHUTDOWN_STATES = ("57P01", "57P02", "57P03")
 
 
 def downstream_workers(config: cfg.Config) -> list:
-    """Workers of the later stages, in data-flow order (each module's `workers(config)`)."""
-    wanted = [name for name, asked in DOWNSTREAM_MODULES.items() if asked(config)]
-    return [w for workers in cfg.stage_functions(wanted, "workers") for w in workers(config)]
+    """The change-log consumers of the later stages this config asks for (pgfresh.stages), in data-flow order."""
+    return stages.workers(config)
 
 
 def check_stage_columns(config: cfg.Config, infos: dict) -> None:
     """Templates and validators that name columns the tables lack: all reported before anything runs."""
-    columns = {name: info.columns for name, info in infos.items()}
-    problems = [p for check in cfg.stage_functions(("pgfresh.gate", "pgfresh.render"), "check_against_columns")
-                for p in check(config, columns)]
+    problems = stages.check_against_columns(config, {name: info.columns for name, info in infos.items()})
     if problems:
-        from pgfresh.errors import ConfigError
-
         raise ConfigError(problems, str(config.path))
 
 
-class _Heartbeat:
-    def __init__(self, conn, name: str, pipeline: str):
-        self.conn, self.name, self.pipeline, self.last = conn, worker_name(name, pipeline), pipeline, 0.0
-
-    def beat(self, info: dict, force: bool = False) -> None:
-        now = time.monotonic()
-        if not force and now - self.last < HEARTBEAT_SECONDS:
-            return
-        self.last = now
-        from psycopg.types.json import Jsonb
-
-        self.conn.execute(
-            "insert into pgfresh.workers (name, pipeline, pid, heartbeat, info) values (%s, %s, %s, now(), %s)"
-            " on conflict (name) do update set pid = excluded.pid, heartbeat = now(), info = excluded.info",
-            (self.name, self.pipeline, os.getpid(), Jsonb(info)))
+class _Heartbeat(Heartbeat):
+    """Capture's row in pgfresh.workers, with its errors and reconnects."""
 
     def error(self, exc: BaseException) -> None:
         try:
@@ -200,35 +176,51 @@ def run(config: cfg.Config, once: bool = False, console=None, stop: threading.Ev
         workers: list | None = None, source: str | None = None) -> dict:
     """Capture every source of the config (or only `source`) until stopped, or with once until caught up.
 
-    One source (`[source]`, or `source` named): `run_source`, in this thread. Several (`[[sources]]`):
-    one capture loop per source, each in a thread of this process, sharing `stop` (SIGTERM stops
-    them all); the first that fails stops the others and its error is raised once they have closed.
-    Threads rather than processes: one `sync` to start, stop and supervise, and capture mostly waits
-    on the network (psycopg releases the GIL). Separate processes, one per source, are
-    `pgfresh sync --source NAME` (docs/SCALE.md). Returns the counts, per source under "sources".
+    One source (`[source]`, or `source` named): `run_source`, in this thread, stepping the downstream
+    workers between capture batches. Several (`[[sources]]`): one capture loop per source, each in a
+    thread of this process, and one thread that steps the downstream workers, each of which reads
+    every source's change log (pgfresh/consume.py): a row is gated, rendered and embedded once,
+    whichever source it came from, and no two threads embed the same queue. All share `stop`
+    (SIGTERM stops them all); the first that fails stops the others and its error is raised once
+    they have closed. Threads rather than processes: one `sync` to start, stop and supervise, and
+    capture mostly waits on the network (psycopg releases the GIL). Separate processes, one per
+    source, are `pgfresh sync --source NAME` (docs/SCALE.md). Returns the counts, per source under
+    "sources". `workers` passed in stay open for the caller's next run.
     """
     views = [config.for_source(source)] if source else config.source_views()
     if len(views) == 1:
         return run_source(views[0], once=once, console=console, stop=stop, workers=workers)
-    if workers is not None:
-        raise ValueError("workers can be passed for one source only")
     stop = stop or threading.Event()
     db.store_dsn(config)  # starts the embedded store (if it is one) once, before the threads look for it
     for view in views:
         setup.resolve_dsn(view)
+    own_workers = workers is None
+    workers = stages.workers(config) if own_workers else workers
+    consumers = [w.name for w in workers]
     results: dict[str, dict] = {}
     failed: list[tuple[str, BaseException]] = []
+    captured = threading.Semaphore(0)  # released once per capture thread that has finished
 
     def capture(view: cfg.Config) -> None:
         try:
-            results[view.source.name] = run_source(view, once=once, console=console, stop=stop)
+            results[view.source.name] = run_source(view, once=once, console=console, stop=stop, workers=[],
+                                                   consumers=consumers)
         except BaseException as exc:  # re-raised in the caller's thread below
             failed.append((view.source.name, exc))
+            stop.set()
+        finally:
+            captured.release()
+
+    def downstream() -> None:
+        try:
+            _downstream(config, workers, stop, captured, len(views) if once else None, console)
+        except BaseException as exc:
+            failed.append(("downstream", exc))
             stop.set()
 
     previous_handlers = _install_signals(stop)
     threads = [threading.Thread(target=capture, args=(v,), name=f"pgfresh-sync-{v.source.name}", daemon=True)
-               for v in views]
+               for v in views] + [threading.Thread(target=downstream, name="pgfresh-sync-downstream", daemon=True)]
     try:
         for t in threads:
             t.start()
@@ -238,21 +230,63 @@ def run(config: cfg.Config, once: bool = False, console=None, stop: threading.Ev
     finally:
         for sig, handler in previous_handlers.items():
             signal.signal(sig, handler)
+        for w in workers if own_workers else []:
+            w.close()
     if failed:
         name, exc = failed[0]
         if console is not None:
-            console.print(f"source {name} stopped; the other sources stopped with it", highlight=False, markup=False)
+            what = "the downstream stages" if name == "downstream" else f"source {name}"
+            console.print(f"{what} stopped; the sources stopped with it", highlight=False, markup=False)
         raise exc
     total = {k: sum(r[k] for r in results.values()) for k in ("changes", "transactions", "snapshot_rows", "reconnects")}
     return {**total, "sources": {v.source.name: results[v.source.name] for v in views}}
 
 
+def _downstream(config: cfg.Config, workers: list, stop: threading.Event, captured: threading.Semaphore,
+                sources: int | None, console) -> None:
+    """Step every downstream worker until stopped; with `sources` (--once), until that many capture
+    threads have finished, the workers are idle and what was captured has left the settle window.
+
+    The store going away closes the workers; they reconnect on their next step, with capped
+    backoff, for at most `source.reconnect_give_up_seconds`.
+    """
+    done, settle_until, delay, outage = 0, None, 0.5, None
+    while True:
+        try:
+            busy = sum(w.step() for w in workers)
+            delay, outage = 0.5, None
+        except Exception as exc:
+            if not connection_lost(exc):
+                raise
+            for w in workers:
+                w.close()
+            outage = outage or time.monotonic()
+            if time.monotonic() - outage > config.source.reconnect_give_up_seconds:
+                raise SourceError(f"lost the store connection and could not reconnect ({exc}); gave up after "
+                                  f"source.reconnect_give_up_seconds = {config.source.reconnect_give_up_seconds:g}")
+            if stop.wait(delay):
+                break
+            delay = min(delay * 2, RECONNECT_MAX_SECONDS)
+            continue
+        if stop.is_set():
+            break
+        while sources is not None and done < sources and captured.acquire(blocking=False):
+            done += 1
+        if sources is not None and done == sources and not busy:
+            settle_until = _settled(workers, settle_until, console)
+            if settle_until is None or time.monotonic() >= settle_until:
+                break
+        if not busy:
+            stop.wait(0.02)
+
+
 def run_source(config: cfg.Config, once: bool = False, console=None, stop: threading.Event | None = None,
-               workers: list | None = None) -> dict:
+               workers: list | None = None, consumers: list[str] | None = None) -> dict:
     """Capture one source until stopped (or, with once, until caught up). Returns counts for the caller.
 
     `workers`: the downstream workers to drive (default: those the config asks for). Workers
     passed in stay open for the caller's next run (the arena keeps its embedder loaded).
+    `consumers`: the change-log consumers whose positions hold back pruning (default: the workers').
 
     A lost connection (server restarted, network gone) closes every connection and opens them again
     with capped backoff, resuming from the stored position: the row store skips what it already
@@ -275,7 +309,8 @@ def run_source(config: cfg.Config, once: bool = False, console=None, stop: threa
     try:
         while cap is not None:
             try:
-                _loop(config, cap.store, cap.stream, workers, cap.heartbeat, stats, stop, target, cap.start_lsn, console)
+                _loop(config, cap.store, cap.stream, workers, cap.heartbeat, stats, stop, target, cap.start_lsn, console,
+                      [w.name for w in workers] if consumers is None else consumers)
                 break
             except Exception as exc:
                 if not connection_lost(exc):
@@ -335,13 +370,13 @@ def _reconnect(config: cfg.Config, dsn: str, lost: _Lost, stop: threading.Event,
     return None
 
 
-def _loop(config, store, stream, workers, heartbeat, stats, stop, target, processed, console) -> None:
+def _loop(config, store, stream, workers, heartbeat, stats, stop, target, processed, console, consumers) -> None:
     src = config.source
-    chunk_rows = src.snapshot_chunk_rows
+    chunk = BatchSize(src.snapshot_chunk_rows, src.max_txn_seconds, smallest=100)
     batch, batch_changes, batch_started = [], 0, 0.0
     last_prune = time.monotonic()
     keep = retention.settings(config)
-    consumers = [w.name for w in workers]  # a consumer the config no longer runs holds nothing back
+    # `consumers`: a consumer the config no longer runs holds nothing back
     settle_until = None  # --once: caught up, waiting for the settle window of rows captured before
     names = {i.relation: n for n, i in store.infos.items() if i.relation}  # [[sources]]: stored names
     while True:
@@ -369,13 +404,9 @@ def _loop(config, store, stream, workers, heartbeat, stats, stop, target, proces
                 stats["lag_seconds"] = 0.0
                 stream.confirm(idle)  # idle: confirm so an idle database does not retain WAL
         if store.snapshot_pending and not stop.is_set():
-            rows, seconds = store.snapshot_step(chunk_rows)
+            rows, seconds = store.snapshot_step(chunk.size)
             stats["snapshot_rows"] += rows
-            # Keep every chunk transaction well inside max_txn_seconds, whatever the row width.
-            if seconds > src.max_txn_seconds / 4 and chunk_rows > 100:
-                chunk_rows //= 2
-            elif seconds < src.max_txn_seconds / 20 and chunk_rows < src.snapshot_chunk_rows:
-                chunk_rows = min(src.snapshot_chunk_rows, chunk_rows * 2)
+            chunk.took(seconds)  # every chunk transaction well inside max_txn_seconds, whatever the row width
         busy = 0
         for w in workers:
             try:
@@ -422,7 +453,7 @@ def _settled(workers, until: float | None, console) -> float | None:
     """
     if until is not None:
         return until
-    waits = [s for s in (w.settling_seconds() for w in workers if hasattr(w, "settling_seconds")) if s is not None]
+    waits = [s for s in (w.settling_seconds() for w in workers) if s is not None]
     if not waits:
         return None
     if console is not None:

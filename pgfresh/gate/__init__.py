@@ -7,17 +7,17 @@ a junk scorer, PII removal (configured columns dropped or masked, e-mail / phone
 masked in free text), and dedup. Nothing is dropped silently: `pgfresh.gate_log` holds one
 outcome per change and path, `pgfresh.quarantine` every rejected change with its reason.
 
-Public entry points: `Gate(config, path)` with `admit` / `release_due` (see `admission`),
+Public entry points: `Gate(config, path, render)` with `admit` / `release_due` (see `admission`),
 `check_config`, `check_against_columns`, `list_quarantine`, `release`, `status_counts`.
 """
 
 from __future__ import annotations
 
-from pgfresh.gate.admission import Gate, policy_for
+from pgfresh.gate.admission import Admitted, Gate, Rendered, policy_for
 from pgfresh.gate.policy import PATHS, Policy, parse_policy
 from pgfresh.gate.quarantine import QuarantineError, list_quarantine, release, status_counts
 
-__all__ = ["Gate", "Policy", "QuarantineError", "check_against_columns", "check_config", "list_quarantine",
+__all__ = ["Admitted", "Gate", "Rendered", "Policy", "QuarantineError", "check_against_columns", "check_config", "list_quarantine",
            "policy_for", "release", "status_counts"]
 
 

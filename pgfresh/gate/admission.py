@@ -16,6 +16,12 @@ yields its last version), then the validators and the junk check on the raw row,
 removal, rendering (a row that cannot be rendered is quarantined as 'render') and dedup. Deletes
 and truncates are accepted at once: a tombstone is never held back. Near-duplicates of another
 key's text are accepted and reported (check 'near_duplicate' in the log).
+
+The gate does not render rows itself: its consumer passes `render(table, change) -> Rendered` (the
+text that decides dedup and near-duplicates, and the payload the consumer writes), which the gate
+calls once per change it would accept, and what it accepts comes back as `Admitted(change,
+rendered)`: the consumer writes `rendered.payload` and never renders the row again
+(pgfresh/consume.py).
 """
 
 from __future__ import annotations
@@ -24,11 +30,15 @@ import dataclasses
 import hashlib
 import json
 import re
+from dataclasses import dataclass
+from typing import Any, Callable
+
 from psycopg.types.json import Jsonb
 
 from pgfresh.capture.change import Change
 from pgfresh.capture.pgoutput import format_lsn, parse_lsn
-from pgfresh.errors import ConfigError
+from pgfresh.configtypes import plain_table
+from pgfresh.errors import ConfigError, RenderError
 from pgfresh.gate.expr import ExprError
 from pgfresh.gate.policy import Policy, parse_policy
 
@@ -45,6 +55,23 @@ NEWER_SQL = """select max(x) from (values
        where s.path = q.path and s.tbl = q.tbl and s.key = q.key)),
     ((select p.seq from pgfresh.gate_pending p where p.path = q.path and p.tbl = q.tbl and p.key = q.key))
     ) v(x) where x > q.seq"""
+
+
+@dataclass(frozen=True, slots=True)
+class Rendered:
+    """A row as one path sees it: made by the consumer's `render`, once per change."""
+
+    document: str  # the row's document text: near-duplicates are measured on it
+    text: str  # everything the path derives from the row: equal text (same tenant) is a duplicate
+    payload: Any  # what the consumer writes (its facts, its document text)
+
+
+@dataclass(frozen=True, slots=True)
+class Admitted:
+    """A change the gate let through; `rendered` is None for deletes and truncates (nothing to render)."""
+
+    change: Change
+    rendered: Rendered | None
 
 
 def policy_for(table, path: str) -> Policy:
@@ -149,10 +176,11 @@ def _bands(h: int) -> list[int]:
 class Gate:
     """The quality gate of one path. See the module docstring for what each call promises."""
 
-    def __init__(self, config, path: str):
+    def __init__(self, config, path: str, render: Callable[..., Rendered]):
         if path not in ("rag", "train"):
             raise ValueError(f"path must be 'rag' or 'train', not {path!r}")
         self.path = path
+        self.render = render  # (table, change with PII removed) -> Rendered; raises RenderError
         self.tables = {t.name: t for t in config.tables}
         self.policies = {t.name: policy_for(t, path) for t in config.tables}
         self._default = parse_policy({}, path, "gate", [])
@@ -163,7 +191,7 @@ class Gate:
 
     # --- admit ------------------------------------------------------------------------------
 
-    def admit(self, conn, changes: list[Change]) -> list[Change]:
+    def admit(self, conn, changes: list[Change]) -> list[Admitted]:
         """Decide every change (in the caller's transaction); return those accepted now, by seq."""
         if not changes:
             return []
@@ -191,7 +219,7 @@ class Gate:
         for c in survivors:
             if c.op in ("delete", "truncate"):
                 d.outcome(c, "accepted")
-                accepted.append(c)
+                accepted.append(Admitted(c, None))
                 continue
             hold = self._hold(c, d)
             if hold == "ready":
@@ -201,7 +229,7 @@ class Gate:
         self._park(conn, d, waiting)
         accepted += self._accept(conn, d, ready)
         d.write(conn)
-        return sorted(accepted, key=lambda c: c.seq)
+        return sorted(accepted, key=lambda a: a.change.seq)
 
     def _hold(self, c: Change, d: _Decisions):
         """'ready', 'final' (wait for a final state), 'settle' (wait settle_seconds) or None (rejected)."""
@@ -264,9 +292,7 @@ class Gate:
 
     # --- accept: checks, PII, render, dedup ----------------------------------------------------
 
-    def _accept(self, conn, d: _Decisions, changes: list[Change], released: bool = False) -> list[Change]:
-        from pgfresh import render  # render builds on the gate's types; the gate only borrows its text
-
+    def _accept(self, conn, d: _Decisions, changes: list[Change], released: bool = False) -> list[Admitted]:
         candidates = []
         for c in changes:
             policy = self.policy(c.table)
@@ -281,19 +307,19 @@ class Gate:
                     d.reject(c, failed[0], failed[1], self._safe_row(c))
                     continue
             row, masked = policy.pii.apply(c.row)
+            c = dataclasses.replace(c, row=row)
             try:
-                document, text = render.gate_texts(self.tables.get(c.table) or render.plain_table(c.table), row,
-                                                   with_facts=self.path == "train")
-            except render.RenderError as exc:
+                rendered = self.render(self.tables.get(c.table) or plain_table(c.table), c)
+            except RenderError as exc:
                 d.reject(c, "render", str(exc), row)
                 continue
-            fingerprint = hashlib.sha256(f"{c.tenant}\x00{text}".encode()).hexdigest()
-            candidates.append((c, row, masked, fingerprint, simhash(document)))
+            fingerprint = hashlib.sha256(f"{c.tenant}\x00{rendered.text}".encode()).hexdigest()
+            candidates.append((c, rendered, masked, fingerprint, simhash(rendered.document)))
         if not candidates:
             return []
         seen = self._seen(conn, candidates)
         accepted, upserts = [], []
-        for c, row, masked, fingerprint, sim in candidates:
+        for c, rendered, masked, fingerprint, sim in candidates:
             policy = self.policy(c.table)
             if policy.dedup and seen["fp"].get((c.table, c.key_text)) == fingerprint:
                 d.outcome(c, "duplicate", "dedup", "renders exactly as the version already admitted", masked)
@@ -302,8 +328,8 @@ class Gate:
             d.outcome(c, "accepted", "near_duplicate" if near else None, near, masked)
             seen["fp"][(c.table, c.key_text)] = fingerprint
             _index(seen["by_band"], c.table, c.key_text, sim)
-            upserts.append((self.path, c.table, c.key_text, c.seq, fingerprint, sim, _bands(sim), Jsonb(row)))
-            accepted.append(dataclasses.replace(c, row=row))
+            upserts.append((self.path, c.table, c.key_text, c.seq, fingerprint, sim, _bands(sim), Jsonb(c.row)))
+            accepted.append(Admitted(c, rendered))
         conn.cursor().executemany(
             "insert into pgfresh.gate_seen (path, tbl, key, seq, fingerprint, simhash, bands, row)"
             " values (%s, %s, %s, %s, %s, %s, %s, %s) on conflict (path, tbl, key) do update set seq = excluded.seq,"
@@ -342,7 +368,7 @@ class Gate:
 
     # --- release ------------------------------------------------------------------------------
 
-    def release_due(self, conn, position: int | None = None, limit: int = 1000) -> list[Change]:
+    def release_due(self, conn, position: int | None = None, limit: int = 1000) -> list[Admitted]:
         """Changes that may enter now: settled pending rows and rows released from quarantine.
 
         `position`: how far the caller has read the change log (default: the highest seq this
@@ -367,9 +393,9 @@ class Gate:
         changes = [_change(*r) for r in due]
         accepted += self._accept(conn, d, sorted(changes, key=lambda c: c.seq))
         d.write(conn)
-        return sorted(accepted, key=lambda c: c.seq)
+        return sorted(accepted, key=lambda a: a.change.seq)
 
-    def _readmit(self, conn, d: _Decisions, limit: int) -> list[Change]:
+    def _readmit(self, conn, d: _Decisions, limit: int) -> list[Admitted]:
         rows = conn.execute(
             "select q.id, q.tbl, q.key, q.seq, q.tenant, q.op, q.row, q.lsn::text, q.commit_time,"
             f" ({NEWER_SQL}) as newer"

@@ -8,6 +8,10 @@ newer version is not re-admitted (that would bring back an old version): `releas
 
 from __future__ import annotations
 
+from rich.table import Table
+from rich.text import Text
+
+from pgfresh import db
 from pgfresh.errors import PgfreshError
 from pgfresh.gate.admission import NEWER_SQL
 
@@ -105,8 +109,6 @@ def status_counts(conn) -> dict:
 # --- the CLI's entry points: a connection of their own, then one of the functions above --------
 
 def _connect(config):
-    from pgfresh import db
-
     return db.connect(db.store_dsn(config), "quarantine", autocommit=True)
 
 
@@ -125,13 +127,9 @@ def release_entry(config, qid: int) -> dict:
 
 def show(items: list[dict], console) -> None:
     """A table of quarantine entries for people (the --json form carries every column)."""
-    from rich.table import Table
-
     if not items:
         console.print("quarantine is empty")
         return
-    from rich.text import Text
-
     t = Table("id", "path", "table", "key", "check", "reason", "created", "released", box=None)
     for e in items:
         released = "" if e["released_at"] is None else (e["release_note"] or "pending re-admission")

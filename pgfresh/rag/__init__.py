@@ -1,7 +1,7 @@
 """The rag stage: a hybrid index kept current by the change log, search, answers, and an answer cache.
 
 Public entry points:
-- `workers(config)`: the 'index' worker that `pgfresh sync` drives (pgfresh.rag.index);
+- the 'index' worker that `pgfresh sync` drives (pgfresh.rag.index, registered in `pgfresh.stages`);
 - `search(conn, config, text, tenant, k, mode) -> list[Hit]` (pgfresh.rag.retrieval);
 - `ask(config, question, tenant, mode)`: a shim over `pgfresh.serve.answer`, the one answer path;
 - `status_counts(conn)` for `pgfresh status`; `check_config(config)` for the `[rag]` section.
@@ -11,7 +11,13 @@ from __future__ import annotations
 
 import re
 
-from pgfresh.rag.retrieval import FUSIONS, MODES, RERANKS, Hit, search  # noqa: F401  (re-exported)
+from pgvector.psycopg import register_vector
+
+from pgfresh import db
+from pgfresh.configtypes import check_section
+from pgfresh.rag import embed, reader, status
+from pgfresh.rag.question import check
+from pgfresh.rag.retrieval import FUSIONS, MODES, RERANKS, Hit, search, tenant_filter  # noqa: F401  (re-exported)
 
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
@@ -54,17 +60,8 @@ _SPEC = {
 
 def check_config(config) -> list[str]:
     """Every problem in `[rag]`, each starting with its key path."""
-    from pgfresh.rag import embed, reader
-
     rag, problems = config.rag, []
-    for key, value in rag.items():
-        if key not in _SPEC:
-            problems.append(f"rag.{key}: unknown key (known: {', '.join(_SPEC)})")
-            continue
-        kind, ok, expected = _SPEC[key]
-        bad_bool = isinstance(value, bool) and kind is not bool
-        if bad_bool or not isinstance(value, kind) or (ok is not None and not ok(value)):
-            problems.append(f"rag.{key}: expected {expected}, got {value!r}")
+    check_section(rag, "rag", _SPEC, problems)
     if isinstance(rag.get("embedder"), str) and not rag.get("embedder_path") and rag["embedder"] not in embed.BUILTIN:
         problems.append(f"rag.embedder: expected one of {', '.join(embed.BUILTIN)} (or set rag.embedder_path), "
                         f"got {rag['embedder']!r}")
@@ -83,16 +80,9 @@ def check_config(config) -> list[str]:
     return problems
 
 
-def workers(config) -> list:
-    """The 'index' worker, unless `[rag] enabled = false`."""
-    if not config.rag.get("enabled", True):
-        return []
-    from pgfresh.rag.index import IndexWorker
-
-    return [IndexWorker(config)]
-
-
 def ask(config, question: str, tenant: str | None = None, mode: str = "rag", **kw) -> dict:
+    """Kept for existing callers: forwards to `pgfresh.serve.answer` (rag/answer.py)."""
+    # Imported here, not at the top: serve is a later stage that imports rag; new code calls serve.
     from pgfresh.rag.answer import ask as _ask
 
     return _ask(config, question, tenant, mode, **kw)
@@ -100,19 +90,11 @@ def ask(config, question: str, tenant: str | None = None, mode: str = "rag", **k
 
 def status_counts(conn) -> dict:
     """Documents, queue, generations, freshness p50/p99 and cache counters, for `pgfresh status`."""
-    from pgfresh.rag.status import counts
-
-    return counts(conn)
+    return status.counts(conn)
 
 
 def run_search(config, text: str, tenant: str | None = None, k: int | None = None, mode: str | None = None) -> list[Hit]:
     """`search` on a connection of its own (the form the CLI and the HTTP API use)."""
-    from pgvector.psycopg import register_vector
-
-    from pgfresh import db
-    from pgfresh.rag.question import check
-    from pgfresh.rag.retrieval import tenant_filter
-
     check(text, tenant=tenant, k=k, what="search text")
     tenant_filter(config, tenant)  # refuse before connecting
     with db.connect(db.store_dsn(config), "search", autocommit=True) as conn:

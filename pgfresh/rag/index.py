@@ -3,10 +3,11 @@
 Two threads, each with its own connection to the store, so that embedding and the document writes
 overlap the capture loop's database work (torch, the tokenizer and psycopg all release the GIL):
 
-1. admit (the caller's thread, in `step`): read the next changes of consumer 'index' from
-   `pgfresh.changes`, pass them through the quality gate (`Gate(config, 'rag')`, which quarantines
-   or holds back what it must), render the accepted rows to document text, append them to
-   `pgfresh.index_queue`, advance the consumer; one short transaction.
+1. admit (the caller's thread, in `step`: the loop of `pgfresh.consume.Consumer`): read the next
+   changes of consumer 'index' from `pgfresh.changes`, pass them through the quality gate
+   (`Gate(config, 'rag')`, which quarantines or holds back what it must, and renders each row it
+   accepts to document text once, with this worker's `render`), append them to
+   `pgfresh.index_queue` (`write`), advance the consumer; one short transaction.
 2. apply (the worker's 'pgfresh-index-apply' thread, one job at a time, started by `step`): until the
    queue is empty, take the newest queued version of each row at the head of the queue (older
    versions of the same row are consumed with it: a hot row is embedded once per batch, not once
@@ -33,8 +34,11 @@ from datetime import datetime
 from pgvector.psycopg import register_vector
 from psycopg import Rollback, sql
 
-from pgfresh import db
-from pgfresh.capture.change import Change, advance, pipeline_of, read_changes
+from pgfresh import db, render
+from pgfresh.capture.change import Change
+from pgfresh.capture.pgoutput import format_lsn
+from pgfresh.consume import Consumer
+from pgfresh.gate import Admitted, Gate, Rendered
 from pgfresh.rag import generations
 from pgfresh.rag.lexical import TSVECTOR_SQL, bigram_text
 
@@ -43,46 +47,37 @@ WAIT_SECONDS = 0.01  # how long an idle `step` waits for the apply job before re
 JOB_SECONDS = 2.0  # an apply job stops taking batches after this, so background work is never starved
 
 
-def format_lsn(lsn: int) -> str:
-    return f"{lsn >> 32:X}/{lsn & 0xFFFFFFFF:X}"
+class IndexWorker(Consumer):
+    """Consumer 'index' of the change log (path 'rag'); runs inside `pgfresh sync` (or alone, for tests)."""
 
-
-class IndexWorker:
-    """Consumer 'index' of the change log; runs inside `pgfresh sync` (or alone, for tests)."""
-
-    name = "index"
+    name = CONSUMER
+    path = "rag"
 
     def __init__(self, config, dsn: str | None = None):
-        self.config = config
         self.rag = config.rag
-        self.dsn = dsn
-        self.pipeline = pipeline_of(config)  # reads its own pipeline's change log, keeps its own position
-        self.conn = None
+        super().__init__(config, dsn, batch=int(self.rag.get("index_batch_changes", 1000)))
         self.apply_conn = None  # the apply thread's own connection
-        self.gate = None
         self._pool: ThreadPoolExecutor | None = None
         self._job: Future | None = None
         self._queued_during_job = False  # admitted entries the running job may have missed
         self.active = self.building = None
-        self.batch_changes = int(self.rag.get("index_batch_changes", 1000))
         self.batch_docs = int(self.rag.get("index_batch_docs", 128))
         self.text_config = self.rag.get("text_search_config", "english")
 
-    def _connect(self):
+    def connect(self):
         if self.conn is None:
-            from pgfresh.gate import Gate
-
-            dsn = self.dsn or db.store_dsn(self.config)
-            self.conn = self._open(dsn)
-            db.migrate(self.conn)
-            self.gate = Gate(self.config, "rag")
-            self.active, self.building = generations.ensure(self.conn, self.config)
-            self.apply_conn = self._open(dsn)
-            self._pool = ThreadPoolExecutor(1, thread_name_prefix="pgfresh-index-apply")
+            super().connect()
         return self.conn
 
-    def _open(self, dsn: str):
-        conn = db.connect(dsn, "index", autocommit=True, max_txn_seconds=self.config.source.max_txn_seconds)
+    def opened(self, conn) -> None:
+        self._prepare(conn)
+        self.active, self.building = generations.ensure(conn, self.config)
+        self.apply_conn = self._prepare(db.connect(self.dsn or db.store_dsn(self.config), "index", autocommit=True,
+                                                   max_txn_seconds=self.config.source.max_txn_seconds))
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="pgfresh-index-apply")
+
+    @staticmethod
+    def _prepare(conn):
         # Commits do not wait for the WAL flush: a store crash can lose the last of them, and it
         # loses them whole, with the consumer position and queue entries they moved (WAL keeps
         # their order), so the changes are read and applied again: exactly once still. Each index
@@ -91,16 +86,34 @@ class IndexWorker:
         register_vector(conn)
         return conn
 
-    def step(self) -> int:
-        """Admit one batch here; apply the queue (and one batch of background re-embedding or
-        cleanup) in the apply thread, overlapping the caller's next work. 0 only when idle."""
-        conn = self._connect()
-        admitted = self._admit(conn)
-        if self._job is not None and admitted:
+    # -- 1. admit: the row's document text, made once (inside the gate), queued --------------------
+    def render(self, table, change: Change) -> Rendered:
+        text = render.render_document(table, change.row)
+        return Rendered(text, text, text)
+
+    def write(self, conn, gate: Gate, admitted: list[Admitted]) -> int:
+        entries = []
+        for a in admitted:
+            c = a.change
+            op = {"delete": "delete", "truncate": "truncate"}.get(c.op, "upsert")
+            entries.append((c.table, c.key_text if op != "truncate" else "[]", c.tenant, op,
+                            a.rendered.payload if op == "upsert" else None, format_lsn(c.lsn), c.commit_time,
+                            c.op != "read"))
+        with conn.cursor() as cur:
+            cur.executemany(
+                "insert into pgfresh.index_queue (tbl, key, tenant, op, text, lsn, commit_time, live)"
+                " values (%s, %s, %s, %s, %s, %s::pg_lsn, %s, %s)", entries)
+        if self._job is not None:
             self._queued_during_job = True
+        return len(entries)
+
+    # -- 2 + 3. embed, apply (the apply thread) --------------------------------------------------
+    def after_step(self, admitted: int) -> int:
+        """Apply the queue (and one batch of background re-embedding or cleanup) in the apply thread,
+        overlapping the caller's next work. 0 only when idle."""
         if self._job is not None and not admitted:
             _wait(self._job, WAIT_SECONDS)
-        done = admitted
+        done = 0
         if self._job is None:
             done += 1  # nothing known of the queue yet: busy until a job has found it empty
         else:
@@ -133,13 +146,8 @@ class IndexWorker:
             done += generations.cleanup_batch(conn)
         return done
 
-    def settling_seconds(self) -> float | None:
-        """Seconds until the next row in the RAG settle window is due (None: none waits on time)."""
-        conn = self._connect()
-        return self.gate.settling_seconds(conn)
-
-    def close(self) -> None:
-        """Wait for the apply job (its transaction commits or fails whole), then close both connections."""
+    def closing(self) -> None:
+        """Wait for the apply job (its transaction commits or fails whole), then close its connection."""
         if self._pool is not None:
             job, self._job = self._job, None
             if job is not None:
@@ -149,47 +157,10 @@ class IndexWorker:
                     pass
             self._pool.shutdown(wait=True)
             self._pool = None
-        for c in (self.conn, self.apply_conn):
-            if c is not None:
-                c.close()
-        self.conn = self.apply_conn = None
+        if self.apply_conn is not None:
+            self.apply_conn.close()
+        self.apply_conn = None
 
-    # -- 1. admit ------------------------------------------------------------------------------
-    def _admit(self, conn) -> int:
-        with conn.transaction():
-            changes = read_changes(conn, CONSUMER, self.batch_changes, pipeline=self.pipeline)
-            accepted = self.gate.admit(conn, changes) if changes else []
-            released = self.gate.release_due(conn)
-            entries = [e for e in (self._queue_entry(conn, c) for c in accepted + released) if e is not None]
-            if entries:
-                with conn.cursor() as cur:
-                    cur.executemany(
-                        "insert into pgfresh.index_queue (tbl, key, tenant, op, text, lsn, commit_time, live)"
-                        " values (%s, %s, %s, %s, %s, %s::pg_lsn, %s, %s)", entries)
-            if changes:
-                advance(conn, CONSUMER, changes[-1].seq, pipeline=self.pipeline)
-        return len(changes) + len(released)
-
-    def _queue_entry(self, conn, c: Change) -> tuple | None:
-        """The queue row of an accepted change; None (and the change quarantined) if it cannot render."""
-        from pgfresh.render import RenderError, plain_table, render_document
-
-        op = {"delete": "delete", "truncate": "truncate"}.get(c.op, "upsert")
-        text = None
-        if op == "upsert":
-            try:
-                table = self.config.table(c.table)
-            except KeyError:  # captured before the table left pgfresh.toml: render it plainly
-                table = plain_table(c.table)
-            try:
-                text = render_document(table, c.row)
-            except RenderError as exc:
-                self.gate.reject_accepted(conn, c, "render", str(exc))
-                return None
-        return (c.table, c.key_text if op != "truncate" else "[]", c.tenant, op, text, format_lsn(c.lsn),
-                c.commit_time, c.op != "read")
-
-    # -- 2 + 3. embed, apply -------------------------------------------------------------------
     def _apply(self, conn) -> int:
         """Apply the rows at the head of the queue, each at its newest queued version."""
         head = conn.execute(

@@ -8,7 +8,7 @@
   question comes in several phrasings: the template's own, plus built-in rule-based rewrites
   (`paraphrases`), at least 3 besides the canonical one; plus the row's document as a statement.
   With no fact templates, one question per column ("What is the price of Blue mug?").
-- The facts worker (`workers(config)`, consumer 'facts') reads the change log, passes it through
+- The facts worker (`pgfresh.render.worker`, consumer 'facts', registered in `pgfresh.stages`) reads the change log, passes it through
   `Gate(config, 'train')`, and writes `pgfresh.facts` with supersession: a newer version of a row
   supersedes its older facts of the same template; a delete supersedes them and, where the
   template has `gone`, adds a "no longer exists" fact. All in one short transaction with `advance`.
@@ -27,16 +27,13 @@ from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal, InvalidOperation
 
+from pgfresh.gate import parse_policy
 from pgfresh.render import paraphrase
-from pgfresh.config import TableConfig
-from pgfresh.errors import PgfreshError
+from pgfresh.configtypes import TableConfig, plain_table  # noqa: F401  (plain_table re-exported)
+from pgfresh.errors import PgfreshError, RenderError  # noqa: F401  (RenderError re-exported)
 
 STATEMENT = "document"  # template name of the statement fact (reserved)
 _NUMERIC_SPECS = set("bcdoxXeEfFgGn%")
-
-
-class RenderError(PgfreshError):
-    """A row that cannot be rendered with its table's templates (missing column, wrong type)."""
 
 
 @dataclass(frozen=True)
@@ -135,11 +132,6 @@ def _heading(table: TableConfig) -> str:
     return table.table if table.schema == "public" else table.name
 
 
-def plain_table(name: str) -> TableConfig:
-    """A table with no configuration (default document, default facts)."""
-    return TableConfig(name=name if "." in name else f"public.{name}")
-
-
 def render_document(table: TableConfig, row: dict) -> str:
     """The document text of a row (PII already removed by the gate)."""
     if table.document:
@@ -183,6 +175,11 @@ def _phrasings(questions: list[str], paraphrases: list[str], builtin: bool = Tru
     return canonical, tuple(dict.fromkeys(p for p in given + extra if p != canonical))
 
 
+def default_template_name(i: int) -> str:
+    """The name of the i-th `[[tables.facts]]` entry that gives none (the arena names it the same)."""
+    return f"fact{i}"
+
+
 def parse_fact_templates(raw: list, where: str, problems: list[str]) -> list[FactTemplate]:
     """Fact templates from `[[tables.facts]]`, every problem reported under `where`."""
     out, names = [], set()
@@ -194,7 +191,7 @@ def parse_fact_templates(raw: list, where: str, problems: list[str]) -> list[Fac
             continue
         for key in sorted(set(spec) - known):
             problems.append(f"{at}.{key}: unknown key (known: {', '.join(sorted(known))})")
-        name = spec.get("name", f"fact{i}")
+        name = spec.get("name", default_template_name(i))
         question = spec.get("question")
         questions = [question] if isinstance(question, str) else question
         paraphrases = spec.get("paraphrases", [])
@@ -312,24 +309,10 @@ def _key_label(key: list) -> str:
     return " ".join(value_text(v) for v in key)
 
 
-def gate_texts(table: TableConfig, row: dict, with_facts: bool) -> tuple[str, str]:
-    """(document text, everything a path would render) for the gate's dedup; RenderError if it cannot."""
-    text = render_document(table, row)
-    if not with_facts:
-        return text, text
-    parts = [text]
-    for t in fact_templates(table, row):
-        qa = _qa(t, {**row, "_key": ""}, t.answer)
-        if qa:
-            parts += [qa[0], *qa[1], qa[2]]
-    return text, "\n".join(parts)
-
-
 # --- configuration -------------------------------------------------------------------------
 
 def _dropped(table: TableConfig, paths: tuple[str, ...]) -> set[str]:
-    from pgfresh.gate import parse_policy  # problems in the gate section are the gate's to report
-
+    # problems in the gate section are the gate's to report
     return {c for p in paths for c in parse_policy(table.gate, p, "", []).pii.drop}
 
 
@@ -371,9 +354,3 @@ def check_against_columns(config, columns_by_table: dict[str, list[str]]) -> lis
                                 f" (columns: {', '.join(columns)})")
     return problems
 
-
-def workers(config) -> list:
-    """The facts worker (consumer 'facts'), which `pgfresh sync` steps after each capture batch."""
-    from pgfresh.render.worker import FactsWorker
-
-    return [FactsWorker(config)]

@@ -1,7 +1,8 @@
 """The facts worker: change log -> Gate(config, 'train') -> facts, with supersession, exactly once.
 
-One `step` is one short transaction: read the next batch after consumer 'facts', let the gate
-decide it (and release what has settled), render the accepted rows' facts, write them, advance.
+The loop is `pgfresh.consume.Consumer`'s (read, gate, advance in one short transaction, batch
+sizing, heartbeat); this module supplies the facts stage's parts: `render` (a row's facts, made
+once, inside the gate, which deduplicates on their text) and `write` (the facts with supersession).
 A crash anywhere rolls the whole step back, so every change is decided and rendered once.
 
 Supersession, per row (table, key): the facts of the new version that are already active stay as
@@ -13,19 +14,15 @@ returning value (a price back at 10) reactivates its old fact rather than adding
 from __future__ import annotations
 
 import json
-import os
-import time
 
-from psycopg.types.json import Jsonb
-
-from pgfresh import db
-from pgfresh.capture.change import Change, advance, pipeline_of, read_changes, worker_name
+from pgfresh import render
+from pgfresh.capture.change import Change
 from pgfresh.capture.pgoutput import format_lsn
-from pgfresh.gate import Gate
-from pgfresh.render import Fact, RenderError, plain_table, render_facts, render_gone
+from pgfresh.consume import Consumer
+from pgfresh.gate import Admitted, Gate, Rendered
+from pgfresh.render import Fact, RenderError, plain_table
 
 CONSUMER = "facts"
-HEARTBEAT_SECONDS = 2.0
 
 
 class _FactWrites:
@@ -75,80 +72,42 @@ class _FactWrites:
                     [r + (r[-2],) for r in inserts])
 
 
-class FactsWorker:
-    """Consumer 'facts' of the change log; `step` processes one batch, `close` releases the connection."""
+class FactsWorker(Consumer):
+    """Consumer 'facts' of the change log (path 'train'): `render` makes a row's facts, `write` stores them."""
 
     name = CONSUMER
+    path = "train"
 
-    def __init__(self, config, batch: int = 500):
-        self.config = config
-        self.batch = self.max_batch = batch
-        self.gate = Gate(config, "train")
-        self.tables = {t.name: t for t in config.tables}
-        self.pipeline = pipeline_of(config)  # reads its own pipeline's change log, keeps its own position
-        self.conn = None
-        self._beat = 0.0
-        self.counts = {"changes": 0, "accepted": 0, "facts": 0}
+    def __init__(self, config, dsn: str | None = None, batch: int = 500):
+        super().__init__(config, dsn, batch)
 
-    def _connection(self):
-        if self.conn is None or self.conn.closed:
+    def render(self, table, change: Change) -> Rendered:
+        """The row's facts (the statement first); the gate deduplicates on all their text."""
+        facts = render.render_facts(table, change)
+        text = "\n".join([facts[0].question] + [p for f in facts[1:] for p in (f.question, *f.paraphrases, f.answer)])
+        return Rendered(facts[0].question, text, facts)
 
-            self.conn = db.connect(db.store_dsn(self.config), "facts",
-                                   max_txn_seconds=self.config.source.max_txn_seconds, autocommit=True)
-            db.migrate(self.conn)
-        return self.conn
-
-    def step(self) -> int:
-        """Process at most one batch; return how many changes it consumed or released (0: idle)."""
-        conn = self._connection()
-        started = time.monotonic()
-        with conn.transaction():
-            changes = read_changes(conn, CONSUMER, self.batch, pipeline=self.pipeline)
-            accepted = self.gate.admit(conn, changes)
-            released = self.gate.release_due(conn, changes[-1].seq if changes else None, limit=self.batch)
-            written = self.write(conn, sorted(accepted + released, key=lambda c: c.seq))
-            if changes:
-                advance(conn, CONSUMER, changes[-1].seq, pipeline=self.pipeline)
-            self._heartbeat(conn, len(changes), len(accepted) + len(released), written)
-        self._resize(time.monotonic() - started)
-        return len(changes) + len(released)
-
-    def _resize(self, seconds: float) -> None:
-        # The step is one transaction: keep it well inside max_txn_seconds whatever the rows cost.
-        limit = self.config.source.max_txn_seconds
-        if seconds > limit / 4 and self.batch > 10:
-            self.batch //= 2
-        elif seconds < limit / 20 and self.batch < self.max_batch:
-            self.batch = min(self.max_batch, self.batch * 2)
-
-    def write(self, conn, changes: list[Change]) -> int:
-        """Render and write the facts of accepted changes, in seq order; returns facts written."""
-        if not changes:
-            return 0
+    def write(self, conn, gate: Gate, admitted: list[Admitted]) -> int:
+        """Write the facts of the admitted changes, in seq order, with supersession; returns facts written."""
+        changes = [a.change for a in admitted]
         truncated = sorted({c.table for c in changes if c.op == "truncate"})
         writes = _FactWrites(conn, [(c.table, c.key_text) for c in changes if c.op != "truncate"], truncated)
-        for c in changes:
+        for a in admitted:
+            c = a.change
             table = self.tables.get(c.table) or plain_table(c.table)
             if c.op == "truncate":
-                gone = self.gate.removed_rows(conn, c)
+                gone = gate.removed_rows(conn, c)
                 for key in [k for (t, k) in writes.active if t == c.table]:
-                    writes.replace(c.table, key, self._gone(conn, table, c, key, gone.get(key)))
+                    writes.replace(c.table, key, self._gone(conn, gate, table, c, key, gone.get(key)))
             elif c.op == "delete":
                 writes.replace(c.table, c.key_text,
-                               self._gone(conn, table, c, c.key_text, self.gate.removed_rows(conn, c).get(c.key_text)))
+                               self._gone(conn, gate, table, c, c.key_text, gate.removed_rows(conn, c).get(c.key_text)))
             else:
-                try:
-                    facts = render_facts(table, c)
-                except RenderError as exc:
-                    # The gate rendered the same row before accepting it, so this is not expected;
-                    # if it happens, the change goes to quarantine rather than stopping the stream.
-                    self.gate.reject_accepted(conn, c, "render", str(exc))
-                    continue
-                writes.replace(c.table, c.key_text, facts)
+                writes.replace(c.table, c.key_text, a.rendered.payload)
         writes.write(conn)
         return len(writes.new)
 
-    def _gone(self, conn, table, change: Change, key: str, old_row: dict | None) -> list[Fact]:
+    def _gone(self, conn, gate: Gate, table, change: Change, key: str, old_row: dict | None) -> list[Fact]:
         if old_row is None:
             return []
         tenant = change.tenant
@@ -157,31 +116,8 @@ class FactsWorker:
         removed = Change(change.table, change.op, json.loads(key), None, change.lsn, change.commit_time,
                          tenant=tenant, seq=change.seq)
         try:
-            return render_gone(table, removed, old_row)
+            return render.render_gone(table, removed, old_row)
         except RenderError as exc:
             # A tombstone is never held back: the old facts are superseded all the same.
-            self.gate.note(conn, change, "render", f"no 'gone' fact for {key}: {exc}")
+            gate.note(conn, change, "render", f"no 'gone' fact for {key}: {exc}")
             return []
-
-    def _heartbeat(self, conn, changes: int, accepted: int, facts: int) -> None:
-        for k, v in (("changes", changes), ("accepted", accepted), ("facts", facts)):
-            self.counts[k] += v
-        if time.monotonic() - self._beat < HEARTBEAT_SECONDS and not (changes or accepted):
-            return
-        self._beat = time.monotonic()
-        conn.execute(
-            "insert into pgfresh.workers (name, pipeline, pid, heartbeat, info) values (%s, %s, %s, now(), %s)"
-            " on conflict (name) do update set pid = excluded.pid, heartbeat = now(), info = excluded.info",
-            (worker_name(CONSUMER, self.pipeline), self.pipeline, os.getpid(), Jsonb(self.counts)))
-
-    def settling_seconds(self) -> float | None:
-        """Seconds until the next row in its settle window is due (None: none waits on time).
-
-        `sync --once` can wait this long to let the last burst of edits settle into facts.
-        """
-        return self.gate.settling_seconds(self._connection())
-
-    def close(self) -> None:
-        if self.conn is not None:
-            self.conn.close()
-            self.conn = None

@@ -37,6 +37,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
+from pgfresh.capture.pgoutput import parse_lsn
+
 RETRIEVE, SLICE = "rag", "slice"
 
 # key -> (check, expected)
@@ -84,11 +86,6 @@ def check(raw, problems: list[str]) -> None:
             problems.append(f"serve.router.{key}: expected {SPEC[key][1]}, got {value!r}")
 
 
-def lsn_int(lsn: str) -> int:
-    hi, lo = lsn.split("/")
-    return (int(hi, 16) << 32) | int(lo, 16)
-
-
 def margin(best, runner_up) -> float | None:
     """How far the best hit's score is ahead of the runner-up's, relative to the best (0..1)."""
     if best is None:
@@ -115,7 +112,7 @@ def route(policy: Policy, best, version, table_changes=None, now: datetime | Non
     signals = {"margin": None if m is None else round(m, 3),
                "slice": None if version is None else f"{version.slice} v{version.version} (LSN {version.lsn})",
                "slice_recall": recall, "row_lsn": latest,
-               "slice_knows_row": None if latest is None or version is None else lsn_int(latest) <= lsn_int(version.lsn)}
+               "slice_knows_row": None if latest is None or version is None else parse_lsn(latest) <= parse_lsn(version.lsn)}
 
     def decided(taken: str, reason: str, confidence: float) -> Route:
         return Route(taken, reason, confidence, signals)

@@ -26,7 +26,11 @@ TRAINABLE = ("qa", "gone")  # statements serve as open-book documents only
 
 
 @dataclass(frozen=True)
-class Fact:
+class FactRow:
+    """A row of `pgfresh.facts` as training reads it back: `render.Fact` (what a row renders to) once
+    stored, with where it stands in its row's lineage (`status`, `superseded_by`, `created_at`) and
+    its LSN as the text the slice versions record. A different thing from `render.Fact`, hence the name."""
+
     fact_id: str
     tbl: str
     key: str
@@ -59,13 +63,13 @@ def _tenant_filter(tenant) -> tuple[str, tuple]:
     return "tenant = %s", (tenant,)
 
 
-def load_facts(conn, tenant=ANY, kinds=TRAINABLE, statuses=("active",), ids: list[str] | None = None) -> list[Fact]:
+def load_facts(conn, tenant=ANY, kinds=TRAINABLE, statuses=("active",), ids: list[str] | None = None) -> list[FactRow]:
     """Facts of one tenant (None: facts without a tenant; ANY: all), in a stable order."""
     where, params = _tenant_filter(tenant)
     query = (f"select {_COLUMNS} from pgfresh.facts where {where} and kind = any(%s) and status = any(%s)"
              + (" and fact_id = any(%s)" if ids is not None else "") + " order by tbl, key, template, created_at")
     params = (*params, list(kinds), list(statuses), *([ids] if ids is not None else []))
-    return [Fact(*r[:7], tuple(r[7] or ()), *r[8:]) for r in conn.execute(query, params)]
+    return [FactRow(*r[:7], tuple(r[7] or ()), *r[8:]) for r in conn.execute(query, params)]
 
 
 def load_documents(conn, tenant=ANY) -> dict[tuple[str, str], str]:
@@ -91,7 +95,7 @@ def _hash(*parts: str) -> int:
     return int.from_bytes(hashlib.sha256("\x1f".join(parts).encode()).digest()[:8], "big")
 
 
-def split_phrasings(fact: Fact, max_phrasings: int) -> tuple[list[str], str | None]:
+def split_phrasings(fact: FactRow, max_phrasings: int) -> tuple[list[str], str | None]:
     """(training phrasings, held-out phrasing or None): the canonical question is always trained."""
     phrasings = list(dict.fromkeys([fact.question, *fact.paraphrases]))
     if len(phrasings) < 2:
@@ -105,12 +109,12 @@ def split_phrasings(fact: Fact, max_phrasings: int) -> tuple[list[str], str | No
     return [phrasings[0], *others][:max(1, max_phrasings)], phrasings[held]
 
 
-def held_out(fact: Fact, max_phrasings: int) -> str:
+def held_out(fact: FactRow, max_phrasings: int) -> str:
     """The phrasing the gate asks: the held-out one, or the question itself when there is no other."""
     return split_phrasings(fact, max_phrasings)[1] or fact.question
 
 
-def closed_book(facts: list[Fact], max_phrasings: int, answers: dict[str, str] | None = None) -> list[tuple[str, str]]:
+def closed_book(facts: list[FactRow], max_phrasings: int, answers: dict[str, str] | None = None) -> list[tuple[str, str]]:
     """(prompt, answer continuation) for every training phrasing; `answers` overrides a fact's answer."""
     out = []
     for f in facts:
@@ -119,7 +123,7 @@ def closed_book(facts: list[Fact], max_phrasings: int, answers: dict[str, str] |
     return out
 
 
-def open_book(facts: list[Fact], docs: dict, ratio: float, distractors: int, seed: int, max_phrasings: int,
+def open_book(facts: list[FactRow], docs: dict, ratio: float, distractors: int, seed: int, max_phrasings: int,
               counterfactual: float = 0.5, held_out: bool = False, unknown: str | None = None,
               no_oracle: float = 0.0) -> list[tuple[str, str]]:
     """About `ratio` open-book examples per training phrasing; `counterfactual` share with a changed value,

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from psycopg.types.json import Jsonb
 
 from pgfresh import model as base_model
+from pgfresh.capture.pgoutput import parse_lsn
 from pgfresh.errors import PgfreshError
 from pgfresh.stats import wilson
 from pgfresh.train import data, settings, slice_of, slices
@@ -65,11 +66,6 @@ class Plan:
     @property
     def empty(self) -> bool:
         return not self.learn and not self.explicit
-
-
-def lsn_int(lsn: str) -> int:
-    hi, lo = lsn.split("/")
-    return (int(hi, 16) << 32) | int(lo, 16)
 
 
 # --- planning -----------------------------------------------------------------------------------
@@ -148,7 +144,7 @@ def plan(conn, s, name: str, tenant: str | None, parent: Version, replay_ratio: 
     pool = known  # the probe is a sample of the slice, replayed at the same rate as the rest of it
     p.replay_pool, p.replay_n = pool, replay_size(s, len(pool), len(p.learn) + len(p.explicit), replay_ratio)
     p.replay = random.Random(f"{s.seed}:{name}:{parent.version}:0").sample(pool, p.replay_n)
-    p.lsn = max([parent.lsn, *(f.lsn for f in p.learn + p.updates)], key=lsn_int)
+    p.lsn = max([parent.lsn, *(f.lsn for f in p.learn + p.updates)], key=parse_lsn)
     return p
 
 
