@@ -15,9 +15,11 @@ import psycopg
 import pytest
 
 from pgfresh import config as cfg
-from pgfresh import rag
+from pgfresh import rag, serve
 from pgfresh.errors import ConfigError
+from pgfresh.serve.metrics import Metrics
 from tests.conftest import run_cli
+from tests.test_store import _gauge
 
 TABLES = """
 [[tables]]
@@ -158,6 +160,13 @@ def test_two_sources_into_one_store_survive_kill9_and_keep_tenants_apart(db, dsn
         assert one["slot"]["name"] == f"pgfresh_{name}" and one["slot"]["state"] == "ok"
         assert one["capture"]["tables"][f"{name}:public.items"]["snapshot"]["done"]
     assert set(report["pipelines"]) == {"pgfresh_a", "pgfresh_b"}
+    # /metrics: each source's slot, as sync measured it on that source, labelled by the source's name
+    text = Metrics(config, serve.Registry()).render()[0].decode()
+    for name in ("a", "b"):
+        assert 0 <= _gauge(text, "pgfresh_slot_retained_wal_bytes", f'source="{name}"') < 2**30, text
+        assert _gauge(text, "pgfresh_changes_total", f'source="{name}",stage="log"') > 0
+    samples = [line.rsplit(" ", 1)[0] for line in text.splitlines() if line and not line.startswith("#")]
+    assert len(samples) == len(set(samples))  # no series twice (the stages of two sources used to collide)
     src_b.close()
 
 
@@ -301,7 +310,6 @@ def test_hybrid_router_compares_a_row_with_the_slice_position_of_its_own_source(
     changes first, then source a's; a round trains while only a has been synced, so the slice's
     newest LSN (a's change) is numerically past b's change, which it never learnt. After b syncs,
     hybrid must send the question about b's row to retrieval: the slice's position *in b* is older."""
-    from pgfresh import serve
     from pgfresh.capture import sync
     from pgfresh.train import rounds
     from tests.test_serve import tiny_model

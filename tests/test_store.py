@@ -10,10 +10,11 @@ import psycopg
 import pytest
 
 from pgfresh import config as cfg
-from pgfresh import db, rag
+from pgfresh import db, rag, serve
 from pgfresh.capture import setup, sync
 from pgfresh.embedded import EmbeddedServer
 from pgfresh.gate import quarantine
+from pgfresh.serve import metrics as serve_metrics
 from tests.conftest import run_cli
 
 PROJECT = """
@@ -55,6 +56,12 @@ def _source_objects(conn) -> dict:
         "types": conn.execute("select t.typname from pg_type t join pg_namespace n on n.oid = t.typnamespace"
                               " where n.nspname = 'public' and t.typname not like '%%products'").fetchall(),
     }
+
+
+def _gauge(text: str, name: str, labels: str) -> float:
+    """One sample of a Prometheus text exposition (fails if it is not there exactly once)."""
+    (value,) = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(f"{name}{{{labels}}} ")]
+    return value
 
 
 def test_source_and_store_on_two_embedded_servers(tmp_path):
@@ -100,6 +107,12 @@ def test_source_and_store_on_two_embedded_servers(tmp_path):
             status = run_cli("status", "--json", "--config", str(path))
             assert status.returncode == 0, status.stderr
             assert '"state": "ok"' in status.stdout
+            # /metrics reads the source's slot and lag from sync's heartbeat: serve never connects to the
+            # source, and the store's server has no such slot (it used to read NaN there)
+            text = serve_metrics.Metrics(config, serve.Registry()).render()[0].decode()
+            for gauge in ("pgfresh_slot_retained_wal_bytes", "pgfresh_capture_lag_bytes"):
+                assert 0 <= _gauge(text, gauge, 'source="pgfresh"') < 2**30, text
+            assert 0 <= _gauge(text, "pgfresh_capture_heartbeat_age_seconds", 'source="pgfresh"') < 600
 
             # The source holds a publication and a slot, nothing else of pgfresh's.
             assert _source_objects(src) == {"schemas": [], "relations": [], "functions": [], "extensions": [],

@@ -69,8 +69,9 @@ def check_stage_columns(config: cfg.Config, infos: dict) -> None:
 
 
 class _Heartbeat:
-    def __init__(self, conn, name: str, pipeline: str):
+    def __init__(self, conn, name: str, pipeline: str, source=None, slot: str | None = None):
         self.conn, self.name, self.pipeline, self.last = conn, worker_name(name, pipeline), pipeline, 0.0
+        self.source, self.slot = source, slot
 
     def beat(self, info: dict, force: bool = False) -> None:
         now = time.monotonic()
@@ -78,6 +79,12 @@ class _Heartbeat:
             return
         self.last = now
         from psycopg.types.json import Jsonb
+
+        if self.source is not None:  # measured on the source, where only capture connects (serve's /metrics reads it)
+            info = {**info, **dict(zip(("lag_bytes", "retained_wal_bytes"), self.source.execute(
+                "select pg_wal_lsn_diff(pg_current_wal_lsn(), %s::pg_lsn)::bigint, (select pg_wal_lsn_diff("
+                "pg_current_wal_lsn(), restart_lsn)::bigint from pg_replication_slots where slot_name = %s)",
+                (info["lsn"], self.slot)).fetchone()))}
 
         self.conn.execute(
             "insert into pgfresh.workers (name, pipeline, pid, heartbeat, info) values (%s, %s, %s, now(), %s)"
@@ -145,7 +152,7 @@ class _Capture:
             if self.store_conn is not None:
                 self.store_conn.close()
             raise
-        self.heartbeat = _Heartbeat(self.store_conn, "capture", pipeline)
+        self.heartbeat = _Heartbeat(self.store_conn, "capture", pipeline, source=self.conn, slot=src.slot)
 
     def close(self) -> None:
         if self.stream is not None:
