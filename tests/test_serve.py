@@ -181,6 +181,10 @@ def test_router_confidence_follows_its_signals():
     assert clear.taken == close.taken == "slice" and clear.confidence > close.confidence
     assert clear.signals["margin"] == 0.5 and clear.signals["slice_knows_row"] is True
     assert clear.confidence == pytest.approx(0.75 * 0.8)  # identified 0.75, times the slice's measured recall
+    # min_slice_confidence: a slice decision under it goes to retrieval (rule 6); at or over it, unchanged
+    strict = router.route(router.Policy(min_slice_confidence=0.7), best(1.0), v, runner_up=second)
+    assert strict.taken == "rag" and "min_slice_confidence" in strict.reason and strict.confidence == 0.75
+    assert router.route(router.Policy(min_slice_confidence=0.6), best(1.0), v, runner_up=second).taken == "slice"
     # the row changed after the slice (pgfresh.rows is ahead of the indexed document): retrieval, surely for that row
     stale = router.route(p, best(1.0), v, runner_up=second, row_lsn=lambda tbl, key: ("0/3000", "pgfresh"))
     assert stale.taken == "rag" and stale.signals["slice_knows_row"] is False and stale.signals["row_lsn"] == "0/3000"
@@ -236,11 +240,12 @@ def test_models_are_bounded_least_recently_used_first():
 
 def test_serve_config_problems_are_reported(tmp_path):
     (tmp_path / "pgfresh.toml").write_text('[source]\ndsn = "x"\n[serve]\nport = "eighty"\nwhat = 1\n'
-                                           '[serve.router]\nmax_table_changes = -1\nsoon = 2\n')
+                                           '[serve.router]\nmax_table_changes = -1\nsoon = 2\nmin_slice_confidence = 2\n')
     with pytest.raises(PgfreshError) as err:
         cfg.load(tmp_path / "pgfresh.toml")
     got = {p.split(":")[0] for p in err.value.problems}
-    assert got == {"serve.port", "serve.what", "serve.router.max_table_changes", "serve.router.soon"}
+    assert got == {"serve.port", "serve.what", "serve.router.max_table_changes", "serve.router.soon",
+                   "serve.router.min_slice_confidence"}
 
 
 # -- the HTTP API in-process: keys, tenants, bad input -----------------------------------------

@@ -298,10 +298,10 @@ class ArenaRun:
         try:
             answer = strategy.answer(probe.question)
             text, latency, gpu, error = answer.text, answer.latency_s, answer.gpu_s, None
-            retrieved, sources = answer.retrieved_keys, answer.sources
+            retrieved, sources, route = answer.retrieved_keys, answer.sources, answer.route
         except Exception as exc:  # recorded as an 'error' outcome and listed in the report
             text, latency, gpu, error = "", 0.0, None, f"{type(exc).__name__}: {exc}"
-            retrieved, sources = [], []
+            retrieved, sources, route = [], [], None
             if len(self.errors) < 20:
                 self.errors.append(f"{strategy.name}: {error}")
         cpu = time.process_time() - cpu0
@@ -319,6 +319,7 @@ class ArenaRun:
             "fact_age_s": None if probe.fact_time is None else (probe.asked_at - probe.fact_time).total_seconds(),
             "latency_s": float(latency), "cpu_s": cpu, "gpu_s": gpu, "sources": [str(x) for x in sources[:5]],
             "hits": metrics.hits(probe, retrieved) if strategy.kind in ("rag", "hybrid") else None,
+            "route": None if route is None else {k: route.get(k) for k in ("taken", "confidence")},
         }
 
     def _update_watch(self, probes: list[Probe]) -> None:

@@ -14,7 +14,10 @@ order; the first that fires decides, and its sentence is the `reason` every answ
 5. more than `max_table_changes` rows of the best row's table
    changed after that position (if set): the table changes
    faster than slices are published                               -> retrieve
-6. otherwise (the slice knows the best row's current version)     -> slice
+6. the slice knows the best row's current version, but the
+   decision's confidence (below) is under `min_slice_confidence`
+   (if set)                                                       -> retrieve
+7. otherwise (the slice knows the best row's current version)     -> slice
 
 Rule 4 compares LSNs, so it is exact for the row retrieval found; what it cannot see is a question
 whose right row retrieval misses. LSNs are compared only within one pipeline (source): a slice
@@ -32,8 +35,11 @@ Every decision carries a `confidence` (0..1) and the `signals` it was computed f
 The confidence, per rule: no slice (1) or a policy rule (2, 5) -> 1.0 (there is no other route,
 or the operator chose); nothing retrieved -> 0.5 (no evidence either way); the
 slice does not know the row -> `identified` (right if the best hit is the question's row); the
-slice knows the row -> `identified * slice_recall` (0.5 for an unmeasured slice). Low confidence is
-a signal for the caller (the answer's `route`); it does not change the route.
+slice knows the row -> `identified * slice_recall` (0.5 for an unmeasured slice). Below
+`min_slice_confidence` that last decision goes to retrieval instead (rule 6, with confidence
+`identified`); without it, low confidence is only a signal for the caller. bench/router.py measures
+accuracy by route and confidence on an arena run, and what each threshold would have changed
+(docs/BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -48,6 +54,8 @@ SPEC = {
     "max_slice_age_seconds": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0,
                               "a number of seconds > 0"),
     "max_table_changes": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "an integer >= 0"),
+    "min_slice_confidence": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1,
+                             "a number between 0 and 1"),
 }
 
 
@@ -55,6 +63,7 @@ SPEC = {
 class Policy:
     max_slice_age_seconds: float | None = None
     max_table_changes: int | None = None
+    min_slice_confidence: float | None = None
 
     @classmethod
     def from_config(cls, config) -> "Policy":
@@ -159,5 +168,9 @@ def route(policy: Policy, best, version, table_changes=None, now: datetime | Non
         if n > policy.max_table_changes:
             return decided(RETRIEVE, f"more than {policy.max_table_changes} rows of {best.tbl} changed after slice "
                                      f"{version.slice} v{version.version} (LSN {known}{where}): retrieval answers", 1.0)
-    return decided(SLICE, f"slice {version.slice} v{version.version} (LSN {known}{where}) knows {row} at LSN {latest}: "
-                          "the slice answers", identified * (0.5 if recall is None else recall))
+    confidence = identified * (0.5 if recall is None else recall)
+    knows = f"slice {version.slice} v{version.version} (LSN {known}{where}) knows {row} at LSN {latest}"
+    if policy.min_slice_confidence is not None and confidence < policy.min_slice_confidence:
+        return decided(RETRIEVE, f"{knows}, but its confidence {confidence:.2f} is under min_slice_confidence = "
+                                 f"{policy.min_slice_confidence:g}: retrieval answers", identified)
+    return decided(SLICE, f"{knows}: the slice answers", confidence)
