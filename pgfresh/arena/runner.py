@@ -205,8 +205,8 @@ class ArenaRun:
             self.impact["oltp"] = {"without_pgfresh": None, "with_pgfresh": None}
             return
         with self.phase("oltp baseline"):
-            self.impact["oltp"] = {"without_pgfresh": dbimpact.oltp_throughput(self.dsn, self.s.oltp_seconds,
-                                                                             self.s.oltp_clients)}
+            self.impact["oltp"] = {"without_pgfresh": dbimpact.oltp_throughput(
+                self.dsn, self.s.oltp_seconds, self.s.oltp_clients, db.store_dsn(self.config))}
 
     def live(self) -> None:
         with self.phase("live"):
@@ -260,7 +260,7 @@ class ArenaRun:
 
     def _oltp_with(self) -> None:
         self.impact["oltp"]["with_pgfresh"] = dbimpact.oltp_throughput(self.dsn, self.s.oltp_seconds,
-                                                                      self.s.oltp_clients)
+                                                                      self.s.oltp_clients, db.store_dsn(self.config))
 
     def _check_workload(self) -> None:
         if self.proc is not None and not self.proc.is_alive():
