@@ -1,8 +1,9 @@
 """The hybrid router's confidence against accuracy: is there a threshold worth setting?
 
     python bench/router.py results.json          # an arena run's results (with rag-hybrid, tuned, hybrid)
-    python bench/router.py --run MINUTES [DIR]    # run the demo arena with those three first (DIR: kept, so a
-                                                  # second run reuses the model build; default /tmp/pgfresh-router)
+    python bench/router.py --run MINUTES [DIR [RATE]]  # run the demo's shop arena with those three first (DIR:
+                                                       # kept, so a second run reuses the model build; default
+                                                       # /tmp/pgfresh-router; RATE: changes per second, default 5)
 
 Every hybrid answer records the route it took and its `confidence` (pgfresh.serve.router). The same
 questions (same batch, same question id) were also answered by `rag-hybrid` (retrieval) and `tuned`
@@ -80,16 +81,34 @@ def tables(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def run(minutes: float, workdir: Path) -> dict:
-    from pgfresh.arena import runner
+def run(minutes: float, workdir: Path, rate: float | None) -> dict:
+    """The demo's shop arena (its size, embedded server and model in `workdir`), three strategies;
+    `rate`: workload changes per second (the demo's 5 leaves few facts unchanged for long)."""
+    import psycopg
 
-    return runner.run_demo(workdir, minutes=minutes, strategies=["rag-hybrid", "tuned", "hybrid"])
+    from pgfresh import config as cfg
+    from pgfresh.arena import runner
+    from pgfresh.arena.workload import shop_config_text
+    from pgfresh.embedded import EmbeddedServer
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    server = EmbeddedServer(workdir / "pg")
+    with psycopg.connect(server.start(), autocommit=True) as c:
+        c.execute("select pg_drop_replication_slot(slot_name) from pg_replication_slots"
+                  " where database = 'pgfresh_arena' and not active")
+        c.execute("drop database if exists pgfresh_arena with (force)")
+        c.execute("create database pgfresh_arena")
+    path = workdir / "pgfresh.toml"
+    path.write_text(shop_config_text({"dsn": server.dsn("pgfresh_arena")}))
+    overrides = {**runner.DEMO_SIZE, **({"rate_per_s": rate} if rate else {})}
+    return runner.run_arena(cfg.load(path), minutes=minutes, noise=0.1, seed=7, json_path=workdir / "results.json",
+                            strategies=["rag-hybrid", "tuned", "hybrid"], overrides=overrides)
 
 
 def main(argv: list[str]) -> None:
     if argv[:1] == ["--run"] and len(argv) >= 2:
         workdir = Path(argv[2] if len(argv) > 2 else "/tmp/pgfresh-router")
-        results = run(float(argv[1]), workdir)
+        results = run(float(argv[1]), workdir, float(argv[3]) if len(argv) > 3 else None)
         print(f"results: {workdir / 'results.json'}; load average {os.getloadavg()[0]:.1f}")
     elif len(argv) == 1:
         results = json.loads(Path(argv[0]).read_text())

@@ -22,7 +22,8 @@ order; the first that fires decides, and its sentence is the `reason` every answ
 Rule 4 compares LSNs, so it is exact for the row retrieval found; what it cannot see is a question
 whose right row retrieval misses. LSNs are compared only within one pipeline (source): a slice
 records its position per pipeline (pgfresh.train.slices), because the LSNs of two servers, or of
-two slots that progress on their own, say nothing about which change came first. Rule 5 trades speed for safety on busy tables.
+two slots that progress on their own, say nothing about which change came first. Rule 5 trades
+speed for safety on busy tables.
 
 Every decision carries a `confidence` (0..1) and the `signals` it was computed from:
 - `margin`: how far the best hit's score is ahead of the runner-up's, relative to the best
