@@ -145,7 +145,7 @@ def test_router_rules_on_constructed_cases():
     from types import SimpleNamespace as NS
 
     now = datetime.now(timezone.utc)
-    v = NS(slice="A", version=3, lsn="0/2000", created_at=now - timedelta(hours=2))
+    v = NS(slice="A", version=3, lsn="0/2000", created_at=now - timedelta(hours=2), positions=None)
     hit = lambda lsn: NS(tbl="public.t", key="[1]", lsn=lsn)  # noqa: E731
     p = router.Policy()
     assert router.route(p, hit("0/1000"), None).taken == "rag"
@@ -155,13 +155,24 @@ def test_router_rules_on_constructed_cases():
     assert router.route(router.Policy(max_slice_age_seconds=3600), hit("0/1000"), v, now=now).taken == "rag"
     assert router.route(router.Policy(max_table_changes=5), hit("0/1000"), v, lambda *a: 6).taken == "rag"
     assert router.route(router.Policy(max_table_changes=5), hit("0/1000"), v, lambda *a: 5).taken == "slice"
+    # positions per pipeline: a row is compared with the slice's position in its own pipeline only
+    two = NS(**{**vars(v), "positions": {"a": "0/9000", "b": "0/1000"}, "lsn": "0/9000"})
+    in_ = lambda pipeline, lsn: lambda tbl, key: (lsn, pipeline)  # noqa: E731
+    assert router.route(p, hit("0/2000"), two, row_lsn=in_("b", "0/2000")).taken == "rag"
+    assert router.route(p, hit("0/2000"), two, row_lsn=in_("a", "0/2000")).taken == "slice"
+    nothing = router.route(p, hit("0/10"), two, row_lsn=in_("c", "0/10"))
+    assert nothing.taken == "rag" and "learnt nothing of c" in nothing.reason
+    seen = []
+    busy = router.route(router.Policy(max_table_changes=0), hit("0/800"), two, lambda *a: seen.append(a) or 1,
+                        row_lsn=in_("b", "0/800"))
+    assert busy.taken == "rag" and seen == [("public.t", "0/1000", 1)]  # rule 5 counts from b's position
 
 
 def test_router_confidence_follows_its_signals():
     from types import SimpleNamespace as NS
 
     p = router.Policy()
-    v = NS(slice="A", version=3, lsn="0/2000", created_at=None, metrics={"new_accuracy": 0.8})
+    v = NS(slice="A", version=3, lsn="0/2000", created_at=None, metrics={"new_accuracy": 0.8}, positions=None)
     best = lambda score: NS(tbl="public.t", key="[1]", lsn="0/1000", score=score)  # noqa: E731
     second = NS(tbl="public.t", key="[2]", lsn="0/1000", score=0.5)
     # retrieval's margin: a clear best hit makes the slice's answer likelier to be about the right row
@@ -170,8 +181,12 @@ def test_router_confidence_follows_its_signals():
     assert clear.taken == close.taken == "slice" and clear.confidence > close.confidence
     assert clear.signals["margin"] == 0.5 and clear.signals["slice_knows_row"] is True
     assert clear.confidence == pytest.approx(0.75 * 0.8)  # identified 0.75, times the slice's measured recall
+    # min_slice_confidence: a slice decision under it goes to retrieval (rule 6); at or over it, unchanged
+    strict = router.route(router.Policy(min_slice_confidence=0.7), best(1.0), v, runner_up=second)
+    assert strict.taken == "rag" and "min_slice_confidence" in strict.reason and strict.confidence == 0.75
+    assert router.route(router.Policy(min_slice_confidence=0.6), best(1.0), v, runner_up=second).taken == "slice"
     # the row changed after the slice (pgfresh.rows is ahead of the indexed document): retrieval, surely for that row
-    stale = router.route(p, best(1.0), v, runner_up=second, row_lsn=lambda tbl, key: "0/3000")
+    stale = router.route(p, best(1.0), v, runner_up=second, row_lsn=lambda tbl, key: ("0/3000", "pgfresh"))
     assert stale.taken == "rag" and stale.signals["slice_knows_row"] is False and stale.signals["row_lsn"] == "0/3000"
     assert stale.confidence == pytest.approx(0.75) != clear.confidence
     assert "0/3000" in stale.reason  # rule 4 compares the row's latest change, not the document's
@@ -225,11 +240,12 @@ def test_models_are_bounded_least_recently_used_first():
 
 def test_serve_config_problems_are_reported(tmp_path):
     (tmp_path / "pgfresh.toml").write_text('[source]\ndsn = "x"\n[serve]\nport = "eighty"\nwhat = 1\n'
-                                           '[serve.router]\nmax_table_changes = -1\nsoon = 2\n')
+                                           '[serve.router]\nmax_table_changes = -1\nsoon = 2\nmin_slice_confidence = 2\n')
     with pytest.raises(PgfreshError) as err:
         cfg.load(tmp_path / "pgfresh.toml")
     got = {p.split(":")[0] for p in err.value.problems}
-    assert got == {"serve.port", "serve.what", "serve.router.max_table_changes", "serve.router.soon"}
+    assert got == {"serve.port", "serve.what", "serve.router.max_table_changes", "serve.router.soon",
+                   "serve.router.min_slice_confidence"}
 
 
 # -- the HTTP API in-process: keys, tenants, bad input -----------------------------------------

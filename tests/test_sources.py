@@ -15,9 +15,11 @@ import psycopg
 import pytest
 
 from pgfresh import config as cfg
-from pgfresh import rag
+from pgfresh import rag, serve
 from pgfresh.errors import ConfigError
+from pgfresh.serve.metrics import Metrics
 from tests.conftest import run_cli
+from tests.test_store import _gauge
 
 TABLES = """
 [[tables]]
@@ -158,6 +160,13 @@ def test_two_sources_into_one_store_survive_kill9_and_keep_tenants_apart(db, dsn
         assert one["slot"]["name"] == f"pgfresh_{name}" and one["slot"]["state"] == "ok"
         assert one["capture"]["tables"][f"{name}:public.items"]["snapshot"]["done"]
     assert set(report["pipelines"]) == {"pgfresh_a", "pgfresh_b"}
+    # /metrics: each source's slot, as sync measured it on that source, labelled by the source's name
+    text = Metrics(config, serve.Registry()).render()[0].decode()
+    for name in ("a", "b"):
+        assert 0 <= _gauge(text, "pgfresh_slot_retained_wal_bytes", f'source="{name}"') < 2**30, text
+        assert _gauge(text, "pgfresh_changes_total", f'source="{name}",stage="log"') > 0
+    samples = [line.rsplit(" ", 1)[0] for line in text.splitlines() if line and not line.startswith("#")]
+    assert len(samples) == len(set(samples))  # no series twice (the stages of two sources used to collide)
     src_b.close()
 
 
@@ -293,3 +302,91 @@ def test_index_workers_starting_at_once_build_the_hnsw_index_once(db, dsn, store
         assert errors == []
         assert store.execute("select indisvalid from pg_index where indexrelid = %s::regclass",
                              (f"pgfresh.{name}",)).fetchone() == (True,)
+
+
+def test_hybrid_router_compares_a_row_with_the_slice_position_of_its_own_source(db, dsn, dsn2, store, store_dsn,
+                                                                                  tmp_path):
+    """A slice spans sources; positions in two sources' streams cannot be compared. Source b's row
+    changes first, then source a's; a round trains while only a has been synced, so the slice's
+    newest LSN (a's change) is numerically past b's change, which it never learnt. After b syncs,
+    hybrid must send the question about b's row to retrieval: the slice's position *in b* is older."""
+    from pgfresh.capture import sync
+    from pgfresh.train import rounds
+    from tests.test_serve import tiny_model
+
+    with psycopg.connect(dsn2, autocommit=True) as src_b:
+        _setup(db, "alpha", 4)
+        _setup(src_b, "beta", 4)
+    model_dir = tiny_model(tmp_path / "tiny")
+    table = ('[[tables]]\nsource = "%s"\nname = "items"\ndocument = "{name} costs {price} EUR."\n'
+             '[[tables.facts]]\nname = "price"\nquestion = "What does {name} cost?"\nanswer = "{price} EUR"\n'
+             '[tables.gate.train]\nsettle_seconds = 0\n')
+    path = tmp_path / "pgfresh.toml"
+    path.write_text(f'store = {{ dsn = "{store_dsn}" }}\n'
+                    f'[[sources]]\nname = "a"\ndsn = "{dsn}"\n[[sources]]\nname = "b"\ndsn = "{dsn2}"\n'
+                    + table % "a" + table % "b"
+                    + f'[rag]\n[rag.reader]\nkind = "builtin"\n[train]\nbase_model = "{model_dir}"\nthreads = 1\n'
+                      'epochs = 1\nmin_steps = 0\ngate_min_new_accuracy = 0\ngate_max_forgetting = 1\n'
+                      'gate_max_stale_rate = 1\n')
+    config = cfg.load(path)
+    sync.run(config, once=True)
+    with psycopg.connect(dsn2, autocommit=True) as src_b:
+        src_b.execute("update items set price = 777 where id = 1")
+    db.execute("update items set price = 555 where id = 2")
+    sync.run(config.for_source("a"), once=True)
+    r = rounds.run_round(config, None)
+    assert r["status"] == "published", r
+    sync.run(config.for_source("b"), once=True)
+    (b_lsn,) = store.execute("select lsn::text from pgfresh.rows where tbl = 'b:public.items' and key = '[1]'").fetchone()
+    assert rounds.lsn_int(r["lsn"]) > rounds.lsn_int(b_lsn)  # the case: one LSN would say the slice knows b's row
+    reg = serve.Registry()
+    try:
+        stale = serve.answer(config, "What does beta item 1 cost?", None, "hybrid", registry=reg,
+                             options=serve.Options(search_mode="lexical"))
+        assert stale["sources"][0]["tbl"] == "b:public.items" and stale["sources"][0]["key"] == "[1]"
+        assert stale["route"]["taken"] == "rag", stale["route"]
+        assert "pgfresh_b" in stale["route"]["reason"] and "777" in stale["sources"][0]["text"]
+        # a's row the slice learnt in this round still goes to the slice
+        fresh = serve.answer(config, "What does alpha item 2 cost?", None, "hybrid", registry=reg,
+                             options=serve.Options(search_mode="lexical"))
+        assert fresh["sources"][0]["tbl"] == "a:public.items" and fresh["route"]["taken"] == "slice", fresh["route"]
+    finally:
+        reg.close()
+    version = store.execute("select lsn::text, positions from pgfresh.slice_versions where slice = '_shared'"
+                            " and version = %s", (r["version"],)).fetchone()
+    assert version[1]["pgfresh_a"] == version[0] and rounds.lsn_int(version[1]["pgfresh_b"]) < rounds.lsn_int(b_lsn)
+
+
+def test_migration_017_gives_existing_slice_versions_a_position_per_pipeline(store):
+    """Versions written before 017 get positions: with one pipeline its LSN; with several, the newest
+    LSN per pipeline of the facts their lineage learnt (replayed facts do not count)."""
+    from pgfresh import db as pgdb
+
+    def before_017():
+        store.execute("alter table pgfresh.slice_versions drop column positions")
+        store.execute("delete from pgfresh.migrations where version = 17")
+
+    def version(n, parent, lsn, facts):
+        store.execute("insert into pgfresh.slice_versions (slice, version, parent, kind, base_id, path, lsn)"
+                      " values ('_shared', %s, %s, 'lora', 'b', '/x', %s)", (n, parent, lsn))
+        for fid, role in facts:
+            store.execute("insert into pgfresh.fact_training values ('_shared', %s, %s, %s)", (n, fid, role))
+
+    pgdb.migrate(store)
+    store.execute("insert into pgfresh.slices (name) values ('_shared')")
+    store.execute("insert into pgfresh.tables (pipeline, tbl) values ('pa', 'a:t')")
+    before_017()
+    version(0, None, "0/500", [])
+    pgdb.migrate(store)
+    assert store.execute("select positions from pgfresh.slice_versions").fetchone() == ({"pa": "0/500"},)
+
+    before_017()
+    store.execute("insert into pgfresh.tables (pipeline, tbl) values ('pb', 'b:t')")
+    for fid, tbl, lsn in (("f1", "a:t", "0/100"), ("f2", "b:t", "0/300"), ("f3", "a:t", "0/900"), ("f4", "b:t", "0/950")):
+        store.execute("insert into pgfresh.facts (fact_id, tbl, key, kind, template, question, answer, lsn)"
+                      " values (%s, %s, '[1]', 'qa', 'p', 'q', 'a', %s)", (fid, tbl, lsn))
+    version(1, 0, "0/300", [("f1", "learn"), ("f2", "learn")])
+    version(2, 1, "0/900", [("f3", "learn"), ("f4", "replay")])
+    pgdb.migrate(store)
+    got = dict(store.execute("select version, positions from pgfresh.slice_versions where version > 0"))
+    assert got == {1: {"pa": "0/100", "pb": "0/300"}, 2: {"pa": "0/900", "pb": "0/300"}}

@@ -10,10 +10,11 @@ import psycopg
 import pytest
 
 from pgfresh import config as cfg
-from pgfresh import db, rag
+from pgfresh import db, rag, serve
 from pgfresh.capture import setup, sync
 from pgfresh.embedded import EmbeddedServer
 from pgfresh.gate import quarantine
+from pgfresh.serve import metrics as serve_metrics
 from tests.conftest import run_cli
 
 PROJECT = """
@@ -55,6 +56,12 @@ def _source_objects(conn) -> dict:
         "types": conn.execute("select t.typname from pg_type t join pg_namespace n on n.oid = t.typnamespace"
                               " where n.nspname = 'public' and t.typname not like '%%products'").fetchall(),
     }
+
+
+def _gauge(text: str, name: str, labels: str) -> float:
+    """One sample of a Prometheus text exposition (fails if it is not there exactly once)."""
+    (value,) = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(f"{name}{{{labels}}} ")]
+    return value
 
 
 def test_source_and_store_on_two_embedded_servers(tmp_path):
@@ -100,6 +107,12 @@ def test_source_and_store_on_two_embedded_servers(tmp_path):
             status = run_cli("status", "--json", "--config", str(path))
             assert status.returncode == 0, status.stderr
             assert '"state": "ok"' in status.stdout
+            # /metrics reads the source's slot and lag from sync's heartbeat: serve never connects to the
+            # source, and the store's server has no such slot (it used to read NaN there)
+            text = serve_metrics.Metrics(config, serve.Registry()).render()[0].decode()
+            for gauge in ("pgfresh_slot_retained_wal_bytes", "pgfresh_capture_lag_bytes"):
+                assert 0 <= _gauge(text, gauge, 'source="pgfresh"') < 2**30, text
+            assert 0 <= _gauge(text, "pgfresh_capture_heartbeat_age_seconds", 'source="pgfresh"') < 600
 
             # The source holds a publication and a slot, nothing else of pgfresh's.
             assert _source_objects(src) == {"schemas": [], "relations": [], "functions": [], "extensions": [],
@@ -185,60 +198,16 @@ def test_pgfresh_adds_under_one_percent_to_the_wal_the_source_writes(tmp_path):
 
 
 def _wal_windows(db, dsn, tmp_path, store_dsn) -> None:
-    import threading
-    import time
-
     from pgfresh.arena import dbimpact
     from tests.conftest import write_config
 
-    store = psycopg.connect(store_dsn, autocommit=True)
-    # Autovacuum off for the table: a vacuum (or analyze) would write WAL in one window only.
-    db.execute("create table ledger (id bigint primary key, account int not null, amount int not null, note text)"
-               " with (autovacuum_enabled = off)")
+    db.execute(dbimpact.LEDGER_SQL)
     config = cfg.load(write_config(tmp_path, dsn, '[[tables]]\nname = "ledger"\n', store=store_dsn))
-    sync.run(config, once=True)  # publication, slot and snapshot: the set-up
-    ids = iter(range(1, 10**6))
-    last: list[int] = []
-
-    def workload() -> int:
-        n = 0
-        with psycopg.connect(dsn, autocommit=True) as w:
-            for _ in range(1200):
-                i = next(ids)
-                w.execute("insert into ledger values (%s, %s, %s, 'payment received')", (i, i % 97, i % 1000))
-                n += 1
-                if i % 4 == 0:
-                    w.execute("update ledger set amount = amount + 1 where id = %s", (i - 1,))
-                    n += 1
-        last.append(i)
-        return n
-
-    def captured() -> None:  # the window closes once pgfresh has stored the workload's last row
-        key = f"[{last[-1]}]"
-        deadline = time.monotonic() + 120
-        while not store.execute("select exists (select 1 from pgfresh.rows where key = %s)", (key,)).fetchone()[0]:
-            assert time.monotonic() < deadline, "pgfresh did not capture the window's changes"
-            time.sleep(0.1)
-
-    dbimpact.wal_window(dsn, workload)  # from a checkpoint: both windows below then start on touched pages
-    without = dbimpact.wal_window(dsn, workload, checkpoint=False)
-    stop = threading.Event()
-    capture = threading.Thread(target=sync.run, args=(config,), kwargs={"stop": stop})
-    capture.start()
-    try:
-        deadline = time.monotonic() + 120
-        while not db.execute("select active from pg_replication_slots where slot_name = 'pgfresh'").fetchone()[0]:
-            assert time.monotonic() < deadline and capture.is_alive(), "sync did not start streaming"
-            time.sleep(0.1)
-        with_ = dbimpact.wal_window(dsn, workload, captured, checkpoint=False)
-    finally:
-        stop.set()
-        capture.join()
+    r = dbimpact.ledger_wal(config, dsn, store_dsn, inserts=1200)
+    without, with_, share = r["without_pgfresh"], r["with_pgfresh"], r["added_share"]
     assert without["changes"] == with_["changes"] == 1500
-    share = dbimpact.wal_share(without, with_)
     print(f"source WAL per change: {without['bytes_per_change']} without pgfresh, {with_['bytes_per_change']} with: {share:+.4%}")
     assert share is not None and share < dbimpact.WAL_GOAL_SHARE, (without, with_)
-    store.close()
 
 
 def test_store_migrate_finishes_when_run_again_after_a_failed_drop(db, dsn, store, store_dsn, tmp_path):
@@ -267,3 +236,32 @@ def test_store_migrate_finishes_when_run_again_after_a_failed_drop(db, dsn, stor
     assert db.execute("select to_regnamespace('pgfresh')").fetchone()[0] is None
     assert store.execute("select count(*) from pgfresh.rows").fetchone()[0] == rows
     assert run_cli("sync", "--once", "--config", str(new)).returncode == 0
+
+
+def test_oltp_measurement_pins_the_source_and_pgfresh_to_cores_of_their_own(dsn, pg_server):
+    """With 4+ cores the source server (and pgbench) and pgfresh get separate halves; with fewer
+    nothing is pinned and the result says so. The pinning itself is checked on this machine's first
+    two cores, on the real session server's processes, and undone afterwards."""
+    import os
+
+    from pgfresh.arena import dbimpact
+
+    assert dbimpact.core_split(range(8))["source_cores"] == [0, 1, 2, 3]
+    assert dbimpact.core_split(range(8))["pgfresh_cores"] == [4, 5, 6, 7]
+    two = dbimpact.core_split([0, 1])
+    assert not two["pinned"] and "no core to itself" in two["note"]
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < 2:
+        pytest.skip("one core: nothing to pin apart")
+    pids = dbimpact.server_pids(dsn)
+    assert pids and int((pg_server.pgdata / "postmaster.pid").read_text().split()[0]) == pids[0]
+    split = {"pinned": True, "source_cores": cores[:1], "pgfresh_cores": cores[1:]}
+    with dbimpact.pinned(split, dsn) as moved:
+        assert moved["source_processes"] == len(pids) >= 2
+        assert all(os.sched_getaffinity(p) == set(cores[:1]) for p in pids)
+        assert os.sched_getaffinity(0) == set(cores[1:])
+        with psycopg.connect(dsn) as c:  # a backend started now is forked by the pinned postmaster
+            (pid,) = c.execute("select pg_backend_pid()").fetchone()
+            assert os.sched_getaffinity(pid) == set(cores[:1])
+    assert all(os.sched_getaffinity(p) == set(cores) for p in dbimpact.server_pids(dsn))
+    assert os.sched_getaffinity(0) == set(cores)

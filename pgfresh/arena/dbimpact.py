@@ -9,13 +9,20 @@
 - `oltp_throughput`: transactions per second of a pgbench load (the `pgbench` binary shipped with
   the embedded server, a custom script of one UPDATE and one SELECT on `arena.oltp`); a Python
   loop of the same transaction where no pgbench binary exists. The runner measures it with and
-  without pgfresh working.
+  without pgfresh working. On a machine with 4 or more cores (`core_split`), the source server
+  and pgbench run on half of them and pgfresh (this process and a local store server) on the
+  others while it measures, so "with pgfresh" measures what pgfresh does to the database, not to
+  the CPU it shares; on fewer cores nothing is pinned and the result says the source had no core
+  to itself (`cores`).
 - `wal_window` / `wal_share`: WAL the source server wrote (`pg_current_wal_lsn` deltas) while a
   workload ran, from a CHECKPOINT on so that every window pays the same full-page images, per
   workload change; the runner measures one window of the live workload without pgfresh and one
   with pgfresh capturing, and `wal_share` is what pgfresh added (goal: under 1%). pgfresh writes
   nothing to the source, so what it adds is the WAL its reads cause (hint bits under checksums)
   and what the server logs for an active slot.
+- `ledger_wal`: the WAL bench and test workload (bench/source_wal.py, tests/test_store.py): a
+  captured ledger table, the same inserts and updates once without pgfresh and once with `pgfresh
+  sync` streaming them, after a warm-up window from a CHECKPOINT.
 - `export_comparison`: the naive training export (read a table inside ONE long REPEATABLE READ
   transaction while the workload updates it) against the pgfresh way (the same reads in short
   transactions, one per chunk), each followed by VACUUM at the end of the read: the dead tuples
@@ -25,6 +32,8 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
+import os
 import re
 import shutil
 import subprocess
@@ -38,6 +47,7 @@ from psycopg import errors as pgerr
 from psycopg import sql
 
 from pgfresh import db
+from pgfresh.errors import PgfreshError
 
 PGFRESH_BACKENDS = ("select coalesce(max(age(backend_xmin)), 0), coalesce(max(extract(epoch from clock_timestamp()"
                     " - xact_start)), 0), count(*) from pg_stat_activity where application_name like 'pgfresh-%%'"
@@ -139,8 +149,92 @@ def pgbench_path() -> Path | None:
     return Path(found) if found else None
 
 
-def oltp_throughput(dsn: str, seconds: float, clients: int = 2) -> dict:
-    """TPS of the OLTP load on arena.oltp for `seconds` (pgbench, else a Python loop)."""
+def core_split(cores: list[int] | None = None) -> dict:
+    """Which cores the OLTP measurement gives the source server and pgbench, and which pgfresh: half
+    each (the source the lower half) with 4 or more usable cores; none pinned with fewer."""
+    cores = sorted(os.sched_getaffinity(0) if cores is None else cores)
+    if len(cores) < 4:
+        return {"machine_cores": len(cores), "pinned": False, "source_cores": [], "pgfresh_cores": [],
+                "note": f"{len(cores)} cores, not pinned: the source server and pgbench shared them with pgfresh "
+                        "and its store, so the source had no core to itself and pgfresh's CPU competes with "
+                        "the database"}
+    half = len(cores) // 2
+    return {"machine_cores": len(cores), "pinned": True, "source_cores": cores[:half], "pgfresh_cores": cores[half:],
+            "note": f"the source server and pgbench on {half} cores of their own ({_ranges(cores[:half])}), "
+                    f"pgfresh and its store on the other {len(cores) - half} ({_ranges(cores[half:])})"}
+
+
+def _ranges(cores: list[int]) -> str:
+    return ",".join(str(c) for c in cores)
+
+
+def server_pids(dsn: str) -> list[int]:
+    """The processes of the server `dsn` reaches, where it runs on this machine (the postmaster and
+    its children); [] for a server elsewhere. Found from our own backend's parent, never by name."""
+    with db.connect(dsn, "arena-pin", autocommit=True) as conn:
+        pid, addr = conn.execute("select pg_backend_pid(), inet_server_addr()::text").fetchone()
+    if addr is not None and not addr.startswith(("127.", "::1")):
+        return []
+    try:
+        postmaster = _ppid(pid)
+        if not Path(f"/proc/{postmaster}/comm").read_text().startswith("postgres"):
+            return []
+    except (OSError, ValueError):
+        return []
+    children = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if _ppid(int(entry.name)) == postmaster:
+                    children.append(int(entry.name))
+            except (OSError, ValueError):  # gone meanwhile
+                continue
+    return [postmaster, *children]
+
+
+def _ppid(pid: int) -> int:
+    # /proc/PID/stat: "pid (comm) state ppid ..."; comm may hold spaces, so split after its ')'
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def _set_affinity(pids: list[int], cores) -> None:
+    for pid in pids:
+        try:
+            os.sched_setaffinity(pid, cores)
+        except (ProcessLookupError, PermissionError):  # a backend that exited; one we may not move
+            continue
+
+
+@contextlib.contextmanager
+def pinned(split: dict, dsn: str, store_dsn: str | None = None):
+    """While inside: the source server's processes on `source_cores`, this process's threads (pgfresh's
+    capture, index and strategies) and a local store server on `pgfresh_cores`; all restored after.
+    Yields what was pinned. Threads and processes started inside keep the affinity they inherited."""
+    if not split["pinned"]:
+        yield {}
+        return
+    everything = os.sched_getaffinity(0)
+    source = server_pids(dsn)
+    store = [p for p in (server_pids(store_dsn) if store_dsn else []) if p not in source]
+    own = [int(t) for t in os.listdir("/proc/self/task")]
+    _set_affinity(source, split["source_cores"])
+    _set_affinity(store + own, split["pgfresh_cores"])
+    try:
+        yield {"source_processes": len(source), "store_processes": len(store), "pgfresh_threads": len(own)}
+    finally:
+        _set_affinity(source + server_pids(dsn) + store + [int(t) for t in os.listdir("/proc/self/task")], everything)
+
+
+def oltp_throughput(dsn: str, seconds: float, clients: int = 2, store_dsn: str | None = None) -> dict:
+    """TPS of the OLTP load on arena.oltp for `seconds` (pgbench, else a Python loop), with the
+    source server and pgbench pinned apart from pgfresh where the machine has the cores (`cores`)."""
+    split = core_split()
+    with pinned(split, dsn, store_dsn) as moved:
+        out = _oltp(dsn, seconds, clients, split["source_cores"] if split["pinned"] else None)
+    return {**out, "cores": {**split, **moved}}
+
+
+def _oltp(dsn: str, seconds: float, clients: int, cores) -> dict:
     exe = pgbench_path()
     if exe is None:
         return _python_oltp(dsn, seconds, clients)
@@ -148,7 +242,8 @@ def oltp_throughput(dsn: str, seconds: float, clients: int = 2) -> dict:
         f.write(OLTP_SCRIPT)
     try:
         proc = subprocess.run([str(exe), "-n", "-T", str(max(1, round(seconds))), "-c", str(clients), "-j", "1",
-                               "-f", f.name, dsn], capture_output=True, text=True, timeout=seconds + 60)
+                               "-f", f.name, dsn], capture_output=True, text=True, timeout=seconds + 60,
+                              preexec_fn=None if cores is None else lambda: os.sched_setaffinity(0, cores))
     finally:
         Path(f.name).unlink(missing_ok=True)
     m = re.search(r"tps = ([0-9.]+)", proc.stdout)
@@ -231,6 +326,69 @@ def wal_share(without: dict, with_: dict) -> float | None:
     """What pgfresh added to the source's WAL: bytes per change with it over without, minus one."""
     a, b = without.get("bytes_per_change"), with_.get("bytes_per_change")
     return None if not a or b is None else round(b / a - 1, 5)
+
+
+LEDGER_SQL = ("create table ledger (id bigint primary key, account int not null, amount int not null, note text)"
+              " with (autovacuum_enabled = off)")  # a vacuum (or analyze) would write WAL in one window only
+
+
+def ledger_wal(config, dsn: str, store_dsn: str, inserts: int, timeout_s: float = 120) -> dict:
+    """WAL the source writes for the ledger workload without pgfresh, then with `pgfresh sync`
+    streaming it (started before the window: the live phase, not the set-up).
+
+    The table exists (`LEDGER_SQL`) and `config` captures it into the store at `store_dsn`. Each
+    window: `inserts` inserts of one row, every fourth followed by an update of the row before, one
+    transaction each. A warm-up window from a CHECKPOINT first, then the two without one, so neither
+    pays a full-page image the other does not. The source should be a server of its own: WAL is
+    server-wide. Returns both windows and `wal_share`.
+    """
+    from pgfresh.capture import sync  # the arena drives capture; capture never imports the arena
+
+    sync.run(config, once=True)  # publication, slot and snapshot: the set-up
+    ids, last = itertools.count(1), []
+
+    def workload() -> int:
+        n = 0
+        with db.connect(dsn, "arena-workload", autocommit=True) as w:
+            for _ in range(inserts):
+                i = next(ids)
+                w.execute("insert into ledger values (%s, %s, %s, 'payment received')", (i, i % 97, i % 1000))
+                n += 1
+                if i % 4 == 0:
+                    w.execute("update ledger set amount = amount + 1 where id = %s", (i - 1,))
+                    n += 1
+        last.append(i)
+        return n
+
+    def wait(what: str, done: Callable[[], bool]) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not done():
+            if time.monotonic() > deadline:
+                raise PgfreshError(f"ledger_wal: {what} within {timeout_s:g} s")
+            time.sleep(0.1)
+
+    with db.connect(store_dsn, "arena-wal", autocommit=True) as store, \
+            db.connect(dsn, "arena-wal", autocommit=True) as source:
+        def captured() -> None:  # the window closes once pgfresh has stored the workload's last row
+            wait("pgfresh did not capture the window's changes", lambda: store.execute(
+                "select exists (select 1 from pgfresh.rows where key = %s)", (f"[{last[-1]}]",)).fetchone()[0])
+
+        wal_window(dsn, workload)  # from a checkpoint: both windows below then start on touched pages
+        without = wal_window(dsn, workload, checkpoint=False)
+        stop = threading.Event()
+        capture = threading.Thread(target=sync.run, args=(config,), kwargs={"stop": stop}, name="ledger-sync")
+        capture.start()
+        try:
+            wait("sync did not start streaming", lambda: not capture.is_alive() or source.execute(
+                "select coalesce(bool_or(active), false) from pg_replication_slots where slot_name = %s",
+                (config.source.slot,)).fetchone()[0])
+            if not capture.is_alive():
+                raise PgfreshError("ledger_wal: sync stopped before streaming")
+            with_ = wal_window(dsn, workload, captured, checkpoint=False)
+        finally:
+            stop.set()
+            capture.join()
+    return {"without_pgfresh": without, "with_pgfresh": with_, "added_share": wal_share(without, with_)}
 
 
 def _key_columns(conn, table: str) -> list[str]:

@@ -220,6 +220,16 @@ def _wal(wal: dict | None) -> str:
             f"(goal under {100 * wal['goal_share']:.0f}%; {wal['seconds']:g} s windows)")
 
 
+def _oltp(oltp: dict | None) -> str:
+    """OLTP throughput without and with pgfresh, and how many cores the source had to itself."""
+    without, with_ = ((oltp or {}).get(k) or {} for k in ("without_pgfresh", "with_pgfresh"))
+    if without.get("tps") is None or with_.get("tps") is None:
+        return "not measured"
+    cores = with_.get("cores") or {}
+    return (f"{without['tps']:.0f} tps without pgfresh, {with_['tps']:.0f} with it ({with_['tps'] / without['tps']:.0%}); "
+            + (cores.get("note") or "cores not recorded"))
+
+
 def render_html(results: dict) -> str:
     """The whole report as one HTML string."""
     from plotly.offline import get_plotlyjs
@@ -238,7 +248,8 @@ def render_html(results: dict) -> str:
                          f"{machine['platform']}, GPU: {machine['gpu'] or 'none'}"],
              ["PostgreSQL", machine["postgres"]], ["Python", machine["python"]],
              ["versions", ", ".join(f"{k} {v}" for k, v in machine["versions"].items() if v)],
-             ["source WAL per workload change", _wal(results["dbimpact"].get("wal"))]]
+             ["source WAL per workload change", _wal(results["dbimpact"].get("wal"))],
+             ["OLTP throughput (pgbench)", _oltp(results["dbimpact"].get("oltp"))]]
     verdict = _table(["claim", "measured evidence", "what it means for this workload"],
                      [[v["claim"], v["evidence"], v["meaning"]] for v in results["verdict"]])
     errors = "".join(f"<li>{html.escape(e)}</li>" for e in results.get("errors", []))

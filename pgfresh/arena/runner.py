@@ -205,8 +205,8 @@ class ArenaRun:
             self.impact["oltp"] = {"without_pgfresh": None, "with_pgfresh": None}
             return
         with self.phase("oltp baseline"):
-            self.impact["oltp"] = {"without_pgfresh": dbimpact.oltp_throughput(self.dsn, self.s.oltp_seconds,
-                                                                             self.s.oltp_clients)}
+            self.impact["oltp"] = {"without_pgfresh": dbimpact.oltp_throughput(
+                self.dsn, self.s.oltp_seconds, self.s.oltp_clients, db.store_dsn(self.config))}
 
     def live(self) -> None:
         with self.phase("live"):
@@ -260,7 +260,7 @@ class ArenaRun:
 
     def _oltp_with(self) -> None:
         self.impact["oltp"]["with_pgfresh"] = dbimpact.oltp_throughput(self.dsn, self.s.oltp_seconds,
-                                                                      self.s.oltp_clients)
+                                                                      self.s.oltp_clients, db.store_dsn(self.config))
 
     def _check_workload(self) -> None:
         if self.proc is not None and not self.proc.is_alive():
@@ -298,10 +298,10 @@ class ArenaRun:
         try:
             answer = strategy.answer(probe.question)
             text, latency, gpu, error = answer.text, answer.latency_s, answer.gpu_s, None
-            retrieved, sources = answer.retrieved_keys, answer.sources
+            retrieved, sources, route = answer.retrieved_keys, answer.sources, answer.route
         except Exception as exc:  # recorded as an 'error' outcome and listed in the report
             text, latency, gpu, error = "", 0.0, None, f"{type(exc).__name__}: {exc}"
-            retrieved, sources = [], []
+            retrieved, sources, route = [], [], None
             if len(self.errors) < 20:
                 self.errors.append(f"{strategy.name}: {error}")
         cpu = time.process_time() - cpu0
@@ -319,6 +319,7 @@ class ArenaRun:
             "fact_age_s": None if probe.fact_time is None else (probe.asked_at - probe.fact_time).total_seconds(),
             "latency_s": float(latency), "cpu_s": cpu, "gpu_s": gpu, "sources": [str(x) for x in sources[:5]],
             "hits": metrics.hits(probe, retrieved) if strategy.kind in ("rag", "hybrid") else None,
+            "route": None if route is None else {k: route.get(k) for k in ("taken", "confidence")},
         }
 
     def _update_watch(self, probes: list[Probe]) -> None:

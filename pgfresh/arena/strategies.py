@@ -81,7 +81,8 @@ class _Served(Strategy):
             sources.append(f"slice {out['slice']['name']} v{out['slice']['version']}")
         else:
             sources += [f"{s['tbl']}{s['key']}" for s in docs]
-        return Answer(out["answer"] or "", latency, sources=sources, retrieved_keys=[(s["tbl"], s["key"]) for s in docs])
+        return Answer(out["answer"] or "", latency, sources=sources, retrieved_keys=[(s["tbl"], s["key"]) for s in docs],
+                      route=out["route"])
 
     def close(self) -> None:
         if getattr(self, "registry", None) is not None:

@@ -46,6 +46,7 @@ class Answer:
     # (table, key_text) of the rows retrieved, best first; key_text as pgfresh.capture.change.key_text
     retrieved_keys: list[tuple[str, str]] = field(default_factory=list)
     gpu_s: float | None = None  # GPU seconds spent, where the strategy can tell
+    route: dict | None = None  # serve's `route` (taken, reason, confidence, signals), where serve answered
 
 
 @dataclass

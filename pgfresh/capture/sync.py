@@ -37,7 +37,7 @@ from pgfresh.capture import setup
 from pgfresh.capture.change import pipeline_of, worker_name
 from pgfresh.capture.rowstore import RowStore, register_tables
 from pgfresh.capture.stream import Stream
-from pgfresh.consume import BatchSize, Heartbeat
+from pgfresh.consume import HEARTBEAT_SECONDS, BatchSize, Heartbeat
 from pgfresh.errors import ConfigError, ConnectionLostError, SourceError
 
 RECONNECT_MAX_SECONDS = 10.0  # the cap of the backoff between reconnect attempts
@@ -58,7 +58,23 @@ def check_stage_columns(config: cfg.Config, infos: dict) -> None:
 
 
 class _Heartbeat(Heartbeat):
-    """Capture's row in pgfresh.workers, with its errors and reconnects."""
+    """Capture's row in pgfresh.workers, with its errors and reconnects; each beat also measures, on
+    the source (where only capture connects), how far capture lags and how much WAL the slot retains,
+    which serve's /metrics reads from here."""
+
+    def __init__(self, conn, name: str, pipeline: str, source=None, slot: str | None = None):
+        super().__init__(conn, name, pipeline)
+        self.source, self.slot = source, slot
+
+    def beat(self, info: dict, force: bool = False, conn=None) -> None:
+        if not force and time.monotonic() - self.last < HEARTBEAT_SECONDS:
+            return
+        if self.source is not None:
+            info = {**info, **dict(zip(("lag_bytes", "retained_wal_bytes"), self.source.execute(
+                "select pg_wal_lsn_diff(pg_current_wal_lsn(), %s::pg_lsn)::bigint, (select pg_wal_lsn_diff("
+                "pg_current_wal_lsn(), restart_lsn)::bigint from pg_replication_slots where slot_name = %s)",
+                (info["lsn"], self.slot)).fetchone()))}
+        super().beat(info, force, conn)
 
     def error(self, exc: BaseException) -> None:
         try:
@@ -121,7 +137,7 @@ class _Capture:
             if self.store_conn is not None:
                 self.store_conn.close()
             raise
-        self.heartbeat = _Heartbeat(self.store_conn, "capture", pipeline)
+        self.heartbeat = _Heartbeat(self.store_conn, "capture", pipeline, source=self.conn, slot=src.slot)
 
     def close(self) -> None:
         if self.stream is not None:

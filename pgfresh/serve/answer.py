@@ -214,7 +214,6 @@ def _tuned(config, conn, reg, question, tenant, route: router.Route, version=Non
 
 def _hybrid(config, conn, reg, question, tenant, opts: Options) -> dict:
     """Retrieve, ask the router, answer by the route it picks (retrieval if the slice cannot load)."""
-    from pgfresh.capture.change import pipeline_of
     from pgfresh.rag import retrieval
 
     timings = {}
@@ -232,11 +231,12 @@ def _hybrid(config, conn, reg, question, tenant, opts: Options) -> dict:
         return conn.execute("select count(*) from (select 1 from pgfresh.rows where tbl = %s and lsn > %s::pg_lsn"
                             " limit %s) c", (tbl, lsn, limit)).fetchone()[0]
 
-    def row_lsn(tbl: str, key: str) -> str | None:
-        # the row's latest change, which the index may not have caught up with yet (a primary-key lookup)
-        row = conn.execute("select lsn::text from pgfresh.rows where pipeline = %s and tbl = %s and key = %s",
-                           (pipeline_of(config), tbl, key)).fetchone()
-        return row[0] if row else None
+    def row_lsn(tbl: str, key: str) -> tuple[str, str] | None:
+        # the row's latest change, which the index may not have caught up with yet, and its pipeline
+        # (a stored table belongs to one pipeline: two primary-key lookups)
+        return conn.execute("select r.lsn::text, r.pipeline from pgfresh.tables t join pgfresh.rows r"
+                            " on r.pipeline = t.pipeline and r.tbl = t.tbl where t.tbl = %s and r.key = %s",
+                            (tbl, key)).fetchone()
 
     decision = router.route(router.Policy.from_config(config), hits[0] if hits else None, version, table_changes,
                             runner_up=hits[1] if len(hits) > 1 else None, row_lsn=row_lsn)

@@ -1,8 +1,11 @@
 """`GET /metrics`: the pipeline's figures in Prometheus format, read from the store at scrape time.
 
-Store-backed (one short read per scrape): capture lag (bytes, seconds), the commit->searchable
-histogram, change-log positions by stage, quarantine counts by path and reason (check), WAL
-retained by the slot, answer-cache events, training rounds by outcome. In-process: answer latency
+Store-backed (one short read per scrape): per source, capture lag (bytes, seconds) and the WAL its
+slot retains, as `pgfresh sync` measured them on that source and left in its heartbeat
+(pgfresh.workers.info, every 2 s while sync runs; `pgfresh_capture_heartbeat_age_seconds` says how
+old they are), and change-log positions by stage; the commit->searchable histogram, quarantine
+counts by path and reason (check), answer-cache events, training rounds by outcome. The serving side
+never connects to a source: its figures come from the process that does. In-process: answer latency
 by mode (`pgfresh_answer_seconds`). No metric carries a tenant label: a tenant's key may scrape
 `/metrics` without learning anything about another tenant.
 """
@@ -63,28 +66,34 @@ def _optional(conn, fn):
 
 
 def _capture(conn, config):
-    row = conn.execute("select pg_wal_lsn_diff(pg_current_wal_lsn(), lsn)::bigint from pgfresh.sink_progress"
-                       " where sink = 'rows'").fetchone() if _exists(conn, "pgfresh.sink_progress") else None
-    g = GaugeMetricFamily("pgfresh_capture_lag_bytes", "WAL bytes between the server's position and what capture stored")
-    g.add_metric([], float(row[0]) if row and row[0] is not None else math.nan)
-    yield g
-    info = conn.execute("select info from pgfresh.workers where name = 'capture'").fetchone() \
-        if _exists(conn, "pgfresh.workers") else None
-    g = GaugeMetricFamily("pgfresh_capture_lag_seconds", "Seconds from commit to capture, as capture last measured")
-    g.add_metric([], float((info[0] or {}).get("lag_seconds", math.nan)) if info else math.nan)
-    yield g
-    slot = conn.execute("select pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint from pg_replication_slots"
-                        " where slot_name = %s", (config.source.slot,)).fetchone()
-    g = GaugeMetricFamily("pgfresh_slot_retained_wal_bytes", "WAL the replication slot keeps on the source")
-    g.add_metric([], float(slot[0]) if slot and slot[0] is not None else math.nan)
-    yield g
+    """Per source: capture lag and slot WAL as sync measured them on the source (serve never connects
+    to a source), the heartbeat's age (how old those figures are), and change-log positions by stage."""
+    names = {s.slot: s.name for s in config.sources if s.name}
+    beats = conn.execute(
+        "select pipeline, info, extract(epoch from now() - heartbeat)::float8 from pgfresh.workers"
+        " where name = 'capture' or name like 'capture@%%' order by pipeline").fetchall() \
+        if _exists(conn, "pgfresh.workers") else []
+    families = [
+        ("pgfresh_capture_lag_bytes", "WAL bytes between the source's position and what capture stored", "lag_bytes"),
+        ("pgfresh_capture_lag_seconds", "Seconds from commit to capture, as capture last measured", "lag_seconds"),
+        ("pgfresh_slot_retained_wal_bytes", "WAL the replication slot keeps on the source", "retained_wal_bytes"),
+        ("pgfresh_capture_heartbeat_age_seconds", "Seconds since sync last measured the figures above", None),
+    ]
+    for metric, help_, key in families:
+        g = GaugeMetricFamily(metric, help_ + " (by source)", labels=["source"])
+        for pipeline, info, age in beats:
+            value = age if key is None else (info or {}).get(key)
+            g.add_metric([names.get(pipeline, pipeline)], math.nan if value is None else float(value))
+        yield g
     if _exists(conn, "pgfresh.consumers"):
-        head = conn.execute("select coalesce(max(seq), 0) from pgfresh.changes").fetchone()[0]
         c = CounterMetricFamily("pgfresh_changes", "Changes in the change log (stage=log) and taken by each stage",
-                                labels=["stage"])
-        c.add_metric(["log"], float(head))
-        for name, seq in conn.execute("select name, seq from pgfresh.consumers order by name"):
-            c.add_metric([name], float(seq))
+                                labels=["source", "stage"])
+        for pipeline, seq in conn.execute(  # one index lookup per pipeline (the log can be large)
+                "select p.pipeline, (select coalesce(max(seq), 0) from pgfresh.changes c where c.pipeline = p.pipeline)"
+                " from (select distinct pipeline from pgfresh.consumers) p order by 1"):
+            c.add_metric([names.get(pipeline, pipeline), "log"], float(seq))
+        for pipeline, name, seq in conn.execute("select pipeline, name, seq from pgfresh.consumers order by 1, 2"):
+            c.add_metric([names.get(pipeline, pipeline), name], float(seq))
         yield c
 
 

@@ -9,14 +9,21 @@ order; the first that fires decides, and its sentence is the `reason` every answ
 3. nothing retrieved                                              -> slice (closed-book is all there is)
 4. the best row's latest change (its LSN in `pgfresh.rows`, which
    can be newer than the indexed document's) is after the slice's
-   LSN: the slice has not learnt its current version              -> retrieve
+   position in the row's pipeline: the slice has not learnt its
+   current version                                                -> retrieve
 5. more than `max_table_changes` rows of the best row's table
-   changed after the slice's LSN (if set): the table changes
+   changed after that position (if set): the table changes
    faster than slices are published                               -> retrieve
-6. otherwise (the slice knows the best row's current version)     -> slice
+6. the slice knows the best row's current version, but the
+   decision's confidence (below) is under `min_slice_confidence`
+   (if set)                                                       -> retrieve
+7. otherwise (the slice knows the best row's current version)     -> slice
 
 Rule 4 compares LSNs, so it is exact for the row retrieval found; what it cannot see is a question
-whose right row retrieval misses. Rule 5 trades speed for safety on busy tables.
+whose right row retrieval misses. LSNs are compared only within one pipeline (source): a slice
+records its position per pipeline (pgfresh.train.slices), because the LSNs of two servers, or of
+two slots that progress on their own, say nothing about which change came first. Rule 5 trades
+speed for safety on busy tables.
 
 Every decision carries a `confidence` (0..1) and the `signals` it was computed from:
 - `margin`: how far the best hit's score is ahead of the runner-up's, relative to the best
@@ -24,12 +31,16 @@ Every decision carries a `confidence` (0..1) and the `signals` it was computed f
   best hit is the question's row: `identified = 0.5 + 0.5 * margin`.
 - `slice`: whether the tenant has a published slice (and which); `slice_recall`: the share of new
   facts its round's gate measured it answering (`new_accuracy`; none for a base version).
-- `row_lsn`, `slice_knows_row`: the best row's latest change and whether the slice's LSN covers it.
+- `row_lsn`, `pipeline`, `slice_position`, `slice_knows_row`: the best row's latest change, its
+  pipeline, the slice's position there, and whether that position covers the change.
 The confidence, per rule: no slice (1) or a policy rule (2, 5) -> 1.0 (there is no other route,
 or the operator chose); nothing retrieved -> 0.5 (no evidence either way); the
 slice does not know the row -> `identified` (right if the best hit is the question's row); the
-slice knows the row -> `identified * slice_recall` (0.5 for an unmeasured slice). Low confidence is
-a signal for the caller (the answer's `route`); it does not change the route.
+slice knows the row -> `identified * slice_recall` (0.5 for an unmeasured slice). Below
+`min_slice_confidence` that last decision goes to retrieval instead (rule 6, with confidence
+`identified`); without it, low confidence is only a signal for the caller. bench/router.py measures
+accuracy by route and confidence on an arena run, and what each threshold would have changed
+(docs/BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -46,6 +57,8 @@ SPEC = {
     "max_slice_age_seconds": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0,
                               "a number of seconds > 0"),
     "max_table_changes": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "an integer >= 0"),
+    "min_slice_confidence": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1,
+                             "a number between 0 and 1"),
 }
 
 
@@ -53,6 +66,7 @@ SPEC = {
 class Policy:
     max_slice_age_seconds: float | None = None
     max_table_changes: int | None = None
+    min_slice_confidence: float | None = None
 
     @classmethod
     def from_config(cls, config) -> "Policy":
@@ -96,23 +110,35 @@ def margin(best, runner_up) -> float | None:
     return 0.0 if top == 0 else min(1.0, max(0.0, (float(best.score) - float(runner_up.score)) / top))
 
 
+def position(version, pipeline: str | None) -> str | None:
+    """The newest LSN of `pipeline` the version learnt (None: nothing of it). A version without
+    positions (written before migration 017, or by hand) has one LSN for every pipeline."""
+    if version.positions is None or pipeline is None:
+        return version.lsn
+    return version.positions.get(pipeline)
+
+
 def route(policy: Policy, best, version, table_changes=None, now: datetime | None = None, *,
           runner_up=None, row_lsn=None) -> Route:
     """Decide for one question. `best`, `runner_up`: the two best retrieval hits (or None); `version`:
     the slice's published version (or None); `table_changes(tbl, lsn, limit)`: rows of a table changed
-    after an LSN (only called when rule 5 is on); `row_lsn(tbl, key)`: the LSN of a row's latest change
-    (None: use the hit's, the indexed document's)."""
+    after an LSN (only called when rule 5 is on); `row_lsn(tbl, key)`: (LSN, pipeline) of a row's latest
+    change (None: use the hit's LSN, the indexed document's, and the slice's newest LSN)."""
     m = margin(best, runner_up)
     identified = None if m is None else 0.5 + 0.5 * m
-    latest = None if best is None else ((row_lsn(best.tbl, best.key) if row_lsn else None) or best.lsn)
+    latest = pipeline = None
+    if best is not None:
+        latest, pipeline = (row_lsn(best.tbl, best.key) if row_lsn else None) or (best.lsn, None)
+    known = None if version is None else position(version, pipeline)
     recall = None
     if version is not None:
         measured = (getattr(version, "metrics", None) or {}).get("new_accuracy")
         recall = float(measured) if isinstance(measured, (int, float)) else None
     signals = {"margin": None if m is None else round(m, 3),
                "slice": None if version is None else f"{version.slice} v{version.version} (LSN {version.lsn})",
-               "slice_recall": recall, "row_lsn": latest,
-               "slice_knows_row": None if latest is None or version is None else parse_lsn(latest) <= parse_lsn(version.lsn)}
+               "slice_recall": recall, "row_lsn": latest, "pipeline": pipeline, "slice_position": known,
+               "slice_knows_row": None if latest is None or version is None
+               else known is not None and parse_lsn(latest) <= parse_lsn(known)}
 
     def decided(taken: str, reason: str, confidence: float) -> Route:
         return Route(taken, reason, confidence, signals)
@@ -128,13 +154,21 @@ def route(policy: Policy, best, version, table_changes=None, now: datetime | Non
     if best is None:
         return decided(SLICE, f"nothing retrieved: slice {version.slice} v{version.version} answers closed-book", 0.5)
     row = f"{best.tbl}{best.key}"
+    where = f" in {pipeline}" if pipeline else ""
+    if known is None:
+        return decided(RETRIEVE, f"slice {version.slice} v{version.version} learnt nothing of {pipeline}, where {row} "
+                                 "comes from: retrieval answers", identified)
     if not signals["slice_knows_row"]:
-        return decided(RETRIEVE, f"{row} changed at LSN {latest}, after slice {version.slice} v{version.version} "
-                                 f"(LSN {version.lsn}): retrieval answers", identified)
+        return decided(RETRIEVE, f"{row} changed at LSN {latest}{where}, after slice {version.slice} v{version.version} "
+                                 f"(LSN {known}{where}): retrieval answers", identified)
     if policy.max_table_changes is not None and table_changes is not None:
-        n = table_changes(best.tbl, version.lsn, policy.max_table_changes + 1)
+        n = table_changes(best.tbl, known, policy.max_table_changes + 1)
         if n > policy.max_table_changes:
             return decided(RETRIEVE, f"more than {policy.max_table_changes} rows of {best.tbl} changed after slice "
-                                     f"{version.slice} v{version.version} (LSN {version.lsn}): retrieval answers", 1.0)
-    return decided(SLICE, f"slice {version.slice} v{version.version} (LSN {version.lsn}) knows {row} at LSN {latest}: "
-                          "the slice answers", identified * (0.5 if recall is None else recall))
+                                     f"{version.slice} v{version.version} (LSN {known}{where}): retrieval answers", 1.0)
+    confidence = identified * (0.5 if recall is None else recall)
+    knows = f"slice {version.slice} v{version.version} (LSN {known}{where}) knows {row} at LSN {latest}"
+    if policy.min_slice_confidence is not None and confidence < policy.min_slice_confidence:
+        return decided(RETRIEVE, f"{knows}, but its confidence {confidence:.2f} is under min_slice_confidence = "
+                                 f"{policy.min_slice_confidence:g}: retrieval answers", identified)
+    return decided(SLICE, f"{knows}: the slice answers", confidence)

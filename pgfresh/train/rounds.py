@@ -96,6 +96,7 @@ def ensure_lineage(conn, config, name: str, tenant: str | None) -> Version:
         with conn.cursor() as cur_:
             cur_.executemany("insert into pgfresh.fact_training (slice, version, fact_id, role) values (%s, %s, %s, 'base')",
                              [(name, version, i) for i in ids])
+        slices.record_positions(conn, name, version)
         conn.execute("update pgfresh.slices set current_version = %s, probe = '{}', updated_at = now() where name = %s",
                      (version, name))
     return slices.get_version(conn, name, version)
@@ -433,6 +434,7 @@ def _publish(config, conn, s, p: Plan, round_id: int, loaded, m: dict) -> int:
         with conn.cursor() as c:
             c.executemany("insert into pgfresh.fact_training (slice, version, fact_id, role) values (%s, %s, %s, %s)",
                           [(p.slice, version, fid, role) for fid, role in rows])
+        slices.record_positions(conn, p.slice, version)
         conn.execute("update pgfresh.slices set current_version = %s, updated_at = now() where name = %s",
                      (version, p.slice))
         conn.execute("update pgfresh.train_rounds set status = 'published', version = %s, metrics = %s,"

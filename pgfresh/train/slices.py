@@ -5,6 +5,11 @@ A version is a row of `pgfresh.slice_versions` plus, for a trained version, a di
 whose sha256 is recorded so a corrupted file is caught before it serves. A version is loaded as
 its lineage: the base model, then every adapter from the base to it, merged in order.
 
+A version records how far it has read each pipeline's stream (`positions`, migration 017): per
+pipeline (source), the newest LSN of the facts its lineage learnt. LSNs of two pipelines cannot be
+compared (two servers, or two slots that progress on their own), so "does this version know row r"
+is asked of the position in r's pipeline (pgfresh.serve.router); `lsn` is only the newest of them all.
+
 Serving is not here: `pgfresh.serve.answer(..., mode="tuned")` answers from the current published
 version, loaded through the serve registry (`Registry.slice_model`), which reloads when the pointer
 moves (a publish or a rollback) and keeps the version in memory serving if the new one cannot load.
@@ -16,6 +21,8 @@ import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
+
+from psycopg.types.json import Jsonb
 
 from pgfresh import db
 from pgfresh.errors import PgfreshError
@@ -41,9 +48,11 @@ class Version:
     metrics: dict
     round_id: int | None
     created_at: object = None
+    positions: dict | None = None  # pipeline -> LSN; None (written without): `lsn` stands for every pipeline
 
 
-_VERSION_COLS = "slice, version, parent, kind, base_id, path, sha256, lsn::text, facts, metrics, round_id, created_at"
+_VERSION_COLS = ("slice, version, parent, kind, base_id, path, sha256, lsn::text, facts, metrics, round_id, created_at,"
+                 " positions")
 
 
 def connect(config, role: str = "train"):
@@ -90,6 +99,29 @@ def lineage(conn, v: Version) -> list[Version]:
 def ensure_slice(conn, name: str, tenant: str | None) -> None:
     conn.execute("insert into pgfresh.slices (name, tenant) values (%s, %s) on conflict (name) do nothing",
                  (name, tenant))
+
+
+def record_positions(conn, name: str, version: int) -> dict:
+    """Write the version's position per pipeline: its parent's, advanced to the newest LSN per
+    pipeline of the facts it learnt (its fact_training rows other than replay, which the caller has
+    just written in the same transaction). Returns the positions."""
+    parent = conn.execute("select p.positions, p.lsn::text from pgfresh.slice_versions v"
+                          " join pgfresh.slice_versions p on p.slice = v.slice and p.version = v.parent"
+                          " where v.slice = %s and v.version = %s", (name, version)).fetchone()
+    if parent is not None and parent[0] is None:  # a parent written without positions: its LSN for every pipeline
+        inherited = {p: parent[1] for (p,) in conn.execute("select distinct pipeline from pgfresh.tables")}
+    else:
+        inherited = parent[0] if parent is not None else {}
+    positions = dict(conn.execute(
+        "select pipeline, max(lsn)::text from ("
+        " select key as pipeline, value::pg_lsn as lsn from jsonb_each_text(%s)"
+        " union all"
+        " select f.pipeline, f.lsn from pgfresh.fact_training t join pgfresh.facts f on f.fact_id = t.fact_id"
+        " where t.slice = %s and t.version = %s and t.role <> 'replay') x group by pipeline",
+        (Jsonb(inherited), name, version)).fetchall())
+    conn.execute("update pgfresh.slice_versions set positions = %s where slice = %s and version = %s",
+                 (Jsonb(positions), name, version))
+    return positions
 
 
 # --- loading ------------------------------------------------------------------------------------
@@ -156,13 +188,13 @@ def list_versions(config, tenant: str | None = None) -> list[dict]:
         params = (_slice_arg(tenant),) if tenant is not None else ()
         rows = conn.execute(
             f"select v.slice, s.tenant, v.version, v.parent, v.kind, v.lsn::text, v.facts, v.metrics, v.round_id,"
-            f" v.created_at, v.version = s.current_version, v.base_id, s.note"
+            f" v.created_at, v.version = s.current_version, v.base_id, s.note, v.positions"
             f" from pgfresh.slice_versions v join pgfresh.slices s on s.name = v.slice {where}"
             f" order by v.slice, v.version", params).fetchall()
         rejected = dict(conn.execute("select slice, count(*) from pgfresh.train_rounds where status = 'rejected'"
                                      " group by slice").fetchall())
     keys = ("slice", "tenant", "version", "parent", "kind", "lsn", "facts", "metrics", "round", "created_at", "current",
-            "base_id", "note")
+            "base_id", "note", "positions")
     out = [dict(zip(keys, r)) for r in rows]
     for r in out:
         r["rejected_rounds"] = rejected.get(r["slice"], 0)
