@@ -156,8 +156,8 @@ def test_kill9_at_random_moments_loses_nothing_applies_nothing_twice(db, dsn, tm
 
 
 def test_kill9_while_decoded_transactions_wait_in_memory_applies_each_once(db, dsn, tmp_path):
-    """sync is killed while it catches up on a backlog: its reader thread holds decoded transactions
-    the store has not committed, and the stream holds what makes psycopg2 move the flush position on
+    """sync is killed while it catches up on a backlog: it holds decoded transactions the store has
+    not committed, and the stream holds what makes psycopg2 move the flush position on
     its own (a Relation message sent again after ANALYZE, a transaction that began before others
     committed). Sampled all along, the slot is never confirmed past a backlog transaction the store
     has not committed; afterwards each row's applied-change count equals its source version."""

@@ -16,6 +16,7 @@ import pytest
 
 from pgfresh import config as cfg
 from pgfresh import rag, serve
+from pgfresh.capture.pgoutput import parse_lsn
 from pgfresh.errors import ConfigError
 from pgfresh.serve.metrics import Metrics
 from tests.conftest import run_cli
@@ -338,7 +339,7 @@ def test_hybrid_router_compares_a_row_with_the_slice_position_of_its_own_source(
     assert r["status"] == "published", r
     sync.run(config.for_source("b"), once=True)
     (b_lsn,) = store.execute("select lsn::text from pgfresh.rows where tbl = 'b:public.items' and key = '[1]'").fetchone()
-    assert rounds.lsn_int(r["lsn"]) > rounds.lsn_int(b_lsn)  # the case: one LSN would say the slice knows b's row
+    assert parse_lsn(r["lsn"]) > parse_lsn(b_lsn)  # the case: one LSN would say the slice knows b's row
     reg = serve.Registry()
     try:
         stale = serve.answer(config, "What does beta item 1 cost?", None, "hybrid", registry=reg,
@@ -354,7 +355,7 @@ def test_hybrid_router_compares_a_row_with_the_slice_position_of_its_own_source(
         reg.close()
     version = store.execute("select lsn::text, positions from pgfresh.slice_versions where slice = '_shared'"
                             " and version = %s", (r["version"],)).fetchone()
-    assert version[1]["pgfresh_a"] == version[0] and rounds.lsn_int(version[1]["pgfresh_b"]) < rounds.lsn_int(b_lsn)
+    assert version[1]["pgfresh_a"] == version[0] and parse_lsn(version[1]["pgfresh_b"]) < parse_lsn(b_lsn)
 
 
 def test_migration_017_gives_existing_slice_versions_a_position_per_pipeline(store):
