@@ -2,7 +2,8 @@
 
 A round of slice S (one tenant's facts) trains on:
 - *learn*: active facts the published lineage does not know (new rows, changed values), in their
-  training phrasings;
+  training phrasings; the newest first, at most `max_facts_per_round`, so a backlog never holds back
+  a fresh change (the rest wait for later rounds);
 - *updates*: superseded facts the lineage learnt. Where a newer fact of the same row and question
   is learnt in this round, that is the update (its old answer becomes the stale answer the gate
   watches for); where none exists (a deleted row without a `gone` template), the old questions
@@ -129,7 +130,10 @@ def plan(conn, s, name: str, tenant: str | None, parent: Version, replay_ratio: 
         return learn is not None and (unlearn is None or unlearn < learn)
 
     active = [f for f in facts if f.status == "active"]
-    waiting = sorted((f for f in active if not learnt(f)), key=lambda f: (f.created_at, f.fact_id))
+    # newest first: a backlog larger than a round (a first sync, a bulk load) must not hold back the
+    # changes committed after it, which are what users ask about; the backlog drains as changes slow
+    waiting = sorted((f for f in active if not learnt(f)), key=lambda f: (f.created_at, lsn_int(f.lsn), f.fact_id),
+                     reverse=True)
     p = Plan(name, tenant, parent, learn=waiting[:s.max_facts_per_round])
     learn_ids = {f.fact_id for f in p.learn}
     for f in facts:
@@ -465,7 +469,8 @@ def _due(conn, s, config, tenant, variant: str | None = None) -> bool:
         return False
     oldest = min(f.created_at for f in p.learn + p.updates)
     age = conn.execute("select extract(epoch from now() - %s::timestamptz)", (oldest,)).fetchone()[0]
-    return len(p.learn) + len(p.explicit) >= s.min_new_facts or age >= s.max_wait_seconds
+    full = min(s.min_new_facts, s.max_facts_per_round)  # a full round is due even under a small cap
+    return len(p.learn) + len(p.explicit) >= full or age >= s.max_wait_seconds
 
 
 def run(config, once: bool = False, console=None, due_only: bool = False, variant: str | None = None,
