@@ -260,7 +260,8 @@ def build(config, console=None, on_epoch=None) -> dict:
 
     s = settings(config)
     m = s.model
-    fit.set_threads(s.threads, s.deterministic)
+    threads = m.get("threads") or s.threads
+    fit.set_threads(threads, s.deterministic)
     with connect(config) as conn:
         facts = data.load_facts(conn, tenant=data.ANY if m["tenant_facts"] else None, kinds=("qa", "gone"))
         docs = data.load_documents(conn, tenant=data.ANY if m["tenant_facts"] else None)
@@ -270,7 +271,7 @@ def build(config, console=None, on_epoch=None) -> dict:
                          "without a tenant unless [train.model] tenant_facts = true)")
     started = time.time()
     device, dtype = fit.pick_device(s.device)
-    key = build_key(s, facts, docs, device)
+    key = build_key(s, facts, docs, device, threads)
     if on_epoch is None and (meta := _from_cache(config, m, key, lsn, started)) is not None:
         return meta
     pairs = data.closed_book(facts, s.max_phrasings)
@@ -333,7 +334,7 @@ def build(config, console=None, on_epoch=None) -> dict:
     return meta
 
 
-def build_key(s, facts, docs: dict, device: str) -> str:
+def build_key(s, facts, docs: dict, device: str, threads: int) -> str:
     """What a build is a function of: the facts and documents it learns, the settings it trains
     with, the code that builds it (this module, the training loop, the data) and the library
     versions. Two builds with one key differ at most by nondeterministic kernels."""
@@ -346,9 +347,9 @@ def build_key(s, facts, docs: dict, device: str) -> str:
     h = hashlib.sha256()
     for module in (__file__, fit.__file__, data.__file__):
         h.update(Path(module).read_bytes())
-    spec = {k: v for k, v in s.model.items() if k != "cache_dir"}
+    spec = {k: v for k, v in s.model.items() if k not in ("cache_dir", "threads")}
     h.update(json.dumps([torch.__version__, transformers.__version__, tokenizers.__version__, device, spec, s.seed,
-                         s.max_phrasings, s.unknown_answer, s.eval_max_facts, s.threads, s.deterministic],
+                         s.max_phrasings, s.unknown_answer, s.eval_max_facts, threads, s.deterministic],
                         sort_keys=True, default=str).encode())
     for f in facts:
         h.update(json.dumps([f.fact_id, f.tbl, f.key, f.tenant, f.kind, f.template, f.question, list(f.paraphrases),

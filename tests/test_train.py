@@ -409,3 +409,28 @@ def test_a_backlog_never_starves_the_newest_change(tmp_path, dsn):
     changed = [f for f in p.learn if f.key == "[0]"]
     assert changed and all(f.answer == new_price(0) for f in changed if "price" in f.template), p.learn
     assert {f.key for f in p.updates} == {"[0]"} and set(p.old_answers) == {f.fact_id for f in changed}
+
+
+def test_gate_off_lineage_publishes_the_gated_slices_candidate_without_training_it_again(tmp_path, dsn, base_model):
+    """The arena's gate-off column trains a lineage of its own; while it is the tenant's slice file
+    for file, its round is the candidate the slice just published (same parent, same facts), copied."""
+    path = trained_env(tmp_path, dsn, base_model, PROBE_GATE)
+    config = cfg.load(path)
+    _change(dsn, path)
+    gated = rounds.run_round(config, None)
+    assert gated["status"] == "published", gated.get("reasons")
+    off = rounds.run_round(config, None, variant="gate-off", gate=False)
+    assert off["status"] == "published" and off["metrics"]["shared_with"] == f"{SHARED} v{gated['version']}"
+    assert (off["learn"], off["updates"]) == (gated["learn"], gated["updates"])
+    assert "steps" in off["metrics"] and off["metrics"]["cpu_seconds"] < gated["metrics"]["cpu_seconds"] / 5
+    with slices.connect(config) as conn:
+        mine = slices.current(conn, rounds.lineage_name(None, "gate-off"))
+        theirs = slices.current(conn, SHARED)
+        assert mine.sha256 == theirs.sha256 and mine.path != theirs.path and mine.version == theirs.version
+        roles = conn.execute("select slice, role, count(*) from pgfresh.fact_training where version = %s"
+                             " group by slice, role order by 1, 2", (mine.version,)).fetchall()
+    assert [r[1:] for r in roles if r[0] == SHARED] == [r[1:] for r in roles if r[0] == mine.slice]
+    names = {i: n for i, n, _ in products()}
+    answer = tuned(config, f"What is the price of {names[0]}?")
+    assert rounds.run_round(config, None, variant="gate-off", gate=False) is None  # nothing waits
+    assert answer["slice"]["version"] == theirs.version
