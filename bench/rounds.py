@@ -90,7 +90,7 @@ def trial(config, tenants, overrides: dict) -> dict:
     from pgfresh.train import rounds
 
     c = dataclasses.replace(config, train={**config.train, **overrides})
-    right = n_new = lost = kept = passed = 0
+    right = n_new = lost = kept = passed = replay = 0
     seconds = []
     for t in tenants:
         r = rounds.run_round(c, t, publish=False)
@@ -102,10 +102,11 @@ def trial(config, tenants, overrides: dict) -> dict:
         kept += m["kept_before"]
         lost += round((m["forgetting"] or 0) * m["kept_before"])
         passed += not r["reasons"]
+        replay += m["replay"]
         seconds.append(m["seconds"])
     return {"new": right / n_new if n_new else None, "new_ci": wilson(right, n_new), "n_new": n_new,
             "forgetting": lost / kept if kept else None, "forgetting_ci": wilson(lost, kept), "kept": kept,
-            "passed": passed, "rounds": len(seconds), "seconds": sum(seconds) / len(seconds) if seconds else None}
+            "passed": passed, "rounds": len(seconds), "replay": replay / len(seconds) if seconds else None, "seconds": sum(seconds) / len(seconds) if seconds else None}
 
 
 def pct(v, ci) -> str:
@@ -117,6 +118,7 @@ def main() -> None:
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--demo", type=Path, help="a finished `pgfresh demo` working directory")
     src.add_argument("--arena", type=Path, help="a finished bench/arena_tuned.py working directory")
+    src.add_argument("--config", type=Path, help="a project's pgfresh.toml, used in place (trials publish nothing)")
     ap.add_argument("--sweep", choices=("all", "replay"), default="all")
     ap.add_argument("--workdir", type=Path, default=Path(".pgfresh/bench-rounds"))
     ap.add_argument("--facts", default="5,20", help="facts per round (max_facts_per_round), comma-separated")
@@ -126,14 +128,15 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--slices", type=int, default=0, help="only the first N tenants' slices (0: all)")
     a = ap.parse_args()
-    path = copy_demo(a.demo.resolve(), a.workdir.resolve()) if a.demo else copy_arena(a.arena.resolve(), a.workdir.resolve())
+    path = (copy_demo(a.demo.resolve(), a.workdir.resolve()) if a.demo else
+            copy_arena(a.arena.resolve(), a.workdir.resolve()) if a.arena else a.config)
     config = cfg.load(path)
     from pgfresh.train import rounds, slices
 
     with slices.connect(config) as conn:
         tenants = rounds.tenants(conn)[:a.slices or None]
     load = os.getloadavg()
-    print(f"{a.demo or a.arena}: slices {[rounds.slice_of(t) for t in tenants]}; load average {load[0]:.1f} at start")
+    print(f"{a.demo or a.arena or a.config}: slices {[rounds.slice_of(t) for t in tenants]}; load average {load[0]:.1f} at start")
     base = {"threads": a.threads, "replay_per_new": 1.0}
     facts = [int(x) for x in a.facts.split(",")]
     results = {}
@@ -161,15 +164,17 @@ def main() -> None:
 
 
 def replay_sweep(config, tenants, base: dict, settings: list, per_new: list) -> None:
-    """Part 2: replay_per_new at each (facts per round, lr, min_steps)."""
-    print("\n| facts / round | replay_per_new | new-fact accuracy [95%] | forgetting [95%] (n) | default gate passes | s / round |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    """Part 2: replay_per_new at each (facts per round, lr, min_steps), with `replay_ratio` 0 so
+    that the replay is replay_per_new x the round's facts alone (0: none)."""
+    print("\n| facts / round | replay_per_new | replay / round | new-fact accuracy [95%] | forgetting [95%] (n) |"
+          " default gate passes | s / round |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for f, lr, steps in settings:
         for per in per_new:
             r = trial(config, tenants, {**base, "max_facts_per_round": f, "learning_rate": float(lr),
-                                        "min_steps": int(steps), "replay_per_new": float(per)})
-            print(f"| {f} | {per} | {pct(r['new'], r['new_ci'])} | {pct(r['forgetting'], r['forgetting_ci'])} ({r['kept']})"
-                  f" | {r['passed']} of {r['rounds']} | {r['seconds']:.1f} |", flush=True)
+                                        "min_steps": int(steps), "replay_per_new": float(per), "replay_ratio": 0.0})
+            print(f"| {f} | {per} | {r['replay']:.0f} | {pct(r['new'], r['new_ci'])} | {pct(r['forgetting'], r['forgetting_ci'])}"
+                  f" ({r['kept']}) | {r['passed']} of {r['rounds']} | {r['seconds']:.1f} |", flush=True)
     load = os.getloadavg()
     print(f"\nload average {load[0]:.1f} at the end; {time.strftime('%Y-%m-%d %H:%M')}")
 
