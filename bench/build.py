@@ -2,7 +2,8 @@
 
     .venv/bin/python bench/build.py --arena DIR [--threads 1,2] [--epochs 3] [--reading-steps 60]
 
-`--arena DIR`: a finished bench/arena_tuned.py directory (copied first, as bench/rounds.py does).
+`--arena DIR`: a finished bench/arena_tuned.py directory (copied first, as bench/rounds.py does);
+`--config PATH`: a project whose facts are read in place (its built-in model is replaced).
 Builds the model on the snapshot's facts with the cache off, once per thread count, alternating
 the order between repeats (`--repeats`), with the build shortened to `--epochs` mixed epochs and
 `--reading-steps` drill steps (the throughput, not the model, is measured). Prints a Markdown
@@ -30,14 +31,16 @@ from pgfresh import model  # noqa: E402
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--arena", type=Path, required=True)
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--arena", type=Path, help="a finished bench/arena_tuned.py directory (copied)")
+    src.add_argument("--config", type=Path, help="a project's pgfresh.toml: its facts are read, its model is replaced")
     ap.add_argument("--workdir", type=Path, default=Path(".pgfresh/bench-build"))
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--reading-steps", type=int, default=60)
     ap.add_argument("--repeats", type=int, default=2)
     a = ap.parse_args()
-    config = cfg.load(copy_arena(a.arena.resolve(), a.workdir.resolve()))
+    config = cfg.load(copy_arena(a.arena.resolve(), a.workdir.resolve()) if a.arena else a.config)
     threads = [int(t) for t in a.threads.split(",")]
     runs: dict[int, list] = {t: [] for t in threads}
     for rep in range(a.repeats):

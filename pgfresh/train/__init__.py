@@ -61,7 +61,7 @@ class Settings:
     batch_size: int = 32
     warmup_steps: int = 10
     replay_ratio: float = 0.10  # share of the slice's unchanged known facts replayed each epoch ...
-    replay_per_new: float = 1.0  # ... or at least this many per fact the round learns (the larger; 0: off)
+    replay_per_new: float = 1.0  # ... or at least this many per fact the round learns (the larger; 0: off; swept in docs/TRAINING.md)
     replay_max: int = 2000  # at most this many replay facts per round
     min_new_facts: int = 10  # a round starts when this many facts wait ...
     max_wait_seconds: float = 300.0  # ... or the oldest waiting fact is this old
