@@ -421,8 +421,7 @@ def test_builtin_rag_is_fresher_than_the_stale_model_on_changed_facts(dsn, tmp_p
     path = tmp_path / "pgfresh.toml"  # a slot of its own: the module's other arena database keeps "pgfresh"
     slot = psycopg.conninfo.conninfo_to_dict(dsn)["dbname"]
     text = workload.shop_config_text({"dsn": dsn, "max_txn_seconds": 5.0, "slot": slot})
-    # One thread, deterministic algorithms: the model build repeats exactly on one machine (and
-    # test_arena_tuned.py's build of the same snapshot is a copy of it from the model cache).
+    # One thread, deterministic algorithms: the model build repeats exactly on one machine.
     path.write_text(f'store = {{ dsn = "{dsn}" }}\n'  # the store in the test database
                     + text.replace("\n[train]\n", "\n[train]\ndeterministic = true\n", 1))
     config = cfg.load(path)

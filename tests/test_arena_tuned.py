@@ -33,9 +33,7 @@ def tuned_run(module_dsn, tmp_path_factory):
     text = text.replace("settle_seconds = 30", "settle_seconds = 5")
     # rounds of at most 12 facts: a round finishes within a batch or two even on a loaded machine
     text = text.replace("max_facts_per_round = 40", "max_facts_per_round = 12")
-    # one thread, deterministic algorithms: the build and the rounds repeat on one machine; the
-    # snapshot is test_arena.py's built-in one (seed 5, 2 x 8 products), so the model cache copies
-    # that build when both modules run
+    # one thread, deterministic algorithms: the build and the rounds repeat on one machine
     text = text.replace("\n[train]\n", "\n[train]\ndeterministic = true\n", 1)
     path = directory / "pgfresh.toml"
     path.write_text(f'store = {{ dsn = "{module_dsn}" }}\n' + text)  # the store in the test database
