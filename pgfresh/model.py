@@ -9,6 +9,8 @@
   directory (config, safetensors, tokenizer, generation config) in `<data_dir>/model`, with
   `pgfresh_model.json` (LSN it knows, parameters, training tokens, accuracy on its own facts) and
   `pgfresh_facts.json` (the ids of the facts it learnt). The directory is replaced atomically.
+  A build is kept in `[train.model] cache_dir` under `build_key` (the hash of its facts, documents,
+  settings, code and library versions); a build with the same key copies it (seconds) instead.
 - `load(path)`: any local causal LM, with one clear line for a missing, incomplete or
   incompatible directory; `generate(loaded, prompts)`: greedy, batched.
 
@@ -258,7 +260,8 @@ def build(config, console=None, on_epoch=None) -> dict:
 
     s = settings(config)
     m = s.model
-    fit.set_threads(s.threads, s.deterministic)
+    threads = m.get("threads") or s.threads
+    fit.set_threads(threads, s.deterministic)
     with connect(config) as conn:
         facts = data.load_facts(conn, tenant=data.ANY if m["tenant_facts"] else None, kinds=("qa", "gone"))
         docs = data.load_documents(conn, tenant=data.ANY if m["tenant_facts"] else None)
@@ -267,6 +270,10 @@ def build(config, console=None, on_epoch=None) -> dict:
         raise ModelError("no facts to learn yet: run `pgfresh sync --once` first (tables need rows, and facts "
                          "without a tenant unless [train.model] tenant_facts = true)")
     started = time.time()
+    device, dtype = fit.pick_device(s.device)
+    key = build_key(s, facts, docs, device, threads)
+    if on_epoch is None and (meta := _from_cache(config, m, key, lsn, started)) is not None:
+        return meta
     pairs = data.closed_book(facts, s.max_phrasings)
 
     # Open-book examples are drawn afresh every epoch (new counterfactual values and distractors), so
@@ -288,7 +295,6 @@ def build(config, console=None, on_epoch=None) -> dict:
     torch.manual_seed(s.seed)
     from transformers import LlamaForCausalLM
 
-    device, dtype = fit.pick_device(s.device)
     loaded = Loaded(LlamaForCausalLM(cfg), tokenizer, builtin_dir(config), "", {}, device)
     loaded.model.to(device)
     closed = fit.encode(loaded, pairs)
@@ -321,9 +327,71 @@ def build(config, console=None, on_epoch=None) -> dict:
         "training_tokens": stats.tokens, "reading_epochs": reading, "epochs": stats.epochs, "steps": stats.steps,
         "train_seconds": round(stats.seconds, 2), "tokens_per_s": round(stats.tokens_per_s), "device": device,
         "final_loss": round(stats.loss, 4), "seconds": round(time.time() - started, 2), "accuracy": accuracy,
+        "build_key": key,
     }
     _save(loaded, builtin_dir(config), meta, [f.fact_id for f in facts])
+    _to_cache(config, m, key)
     return meta
+
+
+def build_key(s, facts, docs: dict, device: str, threads: int) -> str:
+    """What a build is a function of: the facts and documents it learns, the settings it trains
+    with, the code that builds it (this module, the training loop, the data) and the library
+    versions. Two builds with one key differ at most by nondeterministic kernels."""
+    import tokenizers
+    import torch
+    import transformers
+
+    from pgfresh.train import data, fit
+
+    h = hashlib.sha256()
+    for module in (__file__, fit.__file__, data.__file__):
+        h.update(Path(module).read_bytes())
+    spec = {k: v for k, v in s.model.items() if k not in ("cache_dir", "threads")}
+    h.update(json.dumps([torch.__version__, transformers.__version__, tokenizers.__version__, device, spec, s.seed,
+                         s.max_phrasings, s.unknown_answer, s.eval_max_facts, threads, s.deterministic],
+                        sort_keys=True, default=str).encode())
+    for f in facts:
+        h.update(json.dumps([f.fact_id, f.tbl, f.key, f.tenant, f.kind, f.template, f.question, list(f.paraphrases),
+                             f.answer]).encode())
+    h.update(json.dumps(sorted([t, k, text] for (t, k), text in docs.items())).encode())
+    return h.hexdigest()[:32]
+
+
+def _cache_dir(m: dict) -> Path | None:
+    return Path(m["cache_dir"]).expanduser() if m.get("cache_dir") else None
+
+
+def _from_cache(config, m: dict, key: str, lsn: str, started: float) -> dict | None:
+    """The cached build of `key`, copied into place with this snapshot's LSN (None: not cached)."""
+    cache = _cache_dir(m)
+    if cache is None or not (cache / key / META_FILE).exists():
+        return None
+    target = builtin_dir(config)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(cache / key, tmp)
+    meta = json.loads((tmp / META_FILE).read_text())
+    meta.update(lsn=lsn, cached=str(cache / key), seconds=round(time.time() - started, 2))
+    (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    _swap(tmp, target)
+    return meta
+
+
+def _to_cache(config, m: dict, key: str) -> None:
+    """Keep the build just saved under its key (a concurrent build of the same key may win: fine)."""
+    cache = _cache_dir(m)
+    if cache is None or (cache / key).exists():
+        return
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = cache / f".{key}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(builtin_dir(config), tmp)
+    try:
+        tmp.rename(cache / key)
+    except OSError:  # another process cached it first
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def evaluate_builtin(loaded: Loaded, facts, docs: dict, s) -> dict:
@@ -355,6 +423,11 @@ def _save(loaded: Loaded, target: Path, meta: dict, fact_ids: list[str]) -> None
     loaded.tokenizer.save_pretrained(str(tmp))
     (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     (tmp / FACTS_FILE).write_text(json.dumps(fact_ids) + "\n")
+    _swap(tmp, target)
+
+
+def _swap(tmp: Path, target: Path) -> None:
+    """Put the finished directory `tmp` in the place of `target`."""
     old = target.parent / f".{target.name}.old-{os.getpid()}"
     if target.exists():
         target.rename(old)

@@ -55,6 +55,13 @@ def dsn2(pg_server):
     yield from _database(pg_server)
 
 
+@pytest.fixture(scope="module")
+def module_dsn(pg_server):
+    """DSN of a new, empty database for a module-scoped fixture (an arena run several tests read);
+    dropped with its slots after the module."""
+    yield from _database(pg_server)
+
+
 def _database(pg_server):
     name = "t_" + uuid.uuid4().hex[:12]
     admin = pg_server.dsn()

@@ -350,12 +350,9 @@ MIN_QUESTIONS = 120  # per strategy, in 6 batches: the batches grow from 12 to w
 
 
 @pytest.fixture(scope="module")
-def arena_run(pg_server, tmp_path_factory):
-    name = "t_" + uuid.uuid4().hex[:12]
-    with psycopg.connect(pg_server.dsn(), autocommit=True) as c:
-        c.execute(f'create database "{name}"')
+def arena_run(module_dsn, tmp_path_factory):
     directory = tmp_path_factory.mktemp("arena")
-    config = shop_config(directory, pg_server.dsn(name))
+    config = shop_config(directory, module_dsn)
     out = io.StringIO()
     started = time.monotonic()
     results = runner.run_arena(
@@ -364,12 +361,7 @@ def arena_run(pg_server, tmp_path_factory):
         console=Console(file=out, width=120),
         overrides={"batches": 6, "batch_interval_s": 3.0, "rate_per_s": 8.0, "questions_per_batch": 12, "correct_after_s": 3.0,
                    "min_questions": MIN_QUESTIONS, "oltp_seconds": 1.0, "export_seconds": 1.0})
-    yield {"results": results, "dir": directory, "log": out.getvalue(), "seconds": time.monotonic() - started}
-    with psycopg.connect(pg_server.dsn(), autocommit=True) as c:
-        c.execute("select pg_terminate_backend(pid) from pg_stat_activity where datname = %s", (name,))
-        for (slot,) in c.execute("select slot_name from pg_replication_slots where database = %s", (name,)).fetchall():
-            c.execute("select pg_drop_replication_slot(%s)", (slot,))
-        c.execute(f'drop database if exists "{name}" with (force)')
+    return {"results": results, "dir": directory, "log": out.getvalue(), "seconds": time.monotonic() - started}
 
 
 def _rates(summary):
@@ -422,31 +414,22 @@ def test_short_run_measures_the_database(arena_run):
 
 
 # -- the built-in strategies, with the built-in model ------------------------------------------
-def test_builtin_rag_is_fresher_than_the_stale_model_on_changed_facts(pg_server, tmp_path):
+def test_builtin_rag_is_fresher_than_the_stale_model_on_changed_facts(dsn, tmp_path):
     """pgfresh's own strategies with its own tiny model (built here on a 16-product shop): hybrid
     retrieval finds the changed rows and the built-in reader does not answer their old values;
     the model frozen at the snapshot does."""
-    name = "t_" + uuid.uuid4().hex[:12]
-    with psycopg.connect(pg_server.dsn(), autocommit=True) as c:
-        c.execute(f'create database "{name}"')
-    try:
-        path = tmp_path / "pgfresh.toml"  # a slot of its own: the module's other arena database keeps "pgfresh"
-        text = workload.shop_config_text({"dsn": pg_server.dsn(name), "max_txn_seconds": 5.0, "slot": name})
-        # One thread, deterministic algorithms: the model build repeats exactly on any machine.
-        path.write_text(f'store = {{ dsn = "{pg_server.dsn(name)}" }}\n'  # the store in the test database
-                        + text.replace("\n[train]\n", "\n[train]\ndeterministic = true\n", 1))
-        config = cfg.load(path)
-        r = runner.run_arena(
-            config, minutes=0.3, noise=0.0, seed=5, strategies=["stale", "rag-hybrid"],
-            overrides={"batches": 5, "batch_interval_s": 3.0, "rate_per_s": 6.0, "questions_per_batch": 10,
-                       "oltp_seconds": 0.0, "export_seconds": 0.0,
-                       "scale": {"shops": 2, "products_per_shop": 8, "notes_per_shop": 2}})
-    finally:
-        with psycopg.connect(pg_server.dsn(), autocommit=True) as c:
-            c.execute("select pg_terminate_backend(pid) from pg_stat_activity where datname = %s", (name,))
-            for (slot,) in c.execute("select slot_name from pg_replication_slots where database = %s", (name,)):
-                c.execute("select pg_drop_replication_slot(%s)", (slot,))
-            c.execute(f'drop database if exists "{name}" with (force)')
+    path = tmp_path / "pgfresh.toml"  # a slot of its own: the module's other arena database keeps "pgfresh"
+    slot = psycopg.conninfo.conninfo_to_dict(dsn)["dbname"]
+    text = workload.shop_config_text({"dsn": dsn, "max_txn_seconds": 5.0, "slot": slot})
+    # One thread, deterministic algorithms: the model build repeats exactly on one machine.
+    path.write_text(f'store = {{ dsn = "{dsn}" }}\n'  # the store in the test database
+                    + text.replace("\n[train]\n", "\n[train]\ndeterministic = true\n", 1))
+    config = cfg.load(path)
+    r = runner.run_arena(
+        config, minutes=0.3, noise=0.0, seed=5, strategies=["stale", "rag-hybrid"],
+        overrides={"batches": 5, "batch_interval_s": 3.0, "rate_per_s": 6.0, "questions_per_batch": 10,
+                   "oltp_seconds": 0.0, "export_seconds": 0.0,
+                   "scale": {"shops": 2, "products_per_shop": 8, "notes_per_shop": 2}})
     rag, stale = r["strategies"]["rag-hybrid"], r["strategies"]["stale"]
     changed = rag["by_class"]["changed"]
     print(f"changed: rag-hybrid {changed['accuracy']:.2f} right, {changed['stale_rate']:.2f} stale of {changed['n']};"
@@ -609,25 +592,15 @@ def test_builtin_tokenizer_handles_chinese():
     assert tok.tokenize("12.50元")[:2] == ["1", "2"]  # digits one per token, as in English
 
 
-def test_shop_zh_short_run_end_to_end(pg_server, tmp_path):
+def test_shop_zh_short_run_end_to_end(dsn, tmp_path):
     """`pgfresh arena --workload shop-zh` in small: the capture pipeline, Chinese questions with SQL
     truth, the lookup strategy answering from the row store, every class asked."""
-    name = "t_" + uuid.uuid4().hex[:12]
-    with psycopg.connect(pg_server.dsn(), autocommit=True) as c:
-        c.execute(f'create database "{name}"')
-    try:
-        config = zh_config(tmp_path, pg_server.dsn(name))
-        r = runner.run_arena(
-            config, minutes=0.3, noise=0.2, seed=3, report=tmp_path / "report.html",
-            strategies=[_named(Lookup(), "lookup"), _named(Constant(), "constant")],
-            overrides={"batches": 4, "batch_interval_s": 3.0, "rate_per_s": 8.0, "questions_per_batch": 15,
-                       "correct_after_s": 3.0, "oltp_seconds": 0.0, "export_seconds": 0.0})
-    finally:
-        with psycopg.connect(pg_server.dsn(), autocommit=True) as c:
-            c.execute("select pg_terminate_backend(pid) from pg_stat_activity where datname = %s", (name,))
-            for (slot,) in c.execute("select slot_name from pg_replication_slots where database = %s", (name,)).fetchall():
-                c.execute("select pg_drop_replication_slot(%s)", (slot,))
-            c.execute(f'drop database if exists "{name}" with (force)')
+    config = zh_config(tmp_path, dsn)
+    r = runner.run_arena(
+        config, minutes=0.3, noise=0.2, seed=3, report=tmp_path / "report.html",
+        strategies=[_named(Lookup(), "lookup"), _named(Constant(), "constant")],
+        overrides={"batches": 4, "batch_interval_s": 3.0, "rate_per_s": 8.0, "questions_per_batch": 15,
+                   "correct_after_s": 3.0, "oltp_seconds": 0.0, "export_seconds": 0.0})
     assert r["run"]["workload"] == "shop-zh"
     assert set(r["questions"]["by_class"]) >= {"changed", "unchanged", "never", "held_out"}
     questions_asked = [x["question"] for x in r["records"]]

@@ -12,7 +12,6 @@ of a minute sees facts settle and get trained, as the demo's longer run does.
 from __future__ import annotations
 
 import re
-import uuid
 
 import psycopg
 import pytest
@@ -27,35 +26,26 @@ SHOPS = 2
 
 
 @pytest.fixture(scope="module")
-def tuned_run(pg_server, tmp_path_factory):
+def tuned_run(module_dsn, tmp_path_factory):
     directory = tmp_path_factory.mktemp("arena_tuned")
-    name = "t_" + uuid.uuid4().hex[:12]
-    with psycopg.connect(pg_server.dsn(), autocommit=True) as c:
-        c.execute(f'create database "{name}"')
-    try:
-        text = workload.shop_config_text({"dsn": pg_server.dsn(name), "max_txn_seconds": 5.0, "slot": name})
-        text = text.replace("settle_seconds = 30", "settle_seconds = 5")
-        # rounds of at most 12 facts: a round finishes within a batch or two even on a loaded machine
-        text = text.replace("max_facts_per_round = 40", "max_facts_per_round = 12")
-        # one thread, deterministic algorithms: the build and the rounds repeat on one machine
-        text = text.replace("\n[train]\n", "\n[train]\ndeterministic = true\n", 1)
-        path = directory / "pgfresh.toml"
-        path.write_text(f'store = {{ dsn = "{pg_server.dsn(name)}" }}\n' + text)  # the store in the test database
-        r = runner.run_arena(
-            cfg.load(path), minutes=0.3, noise=0.0, seed=5, strategies=STRATEGIES, json_path=directory / "results.json",
-            overrides={"batches": 5, "batch_interval_s": 8.0, "rate_per_s": 6.0, "questions_per_batch": 12,
-                       "correct_after_s": 3.0, "oltp_seconds": 0.0, "export_seconds": 0.0,
-                       "scale": {"shops": SHOPS, "products_per_shop": 8, "notes_per_shop": 2}})
-        with psycopg.connect(pg_server.dsn(name)) as c:
-            versions = c.execute(
-                "select slice, version, kind, created_at from pgfresh.slice_versions order by slice, version").fetchall()
-            tenants = [t for (t,) in c.execute("select distinct tenant from pgfresh.facts where kind = 'qa'")]
-    finally:
-        with psycopg.connect(pg_server.dsn(), autocommit=True) as c:
-            c.execute("select pg_terminate_backend(pid) from pg_stat_activity where datname = %s", (name,))
-            for (slot,) in c.execute("select slot_name from pg_replication_slots where database = %s", (name,)).fetchall():
-                c.execute("select pg_drop_replication_slot(%s)", (slot,))
-            c.execute(f'drop database if exists "{name}" with (force)')
+    slot = psycopg.conninfo.conninfo_to_dict(module_dsn)["dbname"]
+    text = workload.shop_config_text({"dsn": module_dsn, "max_txn_seconds": 5.0, "slot": slot})
+    text = text.replace("settle_seconds = 30", "settle_seconds = 5")
+    # rounds of at most 12 facts: a round finishes within a batch or two even on a loaded machine
+    text = text.replace("max_facts_per_round = 40", "max_facts_per_round = 12")
+    # one thread, deterministic algorithms: the build and the rounds repeat on one machine
+    text = text.replace("\n[train]\n", "\n[train]\ndeterministic = true\n", 1)
+    path = directory / "pgfresh.toml"
+    path.write_text(f'store = {{ dsn = "{module_dsn}" }}\n' + text)  # the store in the test database
+    r = runner.run_arena(
+        cfg.load(path), minutes=0.3, noise=0.0, seed=5, strategies=STRATEGIES, json_path=directory / "results.json",
+        overrides={"batches": 5, "batch_interval_s": 8.0, "rate_per_s": 6.0, "questions_per_batch": 12,
+                   "correct_after_s": 3.0, "oltp_seconds": 0.0, "export_seconds": 0.0,
+                   "scale": {"shops": SHOPS, "products_per_shop": 8, "notes_per_shop": 2}})
+    with psycopg.connect(module_dsn) as c:
+        versions = c.execute(
+            "select slice, version, kind, created_at from pgfresh.slice_versions order by slice, version").fetchall()
+        tenants = [t for (t,) in c.execute("select distinct tenant from pgfresh.facts where kind = 'qa'")]
     return r, versions, tenants
 
 

@@ -163,3 +163,29 @@ def test_accelerate_launch_line_from_the_docs_parses():
     assert args.module and args.training_script == "pgfresh"
     assert args.training_script_args == ["train", "--once", "--config", "pgfresh.toml"]
     assert args.num_processes == 4 and args.mixed_precision == "bf16" and args.multi_gpu
+
+
+def test_a_build_of_the_same_content_is_copied_from_the_cache_and_a_change_rebuilds(tmp_path, dsn, dsn2):
+    from tests.train_support import TABLES, create_products, products, sync_once
+
+    cache = tmp_path / "cache"
+    tiny = f'[train.model]\nepochs = 1\nmin_steps = 0\nreading_steps = 0\nhidden = 32\ncache_dir = "{cache}"\n'
+    paths = []
+    for d, source in ((tmp_path / "a", dsn), (tmp_path / "b", dsn2)):  # two sources with the same rows
+        d.mkdir()
+        with psycopg.connect(source, autocommit=True) as c:
+            create_products(c, products(4))
+        paths.append(write_config(d, source, f'data_dir = "data"\nslot = "{d.name}_{tmp_path.name[-12:]}"\n' + TABLES + "\n[train]\nthreads = 1\n" + tiny))
+        sync_once(paths[-1])
+    first = model.build(cfg.load(paths[0]))
+    assert "cached" not in first and (cache / first["build_key"] / "config.json").exists()
+    second = model.build(cfg.load(paths[1]))
+    assert second["cached"] == str(cache / first["build_key"]) and second["build_id"] == first["build_id"]
+    a, b = tmp_path / "a" / "data" / "model", tmp_path / "b" / "data" / "model"
+    assert model.base_id(a) == model.base_id(b) and model.known_facts(a) == model.known_facts(b)
+    assert model.load(b).model.num_parameters() == first["params"]
+    with psycopg.connect(dsn2, autocommit=True) as c:  # a changed price is another build
+        c.execute("update products set price = price + 1 where id = 0")
+    sync_once(paths[1])
+    third = model.build(cfg.load(paths[1]))
+    assert "cached" not in third and third["build_key"] != first["build_key"]

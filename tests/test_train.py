@@ -20,7 +20,7 @@ from pgfresh import serve
 from pgfresh.errors import PgfreshError
 from pgfresh.train import SHARED, rounds, slices
 from tests.conftest import run_cli, write_config
-from tests.train_support import base_model, new_price, products, sync_once, trained_env  # noqa: F401
+from tests.train_support import TABLES, base_model, create_products, new_price, products, sync_once, trained_env  # noqa: F401
 
 # Training on a 2-core machine shared with other work is slow (the base model build alone took
 # 500 s at load 12, inside the first test's setup): the suite's 600 s would fail a healthy run.
@@ -377,3 +377,60 @@ def test_replay_is_sized_by_the_rounds_new_facts_on_small_slices():
     assert rounds.replay_size(s, pool=400, new=6) == 40  # the share where it is more
     assert rounds.replay_size(s, pool=5, new=6) == 5  # never more than the slice knows
     assert rounds.replay_size(s, pool=40, new=6, replay_ratio=0.0) == 0  # an explicit share is the share alone
+
+
+def test_a_backlog_never_starves_the_newest_change(tmp_path, dsn):
+    """A round takes the newest waiting facts first: with more facts waiting than
+    `max_facts_per_round`, a change committed after them is in the next round, with the update of
+    the fact it replaced (the arena asks about the newest changes; issue 13). Planning only: no model."""
+    path = write_config(tmp_path, dsn, 'data_dir = "data"\n' + TABLES + "\n[train]\nmax_facts_per_round = 40\n")
+    with psycopg.connect(dsn, autocommit=True) as c:
+        create_products(c, products(10))
+    sync_once(path)
+    config = cfg.load(path)
+    with slices.connect(config) as conn:  # a lineage whose base knows the 10 products (as ensure_lineage records it)
+        slices.ensure_slice(conn, SHARED, None)
+        conn.execute("insert into pgfresh.slice_versions (slice, version, parent, kind, base_id, path, lsn)"
+                     " values (%s, 0, null, 'base', 'b', '/m', '0/0')", (SHARED,))
+        conn.execute("insert into pgfresh.fact_training (slice, version, fact_id, role)"
+                     " select %s, 0, fact_id, 'base' from pgfresh.facts where status = 'active'", (SHARED,))
+        conn.execute("update pgfresh.slices set current_version = 0 where name = %s", (SHARED,))
+    with psycopg.connect(dsn, autocommit=True) as c:  # a backlog: 50 new products wait ...
+        c.cursor().executemany("insert into products values (%s, %s, %s)", products(60)[10:])
+    sync_once(path)
+    with psycopg.connect(dsn, autocommit=True) as c:  # ... then a known product's price changes
+        c.execute("update products set price = %s where id = 0", (new_price(0),))
+    sync_once(path)
+    with slices.connect(config) as conn:
+        p = rounds.plan(conn, rounds.settings(config), SHARED, None, slices.current(conn, SHARED))
+        waiting = conn.execute("select count(*) from pgfresh.facts f where status = 'active' and not exists"
+                               " (select 1 from pgfresh.fact_training t where t.fact_id = f.fact_id)").fetchone()[0]
+    assert waiting > 40 and len(p.learn) == 40
+    changed = [f for f in p.learn if f.key == "[0]"]
+    assert changed and all(f.answer == new_price(0) for f in changed if "price" in f.template), p.learn
+    assert {f.key for f in p.updates} == {"[0]"} and set(p.old_answers) == {f.fact_id for f in changed}
+
+
+def test_gate_off_lineage_publishes_the_gated_slices_candidate_without_training_it_again(tmp_path, dsn, base_model):
+    """The arena's gate-off column trains a lineage of its own; while it is the tenant's slice file
+    for file, its round is the candidate the slice just published (same parent, same facts), copied."""
+    path = trained_env(tmp_path, dsn, base_model, PROBE_GATE)
+    config = cfg.load(path)
+    _change(dsn, path)
+    gated = rounds.run_round(config, None)
+    assert gated["status"] == "published", gated.get("reasons")
+    off = rounds.run_round(config, None, variant="gate-off", gate=False)
+    assert off["status"] == "published" and off["metrics"]["shared_with"] == f"{SHARED} v{gated['version']}"
+    assert (off["learn"], off["updates"]) == (gated["learn"], gated["updates"])
+    assert "steps" in off["metrics"] and off["metrics"]["cpu_seconds"] < gated["metrics"]["cpu_seconds"] / 5
+    with slices.connect(config) as conn:
+        mine = slices.current(conn, rounds.lineage_name(None, "gate-off"))
+        theirs = slices.current(conn, SHARED)
+        assert mine.sha256 == theirs.sha256 and mine.path != theirs.path and mine.version == theirs.version
+        roles = conn.execute("select slice, role, count(*) from pgfresh.fact_training where version = %s"
+                             " group by slice, role order by 1, 2", (mine.version,)).fetchall()
+    assert [r[1:] for r in roles if r[0] == SHARED] == [r[1:] for r in roles if r[0] == mine.slice]
+    names = {i: n for i, n, _ in products()}
+    answer = tuned(config, f"What is the price of {names[0]}?")
+    assert rounds.run_round(config, None, variant="gate-off", gate=False) is None  # nothing waits
+    assert answer["slice"]["version"] == theirs.version

@@ -40,6 +40,10 @@ MODEL_DEFAULTS = {
     "open_book_ratio": 0.5,  # open-book examples per closed-book example
     "distractors": 3,  # at most this many distractor documents per open-book example (0 to 3: k = 4 at most)
     "tenant_facts": False,  # learn tenants' facts into the shared base (breaks tenant isolation)
+    "threads": None,  # CPU threads of the build (None: train.threads); it runs before any round does
+    # a build is kept here under the hash of what it is a function of (facts, documents, these
+    # settings, the build's code and library versions) and copied instead of rebuilt; "": never
+    "cache_dir": "~/.cache/pgfresh/models",
 }
 
 
@@ -57,7 +61,7 @@ class Settings:
     batch_size: int = 32
     warmup_steps: int = 10
     replay_ratio: float = 0.10  # share of the slice's unchanged known facts replayed each epoch ...
-    replay_per_new: float = 1.0  # ... or at least this many per fact the round learns (the larger; 0: off)
+    replay_per_new: float = 1.0  # ... or at least this many per fact the round learns (the larger; 0: off; swept in docs/TRAINING.md)
     replay_max: int = 2000  # at most this many replay facts per round
     min_new_facts: int = 10  # a round starts when this many facts wait ...
     max_wait_seconds: float = 300.0  # ... or the oldest waiting fact is this old
@@ -94,6 +98,7 @@ _MODEL_SPEC = {
     "epochs": ("int", 1, 100_000), "min_steps": ("int", 0, 10**9), "batch_size": ("int", 1, 65536),
     "learning_rate": ("num", 0, 1), "warmup_steps": ("int", 0, 10**9), "open_book_ratio": ("num", 0, 100),
     "distractors": ("int", 0, 20), "tenant_facts": ("bool", None, None), "reading_steps": ("int", 0, 10**9),
+    "cache_dir": ("str", None, None), "threads": ("int", 1, 1024),
 }
 
 

@@ -2,7 +2,8 @@
 
 A round of slice S (one tenant's facts) trains on:
 - *learn*: active facts the published lineage does not know (new rows, changed values), in their
-  training phrasings;
+  training phrasings; the newest first, at most `max_facts_per_round`, so a backlog never holds back
+  a fresh change (the rest wait for later rounds);
 - *updates*: superseded facts the lineage learnt. Where a newer fact of the same row and question
   is learnt in this round, that is the update (its old answer becomes the stale answer the gate
   watches for); where none exists (a deleted row without a `gone` template), the old questions
@@ -16,7 +17,9 @@ candidate gets wrong; `probe_size` known facts, a sample of the slice replayed a
 so it estimates what users of the slice would see lost), each with its 95% Wilson interval. A
 candidate that passes is published in one transaction with the fact_training rows of what it
 learnt; one that fails is recorded with its reason, and its facts
-wait for the next round. The database is only touched in short transactions; a session-level
+wait for the next round. An experiment's lineage with the gate off (the arena's `tuned-gate-off`)
+that is still the tenant's slice file for file publishes the slice's candidate for the same facts
+on the same parent, copied instead of trained again. The database is only touched in short transactions; a session-level
 advisory lock per slice keeps two trainers apart and lets a restart tell an abandoned round.
 """
 
@@ -126,7 +129,10 @@ def plan(conn, s, name: str, tenant: str | None, parent: Version, replay_ratio: 
         return learn is not None and (unlearn is None or unlearn < learn)
 
     active = [f for f in facts if f.status == "active"]
-    waiting = sorted((f for f in active if not learnt(f)), key=lambda f: (f.created_at, f.fact_id))
+    # newest first: a backlog larger than a round (a first sync, a bulk load) must not hold back the
+    # changes committed after it, which are what users ask about; the backlog drains as changes slow
+    waiting = sorted((f for f in active if not learnt(f)), key=lambda f: (f.created_at, lsn_int(f.lsn), f.fact_id),
+                     reverse=True)
     p = Plan(name, tenant, parent, learn=waiting[:s.max_facts_per_round])
     learn_ids = {f.fact_id for f in p.learn}
     for f in facts:
@@ -333,6 +339,9 @@ def _train_and_gate(config, conn, s, p: Plan, round_id: int, console, publish: b
     from pgfresh.train import fit
 
     started, cpu0 = time.time(), time.process_time()
+    twin = _twin(conn, p) if publish and not gate else None
+    if twin is not None:
+        return _adopt(config, conn, s, p, round_id, twin, started, cpu0)
     probe_pairs, before = _pairs(p.probe, s), []
     loaded, stats, p.replay, device = _candidate(config, conn, s, p, f"round {round_id} ({p.slice})", console,
                                                  should_stop, lambda parent: before.extend(fit.correct(parent, probe_pairs)))
@@ -356,8 +365,44 @@ def _train_and_gate(config, conn, s, p: Plan, round_id: int, console, publish: b
         conn.execute("update pgfresh.train_rounds set status = 'rejected', metrics = %s, reason = %s, finished_at = now()"
                      " where id = %s", (Jsonb(m), "; ".join(reasons), round_id))
         return {**record, "status": "rejected", "reasons": reasons}
-    version = _publish(config, conn, s, p, round_id, loaded, m)
+    version = _publish(config, conn, s, p, round_id, m, lambda tmp: loaded.model.save_pretrained(str(tmp)))
     return {**record, "status": "published", "version": version, "lsn": p.lsn, "reasons": reasons}
+
+
+def _twin(conn, p: Plan) -> Version | None:
+    """For an experiment's lineage (`variant`): the tenant's slice's version that is this round's
+    candidate already, or None. That is its current version when the slice published it on a parent
+    identical to ours (the same versions, file for file) from the same learn and update facts: a
+    gate-off twin whose gated slice published every round so far need not train the round again."""
+    name = slice_of(p.tenant)
+    if p.slice == name:
+        return None
+    twin = slices.current(conn, name)
+    if twin is None or twin.parent != p.parent.version:
+        return None
+    same = [(v.version, v.kind, v.base_id, v.sha256) for v in slices.lineage(conn, p.parent)]
+    if same != [(v.version, v.kind, v.base_id, v.sha256)
+                for v in slices.lineage(conn, slices.get_version(conn, name, twin.parent))]:
+        return None
+    roles = dict(conn.execute("select fact_id, role from pgfresh.fact_training where slice = %s and version = %s"
+                              " and role in ('learn', 'update')", (name, twin.version)).fetchall())
+    ours = {f.fact_id: "learn" for f in p.learn} | {f.fact_id: "update" for f in p.updates}
+    return twin if roles == ours else None
+
+
+def _adopt(config, conn, s, p: Plan, round_id: int, twin: Version, started: float, cpu0: float) -> dict:
+    """Publish the twin's candidate (its files copied) as this round's: no training."""
+    replayed = {r[0] for r in conn.execute("select fact_id from pgfresh.fact_training where slice = %s and version = %s"
+                                           " and role = 'replay'", (twin.slice, twin.version))}
+    p.replay = [f for f in p.replay_pool if f.fact_id in replayed]
+    m = {**twin.metrics, "shared_with": f"{twin.slice} v{twin.version}", "gate_reasons": [],
+         "seconds": round(time.time() - started, 2), "cpu_seconds": round(time.process_time() - cpu0, 2)}
+    version = _publish(config, conn, s, p, round_id, m,
+                       lambda tmp: shutil.copytree(twin.path, tmp, dirs_exist_ok=True))
+    return {"round": round_id, "slice": p.slice, "tenant": p.tenant, "parent": p.parent.version,
+            "learn": [f.fact_id for f in p.learn], "updates": [f.fact_id for f in p.updates],
+            "replay": [f.fact_id for f in p.replay], "probe": [f.fact_id for f in p.probe], "metrics": m,
+            "status": "published", "version": version, "lsn": p.lsn, "reasons": []}
 
 
 def _metrics(loaded, s, p: Plan, probe_pairs, before: list[bool]) -> dict:
@@ -407,13 +452,14 @@ def _gate(s, m: dict) -> list[str]:
     return reasons
 
 
-def _publish(config, conn, s, p: Plan, round_id: int, loaded, m: dict) -> int:
-    """Save the candidate's files, then publish it and mark its facts trained in one transaction."""
+def _publish(config, conn, s, p: Plan, round_id: int, m: dict, save) -> int:
+    """Save the candidate's files (`save(directory)`), then publish it and mark its facts trained in
+    one transaction."""
     target = slices.slice_dir(config, p.slice) / f"r{round_id}"
     tmp = target.parent / f".r{round_id}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    loaded.model.save_pretrained(str(tmp))
+    save(tmp)
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
     kind = "lora" if s.method == "lora" else "full"
@@ -463,7 +509,8 @@ def _due(conn, s, config, tenant, variant: str | None = None) -> bool:
         return False
     oldest = min(f.created_at for f in p.learn + p.updates)
     age = conn.execute("select extract(epoch from now() - %s::timestamptz)", (oldest,)).fetchone()[0]
-    return len(p.learn) + len(p.explicit) >= s.min_new_facts or age >= s.max_wait_seconds
+    full = min(s.min_new_facts, s.max_facts_per_round)  # a full round is due even under a small cap
+    return len(p.learn) + len(p.explicit) >= full or age >= s.max_wait_seconds
 
 
 def run(config, once: bool = False, console=None, due_only: bool = False, variant: str | None = None,
