@@ -131,7 +131,7 @@ def plan(conn, s, name: str, tenant: str | None, parent: Version, replay_ratio: 
     active = [f for f in facts if f.status == "active"]
     # newest first: a backlog larger than a round (a first sync, a bulk load) must not hold back the
     # changes committed after it, which are what users ask about; the backlog drains as changes slow
-    waiting = sorted((f for f in active if not learnt(f)), key=lambda f: (f.created_at, lsn_int(f.lsn), f.fact_id),
+    waiting = sorted((f for f in active if not learnt(f)), key=lambda f: (f.created_at, parse_lsn(f.lsn), f.fact_id),
                      reverse=True)
     p = Plan(name, tenant, parent, learn=waiting[:s.max_facts_per_round])
     learn_ids = {f.fact_id for f in p.learn}
