@@ -14,22 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from pgfresh import cli, stages
+from pgfresh import stages
 from pgfresh import db as pgdb
 from tests.conftest import write_config
+from tests.test_cli import run_main
 
 PACKAGE = Path(__file__).resolve().parent.parent / "pgfresh"
-
-
-def run_main(args: list[str], capsys) -> tuple[int, str, str]:
-    capsys.readouterr()
-    try:
-        cli.main(list(args))
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_a_stage_missing_a_hook_is_refused_when_registered():
