@@ -51,10 +51,10 @@ class CapturePipeline:
     """
 
     def __init__(self, config):
-        from pgfresh.capture import sync
+        from pgfresh import stages
 
         self.config = config
-        self.workers = sync.downstream_workers(config)
+        self.workers = stages.workers(config)
 
     def step(self) -> int:
         from pgfresh.capture import sync

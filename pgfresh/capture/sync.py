@@ -45,11 +45,6 @@ RECONNECT_MAX_SECONDS = 10.0  # the cap of the backoff between reconnect attempt
 SHUTDOWN_STATES = ("57P01", "57P02", "57P03")
 
 
-def downstream_workers(config: cfg.Config) -> list:
-    """The change-log consumers of the later stages this config asks for (pgfresh.stages), in data-flow order."""
-    return stages.workers(config)
-
-
 def check_stage_columns(config: cfg.Config, infos: dict) -> None:
     """Templates and validators that name columns the tables lack: all reported before anything runs."""
     problems = stages.check_against_columns(config, {name: info.columns for name, info in infos.items()})
@@ -316,7 +311,7 @@ def run_source(config: cfg.Config, once: bool = False, console=None, stop: threa
         for line in cap.notes + ([f"warning: {cap.warning}"] if cap.warning else []):
             console.print(line, highlight=False, soft_wrap=True, markup=False)
     own_workers = workers is None
-    workers = downstream_workers(config) if own_workers else workers
+    workers = stages.workers(config) if own_workers else workers
     previous_handlers = _install_signals(stop)
     target = po.parse_lsn(cap.conn.execute("select pg_current_wal_lsn()::text").fetchone()[0]) if once else None
     stats = {"changes": 0, "transactions": 0, "snapshot_rows": 0, "lsn": po.format_lsn(cap.start_lsn),
