@@ -108,6 +108,9 @@ def test_pii_detectors_mask_email_phone_card_and_leave_numbers_alone():
                  "ISBN 978-3-16-148410-0", "card 4111-1111-1111-1112 (not Luhn)", "order 1234567"]:
         assert pii.mask_text(keep) == (keep, 0)
     assert pii.mask_text(text) == (text, 0)  # idempotent
+    # a timestamp whose seconds start with 0 ("08.596853") once read as a trunk-prefixed phone number
+    for stamp in ["2026-12-02 13:36:08.596853+00", "13:36:05.5", "at 10:30:01.123456"]:
+        assert pii.mask_text(stamp) == (stamp, 0)
     rule = pii.Pii(drop=["email"], mask=["phone"], keep=["id"])
     assert rule.apply({"id": "x@y.org", "email": "a@b.cd", "phone": "555", "note": "mail a@b.cd"}) == (
         {"id": "x@y.org", "phone": "[redacted]", "note": "mail [email]"}, 3)

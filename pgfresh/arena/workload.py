@@ -27,6 +27,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from importlib import resources
 from pathlib import Path
@@ -38,6 +39,7 @@ from pgfresh import db
 from pgfresh.arena.settings import ArenaSettings, QuestionSpec, settings as arena_settings
 from pgfresh.errors import ConfigError
 
+SEEDED_AT = datetime(2026, 1, 1, tzinfo=timezone.utc)  # the seeded notes' creation times count from here
 ADJECTIVES = ["Sturdy", "Compact", "Classic", "Nordic", "Rustic", "Modern", "Deluxe", "Folding", "Vintage",
               "Smart", "Quiet", "Bright", "Heavy", "Slim", "Royal", "Urban", "Coastal", "Alpine", "Golden",
               "Silent", "Rapid", "Gentle", "Bold", "Humble"]
@@ -177,13 +179,15 @@ class ShopWorkload(Workload):
             mine = [p for p in products if p[1] == shop_id]
             for _ in range(scale["notes_per_shop"]):
                 p = rng.choice(mine)
-                notes.append((len(notes) + 1, shop_id, p[0], rng.choice(self.note_bodies).format(name=p[2])))
+                # a fixed creation time, not now(): one seed gives one snapshot, so its model build is cached
+                notes.append((len(notes) + 1, shop_id, p[0], rng.choice(self.note_bodies).format(name=p[2]),
+                              SEEDED_AT + timedelta(hours=len(notes) + 1)))
         with conn.cursor() as cur:
             cur.executemany("insert into shop.shops values (%s, %s, %s)", shops)
             cur.executemany("insert into shop.products (product_id, shop_id, name, category, price, stock, status,"
                             " description) values (%s, %s, %s, %s, %s, %s, %s, %s)", products)
-            cur.executemany("insert into shop.support_notes (note_id, shop_id, product_id, body)"
-                            " values (%s, %s, %s, %s)", notes)
+            cur.executemany("insert into shop.support_notes (note_id, shop_id, product_id, body, created_at)"
+                            " values (%s, %s, %s, %s, %s)", notes)
         install_recorder(conn, self.config.tables)
         conn.execute("analyze shop.products")
 

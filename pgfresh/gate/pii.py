@@ -3,7 +3,7 @@
 Detectors (on by default, `pii.detect = false` turns them off): e-mail addresses, card-like
 numbers (13 to 19 digits passing the Luhn check) and phone numbers (7 to 15 digits written as a
 phone number: a leading `+` or `(`, groups split by spaces, dots or dashes, a trunk prefix `0`,
-or a bare run of 10 to 15 digits). Dates (2024-01-15), times, prices, IP addresses and short
+or a bare run of 10 to 15 digits). Dates (2024-01-15), times (with their fractional seconds), prices, IP addresses and short
 codes do not match.
 Each match becomes a fixed token (`[email]`, `[card]`, `[phone]`), so masking is deterministic
 and idempotent (masking a masked row changes nothing).
@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 EMAIL = re.compile(r"(?<![\w.+-])[\w.+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}(?![\w-])")
 CARD = re.compile(r"(?<![\d-])\d(?:[ -]?\d){12,18}(?![\d-])")
 PHONE = re.compile(
-    r"(?<![\w+(-])(?:\+\d{1,3}[ .-]?(?:\(\d{1,4}\)[ .-]?)?\d{2,4}(?:[ .-]?\d{2,4}){1,3}"
+    r"(?<![\w+(:-])(?:\+\d{1,3}[ .-]?(?:\(\d{1,4}\)[ .-]?)?\d{2,4}(?:[ .-]?\d{2,4}){1,3}"
     r"|\(\d{2,4}\)[ .-]?\d{3,4}[ .-]?\d{3,4}"
     r"|\d{2,4}[ .-]\d{3,4}[ .-]\d{3,4}"
     r"|\d{3}[ .-]\d{4}"
