@@ -3,7 +3,10 @@
 A leaf module (it imports nothing of pgfresh's but the errors), so that the stages can name these
 types while `pgfresh.config`, which validates every stage's section, imports the stages.
 `check_section` is the one way a section's keys are checked against a spec (`[source]`,
-`[[sources]]`, `[store]`, `[rag]`): every problem of the section collected, each with its key path.
+`[[sources]]`, `[store]`, `[rag]`, `[train]`, `[train.model]`, `[retention]`, `[serve]`,
+`[serve.router]`, `[arena]` and its tables): every problem of the section collected, each with its
+key path. `number`, `integer` and `choice` build the common spec entries, so a section's spec reads as
+one table.
 """
 
 from __future__ import annotations
@@ -15,8 +18,10 @@ from typing import Any, Callable
 
 from pgfresh.errors import ConfigError
 
-# key -> (accepted types, check or None, what is expected): one section's keys, for `check_section`.
-Spec = dict[str, tuple[type | tuple[type, ...], Callable[[Any], bool] | None, str]]
+# (accepted types, check or None, what is expected): one key of a section, for `check_section`.
+Entry = tuple[type | tuple[type, ...], Callable[[Any], bool] | None, str]
+Spec = dict[str, Entry]  # key -> its Entry: one section's keys
+NUMBER = (int, float)  # an integer or a float (a boolean is never a number: check_section)
 
 
 @dataclass
@@ -126,6 +131,27 @@ class Config:
 def plain_table(name: str) -> TableConfig:
     """A table with no configuration (default document, default facts)."""
     return TableConfig(name=name if "." in name else f"public.{name}")
+
+
+def _unit(unit: str) -> str:
+    return f" ({unit})" if unit else ""
+
+
+def number(lo: float, hi: float | None = None, *, above: bool = False, unit: str = "") -> Entry:
+    """A number >= lo (> lo with `above`) and, with `hi`, <= hi; `unit` is named after it ("seconds")."""
+    expected = f"a number {'>' if above else '>='} {lo}" + (f" and <= {hi}" if hi is not None else "") + _unit(unit)
+    return NUMBER, lambda v: (v > lo if above else v >= lo) and (hi is None or v <= hi), expected
+
+
+def integer(lo: int, hi: int | None = None, *, unit: str = "") -> Entry:
+    """An integer >= lo and, with `hi`, <= hi; `unit` is named after it ("bytes")."""
+    expected = (f"an integer >= {lo}" if hi is None else f"an integer from {lo} to {hi}") + _unit(unit)
+    return int, lambda v: v >= lo and (hi is None or v <= hi), expected
+
+
+def choice(*options: str) -> Entry:
+    """One of `options` (strings)."""
+    return str, lambda v: v in options, f"one of {', '.join(options)}"
 
 
 def check_section(raw: dict, where: str, spec: Spec, problems: list[str]) -> dict:

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
+from pgfresh.configtypes import Spec, check_section, choice, integer, number
+
 SHARED = "_shared"  # the slice of facts without a tenant (no tenant value maps to it: slice_of)
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -81,63 +83,37 @@ class Settings:
     model: dict = field(default_factory=lambda: dict(MODEL_DEFAULTS))
 
 
-_SPEC = {  # key: (kind, lower bound or choices, upper bound)
-    "base_model": ("str", None, None), "method": ("choice", ("lora", "full"), None),
-    "lora_rank": ("int", 1, 1024), "lora_alpha": ("num", 0, None), "lora_targets": ("strlist", None, None),
-    "learning_rate": ("num", 0, 1), "epochs": ("int", 1, 100_000), "min_steps": ("int", 0, 10**9),
-    "stop_loss": ("num", 0, None), "batch_size": ("int", 1, 65536), "warmup_steps": ("int", 0, 10**9), "replay_ratio": ("num", 0, 1),
-    "replay_per_new": ("num", 0, 100), "replay_max": ("int", 0, 10**9), "min_new_facts": ("int", 1, 10**9), "max_wait_seconds": ("num", 0, None),
-    "poll_seconds": ("num", 0, None), "max_facts_per_round": ("int", 1, 10**9), "max_phrasings": ("int", 1, 1000),
-    "probe_size": ("int", 0, 10**6), "gate_min_new_accuracy": ("num", 0, 1), "gate_max_forgetting": ("num", 0, 1),
-    "gate_max_stale_rate": ("num", 0, 1), "unknown_answer": ("str", None, None), "eval_max_facts": ("int", 1, 10**9),
-    "seed": ("int", 0, 2**31), "threads": ("int", 1, 1024), "deterministic": ("bool", None, None), "device": ("choice", ("auto", "cpu", "cuda"), None),
-    "model": ("table", None, None),
+_MODULES = (list, lambda v: bool(v) and all(isinstance(x, str) and x for x in v), "a non-empty list of module names")
+_RATE = number(0, 1, above=True)  # a learning rate
+_FRACTION = number(0, 1)
+_SPEC: Spec = {
+    "base_model": (str, None, "a string"), "method": choice("lora", "full"),
+    "lora_rank": integer(1, 1024), "lora_alpha": number(0), "lora_targets": _MODULES,
+    "learning_rate": _RATE, "epochs": integer(1, 100_000), "min_steps": integer(0, 10**9),
+    "stop_loss": number(0), "batch_size": integer(1, 65536), "warmup_steps": integer(0, 10**9),
+    "replay_ratio": _FRACTION, "replay_per_new": number(0, 100), "replay_max": integer(0, 10**9),
+    "min_new_facts": integer(1, 10**9), "max_wait_seconds": number(0), "poll_seconds": number(0),
+    "max_facts_per_round": integer(1, 10**9), "max_phrasings": integer(1, 1000), "probe_size": integer(0, 10**6),
+    "gate_min_new_accuracy": _FRACTION, "gate_max_forgetting": _FRACTION, "gate_max_stale_rate": _FRACTION,
+    "unknown_answer": (str, None, "a string"), "eval_max_facts": integer(1, 10**9), "seed": integer(0, 2**31),
+    "threads": integer(1, 1024), "deterministic": (bool, None, "true or false"), "device": choice("auto", "cpu", "cuda"),
+    "model": (dict, None, "a table ([train.model])"),
 }
-_MODEL_SPEC = {
-    "hidden": ("int", 16, 8192), "layers": ("int", 1, 128), "heads": ("int", 1, 128), "vocab_size": ("int", 300, 10**6),
-    "epochs": ("int", 1, 100_000), "min_steps": ("int", 0, 10**9), "batch_size": ("int", 1, 65536),
-    "learning_rate": ("num", 0, 1), "warmup_steps": ("int", 0, 10**9), "open_book_ratio": ("num", 0, 100),
-    "distractors": ("int", 0, 20), "tenant_facts": ("bool", None, None), "reading_steps": ("int", 0, 10**9),
-    "cache_dir": ("str", None, None), "threads": ("int", 1, 1024),
+_MODEL_SPEC: Spec = {
+    "hidden": integer(16, 8192), "layers": integer(1, 128), "heads": integer(1, 128), "vocab_size": integer(300, 10**6),
+    "epochs": integer(1, 100_000), "min_steps": integer(0, 10**9), "batch_size": integer(1, 65536),
+    "learning_rate": _RATE, "warmup_steps": integer(0, 10**9), "open_book_ratio": number(0, 100),
+    "distractors": integer(0, 20), "tenant_facts": (bool, None, "true or false"), "reading_steps": integer(0, 10**9),
+    "cache_dir": (str, None, "a string"), "threads": integer(1, 1024),
 }
-
-
-def _check(path: str, value, spec: tuple) -> str | None:
-    """A problem with one value (None: fine)."""
-    kind, lo, hi = spec
-    number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if kind == "str":
-        ok, expected = isinstance(value, str), "a string"
-    elif kind == "bool":
-        ok, expected = isinstance(value, bool), "true or false"
-    elif kind == "strlist":
-        ok = isinstance(value, list) and bool(value) and all(isinstance(x, str) and x for x in value)
-        expected = "a non-empty list of module names"
-    elif kind == "choice":
-        ok, expected = value in lo, "one of " + ", ".join(map(repr, lo))
-    elif kind == "table":
-        ok, expected = isinstance(value, dict), "a table"
-    elif kind == "int":
-        ok = number and isinstance(value, int) and lo <= value <= hi
-        expected = f"an integer from {lo} to {hi}"
-    else:  # a number; a learning rate must be > 0
-        positive = path.endswith("learning_rate")
-        ok = number and (value > lo if positive else value >= lo) and (hi is None or value <= hi)
-        expected = f"a number {'>' if positive else '>='} {lo}" + (f" and <= {hi}" if hi is not None else "")
-    return None if ok else f"{path}: expected {expected}, got {value!r}"
 
 
 def check_config(config) -> list[str]:
     """Every problem in `[train]` (and `[train.model]`), each starting with its key path."""
-    problems = []
-    for section, raw, spec in (("train", config.train, _SPEC), ("train.model", config.train.get("model", {}), _MODEL_SPEC)):
-        if not isinstance(raw, dict):
-            continue  # reported as train.model above
-        for key, value in raw.items():
-            if key not in spec:
-                problems.append(f"{section}.{key}: unknown key (known: {', '.join(spec)})")
-            elif (p := _check(f"{section}.{key}", value, spec[key])) is not None:
-                problems.append(p)
+    problems: list[str] = []
+    good = check_section(config.train, "train", _SPEC, problems)
+    if "model" in good:
+        check_section(good["model"], "train.model", _MODEL_SPEC, problems)
     return problems
 
 
