@@ -36,6 +36,7 @@ import time
 from dataclasses import dataclass, fields
 
 from pgfresh.capture.change import DEFAULT_PIPELINE
+from pgfresh.configtypes import Spec, check_section, integer, number
 
 SECTION = "retention"
 
@@ -61,22 +62,21 @@ def settings(config) -> Retention:
     return r
 
 
+_SPEC: Spec = {  # the keys of Retention
+    "change_log_keep_seconds": number(0, unit="seconds"),
+    "gate_log_keep_hours": number(0, unit="hours"),
+    "tombstone_keep_hours": number(0, unit="hours"),
+    "superseded_facts_keep_hours": number(0, unit="hours"),
+    "prune_interval_seconds": number(0, above=True, unit="seconds"),
+    "prune_batch_rows": integer(1),
+    "prune_max_seconds": number(0, above=True, unit="seconds"),
+}
+
+
 def check_config(config) -> list[str]:
     """Every problem in [retention], each with its key path."""
-    raw = getattr(config, "retention", None) or {}
-    problems = []
-    known = {f.name: f.type for f in fields(Retention)}
-    for key, value in raw.items():
-        kind = known.get(key)
-        if kind is None:
-            problems.append(f"{SECTION}.{key}: unknown key (known: {', '.join(known)})")
-        elif kind in (int, "int"):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                problems.append(f"{SECTION}.{key}: expected a positive integer, got {value!r}")
-        elif isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-            problems.append(f"{SECTION}.{key}: expected a number >= 0 ({key.rsplit('_', 1)[-1]}), got {value!r}")
-        elif key in ("prune_interval_seconds", "prune_max_seconds") and value == 0:
-            problems.append(f"{SECTION}.{key}: expected a number > 0 (seconds), got {value!r}")
+    problems: list[str] = []
+    check_section(getattr(config, "retention", None) or {}, SECTION, _SPEC, problems)
     return problems
 
 
