@@ -14,18 +14,18 @@ Public entry points:
 
 from __future__ import annotations
 
+from pgfresh.configtypes import Spec, check_section, integer, number
+from pgfresh.serve import router
 from pgfresh.serve.answer import MODES, Options, answer, default_registry  # noqa: F401  (re-exported)
 from pgfresh.serve.registry import Registry  # noqa: F401
 
-# key -> (check, expected)
-_SPEC = {
-    "host": (lambda v: isinstance(v, str) and bool(v), "a host name or address"),
-    "port": (lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 65535, "a port, 0..65535"),
-    "max_body_bytes": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0, "a positive integer (bytes)"),
-    "ready_max_lag_seconds": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0,
-                              "a number of seconds > 0"),
-    "reports_dir": (lambda v: isinstance(v, str), "a directory holding arena reports (*.json, *.html)"),
-    "router": (lambda v: True, "a table ([serve.router])"),
+_SPEC: Spec = {
+    "host": (str, bool, "a host name or address"),
+    "port": (int, lambda v: 0 <= v <= 65535, "a port, 0..65535"),
+    "max_body_bytes": integer(1, unit="bytes"),
+    "ready_max_lag_seconds": number(0, above=True, unit="seconds"),
+    "reports_dir": (str, None, "a directory holding arena reports (*.json, *.html)"),
+    "router": (dict, None, "a table ([serve.router])"),
 }
 DEFAULTS = {"host": "127.0.0.1", "port": 8088, "max_body_bytes": 1 << 20, "ready_max_lag_seconds": 60.0,
             "reports_dir": "."}
@@ -33,16 +33,10 @@ DEFAULTS = {"host": "127.0.0.1", "port": 8088, "max_body_bytes": 1 << 20, "ready
 
 def check_config(config) -> list[str]:
     """Every problem in `[serve]` (and `[serve.router]`), each starting with its key path."""
-    from pgfresh.serve import router
-
-    problems = []
-    for key, value in (config.serve or {}).items():
-        if key not in _SPEC:
-            problems.append(f"serve.{key}: unknown key (known: {', '.join(_SPEC)})")
-        elif not _SPEC[key][0](value):
-            problems.append(f"serve.{key}: expected {_SPEC[key][1]}, got {value!r}")
-    if "router" in (config.serve or {}):
-        router.check(config.serve["router"], problems)
+    problems: list[str] = []
+    good = check_section(config.serve or {}, "serve", _SPEC, problems)
+    if "router" in good:
+        check_section(good["router"], "serve.router", router.SPEC, problems)
     return problems
 
 

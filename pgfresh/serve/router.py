@@ -49,16 +49,14 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 
 from pgfresh.capture.pgoutput import parse_lsn
+from pgfresh.configtypes import Spec, integer, number
 
 RETRIEVE, SLICE = "rag", "slice"
 
-# key -> (check, expected)
-SPEC = {
-    "max_slice_age_seconds": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0,
-                              "a number of seconds > 0"),
-    "max_table_changes": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "an integer >= 0"),
-    "min_slice_confidence": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1,
-                             "a number between 0 and 1"),
+SPEC: Spec = {  # [serve.router], checked by pgfresh.serve.check_config
+    "max_slice_age_seconds": number(0, above=True, unit="seconds"),
+    "max_table_changes": integer(0),
+    "min_slice_confidence": number(0, 1),
 }
 
 
@@ -86,18 +84,6 @@ class Route:
         if self.confidence is not None:
             out.update(confidence=round(self.confidence, 3), signals=self.signals)
         return out
-
-
-def check(raw, problems: list[str]) -> None:
-    """Validate `[serve.router]`."""
-    if not isinstance(raw, dict):
-        problems.append("serve.router: expected a table ([serve.router])")
-        return
-    for key, value in raw.items():
-        if key not in SPEC:
-            problems.append(f"serve.router.{key}: unknown key (known: {', '.join(SPEC)})")
-        elif not SPEC[key][0](value):
-            problems.append(f"serve.router.{key}: expected {SPEC[key][1]}, got {value!r}")
 
 
 def margin(best, runner_up) -> float | None:
