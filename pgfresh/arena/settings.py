@@ -23,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from pgfresh.configtypes import NUMBER, Spec, check_section, choice, integer, number
 from pgfresh.render import default_template_name
 
 WORKLOADS = ("shop", "shop-zh", "custom")
@@ -74,125 +75,72 @@ class ArenaSettings:
     noise_sql: list[str] = field(default_factory=list)  # custom: statements recorded as noise
 
 
-_NUMBERS = {
-    "minutes": (0.0, None, False), "noise": (0.0, 0.5, True), "rate_per_s": (0.0, None, False),
-    "correct_after_s": (0.0, None, True), "batch_interval_s": (0.0, None, False),
-    "oltp_seconds": (0.0, None, True), "export_seconds": (0.0, None, True), "wal_seconds": (0.0, None, True),
-    "noisy_window_s": (0.0, None, True),
+def _listed(value) -> list:
+    """A list of strings as the config may write it: one string is a list of one."""
+    return [value] if isinstance(value, str) else value
+
+
+_STRINGS = ((str, list), lambda v: all(isinstance(x, str) and x for x in _listed(v)), "a list of strings")
+_SPEC: Spec = {  # the keys of ArenaSettings
+    "workload": choice(*WORKLOADS),
+    "minutes": number(0.0, above=True), "noise": number(0.0, 0.5), "seed": integer(0),
+    "rate_per_s": number(0.0, above=True), "correct_after_s": number(0.0), "batch_interval_s": number(0.0, above=True),
+    "questions_per_batch": integer(1), "min_questions": integer(0), "batches": integer(0),
+    "strategies": _STRINGS, "oltp_seconds": number(0.0), "oltp_clients": integer(1), "wal_seconds": number(0.0),
+    "export_seconds": number(0.0), "noisy_window_s": number(0.0),
+    "scale": (dict, None, "a table ([arena.scale])"),
+    "questions": (list, None, "a list of [[arena.questions]] entries"),
+    "setup_sql": (str, bool, "a string"),
+    "change": (str, lambda v: ":" in v, '"module:function"'),
+    "change_sql": _STRINGS, "noise_sql": _STRINGS,
 }
-_INTS = {"seed": 0, "questions_per_batch": 1, "oltp_clients": 1, "batches": 0, "min_questions": 0}
-_SCALE = ("shops", "products_per_shop", "notes_per_shop")
-
-
-def _number(problems, path, value, lo, hi, lo_inclusive) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        problems.append(f"{path}: expected a number, got {value!r}")
-        return None
-    if (value < lo or (value == lo and not lo_inclusive)) or (hi is not None and value > hi):
-        bound = f"{'>=' if lo_inclusive else '>'} {lo}" + (f" and <= {hi}" if hi is not None else "")
-        problems.append(f"{path}: expected a number {bound}, got {value!r}")
-        return None
-    return float(value)
-
-
-def _str_list(problems, path, value) -> list[str] | None:
-    if isinstance(value, str):
-        value = [value]
-    if not (isinstance(value, list) and all(isinstance(v, str) and v for v in value)):
-        problems.append(f"{path}: expected a list of strings, got {value!r}")
-        return None
-    return value
+_SCALE: Spec = {key: integer(1) for key in ("shops", "products_per_shop", "notes_per_shop")}
+_TABLE_OF_LISTS = 'a table of lists, e.g. { price = ["..."] }'
+_QUESTION: Spec = {  # an entry of [[arena.questions]]
+    "table": (str, bool, "a table name from [[tables]]"),
+    "visible_when": (str, lambda v: bool(v.strip()), "an SQL condition like \"status = 'published'\""),
+    "held_out": (dict, None, _TABLE_OF_LISTS),
+    "invent": (dict, None, _TABLE_OF_LISTS),
+}
 
 
 def _parse_question(i: int, raw: Any, tables: set[str], problems: list[str]) -> QuestionSpec | None:
     path = f"arena.questions[{i}]"
     if not isinstance(raw, dict):
-        problems.append(f"{path}: expected a table ([[arena.questions]])")
+        problems.append(f"{path}: expected a table ([[arena.questions]]), got {raw!r}")
         return None
-    for key in raw:
-        if key not in ("table", "visible_when", "held_out", "invent"):
-            problems.append(f"{path}.{key}: unknown key (known: table, visible_when, held_out, invent)")
-    table = raw.get("table")
-    if not isinstance(table, str) or not table:
+    good = check_section(raw, path, _QUESTION, problems)
+    lists = {}
+    for key in ("held_out", "invent"):  # name -> a list of strings, for any name
+        value = good.get(key, {})
+        lists[key] = {name: _listed(items) for name, items in
+                      check_section(value, f"{path}.{key}", dict.fromkeys(value, _STRINGS), problems).items()}
+    if "table" not in raw:
         problems.append(f"{path}.table: expected a table name from [[tables]]")
+    if "table" not in good:
         return None
-    table = table if "." in table else f"public.{table}"
+    table = good["table"] if "." in good["table"] else f"public.{good['table']}"
     if table not in tables:
         problems.append(f"{path}.table: {table} is not one of [[tables]] ({', '.join(sorted(tables)) or 'none'})")
-    spec = QuestionSpec(table=table)
-    if "visible_when" in raw:
-        if isinstance(raw["visible_when"], str) and raw["visible_when"].strip():
-            spec.visible_when = raw["visible_when"]
-        else:
-            problems.append(f"{path}.visible_when: expected an SQL condition like \"status = 'published'\"")
-    for key in ("held_out", "invent"):
-        value = raw.get(key, {})
-        if not isinstance(value, dict):
-            problems.append(f"{path}.{key}: expected a table of lists, e.g. {{ price = [\"...\"] }}")
-            continue
-        for name, items in value.items():
-            parsed = _str_list(problems, f"{path}.{key}.{name}", items)
-            if parsed is not None:
-                getattr(spec, key)[name] = parsed
-    return spec
+    return QuestionSpec(table=table, visible_when=good.get("visible_when"), **lists)
 
 
 def parse(raw: dict, tables: set[str]) -> tuple[ArenaSettings, list[str]]:
     """ArenaSettings from the raw [arena] table, and the list of problems (empty when valid)."""
     problems: list[str] = []
     s = ArenaSettings()
-    for key, value in raw.items():
-        path = f"arena.{key}"
-        if key in _NUMBERS:
-            got = _number(problems, path, value, *_NUMBERS[key])
-            if got is not None:
-                setattr(s, key, got)
-        elif key in _INTS:
-            if isinstance(value, bool) or not isinstance(value, int) or value < _INTS[key]:
-                problems.append(f"{path}: expected an integer >= {_INTS[key]}, got {value!r}")
-            else:
-                setattr(s, key, value)
-        elif key == "workload":
-            if value not in WORKLOADS:
-                problems.append(f"{path}: expected one of {', '.join(WORKLOADS)}, got {value!r}")
-            else:
-                s.workload = value
-        elif key in ("strategies", "change_sql", "noise_sql"):
-            got = _str_list(problems, path, value)
-            if got is not None:
-                setattr(s, key, got)
-        elif key in ("setup_sql", "change"):
-            if not isinstance(value, str) or not value:
-                problems.append(f"{path}: expected a string, got {value!r}")
-            elif key == "change" and ":" not in value:
-                problems.append(f"{path}: expected \"module:function\", got {value!r}")
-            else:
-                setattr(s, key, value)
-        elif key == "scale":
-            _parse_scale(s, value, problems)
+    for key, value in check_section(raw, "arena", _SPEC, problems).items():
+        if key == "scale":
+            s.scale = {**s.scale, **check_section(value, "arena.scale", _SCALE, problems)}
         elif key == "questions":
-            if not isinstance(value, list):
-                problems.append("arena.questions: expected a list of [[arena.questions]] entries")
-                continue
             s.questions = [q for i, raw_q in enumerate(value) if (q := _parse_question(i, raw_q, tables, problems))]
+        elif _SPEC[key] is _STRINGS:
+            setattr(s, key, _listed(value))
         else:
-            problems.append(f"{path}: unknown key")
+            setattr(s, key, float(value) if _SPEC[key][0] is NUMBER else value)
     if s.workload == "custom" and not (s.change or s.change_sql):
         problems.append("arena.change: a custom workload needs change = \"module:function\" or change_sql = [...]")
     return s, problems
-
-
-def _parse_scale(s: ArenaSettings, value: Any, problems: list[str]) -> None:
-    if not isinstance(value, dict):
-        problems.append("arena.scale: expected a table ([arena.scale])")
-        return
-    for k, v in value.items():
-        if k not in _SCALE:
-            problems.append(f"arena.scale.{k}: unknown key (known: {', '.join(_SCALE)})")
-        elif isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            problems.append(f"arena.scale.{k}: expected an integer >= 1, got {v!r}")
-        else:
-            s.scale = {**s.scale, k: v}
 
 
 def check_config(config) -> list[str]:
