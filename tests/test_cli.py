@@ -137,6 +137,24 @@ def test_config_nan_inf_core_and_stage_problems_all_at_once(tmp_path, capsys):
         assert needle in line, (needle, line)
 
 
+def test_config_problems_of_every_stage_section_all_at_once(tmp_path, capsys):
+    # One bad key in each section a stage owns: one error line lists them all, each with its key path.
+    path = tmp_path / "pgfresh.toml"
+    path.write_text('[source]\ndsn = "x"\n[[tables]]\nname = "t"\n'
+                    '[train]\nmethod = "qlora"\n[train.model]\nhidden = 8\n'
+                    '[retention]\nprune_batch_rows = 0\n'
+                    '[serve]\nport = "eighty"\n[serve.router]\nmin_slice_confidence = 2\n'
+                    '[arena]\nminutes = "x"\n')
+    line = assert_one_line(*run_main(["sync", "--once", "--config", str(path)], capsys), "6 problems")
+    for needle in ("train.method: expected one of lora, full, got 'qlora'",
+                   "train.model.hidden: expected an integer from 16 to 8192, got 8",
+                   "retention.prune_batch_rows: expected an integer >= 1, got 0",
+                   "serve.port: expected a port, 0..65535, got 'eighty'",
+                   "serve.router.min_slice_confidence: expected a number >= 0 and <= 1, got 2",
+                   "arena.minutes: expected a number > 0.0, got 'x'"):
+        assert needle in line, (needle, line)
+
+
 def test_config_not_utf8_or_a_directory_is_one_line(tmp_path, capsys):
     path = tmp_path / "pgfresh.toml"
     path.write_bytes(b'[source]\nslot = "\xff\xfe"\n')
