@@ -74,6 +74,18 @@ def test_every_slice_publishes_and_tuned_answers_changed_facts_from_published_sl
     assert len(from_slices) >= 5, [x["sources"] for x in changed]
     assert r["strategies"]["tuned"]["by_class"]["changed"]["n"] == len(changed)
 
+    # Whether the serving version had trained on the asked value: every unchanged fact was trained
+    # by the base version (the lineage's root), so each of those answers must say so.
+    unchanged = [x for x in r["records"] if x["strategy"] == "tuned" and x["cls"] == "unchanged"]
+    assert unchanged and all(x["learnt"] is True for x in unchanged), [(x["question"], x["learnt"]) for x in unchanged]
+    learnt = r["strategies"]["tuned"]["learnt"]
+    print(f"learnt: {learnt['learnt']} of {learnt['answered_from_slice']} changed answers from a slice had been"
+          f" trained on the asked value; right on {learnt['on_learnt']['accuracy']} of those,"
+          f" {learnt['on_not_learnt']['accuracy']} of the rest")
+    assert learnt["answered_from_slice"] == sum(x["learnt"] is not None for x in changed) >= len(from_slices)
+    row = next(v for v in r["verdict"] if v["claim"].startswith("Fine-tuning internalises"))
+    assert "had been trained on the asked value" in row["evidence"]
+
 
 def test_gate_off_column_comes_from_its_own_rounds_on_the_same_questions(tuned_run):
     r, versions, tenants = tuned_run

@@ -361,4 +361,18 @@ def summarise_strategy(records: list[dict], batches: int, cost: dict, changes: i
         "forgetting": forgot,
         "fuar": fuar(records, forgot),
         "retrieval": retrieval(records),
+        "learnt": learnt(records),
     }
+
+
+def learnt(records: list[dict]) -> dict | None:
+    """Changed facts answered from a slice: how many the serving version had trained on (coverage)
+    and the accuracy on those and on the rest (None: no answer came from a slice)."""
+    from_slice = [r for r in records if r["cls"] == "changed" and r.get("learnt") is not None]
+    if not from_slice:
+        return None
+    yes = [r for r in from_slice if r["learnt"]]
+    no = [r for r in from_slice if not r["learnt"]]
+    return {"answered_from_slice": len(from_slice), "learnt": len(yes),
+            "coverage": _rate(len(yes), len(from_slice)), "coverage_ci": wilson(len(yes), len(from_slice)),
+            "on_learnt": scores(yes), "on_not_learnt": scores(no)}

@@ -38,6 +38,7 @@ from pgfresh.arena.questions import Probe, QuestionGenerator
 from pgfresh.arena.settings import ArenaSettings, settings as arena_settings
 from pgfresh.arena.strategy import ArenaContext, Strategy, available, create
 from pgfresh.arena.workload import drive, load_workload
+from pgfresh.capture.change import key_text
 from pgfresh.errors import ConfigError, PgfreshError
 
 MAX_ASKS_PER_CHANGE = 50  # a change still wrong after this many batches stops being re-asked
@@ -390,6 +391,7 @@ def assemble(run: ArenaRun, started_at: datetime, machine: dict) -> dict:
     from pgfresh.arena import verdict
 
     workload = _workload_stats(run)
+    _mark_learnt(run)
     strategies = {}
     for s in run.strategies:
         rs = [r for r in run.records if r["strategy"] == s.name]
@@ -425,6 +427,38 @@ def assemble(run: ArenaRun, started_at: datetime, machine: dict) -> dict:
     results["verdict"] = verdict.verdict(results)
     results["router"] = verdict.router_table(results)  # the router per class against its parts ([] without them)
     return results
+
+
+SLICE_SOURCE = re.compile(r"slice (.+) v(\d+)")
+
+
+def _mark_learnt(run: ArenaRun) -> None:
+    """Whether each answer from a slice came from a version that had trained on the asked value.
+
+    Sets `learnt` on every record answered from a slice (None elsewhere): true when the serving
+    version's lineage trained a fact of that row and template whose answer is the truth at asking
+    time (fact_training roles base, learn, update). This separates "training did not reach the
+    fact in time" from "the slice trained it and still answers wrong"."""
+    asked = {}
+    for r in run.records:
+        m = SLICE_SOURCE.fullmatch(next((x for x in r["sources"] or [] if x.startswith("slice ")), ""))
+        r["learnt"] = None
+        if m and r["truth_kind"] == "value" and r["truth"] is not None:
+            asked[id(r)] = (r, m.group(1), int(m.group(2)))
+    if not asked:
+        return
+    with db.connect_store(run.config, "arena") as store:
+        for r, name, version in asked.values():
+            (r["learnt"],) = store.execute(
+                "with recursive lineage(version) as ("
+                "  select %s::int union all"
+                "  select v.parent from pgfresh.slice_versions v join lineage l on v.version = l.version"
+                "  where v.slice = %s and v.parent is not null)"
+                " select exists(select 1 from pgfresh.fact_training t join pgfresh.facts f using (fact_id)"
+                "  where t.slice = %s and t.version in (select version from lineage)"
+                "  and t.role in ('base', 'learn', 'update')"
+                "  and f.tbl = %s and f.key = %s and f.template = %s and f.answer = %s)",
+                (version, name, name, r["table"], key_text(r["key"]), r["template"], r["truth"])).fetchone()
 
 
 def _training(run: ArenaRun, strategies: dict) -> dict:

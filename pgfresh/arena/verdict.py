@@ -117,13 +117,23 @@ def _hit5(rs: list[dict]) -> tuple:
 def internalised(results: dict) -> dict:
     claim = "Fine-tuning internalises knowledge and answers faster"
     tuned, rag = _kind(results, "tuned"), _kind(results, "rag")
-    if not tuned or not rag:
+    if not tuned:
         return _row(claim, None, None)
-    (tn, ts), (rn, rs) = tuned[0], rag[0]
-    tl, rl = ts["latency"]["p50_s"], rs["latency"]["p50_s"]
+    tn, ts = tuned[0]
     evidence = (f"{tn}: unchanged {_cls(ts, 'unchanged')}, held-out phrasing {_cls(ts, 'held_out')},"
-                f" p50 latency {_lat(ts)}; {rn}: unchanged {_cls(rs, 'unchanged')}, held-out"
-                f" {_cls(rs, 'held_out')}, p50 latency {_lat(rs)}")
+                f" p50 latency {_lat(ts)}")
+    if (learnt := ts.get("learnt")) is not None:  # did training reach the changed facts it was asked about?
+        evidence += (f"; of the changed facts it answered from a slice, {learnt['learnt']} of"
+                     f" {learnt['answered_from_slice']} had been trained on the asked value"
+                     f" ({_pct(learnt['coverage'], learnt['coverage_ci'])}): right on"
+                     f" {_rate(learnt['on_learnt'], 'accuracy')} of those, {_rate(learnt['on_not_learnt'], 'accuracy')}"
+                     f" of the rest")
+    if not rag:
+        return _row(claim, evidence, None)
+    rn, rs = rag[0]
+    tl, rl = ts["latency"]["p50_s"], rs["latency"]["p50_s"]
+    evidence += (f"; {rn}: unchanged {_cls(rs, 'unchanged')}, held-out {_cls(rs, 'held_out')},"
+                 f" p50 latency {_lat(rs)}")
     c = metrics.compare(results["records"], tn, rn, "unchanged")
     side = metrics.separated(ts["latency"].get("p50_ci_s"), rs["latency"].get("p50_ci_s"))
     speed = (f"it answers {rl / tl:.1f}x as fast" + ("" if side else f" ({NO_DIFFERENCE} in p50 latency)")
