@@ -28,7 +28,7 @@ test-deps:
 		|| echo "PostgreSQL 15 not installed: tests/test_capture.py skips the second-version test"
 
 test: $(VENV)/.installed test-deps
-	$(PY) -m pytest -q --durations=15
+	$(PY) -m pytest -q -n 2 --durations=15
 
 clean:
 	rm -rf $(VENV) .pgfresh build *.egg-info

@@ -6,6 +6,7 @@ wal_level=logical, exactly as `pgfresh` does in production.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -19,6 +20,25 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from pgfresh.embedded import EmbeddedServer  # noqa: E402
+
+
+# `make test` runs two pytest-xdist workers: each test file runs whole on one worker (its module
+# fixtures are set up once), and files that share a model build run on the same worker, one after
+# the other, so the second copies the first's build from the cache. (`--dist loadgroup` would say
+# this with marks, but it does not group under pytest 9: measured, every test spread out.)
+SAME_WORKER = {"test_train.py": "test_model.py", "test_arena_tuned.py": "test_arena.py"}
+
+
+if importlib.util.find_spec("xdist"):  # a test dependency; pytest refuses the hook without the plugin
+    def pytest_xdist_make_scheduler(config, log):
+        from xdist.scheduler import LoadFileScheduling
+
+        class SharedBuilds(LoadFileScheduling):
+            def _split_scope(self, nodeid: str) -> str:
+                name = nodeid.split("::", 1)[0].rsplit("/", 1)[-1]
+                return SAME_WORKER.get(name, name)
+
+        return SharedBuilds(config, log)
 
 
 @pytest.fixture(scope="session")
@@ -122,3 +142,4 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600, env: dict
     full_env = dict(os.environ, **(env or {}))
     return subprocess.run([sys.executable, "-m", "pgfresh", *args], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout, env=full_env)
+
