@@ -173,14 +173,14 @@ def server_pids(dsn: str) -> list[int]:
     its children); [] for a server elsewhere. Found from our own backend's parent, never by name."""
     with db.connect(dsn, "arena-pin", autocommit=True) as conn:
         pid, addr = conn.execute("select pg_backend_pid(), inet_server_addr()::text").fetchone()
-    if addr is not None and not addr.startswith(("127.", "::1")):
-        return []
-    try:
-        postmaster = _ppid(pid)
-        if not Path(f"/proc/{postmaster}/comm").read_text().startswith("postgres"):
+        if addr is not None and not addr.startswith(("127.", "::1")):
             return []
-    except (OSError, ValueError):
-        return []
+        try:  # while our backend lives: once the connection closes it exits, and /proc forgets it
+            postmaster = _ppid(pid)
+            if not Path(f"/proc/{postmaster}/comm").read_text().startswith("postgres"):
+                return []
+        except (OSError, ValueError):
+            return []
     children = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
