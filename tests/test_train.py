@@ -498,6 +498,24 @@ def test_reader_adapter_trains_saves_and_the_reader_loads_it(smollm2, tmp_path):
                                                        [docs[("products", "2")]]), 6), str)
 
 
+def test_reader_adapter_cli_drills_the_stores_facts(smollm2, tmp_path, dsn):
+    """`pgfresh model reader-adapter` end to end on SmolLM2: the store's facts and documents, one
+    step, the open-book exact match before and after on one fact, the adapter saved in the data dir."""
+    with psycopg.connect(dsn, autocommit=True) as c:
+        create_products(c, products(2))
+    base = smollm2 / "models" / "smollm2-135m"
+    path = write_config(tmp_path, dsn, 'data_dir = "data"\n' + TABLES + f'\n[train]\nbase_model = "{base}"\n'
+                        "batch_size = 2\nmax_phrasings = 1\neval_max_facts = 1\nlora_rank = 4\n")
+    sync_once(path)
+    out = run_cli("model", "reader-adapter", "--steps", "1", "--json", "--config", str(path))
+    assert out.returncode == 0, out.stderr
+    meta = json.loads(out.stdout)
+    print({k: meta[k] for k in ("facts", "drills_per_epoch", "steps", "tokens_per_s", "final_loss",
+                                "open_book_before", "open_book_after")})
+    assert meta["steps"] >= 1 and meta["facts_evaluated"] == 1 and 0 <= meta["open_book_after"] <= 1
+    assert (tmp_path / "data" / "adapters" / "reader" / "adapter_config.json").exists()
+
+
 def test_replay_is_sized_by_the_rounds_new_facts_on_small_slices():
     from pgfresh.train import Settings
 
