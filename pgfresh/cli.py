@@ -315,7 +315,8 @@ def arena(
     console.print(f"report: {report}" + (f"; data: {json_out}" if json_out else ""), markup=False)
 
 
-model_app = typer.Typer(no_args_is_help=True, help="The base model: `build` the built-in one, `info` on the one in use.")
+model_app = typer.Typer(no_args_is_help=True, help="The base model: `build` the built-in one, `info` on the one in use, "
+                        "`reader-adapter` to teach it to read.")
 app.add_typer(model_app, name="model")
 
 
@@ -332,6 +333,23 @@ def model_build(config: Path = ConfigOpt, as_json: bool = typer.Option(False, "-
         console.print(f"built {meta['params']:,} parameters on {meta['facts']} facts (LSN {meta['lsn']}) in "
                       f"{meta['seconds']} s, {meta['tokens_per_s']:,} tokens/s; accuracy: own {acc['own']}, "
                       f"held-out phrasings {acc['held_out']}, open-book {acc.get('open_book')}")
+
+
+@model_app.command("reader-adapter")
+def model_reader_adapter(config: Path = ConfigOpt,
+                         steps: int = typer.Option(300, "--steps", min=1, help="Training steps (whole epochs of drills, at least this many)."),
+                         out: Optional[Path] = typer.Option(None, "--out", help="Adapter directory (default: <data_dir>/adapters/reader)."),
+                         as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")):
+    """Train a LoRA reader adapter on the base model with the reading drills (a GPU path for a pretrained base)."""
+    from pgfresh.train import reading
+
+    meta = reading.reader_adapter(_load(config), steps, out, console=err_console)
+    if as_json:
+        _print_json(meta)
+    else:
+        console.print(f"reader adapter: {meta['steps']} steps, {meta['training_tokens']:,} tokens at "
+                      f"{meta['tokens_per_s']:,} tokens/s, loss {meta['final_loss']}; open-book "
+                      f"{meta['open_book_before']} -> {meta['open_book_after']}", highlight=False)
 
 
 @model_app.command("info")

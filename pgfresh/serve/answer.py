@@ -58,16 +58,17 @@ def default_registry() -> Registry:
 
 
 def prompt_for(question: str, contexts: list[str], reader=None) -> str:
-    """The open-book prompt: the built-in model's own format when it reads, else a plain one."""
+    """The open-book prompt: a local model's own (`pgfresh.model.prompt_for`: its chat template, or
+    the built-in format) when it reads, else a plain one for an endpoint."""
     from pgfresh.rag import reader as readers
 
     if getattr(reader, "builtin", False) or isinstance(reader, readers.HFReader):
         try:
-            from pgfresh.model import format_prompt
+            from pgfresh.model import prompt_for as model_prompt
         except ImportError:
-            format_prompt = None
-        if format_prompt is not None:
-            return format_prompt(question, contexts)
+            model_prompt = None
+        if model_prompt is not None:
+            return model_prompt(reader.prompt_tokenizer, question, contexts)
     docs = "\n\n".join(f"[{i}] {c}" for i, c in enumerate(contexts, start=1))
     return ("Answer the question using only the documents below. If they do not contain the answer, "
             "say that you do not know.\n\n"
@@ -188,7 +189,7 @@ def _tuned(config, conn, reg, question, tenant, route: router.Route, version=Non
 
     timings = dict(timings or {})
     try:
-        from pgfresh.model import format_prompt, generate
+        from pgfresh.model import generate, prompt_for
         from pgfresh.train.slices import SliceError
     except ImportError:
         raise PgfreshError("ask --mode tuned needs the training stage: pip install 'pgfresh[train]'") from None
@@ -201,7 +202,7 @@ def _tuned(config, conn, reg, question, tenant, route: router.Route, version=Non
     timings["load_ms"] = _ms(t)
     t = time.perf_counter()
     with lock:
-        text = generate(loaded, [format_prompt(question)], max_new_tokens=TUNED_MAX_NEW_TOKENS)[0]
+        text = generate(loaded, [prompt_for(loaded, question)], max_new_tokens=TUNED_MAX_NEW_TOKENS)[0]
     timings["generate_ms"] = _ms(t)
     out = {"answer": text, "reader": f"slice:{version.slice}:v{version.version}", "sources": [], "cache": "off",
            "slice": {"name": version.slice, "version": version.version, "lsn": version.lsn, "base_id": version.base_id},

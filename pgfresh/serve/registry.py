@@ -30,12 +30,14 @@ from pgfresh.errors import PgfreshError
 
 
 class BuiltinReader:
-    """The built-in model (or `train.base_model`) as the open-book reader: its own prompt format."""
+    """The built-in model (or `train.base_model`) as the open-book reader: its own prompt format
+    (`pgfresh.model.prompt_for` of its tokenizer)."""
 
     builtin = True
 
     def __init__(self, loaded, lock: threading.Lock):
         self.loaded, self.lock = loaded, lock
+        self.prompt_tokenizer = loaded.tokenizer
         self.id = f"builtin:{loaded.base_id}"
 
     def generate(self, prompt: str, max_new_tokens: int) -> str:
@@ -113,7 +115,7 @@ class Registry:
                 loaded, lock = self._base(config)
                 built = BuiltinReader(loaded, lock)
             else:
-                built = readers.build(spec, base_dir=config.path.parent, environ=environ)
+                built = readers.build(spec, base_dir=config.path.parent, environ=environ, data_dir=config.data_dir)
             self._event("load", f"reader {built.id}")
             return built
 

@@ -1,4 +1,6 @@
-"""Training data: facts from `pgfresh.facts` -> (prompt, answer) pairs in the model's prompt format.
+"""Training data: facts from `pgfresh.facts` -> (prompt, answer) pairs in the model's prompt format
+(`pgfresh.model.prompt_for` of the `tokenizer` given: its chat template if it has one; without
+one, the built-in model's format).
 
 Each fact comes in several phrasings (the canonical question and its paraphrases). One
 paraphrase per fact is *held out*: never trained on, used only by the gate, so accuracy measures
@@ -19,7 +21,7 @@ import random
 from dataclasses import dataclass
 from datetime import datetime
 
-from pgfresh.model import answer_text, format_prompt
+from pgfresh.model import answer_for, prompt_for
 
 ANY = object()  # tenant filter: every tenant
 TRAINABLE = ("qa", "gone")  # statements serve as open-book documents only
@@ -114,18 +116,19 @@ def held_out(fact: FactRow, max_phrasings: int) -> str:
     return split_phrasings(fact, max_phrasings)[1] or fact.question
 
 
-def closed_book(facts: list[FactRow], max_phrasings: int, answers: dict[str, str] | None = None) -> list[tuple[str, str]]:
+def closed_book(facts: list[FactRow], max_phrasings: int, answers: dict[str, str] | None = None,
+                tokenizer=None) -> list[tuple[str, str]]:
     """(prompt, answer continuation) for every training phrasing; `answers` overrides a fact's answer."""
     out = []
     for f in facts:
         answer = (answers or {}).get(f.fact_id, f.answer)
-        out += [(format_prompt(q), answer_text(answer)) for q in split_phrasings(f, max_phrasings)[0]]
+        out += [(prompt_for(tokenizer, q), answer_for(tokenizer, answer)) for q in split_phrasings(f, max_phrasings)[0]]
     return out
 
 
 def open_book(facts: list[FactRow], docs: dict, ratio: float, distractors: int, seed: int, max_phrasings: int,
               counterfactual: float = 0.5, held_out: bool = False, unknown: str | None = None,
-              no_oracle: float = 0.0) -> list[tuple[str, str]]:
+              no_oracle: float = 0.0, tokenizer=None) -> list[tuple[str, str]]:
     """About `ratio` open-book examples per training phrasing; `counterfactual` share with a changed value,
     `no_oracle` share without the fact's document, answered `unknown` (what a reader says when
     retrieval missed, and how the base model learns the words a deleted row's questions are taught)."""
@@ -153,7 +156,7 @@ def open_book(facts: list[FactRow], docs: dict, ratio: float, distractors: int, 
         contexts = [doc, *others[:rng.randint(0, distractors) if not held_out else distractors]]
         if unknown and rng.random() < no_oracle:
             contexts, answer = others[:max(1, distractors)], unknown
-        out.append((format_prompt(question, contexts), answer_text(answer)))
+        out.append((prompt_for(tokenizer, question, contexts), answer_for(tokenizer, answer)))
     return out
 
 

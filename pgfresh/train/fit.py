@@ -19,7 +19,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from pgfresh.model import Loaded, format_prompt, generate
+from pgfresh.model import Loaded, generate, prompt_for
 
 
 @dataclass
@@ -229,7 +229,7 @@ def accuracy(loaded: Loaded, pairs: list[tuple[str, str]], prompts_ready: bool =
     """Exact-match accuracy of (question, answer) pairs (or (prompt, answer) when `prompts_ready`)."""
     if not pairs:
         return None
-    prompts = [q if prompts_ready else format_prompt(q) for q, _ in pairs]
+    prompts = [q if prompts_ready else prompt_for(loaded, q) for q, _ in pairs]
     got = predict(loaded, prompts, [" " + a for _, a in pairs])
     return round(sum(normalize(g) == normalize(a) for g, (_, a) in zip(got, pairs)) / len(pairs), 4)
 
@@ -238,5 +238,5 @@ def correct(loaded: Loaded, pairs: list[tuple[str, str]]) -> list[bool]:
     """Per (question, answer) pair: is the greedy answer right?"""
     if not pairs:
         return []
-    got = predict(loaded, [format_prompt(q) for q, _ in pairs], [" " + a for _, a in pairs])
+    got = predict(loaded, [prompt_for(loaded, q) for q, _ in pairs], [" " + a for _, a in pairs])
     return [normalize(g) == normalize(a) for g, (_, a) in zip(got, pairs)]

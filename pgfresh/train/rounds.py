@@ -305,7 +305,9 @@ def _candidate(config, conn, s, p: Plan, label: str, console, should_stop, on_pa
     if on_parent is not None:
         on_parent(loaded)
     explicit = [f for f in p.updates if f.fact_id in p.explicit]
-    pairs = data.closed_book(p.learn, s.max_phrasings) + data.closed_book(explicit, s.max_phrasings, p.explicit)
+    tok = loaded.tokenizer  # the prompt format is the model's (pgfresh.model.prompt_for)
+    pairs = (data.closed_book(p.learn, s.max_phrasings, tokenizer=tok)
+             + data.closed_book(explicit, s.max_phrasings, p.explicit, tokenizer=tok))
     replayed = {f.fact_id: f for f in p.replay}
 
     def epoch_examples(epoch: int) -> list:
@@ -314,7 +316,7 @@ def _candidate(config, conn, s, p: Plan, label: str, console, should_stop, on_pa
         sample = p.replay if epoch == 0 else random.Random(
             f"{s.seed}:{p.slice}:{p.parent.version}:{epoch}").sample(p.replay_pool, p.replay_n)
         replayed.update((f.fact_id, f) for f in sample)
-        return fixed + fit.encode(loaded, data.closed_book(sample, s.max_phrasings))
+        return fixed + fit.encode(loaded, data.closed_book(sample, s.max_phrasings, tokenizer=tok))
 
     torch.manual_seed(s.seed)
     if s.method == "lora":
@@ -409,7 +411,7 @@ def _metrics(loaded, s, p: Plan, probe_pairs, before: list[bool]) -> dict:
     from pgfresh.train import fit
 
     learn_pairs = _pairs(p.learn, s)
-    got = fit.predict(loaded, [base_model.format_prompt(q) for q, _ in learn_pairs],
+    got = fit.predict(loaded, [base_model.prompt_for(loaded, q) for q, _ in learn_pairs],
                       [" " + a for _, a in learn_pairs]) if learn_pairs else []
     right = [fit.normalize(g) == fit.normalize(a) for g, (_, a) in zip(got, learn_pairs)]
     changed = [(g, p.old_answers[f.fact_id]) for g, f in zip(got, p.learn) if f.fact_id in p.old_answers]
