@@ -64,7 +64,7 @@ class TableConfig:
     key: list[str] | None = None  # None: the table's primary key
     tenant: str | None = None  # column holding the tenant id, if the table is multi-tenant
     document: str | None = None  # document template (render)
-    facts: list[dict] = field(default_factory=list)  # fact templates (render)
+    facts: list[dict] | None = None  # fact templates (render); None: one per column; []: none (documents only)
     gate: dict = field(default_factory=dict)  # gate policy (gate)
     source: str | None = None  # [[sources]]: the source it comes from (name is then "source:schema.table")
     relation_name: str | None = None  # [[sources]]: schema.table in the source database

@@ -97,6 +97,22 @@ def test_default_facts_ask_one_question_per_column():
     assert unnamed[1].question == "What is the city of stores B1?"
 
 
+
+def test_facts_empty_list_makes_a_documents_only_table():
+    """`facts = []` (free-text notes): no questions at all; before, an empty list meant the per-column
+    defaults, so the shop's support notes fed rounds "What is the created at of ...?" facts."""
+    from pgfresh import config as cfg
+
+    config = cfg.parse({"source": {"dsn": "postgresql://x"},
+                        "tables": [{"name": "notes", "document": "{body}", "facts": []}, {"name": "stores"}]})
+    notes, stores = config.tables
+    row = {"id": 1, "body": "Customer asked about delivery", "created_at": "2026-01-01"}
+    assert notes.facts == [] and fact_templates(notes, row) == ()
+    assert [f.kind for f in render_facts(notes, Change("public.notes", "insert", [1], row, 1, T0))
+            if f.kind == "qa"] == []
+    assert [t.name for t in fact_templates(stores, row)] == ["column:body", "column:created_at"]  # no key: defaults
+
+
 # --- through capture -----------------------------------------------------------------------------
 
 def _products_config(tmp_path, dsn, extra: str = "", tenant: str | None = None) -> object:

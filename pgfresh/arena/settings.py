@@ -159,7 +159,7 @@ def fact_templates(config, spec: QuestionSpec) -> list[FactTemplate]:
     """The [[tables.facts]] of spec.table as FactTemplates, with the arena's held-out phrasings."""
     table = config.table(spec.table)
     out = []
-    for i, raw in enumerate(table.facts):
+    for i, raw in enumerate(table.facts or []):
         question = raw.get("question")
         phrasings = list(question) if isinstance(question, list) else [question]
         phrasings += list(raw.get("paraphrases", []))

@@ -238,9 +238,10 @@ def _templates(table_name: str, raw_json: str) -> tuple[FactTemplate, ...]:
 
 
 def fact_templates(table: TableConfig, row: dict) -> tuple[FactTemplate, ...]:
-    """The table's fact templates, or with none configured, one question per column of the row."""
-    if table.facts:
-        return _templates(table.name, json.dumps(table.facts, sort_keys=True))
+    """The table's fact templates; without `facts`, one question per column of the row; with
+    `facts = []`, none (a table whose rows are documents only, such as free-text notes)."""
+    if table.facts is not None:
+        return _templates(table.name, json.dumps(table.facts, sort_keys=True)) if table.facts else ()
     # Identifiers make poor questions ("What is the id of Blue mug?"): keys, the tenant, *_id.
     skip = set(table.key or []) | ({table.tenant} if table.tenant else set())
     label = next((c for c in ("name", "title", "label") if row.get(c) not in (None, "")), None)
@@ -326,7 +327,7 @@ def check_config(config) -> list[str]:
                 fields += [(f"tables[{i}].document", f) for f in template_fields(table.document)]
             except ValueError as exc:
                 problems.append(f"tables[{i}].document: template {table.document!r}: {exc}")
-        for j, t in enumerate(parse_fact_templates(table.facts, f"tables[{i}].facts", problems)):
+        for j, t in enumerate(parse_fact_templates(table.facts or [], f"tables[{i}].facts", problems)):
             fields += [(f"tables[{i}].facts[{j}]", f) for f in sorted(t.fields())]
         dropped = {"document": _dropped(table, ("rag", "train")), "facts": _dropped(table, ("train",))}
         for where, f in fields:
@@ -346,7 +347,7 @@ def check_against_columns(config, columns_by_table: dict[str, list[str]]) -> lis
         named: list[tuple[str, set[str]]] = []
         if table.document:
             named.append((f"tables[{i}].document", set(template_fields(table.document))))
-        for j, t in enumerate(parse_fact_templates(table.facts, "", [])):
+        for j, t in enumerate(parse_fact_templates(table.facts or [], "", [])):
             named.append((f"tables[{i}].facts[{j}]", t.fields() - {"_key"}))
         for where, fields in named:
             for f in sorted(fields - set(columns)):
