@@ -40,6 +40,7 @@ from pgfresh.arena.strategy import ArenaContext, Strategy, available, create
 from pgfresh.arena.workload import drive, load_workload
 from pgfresh.capture.change import key_text
 from pgfresh.errors import ConfigError, PgfreshError
+from pgfresh.train import slices
 
 MAX_ASKS_PER_CHANGE = 50  # a change still wrong after this many batches stops being re-asked
 MAX_EXTRA_BATCHES = 10  # past the deadline, batches to reach min_questions (a batch asks what it can)
@@ -439,26 +440,23 @@ def _mark_learnt(run: ArenaRun) -> None:
     version's lineage trained a fact of that row and template whose answer is the truth at asking
     time (fact_training roles base, learn, update). This separates "training did not reach the
     fact in time" from "the slice trained it and still answers wrong"."""
-    asked = {}
+    served: dict[tuple[str, int], list[dict]] = {}
     for r in run.records:
         m = SLICE_SOURCE.fullmatch(next((x for x in r["sources"] or [] if x.startswith("slice ")), ""))
         r["learnt"] = None
         if m and r["truth_kind"] == "value" and r["truth"] is not None:
-            asked[id(r)] = (r, m.group(1), int(m.group(2)))
-    if not asked:
+            served.setdefault((m.group(1), int(m.group(2))), []).append(r)
+    if not served:
         return
     with db.connect_store(run.config, "arena") as store:
-        for r, name, version in asked.values():
-            (r["learnt"],) = store.execute(
-                "with recursive lineage(version) as ("
-                "  select %s::int union all"
-                "  select v.parent from pgfresh.slice_versions v join lineage l on v.version = l.version"
-                "  where v.slice = %s and v.parent is not null)"
-                " select exists(select 1 from pgfresh.fact_training t join pgfresh.facts f using (fact_id)"
-                "  where t.slice = %s and t.version in (select version from lineage)"
-                "  and t.role in ('base', 'learn', 'update')"
-                "  and f.tbl = %s and f.key = %s and f.template = %s and f.answer = %s)",
-                (version, name, name, r["table"], key_text(r["key"]), r["template"], r["truth"])).fetchone()
+        for (name, version), records in served.items():
+            chain = [v.version for v in slices.lineage(store, slices.get_version(store, name, version))]
+            trained = set(store.execute(
+                "select f.tbl, f.key, f.template, f.answer from pgfresh.fact_training t join pgfresh.facts f using (fact_id)"
+                " where t.slice = %s and t.version = any(%s) and t.role in ('base', 'learn', 'update')",
+                (name, chain)).fetchall())
+            for r in records:
+                r["learnt"] = (r["table"], key_text(r["key"]), r["template"], r["truth"]) in trained
 
 
 def _training(run: ArenaRun, strategies: dict) -> dict:

@@ -90,7 +90,7 @@ class HFReader:
             self.model = PeftModel.from_pretrained(self.model, str(adapter))
             self.id += f"+{adapter}"
         self.model = self.model.to(device).eval()
-        self.chat, self.device = chat, device
+        self.device = device
         self.prompt_tokenizer = None if chat is False else self.tokenizer
 
     def generate(self, prompt: str, max_new_tokens: int) -> str:
@@ -118,17 +118,18 @@ def build(spec: dict, base_dir: Path | None = None, environ: dict | None = None,
         env = spec.get("api_key_env")
         return OpenAIReader(spec["base_url"], spec["model"], environ.get(env) if env else None,
                             float(spec.get("timeout_seconds", 60)))
+
+    def local(p: str) -> Path:
+        p = Path(p).expanduser()
+        return Path(base_dir) / p if not p.is_absolute() and base_dir is not None else p
+
     if spec["path"] in base_model.NAMED:
         if data_dir is None:
             raise ReaderError(f"rag.reader.path = {spec['path']!r}: a named model needs the data directory to convert it into")
         path = base_model.named_dir(data_dir, spec["path"], setting="rag.reader.path")
     else:
-        path = Path(spec["path"]).expanduser()
-        if not path.is_absolute() and base_dir is not None:
-            path = Path(base_dir) / path
-    adapter = Path(spec["adapter"]).expanduser() if spec.get("adapter") else None
-    if adapter is not None and not adapter.is_absolute() and base_dir is not None:
-        adapter = Path(base_dir) / adapter
+        path = local(spec["path"])
+    adapter = local(spec["adapter"]) if spec.get("adapter") else None
     return HFReader(path, chat=spec.get("chat"), device=spec.get("device", "cpu"), adapter=adapter)
 
 
