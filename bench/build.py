@@ -1,14 +1,20 @@
-"""The built-in model build: seconds and tokens/s by thread count, on a finished arena's snapshot.
+"""The built-in model build: seconds, tokens/s and accuracy, one setting against another.
 
-    .venv/bin/python bench/build.py --arena DIR [--threads 1,2] [--epochs 3] [--reading-steps 60]
+    .venv/bin/python bench/build.py --demo DIR [--compare batching] [--full] [--repeats 1]
+    .venv/bin/python bench/build.py --arena DIR [--compare threads --threads 1,2] [--epochs 3] [--reading-steps 60]
 
+Where the facts come from: `--demo DIR` seeds the demo's shop (`pgfresh demo`'s size and seed) on
+an embedded server in DIR and syncs it once, so the build sees what the demo's build sees;
 `--arena DIR`: a finished bench/arena_tuned.py directory (copied first, as bench/rounds.py does);
 `--config PATH`: a project whose facts are read in place (its built-in model is replaced).
-Builds the model on the snapshot's facts with the cache off, once per thread count, alternating
-the order between repeats (`--repeats`), with the build shortened to `--epochs` mixed epochs and
-`--reading-steps` drill steps (the throughput, not the model, is measured). Prints a Markdown
-table with the ratio of each setting's tokens/s to the first's, measured in this process, and
-the load average. Never asserts.
+
+What is compared (`--compare`): `threads` (torch threads, `--threads`) or `batching` (each step's batch
+padded as one, as before, against micro-batches of about one length: `fit.MICRO_RATIO`). Each setting
+builds with the cache off, the order alternating between repeats. `--full` builds with the
+configured sizes (the model is measured too: accuracy on own facts, held-out phrasings and
+open-book); otherwise the build is shortened to `--epochs` mixed epochs and `--reading-steps`
+drill steps (throughput only). Prints a Markdown table with each setting's ratio to the first,
+measured in this process, and the load average. Never asserts.
 """
 
 from __future__ import annotations
@@ -27,36 +33,87 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from bench.rounds import copy_arena  # noqa: E402
 from pgfresh import config as cfg  # noqa: E402
 from pgfresh import model  # noqa: E402
+from pgfresh.train import fit  # noqa: E402
+
+
+def demo_snapshot(workdir: Path) -> Path:
+    """The demo's database right before its build phase: seeded and synced once."""
+    import psycopg
+
+    from pgfresh.arena import runner
+    from pgfresh.arena.progress import Progress
+    from pgfresh.arena.workload import shop_config_text
+    from pgfresh.capture.setup import resolve_dsn
+    from pgfresh.embedded import EmbeddedServer
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    server = EmbeddedServer(workdir / "pg")
+    with psycopg.connect(server.start(), autocommit=True) as c:
+        c.execute("select pg_drop_replication_slot(slot_name) from pg_replication_slots"
+                  " where database = 'pgfresh_arena' and not active")
+        c.execute("drop database if exists pgfresh_arena with (force)")
+        c.execute("create database pgfresh_arena")
+    path = workdir / "pgfresh.toml"
+    path.write_text(shop_config_text({"dsn": server.dsn("pgfresh_arena")}))
+    config = cfg.load(path)
+    s = dataclasses.replace(runner.arena_settings(config), seed=7, **runner.DEMO_SIZE)
+    pipe = runner.CapturePipeline(config)
+    run = runner.ArenaRun(config, s, resolve_dsn(config), [], pipe, Progress(None, s.minutes))
+    try:
+        runner.reset_pgfresh(run.conn, config)
+        run.seed()
+        run.initial_sync()
+    finally:
+        pipe.close()
+        run.conn.close()
+    return path
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--demo", type=Path, help="a directory for the demo's snapshot (made afresh)")
     src.add_argument("--arena", type=Path, help="a finished bench/arena_tuned.py directory (copied)")
     src.add_argument("--config", type=Path, help="a project's pgfresh.toml: its facts are read, its model is replaced")
     ap.add_argument("--workdir", type=Path, default=Path(".pgfresh/bench-build"))
-    ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--compare", choices=["threads", "batching"], default="threads")
+    ap.add_argument("--threads", default="1,2", help="with --compare threads; otherwise the first is used")
+    ap.add_argument("--full", action="store_true", help="the configured sizes, accuracy measured")
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--reading-steps", type=int, default=60)
     ap.add_argument("--repeats", type=int, default=2)
     a = ap.parse_args()
-    config = cfg.load(copy_arena(a.arena.resolve(), a.workdir.resolve()) if a.arena else a.config)
+    if a.demo:
+        path = demo_snapshot(a.demo.resolve())
+    else:
+        path = copy_arena(a.arena.resolve(), a.workdir.resolve()) if a.arena else a.config
+    config = cfg.load(path)
     threads = [int(t) for t in a.threads.split(",")]
-    runs: dict[int, list] = {t: [] for t in threads}
+    settings = threads if a.compare == "threads" else ["one padded batch", "micro-batches"]
+    runs: dict = {x: [] for x in settings}
     for rep in range(a.repeats):
-        for t in (threads if rep % 2 == 0 else threads[::-1]):
-            spec = {**config.train.get("model", {}), "threads": t, "cache_dir": "", "epochs": a.epochs,
-                    "reading_steps": a.reading_steps, "min_steps": 0}
+        for x in (settings if rep % 2 == 0 else settings[::-1]):
+            spec = {**config.train.get("model", {}), "cache_dir": "",
+                    "threads": x if a.compare == "threads" else threads[0]}
+            if not a.full:
+                spec.update(epochs=a.epochs, reading_steps=a.reading_steps, min_steps=0)
+            fit.MICRO_RATIO = float("inf") if x == "one padded batch" else 1.5
             meta = model.build(dataclasses.replace(config, train={**config.train, "model": spec}))
-            runs[t].append(meta)
-            print(f"threads {t}: {meta['train_seconds']} s, {meta['tokens_per_s']} tokens/s, {meta['steps']} steps;"
-                  f" load {os.getloadavg()[0]:.1f}", flush=True)
-    base = sum(m["tokens_per_s"] for m in runs[threads[0]]) / a.repeats
-    print("\n| threads | steps | train s (mean) | tokens/s (mean) | ratio to first |\n| --- | --- | --- | --- | --- |")
-    for t in threads:
-        tps = sum(m["tokens_per_s"] for m in runs[t]) / a.repeats
-        print(f"| {t} | {runs[t][0]['steps']} | {sum(m['train_seconds'] for m in runs[t]) / a.repeats:.1f} | {tps:.0f}"
-              f" | {tps / base:.2f} |")
+            runs[x].append(meta)
+            print(f"{a.compare} {x}: {meta['train_seconds']} s, {meta['tokens_per_s']} tokens/s, {meta['steps']} steps,"
+                  f" accuracy {meta['accuracy']}; load {os.getloadavg()[0]:.1f}", flush=True)
+    base = sum(m["train_seconds"] for m in runs[settings[0]]) / a.repeats
+
+    def mean(x, f):
+        return sum(f(m) for m in runs[x]) / a.repeats
+
+    print(f"\n| {a.compare} | facts | steps | train s (mean) | tokens/s (mean) | speed-up | own | held-out | open-book |"
+          "\n| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for x in settings:
+        acc = [mean(x, lambda m, k=k: m["accuracy"].get(k) or 0.0) for k in ("own", "held_out", "open_book")]
+        seconds = mean(x, lambda m: m["train_seconds"])
+        print(f"| {x} | {runs[x][0]['facts']} | {runs[x][0]['steps']} | {seconds:.1f} | {mean(x, lambda m: m['tokens_per_s']):.0f}"
+              f" | {base / seconds:.2f} | " + " | ".join(f"{v:.2f}" for v in acc) + " |")
     print(f"\nload average {os.getloadavg()[0]:.1f} at the end")
 
 

@@ -581,3 +581,35 @@ def test_gate_off_lineage_publishes_the_gated_slices_candidate_without_training_
     answer = tuned(config, f"What is the price of {names[0]}?")
     assert rounds.run_round(config, None, variant="gate-off", gate=False) is None  # nothing waits
     assert answer["slice"]["version"] == theirs.version
+
+
+def test_micro_batches_make_the_same_step_as_one_padded_batch(monkeypatch):
+    """A step's batch runs as micro-batches of about one length (fit.MICRO_RATIO): its loss and
+    gradients are those of the one padded batch, which computed mostly padding when ~30-token
+    questions and ~120-token open-book prompts shared it."""
+    import random
+
+    import torch
+    from accelerate import Accelerator
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from pgfresh.train import fit
+
+    rng = random.Random(3)
+    examples = [([rng.randrange(2, 60) for _ in range(n)], n - rng.randrange(1, 4))
+                for n in [rng.choice((8, 9, 12, 30, 31, 47)) for _ in range(24)]]
+    cfg_ = LlamaConfig(vocab_size=60, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                       num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, eos_token_id=1)
+    steps = {}
+    for ratio in (float("inf"), fit.MICRO_RATIO):
+        monkeypatch.setattr(fit, "MICRO_RATIO", ratio)
+        torch.manual_seed(0)
+        lm = LlamaForCausalLM(cfg_)
+        loss, tokens = fit.backward(Accelerator(cpu=True), fit.answer_loss(lm), examples, 0)
+        steps[ratio] = (len(fit.micro_batches(examples)), float(loss), tokens, [p.grad for p in lm.parameters()])
+    (n_one, loss_one, tokens_one, grads_one), (n_micro, loss_micro, tokens_micro, grads_micro) = steps.values()
+    assert (n_one, n_micro) == (1, 3)
+    assert tokens_micro == tokens_one == sum(len(ids) for ids, _ in examples)  # padding is not counted either way
+    assert loss_micro == pytest.approx(loss_one, rel=1e-5)
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-7) for a, b in zip(grads_one, grads_micro))
+    assert max(float(g.abs().max()) for g in grads_one) > 1e-2  # a step that moves something
