@@ -277,3 +277,33 @@ def _affinity(pid: int) -> set[int] | None:
         return os.sched_getaffinity(pid)
     except ProcessLookupError:
         return None
+
+
+def test_embedded_server_knows_it_is_down_after_a_crash_and_starts_again(tmp_path):
+    """`running()` reads postmaster.pid (no `pg_ctl status` per store connection): a server killed
+    with -9 leaves that file behind naming a dead process; it reads as down, and start() recovers."""
+    import os
+    import signal
+    import time
+
+    server = EmbeddedServer(tmp_path / "pg")
+    try:
+        assert not server.running()
+        dsn = server.start()
+        assert server.running()
+        pid = int((server.pgdata / "postmaster.pid").read_text().split()[0])
+        os.kill(pid, signal.SIGKILL)
+        for _ in range(100):
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.1)
+        assert (server.pgdata / "postmaster.pid").exists() and not server.running()
+        assert server.start() == dsn
+        with psycopg.connect(dsn) as c:
+            assert c.execute("select 1").fetchone() == (1,)
+        server.stop()
+        assert not server.running()
+    finally:
+        server.destroy()
