@@ -25,20 +25,24 @@ STRATEGIES = ["stale", "tuned", "tuned-gate-off"]
 SHOPS = 2
 
 
-@pytest.fixture(scope="module")
-def tuned_run(module_dsn, tmp_path_factory):
-    directory = tmp_path_factory.mktemp("arena_tuned")
-    slot = psycopg.conninfo.conninfo_to_dict(module_dsn)["dbname"]
-    text = workload.shop_config_text({"dsn": module_dsn, "max_txn_seconds": 5.0, "slot": slot})
+def _config(dsn: str, directory) -> cfg.Config:
+    slot = psycopg.conninfo.conninfo_to_dict(dsn)["dbname"]
+    text = workload.shop_config_text({"dsn": dsn, "max_txn_seconds": 5.0, "slot": slot})
     text = text.replace("settle_seconds = 30", "settle_seconds = 5")
     # rounds of at most 12 facts: a round finishes within a batch or two even on a loaded machine
     text = text.replace("max_facts_per_round = 40", "max_facts_per_round = 12")
     # one thread, deterministic algorithms: the build and the rounds repeat on one machine
     text = text.replace("\n[train]\n", "\n[train]\ndeterministic = true\n", 1)
     path = directory / "pgfresh.toml"
-    path.write_text(f'store = {{ dsn = "{module_dsn}" }}\n' + text)  # the store in the test database
+    path.write_text(f'store = {{ dsn = "{dsn}" }}\n' + text)  # the store in the test database
+    return cfg.load(path)
+
+
+@pytest.fixture(scope="module")
+def tuned_run(module_dsn, tmp_path_factory):
+    directory = tmp_path_factory.mktemp("arena_tuned")
     r = runner.run_arena(
-        cfg.load(path), minutes=0.3, noise=0.0, seed=5, strategies=STRATEGIES, json_path=directory / "results.json",
+        _config(module_dsn, directory), minutes=0.3, noise=0.0, seed=5, strategies=STRATEGIES, json_path=directory / "results.json",
         overrides={"batches": 5, "batch_interval_s": 8.0, "rate_per_s": 6.0, "questions_per_batch": 12,
                    "correct_after_s": 3.0, "oltp_seconds": 0.0, "export_seconds": 0.0,
                    "scale": {"shops": SHOPS, "products_per_shop": 8, "notes_per_shop": 2}})
@@ -103,3 +107,30 @@ def test_gate_off_column_comes_from_its_own_rounds_on_the_same_questions(tuned_r
     row = next(v for v in r["verdict"] if v["claim"].startswith("The publish gate"))
     print(row)
     assert row["measured"] and "tuned-gate-off (gate off)" in row["evidence"] and "McNemar" in row["meaning"]
+
+
+def test_a_timed_run_trains_in_the_background_while_questions_are_asked(dsn, tmp_path):
+    """Without `batches` (the demo, `pgfresh arena --minutes`), rounds run in the arena's trainer
+    process beside the questions, not between batches: versions are published while the live
+    phase runs, tuned answers from them, the training CPU is the strategies' background cost, and
+    the round in progress at the end is abandoned (not left `running`)."""
+    r = runner.run_arena(
+        _config(dsn, tmp_path), minutes=0.75, noise=0.0, seed=5, strategies=["tuned", "tuned-gate-off"],
+        overrides={"batch_interval_s": 5.0, "rate_per_s": 6.0, "questions_per_batch": 6, "correct_after_s": 3.0,
+                   "oltp_seconds": 0.0, "export_seconds": 0.0, "wal_seconds": 0.0,
+                   "scale": {"shops": SHOPS, "products_per_shop": 8, "notes_per_shop": 2}})
+    assert not r["errors"]
+    live = {name: r["training"][name] for name in ("tuned", "tuned-gate-off")}
+    assert sum(t["published"] for t in live.values()) >= 1, live
+    assert all(x["status"] != "running" for t in live.values() for x in t["rounds"])
+    with psycopg.connect(dsn) as c:
+        newest = dict(c.execute("select slice, max(version) from pgfresh.slice_versions group by slice").fetchall())
+    from_live = []
+    for name, t in live.items():
+        cost = r["strategies"][name]["cost"]
+        assert cost["background_cpu_s"] > 1.0 and cost["refresh_wall_s"] < 1.0, cost  # trained, and not in refresh
+        # the versions its trainer published while the questions ran: each slice's newest ones
+        published = {sl: sum(x["slice"] == sl and x["status"] == "published" for x in t["rounds"]) for sl in newest}
+        fresh = {(sl, newest[sl] - i) for sl, n in published.items() for i in range(n)}
+        from_live += [x for x in r["records"] if x["strategy"] == name and _slice_version(x) in fresh]
+    assert from_live  # tuned answered from versions trained beside the questions

@@ -37,6 +37,7 @@ from pgfresh.arena.progress import Progress
 from pgfresh.arena.questions import Probe, QuestionGenerator
 from pgfresh.arena.settings import ArenaSettings, settings as arena_settings
 from pgfresh.arena.strategy import ArenaContext, Strategy, available, create
+from pgfresh.arena.trainer import Trainer
 from pgfresh.arena.workload import drive, load_workload
 from pgfresh.capture.change import key_text
 from pgfresh.errors import ConfigError, PgfreshError
@@ -122,6 +123,8 @@ class ArenaRun:
         self.workload = load_workload(config, s)
         self.conn = db.connect(dsn, "arena", autocommit=True)
         self.proc = None
+        self.ctx: ArenaContext | None = None
+        self.trainer: Trainer | None = None  # a timed run's, kept after it stops for its CPU figures
 
     def phase(self, name: str):
         self.progress.phase(name)
@@ -224,6 +227,10 @@ class ArenaRun:
             begin = time.monotonic()
             deadline = begin + self.s.minutes * 60
             oltp = threading.Thread(target=self._oltp_with, name="arena-oltp", daemon=True)
+            jobs = {st.name: st.rounds for st in self.strategies if st.rounds is not None}
+            if jobs and not count:  # timed: rounds train beside the questions (pgfresh.arena.trainer)
+                self.trainer = self.ctx.trainer = Trainer(self.config, jobs)
+                self.trainer.start()
             while (self.batches < count) if count else (time.monotonic() < deadline or self._short(extra)):
                 started = time.monotonic()
                 extra += started >= deadline and not count
@@ -241,6 +248,12 @@ class ArenaRun:
             if oltp.ident:
                 oltp.join()
             (self.live_end,) = self.conn.execute("select clock_timestamp()").fetchone()
+            self._stop_trainer()
+
+    def _stop_trainer(self) -> None:
+        if self.ctx is not None and self.ctx.trainer is not None:
+            self.ctx.trainer.stop()
+            self.ctx.trainer = None  # the strategies' refresh trains again (none is called after this)
 
     def _short(self, extra: int) -> bool:
         """Past the deadline: whether another batch is due to reach min_questions."""
@@ -268,6 +281,8 @@ class ArenaRun:
         if self.proc is not None and not self.proc.is_alive():
             message = self.workload_errors.get(timeout=1) if not self.workload_errors.empty() else "exited"
             raise PgfreshError(f"the arena workload stopped: {message}")
+        if self.trainer is not None and not self.trainer.alive() and not self.trainer.stop_event.is_set():
+            raise PgfreshError(f"the arena's trainer stopped: {self.trainer.error() or 'exited'}")
 
     def _batch(self, n: int) -> None:
         for strategy in self.strategies:
@@ -362,6 +377,7 @@ class ArenaRun:
             self.sampler = None
 
     def close(self) -> None:
+        self._stop_trainer()
         self.stop()
         for strategy in self.strategies:
             strategy.close()
@@ -396,7 +412,8 @@ def assemble(run: ArenaRun, started_at: datetime, machine: dict) -> dict:
     strategies = {}
     for s in run.strategies:
         rs = [r for r in run.records if r["strategy"] == s.name]
-        cost = {**run.cost[s.name], "background_cpu_s": s.background_cpu_s()}
+        background = s.background_cpu_s() + (run.trainer.cpu_s(s.name) if run.trainer is not None else 0.0)
+        cost = {**run.cost[s.name], "background_cpu_s": background}
         strategies[s.name] = {"kind": s.kind, "gate": s.gate, "publish_gate": s.publish_gate,
                               **metrics.summarise_strategy(rs, run.batches, cost, workload["changes"])}
     ingest = {**run.ingest, "cpu_s_per_1k_changes": (run.ingest["cpu_s"] / workload["changes"] * 1000

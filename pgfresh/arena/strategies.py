@@ -9,8 +9,9 @@ question would otherwise be answered from the cache and inflate accuracy).
 - `stale`: the base model, closed-book, never updated: what the snapshot taught it.
 - `rag-dense`: `serve.answer(mode="rag")` with dense retrieval only (pgvector HNSW), no rerank.
 - `rag-hybrid`: `serve.answer(mode="rag")` with hybrid retrieval and the configured rerank.
-- `tuned`: `serve.answer(mode="tuned")`: the tenant's continual slice; `refresh` runs the training
-  rounds that are due (`pgfresh train --once`), so its time-to-fresh includes training.
+- `tuned`: `serve.answer(mode="tuned")`: the tenant's continual slice; the rounds that are due
+  (`pgfresh train --once`) run between batches, or in a timed run in the arena's trainer process
+  beside the questions (pgfresh.arena.trainer), so its time-to-fresh includes training.
 - `tuned-gate-off`: `tuned` with the publish gate off, on the same questions: a lineage of its own
   per tenant (`_gate-off:<slice>`, `train.rounds.lineage_name`; no tenant's `ask` ever reads it)
   that publishes every round whatever its forgetting, at the same times `tuned` trains. Beside
@@ -112,6 +113,7 @@ class Rag(_Served):
 
 class Tuned(_Served):
     kind, gate, publish_gate, mode = "tuned", True, True, "tuned"
+    rounds = {"variant": None, "gate": True}
 
     def prepare(self, ctx: ArenaContext) -> None:
         from pgfresh import train
@@ -120,10 +122,11 @@ class Tuned(_Served):
         train.run(ctx.config, once=True)  # version 1 of every slice: the facts waiting now
 
     def refresh(self, ctx: ArenaContext) -> None:
-        from pgfresh import train
+        from pgfresh.train import rounds
 
-        # Only the rounds that are due (enough new facts, or waited long; back-off after a rejection).
-        train.run(ctx.config, once=True, due_only=True)
+        if ctx.trainer is None:  # else the arena's trainer process runs them
+            # Only the rounds that are due (enough new facts, or waited long; back-off after a rejection).
+            rounds.run(ctx.config, once=True, due_only=True, **self.rounds)
 
 
 class TunedGateOff(Strategy):
@@ -132,18 +135,20 @@ class TunedGateOff(Strategy):
 
     kind, gate, publish_gate = "tuned", True, False
     VARIANT = "gate-off"
+    rounds = {"variant": VARIANT, "gate": False}
 
     def prepare(self, ctx: ArenaContext) -> None:
         from pgfresh.train import rounds
 
         self.config, self.registry = arena_config(ctx.config), registry(ctx)
         ensure_base_model(ctx)
-        rounds.run(ctx.config, once=True, variant=self.VARIANT, gate=False)
+        rounds.run(ctx.config, once=True, **self.rounds)
 
     def refresh(self, ctx: ArenaContext) -> None:
         from pgfresh.train import rounds
 
-        rounds.run(ctx.config, once=True, due_only=True, variant=self.VARIANT, gate=False)
+        if ctx.trainer is None:
+            rounds.run(ctx.config, once=True, due_only=True, **self.rounds)
 
     def answer(self, question: Question) -> Answer:
         from pgfresh.model import generate, prompt_for

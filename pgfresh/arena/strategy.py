@@ -60,6 +60,7 @@ class ArenaContext:
     console: Any = None
     store_dsn: str | None = None  # None: the source database holds the store too
     registry: Any = None  # the run's pgfresh.serve.Registry (loaded models), made by the first strategy that needs it
+    trainer: Any = None  # a timed run's pgfresh.arena.trainer.Trainer: it runs the `rounds` of tuned strategies
 
 
 class Strategy:
@@ -69,6 +70,9 @@ class Strategy:
     kind: str = "other"  # one of KINDS
     gate: bool | None = None  # whether the quality gate is on for this strategy (None: not applicable)
     publish_gate: bool | None = None  # tuned kinds: whether a round must pass the publish gate to serve
+    # tuned kinds that train pgfresh's rounds: `pgfresh.train.rounds.run` keyword arguments (variant,
+    # gate). A timed run trains them in its trainer process (ctx.trainer); refresh skips them then.
+    rounds: dict | None = None
 
     def prepare(self, ctx: ArenaContext) -> None:
         """Build whatever the strategy needs before the live phase (index, model, slices)."""

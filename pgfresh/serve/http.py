@@ -197,7 +197,7 @@ def create_app(config, registry: Registry | None = None) -> FastAPI:
              "pgfresh": {"slices": slices if m != "rag" else []}} for m in MODES]}
 
     @app.post("/v1/chat/completions")
-    def chat(body: ChatRequest, p: apikeys.Principal = Depends(auth)):
+    def chat(body: ChatRequest, p: apikeys.Principal = Depends(auth)) -> Response:
         if body.model not in MODES:
             raise ApiError(404, f"unknown model {body.model!r}: use one of {', '.join(MODES)} (GET /v1/models)",
                            "model_not_found")
@@ -208,12 +208,12 @@ def create_app(config, registry: Registry | None = None) -> FastAPI:
         out = serve.answer(config, question, tenant, body.model, registry=reg,
                            options=Options(cache=body.cache, max_new_tokens=limit))
         app.state.metrics.observe_answer(body.model, time.perf_counter() - t0)
-        return _completion(out, body) if not body.stream else _stream(out, body)
+        return _json(_completion(out, body)) if not body.stream else _stream(out, body)
 
     @app.post("/v1/search")
-    def search(body: SearchRequest, p: apikeys.Principal = Depends(auth)) -> list[dict]:
+    def search(body: SearchRequest, p: apikeys.Principal = Depends(auth)) -> Response:
         hits = serve.search(config, body.text, _tenant(p, body.tenant), body.k, body.mode, registry=reg)
-        return [h.as_dict() for h in hits]
+        return _json([h.as_dict() for h in hits])
 
     @app.get("/v1/status")
     def status(p: apikeys.Principal = Depends(auth)) -> dict:
@@ -284,6 +284,12 @@ def _status_of(exc: PgfreshError) -> int:
 
 def _jsonable(data):
     return json.loads(json.dumps(data, default=str))
+
+
+def _json(data) -> Response:
+    """`data` as a JSON response, encoded once (the answer paths: FastAPI's own encoding walks every
+    value of a return annotation's model first, a share of the HTTP layer's cost; docs/SERVE.md)."""
+    return Response(json.dumps(data, default=str), media_type="application/json")
 
 
 class _Auth:
@@ -400,7 +406,7 @@ def _completion(out: dict, body: ChatRequest) -> dict:
             "model": body.model, "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                                               "finish_reason": "stop", "logprobs": None}],
             "usage": {"prompt_tokens": 0, "completion_tokens": len(text.split()), "total_tokens": len(text.split())},
-            "pgfresh": _jsonable(_extra(out))}
+            "pgfresh": _extra(out)}
 
 
 def _stream(out: dict, body: ChatRequest) -> StreamingResponse:

@@ -279,6 +279,11 @@ def run_round(config, tenant: str | None, console=None, *, publish: bool = True,
                 (name, parent.version, len(p.learn), len(p.updates), len(p.replay))).fetchone()[0]
             try:
                 return _train_and_gate(config, conn, s, p, round_id, console, publish, should_stop, gate)
+            except InterruptedError:  # should_stop: the facts wait for the next round
+                conn.execute("update pgfresh.train_rounds set status = 'abandoned', finished_at = now(),"
+                             " reason = 'stopped by its caller mid-round; redone by a later round' where id = %s",
+                             (round_id,))
+                return None
             except Exception as exc:
                 conn.execute("update pgfresh.train_rounds set status = 'failed', reason = %s, finished_at = now()"
                              " where id = %s", (f"{type(exc).__name__}: {exc}"[:2000], round_id))
@@ -516,10 +521,12 @@ def _due(conn, s, config, tenant, variant: str | None = None) -> bool:
 
 
 def run(config, once: bool = False, console=None, due_only: bool = False, variant: str | None = None,
-        gate: bool = True) -> list[dict] | None:
+        gate: bool = True, should_stop=None, only: list | None = None) -> list[dict] | None:
     """Rounds for every slice as its facts arrive; `once`: one round per slice with waiting facts
     (`due_only`: only where a round is due, as the long-running loop decides). Under a distributed
-    launch, the processes other than the main one return None. `variant`, `gate`: as `run_round`."""
+    launch, the processes other than the main one return None. `variant`, `gate`: as `run_round`;
+    `should_stop()` true: the round in progress is abandoned (its facts wait) and no other starts;
+    `only`: these tenants' slices only."""
     s = settings(config)
     state = _dist()
     main = state is None or state.is_main_process
@@ -527,7 +534,7 @@ def run(config, once: bool = False, console=None, due_only: bool = False, varian
     if not once and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, lambda *_: stop.set())  # finish the round in progress, then exit
     try:
-        results = _rounds(config, s, state, main, once, due_only, stop, console, variant, gate)
+        results = _rounds(config, s, state, main, once, due_only, stop, console, variant, gate, should_stop, only)
         if state is not None:
             state.wait_for_everyone()
         return results
@@ -537,16 +544,20 @@ def run(config, once: bool = False, console=None, due_only: bool = False, varian
 
 
 def _rounds(config, s, state, main: bool, once: bool, due_only: bool, stop, console, variant=None,
-            gate: bool = True) -> list[dict] | None:
+            gate: bool = True, should_stop=None, only: list | None = None) -> list[dict] | None:
     results = []
-    while True:
+    while should_stop is None or not should_stop():
         todo = None
         if main:
             with slices.connect(config) as conn:
-                todo = [t for t in tenants(conn) if (once and not due_only) or _due(conn, s, config, t, variant)]
+                todo = [t for t in tenants(conn) if (only is None or t in only)
+                        and ((once and not due_only) or _due(conn, s, config, t, variant))]
         for tenant in _share(state, todo):
+            if should_stop is not None and should_stop():
+                break
             try:
-                r = run_round(config, tenant, console if main else None, variant=variant, gate=gate)
+                r = run_round(config, tenant, console if main else None, variant=variant, gate=gate,
+                              should_stop=should_stop)
             except PgfreshError as exc:
                 if once:
                     raise
@@ -559,6 +570,7 @@ def _rounds(config, s, state, main: bool, once: bool, due_only: bool, stop, cons
                     _report(console, r)
         if _share(state, once or stop.wait(s.poll_seconds) if main else None):
             return results if main else None  # the main process reports for all
+    return results
 
 
 def _report(console, r: dict) -> None:
