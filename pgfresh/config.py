@@ -35,17 +35,6 @@ from pgfresh.errors import ConfigError
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]*$")
 
 
-def _check_type(problems: list[str], path: str, value: Any, kind: type | tuple, expected: str) -> bool:
-    # bool is an int in Python; a config that says `max_txn_seconds = true` is still wrong.
-    if isinstance(value, bool) and kind not in (bool,) and not (isinstance(kind, tuple) and bool in kind):
-        problems.append(f"{path}: expected {expected}, got {value!r}")
-        return False
-    if not isinstance(value, kind):
-        problems.append(f"{path}: expected {expected}, got {value!r}")
-        return False
-    return True
-
-
 _SLUG = re.compile(r"^[a-z_][a-z0-9_]*$")
 _NUM = (int, float)
 
@@ -134,20 +123,28 @@ def _parse_store(raw: Any, problems: list[str]) -> StoreConfig:
     return store
 
 
+_TABLE_SPEC = {
+    "name": (str, bool, "a table name like 'public.products'"),
+    "key": ((str, list), lambda v: bool(v) and all(isinstance(k, str) and _NAME.match(k) for k in ([v] if isinstance(v, str) else v)),
+            "a column name or a list of column names"),
+    "tenant": (str, lambda v: bool(_NAME.match(v)), "a column name"),
+    "document": (str, None, "a template string"),
+    "facts": (list, None, "a list of fact templates ([[tables.facts]])"),
+    "gate": (dict, None, "a table ([tables.gate])"),
+    "source": (str, None, "the name of one of the [[sources]]"),
+}
+
+
 def _parse_table(i: int, raw: Any, problems: list[str]) -> TableConfig:
     path = f"tables[{i}]"
     if not isinstance(raw, dict):
         problems.append(f"{path}: expected a table ([[tables]])")
         return TableConfig(name=f"invalid.tables_{i}")  # a stand-in that keeps later indices right
-    known = {"name", "key", "tenant", "document", "facts", "gate", "source"}
-    for key in raw:
-        if key not in known:
-            problems.append(f"{path}.{key}: unknown key (known: {', '.join(sorted(known))})")
-    name = raw.get("name")
-    if not isinstance(name, str) or not name:
+    good = check_section(raw, path, _TABLE_SPEC, problems)
+    if "name" not in raw:
         problems.append(f"{path}.name: expected a table name like 'public.products'")
-        name = None
-    elif "." not in name:
+    name = good.get("name")
+    if name is not None and "." not in name:
         name = f"public.{name}"
     if name is not None:
         parts = name.split(".")
@@ -157,32 +154,11 @@ def _parse_table(i: int, raw: Any, problems: list[str]) -> TableConfig:
     # A table with a bad name stays in the list under a stand-in name, so the stages still check the
     # rest of it and every tables[i] path keeps its index; the load fails on the name anyway.
     t = TableConfig(name=name or f"invalid.tables_{i}")
-    key = raw.get("key")
-    if key is not None:
-        if isinstance(key, str):
-            key = [key]
-        if not (isinstance(key, list) and key and all(isinstance(k, str) and _NAME.match(k) for k in key)):
-            problems.append(f"{path}.key: expected a column name or a list of column names, got {raw['key']!r}")
-        else:
-            t.key = key
-    tenant = raw.get("tenant")
-    if tenant is not None:
-        if not (isinstance(tenant, str) and _NAME.match(tenant)):
-            problems.append(f"{path}.tenant: expected a column name, got {tenant!r}")
-        else:
-            t.tenant = tenant
-    if "document" in raw:
-        if _check_type(problems, f"{path}.document", raw["document"], str, "a template string"):
-            t.document = raw["document"]
-    if "facts" in raw:
-        if _check_type(problems, f"{path}.facts", raw["facts"], list, "a list of fact templates ([[tables.facts]])"):
-            t.facts = raw["facts"]
-    if "gate" in raw:
-        if _check_type(problems, f"{path}.gate", raw["gate"], dict, "a table ([tables.gate])"):
-            t.gate = raw["gate"]
-    if "source" in raw:
-        if _check_type(problems, f"{path}.source", raw["source"], str, "the name of one of the [[sources]]"):
-            t.source = raw["source"]
+    if "key" in good:
+        t.key = [good["key"]] if isinstance(good["key"], str) else good["key"]
+    for key in ("tenant", "document", "facts", "gate", "source"):
+        if key in good:
+            setattr(t, key, good[key])
     return t
 
 

@@ -140,13 +140,17 @@ def test_config_nan_inf_core_and_stage_problems_all_at_once(tmp_path, capsys):
 def test_config_problems_of_every_stage_section_all_at_once(tmp_path, capsys):
     # One bad key in each section a stage owns: one error line lists them all, each with its key path.
     path = tmp_path / "pgfresh.toml"
-    path.write_text('[source]\ndsn = "x"\n[[tables]]\nname = "t"\n'
+    path.write_text('[source]\ndsn = "x"\n[[tables]]\nname = "t"\ntenant = 3\n'
+                    '[rag]\n[rag.reader]\nkind = "hf"\npath = "m"\nchat = "yes"\n[rag.cache]\nsimilarity = 0\n'
                     '[train]\nmethod = "qlora"\n[train.model]\nhidden = 8\n'
                     '[retention]\nprune_batch_rows = 0\n'
                     '[serve]\nport = "eighty"\n[serve.router]\nmin_slice_confidence = 2\n'
                     '[arena]\nminutes = "x"\n')
-    line = assert_one_line(*run_main(["sync", "--once", "--config", str(path)], capsys), "6 problems")
-    for needle in ("train.method: expected one of lora, full, got 'qlora'",
+    line = assert_one_line(*run_main(["sync", "--once", "--config", str(path)], capsys), "9 problems")
+    for needle in ("tables[0].tenant: expected a column name, got 3",
+                   "rag.reader.chat: expected true or false, got 'yes'",
+                   "rag.cache.similarity: expected a number > 0 and <= 1 (1: exact matches only), got 0",
+                   "train.method: expected one of lora, full, got 'qlora'",
                    "train.model.hidden: expected an integer from 16 to 8192, got 8",
                    "retention.prune_batch_rows: expected an integer >= 1, got 0",
                    "serve.port: expected a port, 0..65535, got 'eighty'",

@@ -14,7 +14,7 @@ import re
 from pgvector.psycopg import register_vector
 
 from pgfresh import db
-from pgfresh.configtypes import check_section
+from pgfresh.configtypes import check_section, number
 from pgfresh.rag import embed, reader, status
 from pgfresh.rag.question import check
 from pgfresh.rag.retrieval import FUSIONS, MODES, RERANKS, Hit, search, tenant_filter  # noqa: F401  (re-exported)
@@ -56,6 +56,8 @@ _SPEC = {
     "reader": (dict, None, "a table ([rag.reader])"),
     "cache": (dict, None, "a table ([rag.cache])"),
 }
+_CACHE_SPEC = {"enabled": (bool, None, "true or false"),
+               "similarity": number(0, 1, above=True, unit="1: exact matches only")}
 
 
 def check_config(config) -> list[str]:
@@ -70,13 +72,7 @@ def check_config(config) -> list[str]:
     if isinstance(rag.get("reader"), dict):
         reader.check(rag["reader"], problems)
     if isinstance(rag.get("cache"), dict):
-        for key, value in rag["cache"].items():
-            if key == "enabled" and not isinstance(value, bool):
-                problems.append(f"rag.cache.enabled: expected true or false, got {value!r}")
-            elif key == "similarity" and (isinstance(value, bool) or not isinstance(value, _NUM) or not 0 < value <= 1):
-                problems.append(f"rag.cache.similarity: expected a number in (0, 1] (1: exact matches only), got {value!r}")
-            elif key not in ("enabled", "similarity"):
-                problems.append(f"rag.cache.{key}: unknown key (known: enabled, similarity)")
+        check_section(rag["cache"], "rag.cache", _CACHE_SPEC, problems)
     return problems
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Protocol
 
 from pgfresh import model as base_model
+from pgfresh.configtypes import check_section, choice, integer, number
 from pgfresh.errors import PgfreshError
 
 KINDS = ("openai", "hf", "builtin")
@@ -133,8 +134,22 @@ def build(spec: dict, base_dir: Path | None = None, environ: dict | None = None,
     return HFReader(path, chat=spec.get("chat"), device=spec.get("device", "cpu"), adapter=adapter)
 
 
+_TEXT = (str, bool, "a non-empty string")
+_SPECS = {  # per kind (configtypes.check_section)
+    "openai": {"kind": choice(*KINDS), "base_url": (str, bool, "a URL (http://host:port/v1)"),
+               "model": (str, bool, "the server's model name"),
+               "api_key_env": (str, bool, "the NAME of an environment variable holding the key"),
+               "timeout_seconds": number(0, above=True, unit="seconds"), "max_new_tokens": integer(1)},
+    "hf": {"kind": choice(*KINDS), "path": (str, bool, "a local causal-LM directory or a named model (smollm2-135m)"),
+           "chat": (bool, None, "true or false"), "device": (str, bool, "a torch device (cpu, cuda, cuda:1)"),
+           "adapter": (str, bool, "a PEFT adapter directory"), "max_new_tokens": integer(1)},
+    "builtin": {"kind": choice(*KINDS), "max_new_tokens": integer(1)},
+}
+_REQUIRED = {"openai": ("base_url", "model"), "hf": ("path",), "builtin": ()}
+
+
 def check(spec, problems: list[str]) -> None:
-    """Validate `[rag.reader]` (called by pgfresh.rag.check_config)."""
+    """Validate `[rag.reader]` (called by pgfresh.rag.check_config): every problem at once."""
     if not isinstance(spec, dict):
         problems.append("rag.reader: expected a table ([rag.reader]) with kind = 'openai' or 'hf'")
         return
@@ -142,23 +157,5 @@ def check(spec, problems: list[str]) -> None:
     if kind not in KINDS:
         problems.append(f"rag.reader.kind: expected one of {', '.join(KINDS)}, got {kind!r}")
         return
-    known = {"openai": {"kind", "base_url", "model", "api_key_env", "timeout_seconds", "max_new_tokens"},
-             "hf": {"kind", "path", "chat", "device", "adapter", "max_new_tokens"},
-             "builtin": {"kind", "max_new_tokens"}}[kind]
-    for k in spec:
-        if k not in known:
-            problems.append(f"rag.reader.{k}: unknown key for kind {kind!r} (known: {', '.join(sorted(known))})")
-    required = {"openai": ("base_url", "model"), "hf": ("path",), "builtin": ()}[kind]
-    for k in required:
-        if not isinstance(spec.get(k), str) or not spec.get(k):
-            problems.append(f"rag.reader.{k}: required for kind {kind!r} (a string)")
-    if "api_key_env" in spec and not isinstance(spec["api_key_env"], str):
-        problems.append(f"rag.reader.api_key_env: expected the NAME of an environment variable, got {spec['api_key_env']!r}")
-    for k in ("timeout_seconds", "max_new_tokens"):
-        v = spec.get(k)
-        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0):
-            problems.append(f"rag.reader.{k}: expected a number > 0, got {v!r}")
-    if "adapter" in spec and (not isinstance(spec["adapter"], str) or not spec["adapter"]):
-        problems.append(f"rag.reader.adapter: expected a PEFT adapter directory (a string), got {spec['adapter']!r}")
-    if "chat" in spec and not isinstance(spec["chat"], bool):
-        problems.append(f"rag.reader.chat: expected true or false, got {spec['chat']!r}")
+    check_section(spec, "rag.reader", _SPECS[kind], problems)
+    problems += [f"rag.reader.{k}: required for kind {kind!r} (a string)" for k in _REQUIRED[kind] if k not in spec]
