@@ -38,23 +38,11 @@ from pgfresh.train import fit  # noqa: E402
 
 def demo_snapshot(workdir: Path) -> Path:
     """The demo's database right before its build phase: seeded and synced once."""
-    import psycopg
-
     from pgfresh.arena import runner
     from pgfresh.arena.progress import Progress
-    from pgfresh.arena.workload import shop_config_text
     from pgfresh.capture.setup import resolve_dsn
-    from pgfresh.embedded import EmbeddedServer
 
-    workdir.mkdir(parents=True, exist_ok=True)
-    server = EmbeddedServer(workdir / "pg")
-    with psycopg.connect(server.start(), autocommit=True) as c:
-        c.execute("select pg_drop_replication_slot(slot_name) from pg_replication_slots"
-                  " where database = 'pgfresh_arena' and not active")
-        c.execute("drop database if exists pgfresh_arena with (force)")
-        c.execute("create database pgfresh_arena")
-    path = workdir / "pgfresh.toml"
-    path.write_text(shop_config_text({"dsn": server.dsn("pgfresh_arena")}))
+    path = runner.demo_database(workdir)
     config = cfg.load(path)
     s = dataclasses.replace(runner.arena_settings(config), seed=7, **runner.DEMO_SIZE)
     pipe = runner.CapturePipeline(config)

@@ -84,22 +84,10 @@ def tables(rows: list[dict]) -> str:
 def run(minutes: float, workdir: Path, rate: float | None) -> dict:
     """The demo's shop arena (its size, embedded server and model in `workdir`), three strategies;
     `rate`: workload changes per second (the demo's 5 leaves few facts unchanged for long)."""
-    import psycopg
-
     from pgfresh import config as cfg
     from pgfresh.arena import runner
-    from pgfresh.arena.workload import shop_config_text
-    from pgfresh.embedded import EmbeddedServer
 
-    workdir.mkdir(parents=True, exist_ok=True)
-    server = EmbeddedServer(workdir / "pg")
-    with psycopg.connect(server.start(), autocommit=True) as c:
-        c.execute("select pg_drop_replication_slot(slot_name) from pg_replication_slots"
-                  " where database = 'pgfresh_arena' and not active")
-        c.execute("drop database if exists pgfresh_arena with (force)")
-        c.execute("create database pgfresh_arena")
-    path = workdir / "pgfresh.toml"
-    path.write_text(shop_config_text({"dsn": server.dsn("pgfresh_arena")}))
+    path = runner.demo_database(workdir)
     overrides = {**runner.DEMO_SIZE, **({"rate_per_s": rate} if rate else {})}
     return runner.run_arena(cfg.load(path), minutes=minutes, noise=0.1, seed=7, json_path=workdir / "results.json",
                             strategies=["rag-hybrid", "tuned", "hybrid"], overrides=overrides)

@@ -640,28 +640,36 @@ DEMO_SIZE = {"scale": {"shops": 3, "products_per_shop": 10, "notes_per_shop": 4}
              "min_questions": 300, "oltp_seconds": 4.0, "export_seconds": 4.0}
 
 
+def demo_database(workdir: Path) -> Path:
+    """A fresh database `pgfresh_arena` on the embedded server in `workdir` (a run starts from its
+    seed) and the shop's config for it, workdir/pgfresh.toml; returns the config's path."""
+    import psycopg
+
+    from pgfresh.arena.workload import shop_config_text
+    from pgfresh.embedded import EmbeddedServer
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    server = EmbeddedServer(workdir / "pg")
+    with psycopg.connect(server.start(), autocommit=True) as c:
+        c.execute("select pg_drop_replication_slot(slot_name) from pg_replication_slots"
+                  " where database = 'pgfresh_arena' and not active")
+        c.execute("drop database if exists pgfresh_arena with (force)")
+        c.execute("create database pgfresh_arena")
+    path = workdir / "pgfresh.toml"
+    path.write_text(shop_config_text({"dsn": server.dsn("pgfresh_arena")}))
+    return path
+
+
 def run_demo(workdir: Path, minutes: float = 1.5, noise: float = 0.1, seed: int = 7, strategies: list | None = None,
              console=None) -> dict:
     """The shop arena on the embedded server in `workdir`, in a fresh database `pgfresh_arena`.
 
     Writes workdir/pgfresh.toml, workdir/report.html and workdir/results.json; prints the verdict.
     """
-    import psycopg
-
     from pgfresh import config as cfg
-    from pgfresh.arena.workload import shop_config_text
-    from pgfresh.embedded import EmbeddedServer
 
     workdir = Path(workdir).resolve()
-    workdir.mkdir(parents=True, exist_ok=True)
-    server = EmbeddedServer(workdir / "pg")
-    with psycopg.connect(server.start(), autocommit=True) as c:
-        c.execute("select pg_drop_replication_slot(slot_name) from pg_replication_slots"
-                  " where database = 'pgfresh_arena' and not active")
-        c.execute("drop database if exists pgfresh_arena with (force)")  # a run starts from its seed
-        c.execute("create database pgfresh_arena")
-    path = workdir / "pgfresh.toml"
-    path.write_text(shop_config_text({"dsn": server.dsn("pgfresh_arena")}))
+    path = demo_database(workdir)
     results = run_arena(cfg.load(path), minutes=minutes, noise=noise, seed=seed, report=workdir / "report.html",
                         json_path=workdir / "results.json", strategies=strategies, console=console,
                         overrides=DEMO_SIZE)
