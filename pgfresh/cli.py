@@ -125,7 +125,7 @@ def status(config: Path = ConfigOpt, as_json: bool = typer.Option(False, "--json
 @app.command()
 def demo(
     workdir: Path = typer.Option(Path(".pgfresh/demo"), "--workdir", help="Where the demo keeps its server, report and data."),
-    minutes: float = typer.Option(1.5, "--minutes", help="Length of the live phase.", callback=_number(0, low_open=True)),
+    minutes: float = typer.Option(2.0, "--minutes", help="Length of the live phase.", callback=_number(0, low_open=True)),
     noise: float = typer.Option(0.1, "--noise", help="Share of changes that are noise, 0 to 0.5.", callback=_number(0, 0.5)),
     seed: int = typer.Option(7, "--seed", help="Seed of the workload and the questions."),
 ):
