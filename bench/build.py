@@ -79,13 +79,14 @@ def main() -> None:
     threads = [int(t) for t in a.threads.split(",")]
     settings = threads if a.compare == "threads" else ["one padded batch", "micro-batches"]
     runs: dict = {x: [] for x in settings}
+    micro = fit.MICRO_RATIO
     for rep in range(a.repeats):
         for x in (settings if rep % 2 == 0 else settings[::-1]):
             spec = {**config.train.get("model", {}), "cache_dir": "",
                     "threads": x if a.compare == "threads" else threads[0]}
             if not a.full:
                 spec.update(epochs=a.epochs, reading_steps=a.reading_steps, min_steps=0)
-            fit.MICRO_RATIO = float("inf") if x == "one padded batch" else 1.5
+            fit.MICRO_RATIO = float("inf") if x == "one padded batch" else micro
             meta = model.build(dataclasses.replace(config, train={**config.train, "model": spec}))
             runs[x].append(meta)
             print(f"{a.compare} {x}: {meta['train_seconds']} s, {meta['tokens_per_s']} tokens/s, {meta['steps']} steps,"
@@ -95,13 +96,14 @@ def main() -> None:
     def mean(x, f):
         return sum(f(m) for m in runs[x]) / a.repeats
 
-    print(f"\n| {a.compare} | facts | steps | train s (mean) | tokens/s (mean) | speed-up | own | held-out | open-book |"
-          "\n| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print(f"\n| {a.compare} | facts | steps | train s (mean) | tokens/s (mean) | padding | speed-up | own | held-out | open-book |"
+          "\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for x in settings:
         acc = [mean(x, lambda m, k=k: m["accuracy"].get(k) or 0.0) for k in ("own", "held_out", "open_book")]
         seconds = mean(x, lambda m: m["train_seconds"])
         print(f"| {x} | {runs[x][0]['facts']} | {runs[x][0]['steps']} | {seconds:.1f} | {mean(x, lambda m: m['tokens_per_s']):.0f}"
-              f" | {base / seconds:.2f} | " + " | ".join(f"{v:.2f}" for v in acc) + " |")
+              f" | {mean(x, lambda m: m['padding_share']):.0%} | {base / seconds:.2f} | "
+              + " | ".join(f"{v:.2f}" for v in acc) + " |")
     print(f"\nload average {os.getloadavg()[0]:.1f} at the end")
 
 

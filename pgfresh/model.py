@@ -362,7 +362,8 @@ def build(config, console=None, on_epoch=None) -> dict:
         "layers": cfg.num_hidden_layers, "hidden": cfg.hidden_size, "vocab_size": len(tokenizer),
         "facts": len(facts), "documents": len(docs), "examples": len(pairs) + len(first_books), "tenant_facts": m["tenant_facts"],
         "training_tokens": stats.tokens, "reading_epochs": reading, "epochs": stats.epochs, "steps": stats.steps,
-        "train_seconds": round(stats.seconds, 2), "tokens_per_s": round(stats.tokens_per_s), "device": device,
+        "train_seconds": round(stats.seconds, 2), "tokens_per_s": round(stats.tokens_per_s),
+        "padding_share": round(stats.padding_share, 3), "device": device,
         "final_loss": round(stats.loss, 4), "seconds": round(time.time() - started, 2), "accuracy": accuracy,
         "build_key": key,
     }

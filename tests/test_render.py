@@ -97,7 +97,6 @@ def test_default_facts_ask_one_question_per_column():
     assert unnamed[1].question == "What is the city of stores B1?"
 
 
-
 def test_facts_empty_list_makes_a_documents_only_table():
     """`facts = []` (free-text notes): no questions at all; before, an empty list meant the per-column
     defaults, so the shop's support notes fed rounds "What is the created at of ...?" facts."""

@@ -605,7 +605,7 @@ def test_micro_batches_make_the_same_step_as_one_padded_batch(monkeypatch):
         monkeypatch.setattr(fit, "MICRO_RATIO", ratio)
         torch.manual_seed(0)
         lm = LlamaForCausalLM(cfg_)
-        loss, tokens = fit.backward(Accelerator(cpu=True), fit.answer_loss(lm), examples, 0)
+        loss, tokens, _ = fit.backward(Accelerator(cpu=True), fit.answer_loss(lm), examples, 0)
         steps[ratio] = (len(fit.micro_batches(examples)), float(loss), tokens, [p.grad for p in lm.parameters()])
     (n_one, loss_one, tokens_one, grads_one), (n_micro, loss_micro, tokens_micro, grads_micro) = steps.values()
     assert (n_one, n_micro) == (1, 3)

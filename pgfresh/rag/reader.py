@@ -134,7 +134,6 @@ def build(spec: dict, base_dir: Path | None = None, environ: dict | None = None,
     return HFReader(path, chat=spec.get("chat"), device=spec.get("device", "cpu"), adapter=adapter)
 
 
-_TEXT = (str, bool, "a non-empty string")
 _SPECS = {  # per kind (configtypes.check_section)
     "openai": {"kind": choice(*KINDS), "base_url": (str, bool, "a URL (http://host:port/v1)"),
                "model": (str, bool, "the server's model name"),

@@ -5,8 +5,8 @@ each example is one question/answer pair (prompt tokens, answer tokens, EOS); th
 answer tokens only, and the output layer runs only at those positions; a batch runs as
 micro-batches of examples of about one length, each padded to its longest, their gradients summed
 before the step (closed-book questions are ~30 tokens, open-book prompts ~120: one padded batch
-was two thirds padding; the step is the same, the padding is not computed); the learning rate
-warms up, stays high, and decays on a cosine to 10%.
+was mostly padding, `FitStats.padding_share`; the step is the same, the padding is not computed);
+the learning rate warms up, stays high, and decays on a cosine to 10%.
 
 The same code runs on CPU (float32, `threads` cores) and CUDA (bf16 autocast) through
 `accelerate`; under `accelerate launch` each process takes its share of every batch and the
@@ -29,11 +29,16 @@ from pgfresh.model import Loaded, generate, prompt_for
 @dataclass
 class FitStats:
     tokens: int = 0  # non-padding tokens processed (this process)
+    positions: int = 0  # token positions computed, padding included
     seconds: float = 0.0
     steps: int = 0
     epochs: int = 0
     loss: float = float("nan")
     per_epoch: list = field(default_factory=list)  # what `on_epoch` returned, per epoch
+
+    @property
+    def padding_share(self) -> float:
+        return 1 - self.tokens / self.positions if self.positions else 0.0
 
     @property
     def tokens_per_s(self) -> float:
@@ -123,9 +128,10 @@ def micro_batches(examples: list) -> list[list]:
 
 def backward(acc, loss_fn, examples: list, pad_id: int):
     """Gradients of one step's loss, the mean over all its answer tokens, micro-batch by micro-batch
-    (each one's mean weighted by its share of the answer tokens). Returns (loss, tokens computed)."""
+    (each one's mean weighted by its share of the answer tokens). Returns (loss, tokens, positions
+    computed: tokens and padding)."""
     answers = sum(len(seq) - n for seq, n in examples)
-    parts, loss, tokens = micro_batches(examples), 0.0, 0
+    parts, loss, tokens, positions = micro_batches(examples), 0.0, 0, 0
     for j, part in enumerate(parts):
         ids, mask, labels = _batch(part, pad_id, acc.device)
         with acc.no_sync(loss_fn) if j < len(parts) - 1 else contextlib.nullcontext():  # one all-reduce per step
@@ -133,7 +139,8 @@ def backward(acc, loss_fn, examples: list, pad_id: int):
             acc.backward(part_loss)
         loss += part_loss.detach()
         tokens += int(mask.sum())
-    return loss, tokens
+        positions += mask.numel()
+    return loss, tokens, positions
 
 
 def _batch(examples, pad_id: int, device: str):
@@ -194,8 +201,9 @@ def fit(loaded: Loaded, examples: list, *, epochs: int, min_steps: int, batch_si
             for b in range(0, len(order), batch_size):
                 chunk = [examples[i] for i in order[b:b + batch_size]]
                 mine = chunk[acc.process_index::acc.num_processes] or chunk[:1]
-                loss, tokens = backward(acc, loss_fn, mine, loaded.pad_id)
+                loss, tokens, positions = backward(acc, loss_fn, mine, loaded.pad_id)
                 stats.tokens += tokens
+                stats.positions += positions
                 acc.clip_grad_norm_(params, 1.0)
                 opt.step()
                 sched.step()
