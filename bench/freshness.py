@@ -8,13 +8,14 @@ transactions, paced every 20 ms). For each rate it reports:
 - an outside check: probe rows with a unique word, inserted every 2 s, and the time until a
   full-text query finds them in pgfresh.documents (end to end, as a client sees it);
 - the backlog left at the end of the phase (changes not yet searchable).
-- the CPU the pipeline spent per change (the sync process and the server backends of its
+- the CPU the pipeline spent per change, in all and by part (the sync process and the server backends of its
   connections), a figure that other work on a shared machine disturbs far less than the delays.
 A rate is *sustained* when the backlog stays bounded and p99 < 1 s. `--find-max` then bisects
 between the highest sustained and the lowest failed rate with shorter phases.
 
 Run: .venv/bin/python bench/freshness.py [--rates 50,200,1000] [--seconds 60] [--embedder minilm]
                                          [--find-max] [--rows 2000] [--code DIR,DIR] [--profile]
+                                         [--without-hnsw-too]
 `--code` runs the whole measurement once per directory holding a `pgfresh` package (e.g. a checkout
 of the previous commit, then this one), each on a fresh server, so before/after share one run and
 one machine load. `--profile` samples the sync process with py-spy during the first phase and
@@ -134,18 +135,19 @@ class Prober(threading.Thread):
                 self.stop.wait(max(0.0, 2 - (time.perf_counter() - committed)))
 
 
-def cpu_seconds(monitor, sync_pid: int) -> float:
+def cpu_seconds(monitor, sync_pid: int) -> dict[str, float]:
     """CPU seconds used so far by the sync process (all threads) and the server backends of its
-    connections (application_name pgfresh-*): the cost of the pipeline, whatever else loads the machine."""
-    pids = [sync_pid] + [r[0] for r in monitor.execute(
-        "select pid from pg_stat_activity where application_name like 'pgfresh-%'")]
-    total = 0.0
-    for pid in pids:
+    connections (application_name pgfresh-*), by part: the cost of the pipeline, whatever else loads
+    the machine. The source's walsender for the slot counts as `pgfresh-stream`."""
+    parts = [("sync", sync_pid)] + [(r[1], r[0]) for r in monitor.execute(
+        "select pid, application_name from pg_stat_activity where application_name like 'pgfresh-%'")]
+    total: dict[str, float] = {}
+    for name, pid in parts:
         try:
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        total[name] = total.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     return total
 
 
@@ -163,7 +165,8 @@ def phase(dsn: str, monitor, writer: Writer, rate: float, seconds: float, prober
         time.sleep(0.2)
     drain = time.perf_counter() - t
     time.sleep(0.5)
-    cpu = cpu_seconds(monitor, sync_pid) - cpu_before
+    cpu_after = cpu_seconds(monitor, sync_pid)
+    cpu_parts = {k: round((v - cpu_before.get(k, 0.0)) * 1000 / max(1, written), 2) for k, v in sorted(cpu_after.items())}
     after = histogram(monitor)
     diff = [(b, after.get(b, 0) - before.get(b, 0)) for b in after if after.get(b, 0) - before.get(b, 0) > 0]
     p50, p99 = percentile_ms(diff, 0.5), percentile_ms(diff, 0.99)
@@ -174,7 +177,8 @@ def phase(dsn: str, monitor, writer: Writer, rate: float, seconds: float, prober
             "probe_p50_ms": round(probes[len(probes) // 2], 1) if probes else None,
             "probe_max_ms": round(probes[-1], 1) if probes else None,
             "backlog_at_end": left, "drain_s": round(drain, 1),
-            "cpu_ms_per_change": round(cpu * 1000 / max(1, written), 2), "load": round(os.getloadavg()[0], 1),
+            "cpu_ms_per_change": round(sum(cpu_parts.values()), 2), "cpu_ms_by_part": cpu_parts,
+            "load": round(os.getloadavg()[0], 1),
             "sustained": (not stopped_early) and p99 is not None and p99 < 1000 and left < rate * 2}
 
 
@@ -226,6 +230,8 @@ def main() -> None:
     ap.add_argument("--all-rates", action="store_true", help="keep going after a rate is not sustained")
     ap.add_argument("--code", default="", help="directories holding a pgfresh package, one full run each")
     ap.add_argument("--profile", action="store_true", help="py-spy the sync process in the first phase")
+    ap.add_argument("--without-hnsw-too", action="store_true",
+                    help="then drop the HNSW index and run the same rates again (what its upkeep costs, same run)")
     args = ap.parse_args()
     for code in (args.code.split(",") if args.code else [None]):
         if code:
@@ -280,6 +286,15 @@ def measure(args, code: str | None) -> None:
             print(json.dumps(r), flush=True)
             if not r["sustained"] and not args.all_rates:
                 break
+        if args.without_hnsw_too:
+            # The same rates again without the vector index: documents are still written (dense search
+            # falls back to an exact scan); the difference is the HNSW insert of every upserted document.
+            for (name,) in monitor.execute("select indexname from pg_indexes where indexname like 'documents_hnsw_%'").fetchall():
+                monitor.execute(f"drop index pgfresh.{name}")
+            for rate in (float(r) for r in args.rates.split(",")):
+                r = phase(dsn, monitor, writer, rate, args.seconds, probe_id, proc.pid)
+                probe_id += 1000
+                print(json.dumps({"without_hnsw": True, **r}), flush=True)
         if args.find_max:
             ok = max((r["rate"] for r in results if r["sustained"]), default=10.0)
             bad = min((r["rate"] for r in results if not r["sustained"]), default=ok * 4)

@@ -59,6 +59,11 @@ def test_insert_update_delete_reach_the_index(db, dsn, tmp_path):
     assert "[100]" in search_keys(db, config, "Where is the Zephyrine made?", mode="dense", k=2)
     assert search_keys(db, config, "Where is the Zephyrine made?", k=1) == ["[100]"]  # the default pipeline
     assert "Reykjavik" in docs(db)["[100]"][1]
+    # The stored vector is the embedder's, bit for bit (vectors travel to the store in binary).
+    register_vector(db)
+    text, stored = db.execute("select text, embedding from pgfresh.documents where key = '[100]'").fetchone()
+    expected = retrieval.active_generation(db, config).model.embed([text])[0]
+    assert stored.to_numpy().tolist() == expected.astype("float32").tolist()
 
     db.execute("update products set city = 'Valparaiso', name = 'Quillbrook' where id = 100")
     sync.run(config, once=True)
