@@ -4,7 +4,11 @@ Figures printed:
 - raw stream: pgoutput messages/s read from a slot with psycopg2 and not decoded (the ceiling);
 - pgfresh end to end: changes/s from the same WAL into the row store + change log (decode,
   reconcile, COPY, upsert, LSN stored, slot confirmed), and its ratio to the raw rate;
-- snapshot: rows/s of pgfresh's chunked snapshot against one `COPY table TO STDOUT`.
+- snapshot: rows/s of pgfresh's chunked snapshot against one `COPY table TO STDOUT`, and against
+  the store's floor: the same rows read with one COPY, formatted as pgfresh stores them (key,
+  JSON row) and COPied straight into two tables shaped like `pgfresh.rows` and `pgfresh.changes`
+  (their indexes; no chunks, no conflict check, no snapshot bookkeeping): what writing every row
+  twice costs on this server, whatever pgfresh does around it.
 
 Run: .venv/bin/python bench/capture.py [--rows 200000] [--changes 200000]
 """
@@ -12,6 +16,7 @@ Run: .venv/bin/python bench/capture.py [--rows 200000] [--changes 200000]
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import tempfile
 import time
@@ -44,6 +49,27 @@ def raw_stream_rate(dsn: str, slot: str, publication: str, until_lsn: str) -> tu
     elapsed = time.perf_counter() - started
     conn.close()
     return n, elapsed
+
+
+def store_floor(source_dsn: str, store_dsn: str) -> float:
+    """Seconds to read `snap` with one COPY and write each row into a row-store and a change-log table."""
+    with psycopg.connect(store_dsn, autocommit=True) as st:
+        st.execute("create table floor_rows (like pgfresh.rows including all)")
+        st.execute("create table floor_changes (like pgfresh.changes including all)")
+    t0 = time.perf_counter()
+    with psycopg.connect(source_dsn) as src, psycopg.connect(store_dsn) as st:
+        cols = ["id", "name", "price", "note"]
+        with src.cursor().copy("copy snap (id, name, price, note) to stdout") as cp:
+            rows = [(f"[{r[0]}]", json.dumps(dict(zip(cols, r)))) for r in cp.rows()]
+        with st.cursor() as cur:
+            with cur.copy("copy floor_rows (tbl, key, row, lsn, versions) from stdin") as cp:
+                for key, row in rows:
+                    cp.write_row(("public.snap", key, row, "0/0", 1))
+            with cur.copy("copy floor_changes (tbl, key, op, row, lsn) from stdin") as cp:
+                for key, row in rows:
+                    cp.write_row(("public.snap", key, "read", row, "0/0"))
+        st.commit()
+    return time.perf_counter() - t0
 
 
 def main() -> None:
@@ -82,6 +108,7 @@ def main() -> None:
         t0 = time.perf_counter()
         stats = sync.run(snap_conf, once=True)
         snap_s = time.perf_counter() - t0
+        floor_s = store_floor(dsn, store["dsn"])
 
         # Stream: one raw slot and pgfresh's slot see the same WAL.
         with psycopg.connect(dsn, autocommit=True) as c:
@@ -111,7 +138,10 @@ def main() -> None:
           f"load average {os.getloadavg()[0]:.1f}")
     print(f"COPY TO STDOUT:        {copied:>9,} rows     in {copy_s:6.2f} s = {copied / copy_s:>10,.0f} rows/s")
     print(f"pgfresh snapshot:      {stats['snapshot_rows']:>9,} rows     in {snap_s:6.2f} s = "
-          f"{stats['snapshot_rows'] / snap_s:>10,.0f} rows/s ({copy_s / snap_s:.2f} x COPY), chunked, short transactions")
+          f"{stats['snapshot_rows'] / snap_s:>10,.0f} rows/s ({copy_s / snap_s:.2f} x COPY, {floor_s / snap_s:.2f} x the "
+          "store's floor), chunked, short transactions")
+    print(f"store's floor:         {copied:>9,} rows     in {floor_s:6.2f} s = {copied / floor_s:>10,.0f} rows/s "
+          f"({copy_s / floor_s:.2f} x COPY): one COPY out, each row COPied into two indexed tables")
 
 
 if __name__ == "__main__":

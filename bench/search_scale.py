@@ -13,7 +13,7 @@ excluded; the embedder rerank included for hybrid, as users get it by default):
 The built server stays in --work (default /tmp/pgfresh-search-scale) so a second run with --reuse
 measures settings (ef_search, candidates, ...) without building again.
 
-Run: .venv/bin/python bench/search_scale.py --docs 1000000 [--queries 200] [--reuse] [--ef-search 200]
+Run: .venv/bin/python bench/search_scale.py --docs 1000000 [--queries 200] [--keep] [--reuse] [--rag JSON] [--graph JSON]
 """
 
 from __future__ import annotations
@@ -103,7 +103,7 @@ def static_embedder(work: Path):
     return model
 
 
-def build(conn, model, n: int, chunk: int = 20_000) -> dict:
+def build(conn, model, n: int, graph: dict, chunk: int = 20_000) -> dict:
     """Load n products into generation 1 of pgfresh.documents; returns the seconds of each step."""
     t0 = time.perf_counter()
     gen = generations._create(conn, model, "active")
@@ -136,7 +136,7 @@ def build(conn, model, n: int, chunk: int = 20_000) -> dict:
     conn.execute("create index documents_tsv on pgfresh.documents using gin (tsv)")
     gin_s = time.perf_counter() - t
     t = time.perf_counter()
-    generations._ensure_hnsw(conn, gen, {})
+    generations._ensure_hnsw(conn, gen, graph)
     hnsw_s = time.perf_counter() - t
     conn.execute("vacuum analyze pgfresh.documents")
     return {"embed_s": round(embed_s, 1), "copy_s": round(load_s, 1), "insert_tsvector_s": round(insert_s, 1),
@@ -229,6 +229,7 @@ def main() -> None:
     ap.add_argument("--rag", default="[{}]", help='[rag] settings as a JSON list, one measurement each, e.g. [{"ef_search": 400}]')
     ap.add_argument("--exact", choices=("numpy", "sql"), default="numpy",
                     help="exact kNN in numpy (all vectors read once) or by a scan in SQL (seconds per query at 1M)")
+    ap.add_argument("--graph", default="{}", help='HNSW build settings as JSON, e.g. {"hnsw_m": 32, "hnsw_ef_construction": 128}')
     ap.add_argument("--keep", action="store_true", help="leave the server in --work (for --reuse)")
     ap.add_argument("--toast-default", action="store_true",
                     help="build with PostgreSQL's default TOAST threshold (vectors out of line, as before migration 015)")
@@ -248,7 +249,8 @@ def main() -> None:
             if args.toast_default:
                 conn.execute("alter table pgfresh.documents reset (toast_tuple_target)")
             model = static_embedder(work)
-            print(json.dumps({"docs": args.docs, "build": build(conn, model, args.docs)}), flush=True)
+            graph = json.loads(args.graph)
+            print(json.dumps({"docs": args.docs, "graph": graph, "build": build(conn, model, args.docs, graph)}), flush=True)
         else:
             static_embedder(work)
         size = conn.execute("select pg_size_pretty(pg_total_relation_size('pgfresh.documents')),"

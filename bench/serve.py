@@ -17,10 +17,13 @@ off, so every request retrieves and generates. The reader is a tiny 1-layer mode
 
 Printed: requests/s, p50 and p99 latency (ms) per endpoint, concurrency and side, and the HTTP
 layer's cost as 1 - HTTP throughput / in-process throughput (goal: under 10%), over the summed
-requests of all pairs.
+requests of all pairs. The client threads share the machine's cores with the server, so on a small
+machine the throughput ratio also pays for the client's own HTTP work; the CPU columns separate it:
+the whole machine's CPU per request (/proc/stat) in-process, and on the HTTP side less the client
+threads' own CPU (`time.thread_time`), and the layer's cost as 1 - in-process / HTTP server side.
 
 Run: .venv/bin/python bench/serve.py [--docs 10000] [--seconds 10] [--clients 1,8,32] [--repeats 2]
-     [--server thread|process] [--base-model DIR]
+     [--server thread|process] [--base-model DIR] [--threads N] [--endpoints search,chat]
 """
 
 from __future__ import annotations
@@ -81,15 +84,24 @@ def tiny_model(directory: Path) -> Path:
     return directory
 
 
+def machine_cpu_seconds() -> float:
+    """CPU seconds the whole machine has spent (every process, every core: /proc/stat, user + system)."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq = (int(x) for x in fields[:7])
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+
+
 def drive(clients: int, seconds: float, call) -> dict:
-    """`clients` threads calling `call(i)` for `seconds`; requests/s and latency percentiles (ms)."""
+    """`clients` threads calling `call(i)` for `seconds`; requests/s and latency percentiles (ms),
+    with the machine's CPU over the run and the client threads' own share of it."""
     lat: list[float] = []
     lock, stop = threading.Lock(), time.monotonic() + seconds
-    errors = []
+    errors, client_cpu = [], []
 
     def worker(w: int):
         i, mine = w, []
         state = {}
+        cpu0 = time.thread_time()
         while time.monotonic() < stop:
             t = time.perf_counter()
             try:
@@ -100,8 +112,9 @@ def drive(clients: int, seconds: float, call) -> dict:
             i += clients
         with lock:
             lat.extend(mine)
+            client_cpu.append(time.thread_time() - cpu0)
 
-    started = time.monotonic()
+    started, cpu_started = time.monotonic(), machine_cpu_seconds()
     threads = [threading.Thread(target=worker, args=(w,)) for w in range(clients)]
     for t in threads:
         t.start()
@@ -111,7 +124,8 @@ def drive(clients: int, seconds: float, call) -> dict:
     lat.sort()
     return {"rps": len(lat) / wall, "p50": statistics.median(lat) if lat else float("nan"),
             "p99": lat[min(len(lat) - 1, int(0.99 * len(lat)))] if lat else float("nan"), "n": len(lat),
-            "errors": len(errors), "first_error": errors[0] if errors else None, "lat": lat, "wall": wall}
+            "errors": len(errors), "first_error": errors[0] if errors else None, "lat": lat, "wall": wall,
+            "cpu": machine_cpu_seconds() - cpu_started, "client_cpu": sum(client_cpu)}
 
 
 def load_average() -> str:
@@ -133,7 +147,8 @@ def _merge(parts: list[dict]) -> dict:
     errors = sum(p["errors"] for p in parts)
     return {"rps": len(lat) / wall if wall else 0.0, "p50": statistics.median(lat) if lat else float("nan"),
             "p99": lat[min(len(lat) - 1, int(0.99 * len(lat)))] if lat else float("nan"), "n": len(lat),
-            "errors": errors, "first_error": next((p["first_error"] for p in parts if p["first_error"]), None)}
+            "errors": errors, "first_error": next((p["first_error"] for p in parts if p["first_error"]), None),
+            "cpu": sum(p["cpu"] for p in parts), "client_cpu": sum(p["client_cpu"] for p in parts)}
 
 
 def in_thread_server(config, reg, port: int):
@@ -170,6 +185,8 @@ def main() -> None:
     ap.add_argument("--clients", default="1,8,32")
     ap.add_argument("--base-model", default=None, help="a local HF model directory as the reader (default: a tiny one)")
     ap.add_argument("--embedder", default="minilm")
+    ap.add_argument("--threads", type=int, default=None, help="serve.threads (default: the server's own default)")
+    ap.add_argument("--endpoints", default="search,chat")
     ap.add_argument("--repeats", type=int, default=2, help="alternating (in-process, HTTP) pairs per row")
     ap.add_argument("--server", choices=("thread", "process"), default="thread",
                     help="HTTP served in this process on the same registry, or by a `pgfresh serve` process")
@@ -194,7 +211,8 @@ def main() -> None:
     path.write_text(f'[source]\ndsn = "{dsn}"\ndata_dir = "data"\n[[tables]]\nname = "items"\n'
                     'document = "{name} is a {kind} made in {city}. It costs ${price}."\n'
                     f'[rag]\nembedder = "{args.embedder}"\n[rag.reader]\nkind = "builtin"\n'
-                    f'[train]\nbase_model = "{model_dir}"\n')
+                    f'[train]\nbase_model = "{model_dir}"\n'
+                    + (f"[serve]\nthreads = {args.threads}\n" if args.threads else ""))
     config = cfg.load(path)
     t = time.monotonic()
     sync.run(config, once=True)
@@ -236,16 +254,22 @@ def main() -> None:
         post(0, {}, "/v1/chat/completions", {"model": "rag", "cache": False,
                                              "messages": [{"role": "user", "content": questions[0]}]})  # warm up
         print(f"\n{'endpoint':8} {'clients':>7} | {'in-process rps':>14} {'p50 ms':>8} {'p99 ms':>8} | "
-              f"{'HTTP rps':>9} {'p50 ms':>8} {'p99 ms':>8} | HTTP cost | load avg")
-        for name in ("search", "chat"):
+              f"{'HTTP rps':>9} {'p50 ms':>8} {'p99 ms':>8} | HTTP cost | CPU ms/req: in-process, HTTP server side,"
+              " cost | load avg")
+        for name in args.endpoints.split(","):
             for n in levels:
                 a, b = alternate(n, args.seconds, args.repeats, inproc[name], over_http[name])
                 cost = 1 - b["rps"] / a["rps"] if a["rps"] else float("nan")
                 errs = f"  errors: in-process {a['errors']}, HTTP {b['errors']} {b['first_error'] or a['first_error'] or ''}" \
                     if a["errors"] or b["errors"] else ""
+                # By CPU: what a request costs the machine, less the client threads' own CPU on the HTTP
+                # side (their request formatting and response parsing; in production the client runs elsewhere).
+                # In-process, the client threads *are* the search, so nothing is taken off.
+                cpu_a = a["cpu"] * 1000 / max(1, a["n"])
+                cpu_b = (b["cpu"] - b["client_cpu"]) * 1000 / max(1, b["n"])
                 print(f"{name:8} {n:>7} | {a['rps']:>14.1f} {a['p50']:>8.1f} {a['p99']:>8.1f} | "
-                      f"{b['rps']:>9.1f} {b['p50']:>8.1f} {b['p99']:>8.1f} | {cost:>9.1%} | {load_average()}{errs}",
-                      flush=True)
+                      f"{b['rps']:>9.1f} {b['p50']:>8.1f} {b['p99']:>8.1f} | {cost:>9.1%} | "
+                      f"{cpu_a:6.1f} {cpu_b:6.1f} {1 - cpu_a / cpu_b:6.1%} | {load_average()}{errs}", flush=True)
     finally:
         if proc is not None:
             proc.terminate()

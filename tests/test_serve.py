@@ -239,13 +239,28 @@ def test_models_are_bounded_least_recently_used_first():
 
 
 def test_serve_config_problems_are_reported(tmp_path):
-    (tmp_path / "pgfresh.toml").write_text('[source]\ndsn = "x"\n[serve]\nport = "eighty"\nwhat = 1\n'
+    (tmp_path / "pgfresh.toml").write_text('[source]\ndsn = "x"\n[serve]\nport = "eighty"\nwhat = 1\nthreads = 0\n'
                                            '[serve.router]\nmax_table_changes = -1\nsoon = 2\nmin_slice_confidence = 2\n')
     with pytest.raises(PgfreshError) as err:
         cfg.load(tmp_path / "pgfresh.toml")
     got = {p.split(":")[0] for p in err.value.problems}
-    assert got == {"serve.port", "serve.what", "serve.router.max_table_changes", "serve.router.soon",
+    assert got == {"serve.port", "serve.what", "serve.threads", "serve.router.max_table_changes", "serve.router.soon",
                    "serve.router.min_slice_confidence"}
+
+
+def test_serve_threads_bound_the_requests_answered_at_once(tmp_path):
+    """`serve.threads` sizes the running server's thread pool (default: twice the cores, at least 4)."""
+    import anyio
+    from fastapi.testclient import TestClient
+
+    from pgfresh.serve.http import create_app
+
+    for line, expected in (("", max(4, 2 * (os.cpu_count() or 1))), ("threads = 3\n", 3)):
+        (tmp_path / "pgfresh.toml").write_text(f'[source]\ndsn = "x"\n[serve]\n{line}')
+        with TestClient(create_app(cfg.load(tmp_path / "pgfresh.toml"))) as client:
+            limiter = client.portal.call(anyio.to_thread.current_default_thread_limiter)
+            assert limiter.total_tokens == expected
+            assert client.get("/healthz").json() == {"status": "ok"}
 
 
 # -- the HTTP API in-process: keys, tenants, bad input -----------------------------------------

@@ -392,21 +392,27 @@ class RowStore:
         """Stage the changes once; the server logs each and upserts the last one per key."""
         if not changes:
             return
+        keys = [(c.table, c.key_text) for c in changes]
         last: dict[tuple[str, str], int] = {}  # (table, key) -> index of its last change here
         versions: dict[tuple[str, str], int] = {}
-        for i, c in enumerate(changes):
-            k = (c.table, c.key_text)
+        for i, k in enumerate(keys):
             last[k] = i
             versions[k] = versions.get(k, 0) + 1
+        # The fields a transaction's changes share (LSN, commit time, xid) are formatted once per
+        # transaction, the table once per table: this loop runs for every change captured.
+        shared: dict[tuple, str] = {}
+        tables: dict[str, str] = {}
         lines = []
-        for i, c in enumerate(changes):
-            k = (c.table, c.key_text)
+        for i, (c, k) in enumerate(zip(changes, keys)):
+            tx = (c.lsn, c.commit_time, c.xid)
+            if (tail := shared.get(tx)) is None:
+                tail = shared[tx] = "\t".join((po.format_lsn(c.lsn), _N if c.commit_time is None else str(c.commit_time),
+                                                _N if c.xid is None else str(c.xid)))
+            if (tbl := tables.get(c.table)) is None:
+                tbl = tables[c.table] = _copy_text(c.table)
             row = _json(c)
-            lines.append("\t".join((
-                str(i), _copy_text(c.table), _copy_text(c.key_text), _N if c.tenant is None else _copy_text(c.tenant),
-                c.op, _N if row is None else _copy_text(row), po.format_lsn(c.lsn),
-                _N if c.commit_time is None else str(c.commit_time), _N if c.xid is None else str(c.xid),
-                "t" if last[k] == i else "f", str(versions[k]))))
+            lines.append(f"{i}\t{tbl}\t{_copy_text(k[1])}\t{_N if c.tenant is None else _copy_text(c.tenant)}\t{c.op}\t"
+                         f"{_N if row is None else _copy_text(row)}\t{tail}\t{'t' if last[k] == i else 'f'}\t{versions[k]}")
         lines.append("")
         cur = self._stage()
         with cur.copy("copy pgfresh_stage (ord, tbl, key, tenant, op, row, lsn, commit_time, xid, last, versions)"

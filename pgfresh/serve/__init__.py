@@ -23,12 +23,13 @@ _SPEC: Spec = {
     "host": (str, bool, "a host name or address"),
     "port": (int, lambda v: 0 <= v <= 65535, "a port, 0..65535"),
     "max_body_bytes": integer(1, unit="bytes"),
+    "threads": integer(1, unit="threads"),
     "ready_max_lag_seconds": number(0, above=True, unit="seconds"),
     "reports_dir": (str, None, "a directory holding arena reports (*.json, *.html)"),
     "router": (dict, None, "a table ([serve.router])"),
 }
 DEFAULTS = {"host": "127.0.0.1", "port": 8088, "max_body_bytes": 1 << 20, "ready_max_lag_seconds": 60.0,
-            "reports_dir": "."}
+            "reports_dir": ".", "threads": None}
 
 
 def check_config(config) -> list[str]:

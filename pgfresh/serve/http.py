@@ -18,12 +18,15 @@ nothing a client sends produces a 500 or a traceback.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import threading
 import time
 import uuid
 from typing import Any, Literal
 
+import anyio
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
@@ -137,7 +140,16 @@ def create_app(config, registry: Registry | None = None) -> FastAPI:
     from pgfresh.serve import dashboard, metrics
 
     reg = registry or Registry()
-    app = FastAPI(title="pgfresh", version="1", description="Answers from live PostgreSQL data (docs/SERVE.md).")
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        # Requests are answered in a pool of `serve.threads` threads; the others wait on the event
+        # loop. Answers are CPU work (embedding, generation): more threads than that only contend
+        # for the cores and the GIL (docs/SERVE.md, "Serving threads").
+        anyio.to_thread.current_default_thread_limiter().total_tokens = _threads_of(config)
+        yield
+
+    app = FastAPI(title="pgfresh", version="1", description="Answers from live PostgreSQL data (docs/SERVE.md).",
+                  lifespan=lifespan)
     app.state.config, app.state.registry = config, reg
     app.state.metrics = metrics.Metrics(config, reg)
     auth = _Auth(config, reg)
@@ -174,7 +186,7 @@ def create_app(config, registry: Registry | None = None) -> FastAPI:
 
     # -- liveness, readiness, metrics -------------------------------------------------------------
     @app.get("/healthz")
-    def healthz() -> dict:
+    async def healthz() -> dict:  # on the event loop: liveness never waits for a busy thread pool
         return {"status": "ok"}
 
     @app.get("/readyz", responses={503: {"description": "not ready"}})
@@ -259,6 +271,11 @@ def create_app(config, registry: Registry | None = None) -> FastAPI:
 
     dashboard.mount(app, config)
     return app
+
+
+def _threads_of(config) -> int:
+    """`serve.threads`, by default twice the cores (a request also waits on the store, not only on CPU)."""
+    return int(serve.setting(config, "threads") or max(4, 2 * (os.cpu_count() or 1)))
 
 
 def _error(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
