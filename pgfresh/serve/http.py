@@ -140,6 +140,7 @@ def create_app(config, registry: Registry | None = None) -> FastAPI:
     from pgfresh.serve import dashboard, metrics
 
     reg = registry or Registry()
+
     @contextlib.asynccontextmanager
     async def lifespan(app):
         # Requests are answered in a pool of `serve.threads` threads; the others wait on the event
