@@ -132,6 +132,30 @@ def test_workload_is_deterministic(db, dsn, tmp_path):
     assert any(k.startswith("noise:") for k in digests[0][1]) and "correction" in digests[0][1]
 
 
+def test_hot_rows_take_most_updates_and_the_cold_tail_stays_put(db, dsn, tmp_path):
+    """`hot_rows`/`hot_changes`: read from the source's change log, the hot products take about
+    `hot_changes` of the price and stock updates; with the default (1.0) no such set exists."""
+    config = shop_config(tmp_path, dsn)
+    shares = {}
+    for hot_rows in (0.2, 1.0):
+        w = workload.load_workload(config, replace(arena_settings(config), hot_rows=hot_rows, hot_changes=0.9))
+        w.setup(db)
+        w.attach(db)
+        for _ in range(300):
+            w.step(db, 0.0)
+        counts = dict(db.execute("select (key->>0)::int, count(*) from arena.events where tbl = 'shop.products'"
+                                 " and kind in ('price', 'stock') group by 1").fetchall())
+        products = db.execute("select count(*) from shop.products").fetchone()[0]
+        top = sorted(counts.values(), reverse=True)[: round(products * 0.2)]
+        shares[hot_rows] = sum(top) / sum(counts.values())
+        if hot_rows < 1:
+            on_hot = sum(n for pid, n in counts.items() if pid in w.hot) / sum(counts.values())
+            assert 0.8 <= on_hot <= 0.97, on_hot
+            cold = [pid for pid in w.published - w.hot]
+            assert sum(counts.get(pid, 0) for pid in cold) / len(cold) < 1.0  # most cold rows changed at most once
+    assert shares[0.2] >= 0.75 and shares[1.0] < 0.6, shares
+
+
 def test_custom_workload_from_the_shipped_example(db, dsn, tmp_path):
     examples = Path(workload.__file__).parent.parent / "examples"
     for name in ("arena_custom.toml", "arena_custom.sql", "arena_custom.py"):

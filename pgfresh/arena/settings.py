@@ -57,6 +57,8 @@ class ArenaSettings:
     seed: int = 7
     rate_per_s: float = 5.0  # workload changes per second
     correct_after_s: float = 20.0  # a plausible-but-wrong value is corrected after this many seconds
+    hot_rows: float = 1.0  # shop: share of products in the hot set (1: every product alike)
+    hot_changes: float = 0.9  # shop: share of price and stock updates that go to the hot set
     batch_interval_s: float = 10.0  # seconds between question batches
     questions_per_batch: int = 12
     min_questions: int = 0  # >0: batches grow so that each strategy answers at least this many questions
@@ -84,7 +86,8 @@ _STRINGS = ((str, list), lambda v: all(isinstance(x, str) and x for x in _listed
 _SPEC: Spec = {  # the keys of ArenaSettings
     "workload": choice(*WORKLOADS),
     "minutes": number(0.0, above=True), "noise": number(0.0, 0.5), "seed": integer(0),
-    "rate_per_s": number(0.0, above=True), "correct_after_s": number(0.0), "batch_interval_s": number(0.0, above=True),
+    "rate_per_s": number(0.0, above=True), "correct_after_s": number(0.0),
+    "hot_rows": number(0.0, 1.0, above=True), "hot_changes": number(0.0, 1.0), "batch_interval_s": number(0.0, above=True),
     "questions_per_batch": integer(1), "min_questions": integer(0), "batches": integer(0),
     "strategies": _STRINGS, "oltp_seconds": number(0.0), "oltp_clients": integer(1), "wal_seconds": number(0.0),
     "export_seconds": number(0.0), "noisy_window_s": number(0.0),

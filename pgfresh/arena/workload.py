@@ -10,7 +10,9 @@ generator's memory.
 The built-in `shop` workload: shops, products (tenant `shop_id`) and support notes; price and
 stock updates, new and deleted products, draft -> published; noise: plausible-but-wrong prices
 and category typos corrected `correct_after_s` later, description typos, junk notes and
-half-finished rows. The same seed gives the same tables and the same sequence of changes.
+half-finished rows. With `hot_rows` < 1 a hot set of products takes `hot_changes` of the price
+and stock updates and the rest is a cold tail. The same seed gives the same tables and the same
+sequence of changes.
 `shop-zh` is the same shop in Chinese (names, categories, descriptions, notes, questions); its
 typos are wrong characters and full-width digits.
 
@@ -217,6 +219,11 @@ class ShopWorkload(Workload):
         self.next_product = conn.execute("select coalesce(max(product_id), 0) + 1 from shop.products").fetchone()[0]
         self.next_note = conn.execute("select coalesce(max(note_id), 0) + 1 from shop.support_notes").fetchone()[0]
         self.shop_ids = [r[0] for r in conn.execute("select shop_id from shop.shops order by 1")]
+        # A hot set of products takes `hot_changes` of the price and stock updates; the rest (the
+        # cold tail) changes rarely, so a changed value there stays put long enough to be trained in.
+        self.hot_rng = random.Random(self.settings.seed * 31 + 5)
+        ids = [r[0] for r in rows]
+        self.hot = set(self.hot_rng.sample(ids, round(len(ids) * self.settings.hot_rows)))
         self.pending: list[tuple[int, int, str, str]] = []  # (due step, product_id, column, clean value)
         self.correct_after_steps = max(1, round(self.settings.correct_after_s * self.settings.rate_per_s))
 
@@ -233,6 +240,16 @@ class ShopWorkload(Workload):
         candidates = sorted(set().union(*pools) - busy)
         return self.rng.choice(candidates) if candidates else None
 
+    def _pick_update(self) -> int | None:
+        """The product a price or stock update changes: from the hot set with probability
+        `hot_changes` (from the cold tail otherwise; the other set when one is empty)."""
+        pool = self.published | self.drafts
+        if self.settings.hot_rows >= 1:
+            return self._pick(pool)
+        hot, cold = pool & self.hot, pool - self.hot
+        first, second = (hot, cold) if self.hot_rng.random() < self.settings.hot_changes else (cold, hot)
+        return self._pick(first) or self._pick(second)
+
     def _update(self, conn, pid: int, kind: str, values: dict, noise: bool = False, clean: dict | None = None) -> str:
         sets = sql.SQL(", ").join(sql.SQL("{} = {}").format(sql.Identifier(k), sql.Placeholder()) for k in values)
         with conn.transaction():
@@ -246,7 +263,7 @@ class ShopWorkload(Workload):
             sql.Identifier(column)), (pid,)).fetchone()[0]
 
     def _price(self, conn) -> str:
-        pid = self._pick(self.published, self.drafts)
+        pid = self._pick_update()
         if pid is None:
             return self._insert(conn)
         price = self._current(conn, pid, "price")
@@ -254,7 +271,7 @@ class ShopWorkload(Workload):
         return self._update(conn, pid, "price", {"price": new if new != price else new + Decimal("0.01")})
 
     def _stock(self, conn) -> str:
-        pid = self._pick(self.published, self.drafts)
+        pid = self._pick_update()
         if pid is None:
             return self._insert(conn)
         return self._update(conn, pid, "stock", {"stock": self.rng.randint(0, 200)})
@@ -272,6 +289,8 @@ class ShopWorkload(Workload):
                          " description) values (%s, %s, %s, %s, %s, %s, %s, %s)",
                          (pid, shop_id, name, cat, price, stock, status, None if half else desc))
         (self.half if half else self.published if status == "published" else self.drafts).add(pid)
+        if self.hot_rng.random() < self.settings.hot_rows:
+            self.hot.add(pid)
         return kind
 
     def _publish(self, conn) -> str:
