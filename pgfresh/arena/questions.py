@@ -109,6 +109,8 @@ class QuestionGenerator:
         self.history: dict[tuple, list[_Event]] = {}
         self.last_event = 0
         self.asked_events: set[int] = set()
+        self.last_asked: dict[tuple, int] = {}  # changed fact -> the batch that last asked it
+        self.batches = 0
         self.panel: list[tuple[str, tuple, str]] | None = None
         self.panel_next = 0
         self.next_id = 0
@@ -224,12 +226,17 @@ class QuestionGenerator:
         quota = self._quota(n)
         chosen: list[Probe] = []
         changed = {(c[0], json.dumps(c[1]), c[2]): c for c in cands["changed"]}
-        rewatch = [changed[f] for f in watch if f in changed][: max(1, quota["changed"] // 2)]
+        # Re-asked changes take turns: the one asked longest ago first, then the one whose value has
+        # stood longest (a cold row's change, which a training round may have learnt by now).
+        rewatch = sorted((changed[f] for f in watch if f in changed),
+                         key=lambda c: (self.last_asked.get((c[0], json.dumps(c[1]), c[2]), -1), c[3].id))
+        rewatch = rewatch[: max(1, quota["changed"] // 2)]
         fresh = sorted((c for c in changed.values() if c[3].id not in self.asked_events), key=lambda c: -c[3].id)
         # One question per row first (an insert changes every template of the row at once).
         seen: set[str] = set()
         first = [c for c in fresh if not (json.dumps(c[1]) in seen or seen.add(json.dumps(c[1])))]
         fresh = first + [c for c in fresh if c not in first]
+        self.batches += 1
         for c in (rewatch + fresh)[: quota["changed"]]:
             chosen.append(self._probe("changed", c))
         panel = self._panel(conn)
@@ -282,6 +289,7 @@ class QuestionGenerator:
             probe.change_kind = "updated" if old_visible or event.old_visible else "acquired"
             if cls == "changed":
                 self.asked_events.add(event.id)
+                self.last_asked[probe.fact] = self.batches
         return probe
 
     def _never(self, conn) -> Probe | None:
