@@ -89,6 +89,28 @@ def test_truth_matches_an_independent_check(db, dsn, tmp_path):
     assert any(p.noisy_values for p in noisy)  # the truth of a noisy row is its clean value, not what it holds
 
 
+def test_re_asked_changes_take_turns(db, dsn, tmp_path):
+    """Changes no strategy has got right yet are re-asked in turns: the one asked longest ago
+    first, so one change does not take every re-ask slot while others wait."""
+    config = shop_config(tmp_path, dsn)
+    s = replace(arena_settings(config), correct_after_s=4.0)
+    w = workload.load_workload(config, s)
+    w.setup(db)
+    (seeded_at,) = db.execute("select clock_timestamp()").fetchone()
+    w.attach(db)
+    for _ in range(80):
+        w.step(db, 0.0)
+    gen = questions.QuestionGenerator(config, s, w, seeded_at)
+    watch: list = []
+    rewatched = []
+    for _ in range(3):  # no change in between: every changed fact asked stays unresolved and watched
+        batch = gen.batch(db, 12, watch)
+        rewatched.append({p.fact for p in batch if p.cls == "changed" and p.fact in watch})
+        watch += [p.fact for p in batch if p.cls == "changed" and p.fact not in watch]
+    assert rewatched[1] and rewatched[2]
+    assert not rewatched[1] & rewatched[2], rewatched  # batch 3 re-asks the ones batch 2 left waiting
+
+
 def test_unchanged_panel_survives_changes_to_other_facts_of_its_rows(db, dsn, tmp_path):
     """After enough changes that every row was touched, the unchanged class still has questions
     (a stock update does not change the row's category fact), and each is about a fact whose
