@@ -232,12 +232,23 @@ def _hybrid(config, conn, reg, question, tenant, opts: Options) -> dict:
         return conn.execute("select count(*) from (select 1 from pgfresh.rows where tbl = %s and lsn > %s::pg_lsn"
                             " limit %s) c", (tbl, lsn, limit)).fetchone()[0]
 
-    def row_lsn(tbl: str, key: str) -> tuple[str, str] | None:
-        # the row's latest change, which the index may not have caught up with yet, and its pipeline
-        # (a stored table belongs to one pipeline: two primary-key lookups)
-        return conn.execute("select r.lsn::text, r.pipeline from pgfresh.tables t join pgfresh.rows r"
-                            " on r.pipeline = t.pipeline and r.tbl = t.tbl where t.tbl = %s and r.key = %s",
-                            (tbl, key)).fetchone()
+    def row_lsn(tbl: str, key: str) -> tuple[str, str, str | None] | None:
+        # The row's latest change, which the index may not have caught up with yet, its pipeline (a
+        # stored table belongs to one pipeline: two primary-key lookups), and how far the slice's
+        # lineage learnt the row: the newest LSN of the row's active facts if the lineage trained each
+        # of them (base or learn, not unlearnt since), else null.
+        return conn.execute(
+            "with recursive chain (version) as (select %(version)s::int union all select v.parent from chain c"
+            " join pgfresh.slice_versions v on v.slice = %(slice)s and v.version = c.version where v.parent is not null)"
+            " select r.lsn::text, r.pipeline, (select case when count(*) > 0 and bool_and(coalesce(("
+            "  select max(t.version) filter (where t.role in ('base', 'learn'))"
+            "  > coalesce(max(t.version) filter (where t.role = 'update'), -1) from pgfresh.fact_training t"
+            "  where t.fact_id = f.fact_id and t.slice = %(slice)s and t.version in (select version from chain)), false))"
+            "  then max(f.lsn)::text end from pgfresh.facts f where f.tbl = r.tbl and f.key = r.key and f.status = 'active')"
+            " from pgfresh.tables t join pgfresh.rows r on r.pipeline = t.pipeline and r.tbl = t.tbl"
+            " where t.tbl = %(tbl)s and r.key = %(key)s",
+            {"version": -1 if version is None else version.version, "slice": "" if version is None else version.slice,
+             "tbl": tbl, "key": key}).fetchone()
 
     decision = router.route(router.Policy.from_config(config), hits[0] if hits else None, version, table_changes,
                             runner_up=hits[1] if len(hits) > 1 else None, row_lsn=row_lsn)

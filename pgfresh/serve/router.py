@@ -7,10 +7,13 @@ order; the first that fires decides, and its sentence is the `reason` every answ
 1. no published slice for the tenant                              -> retrieve
 2. the slice is older than `max_slice_age_seconds` (if set)       -> retrieve
 3. nothing retrieved                                              -> slice (closed-book is all there is)
-4. the best row's latest change (its LSN in `pgfresh.rows`, which
-   can be newer than the indexed document's) is after the slice's
-   position in the row's pipeline: the slice has not learnt its
-   current version                                                -> retrieve
+4. the slice has not learnt the best row's current version: the
+   row's latest change (its LSN in `pgfresh.rows`, which can be
+   newer than the indexed document's) is after the slice's position
+   in the row's pipeline, or, behind that position, the lineage
+   never trained one of the row's active facts (a round learns the
+   newest waiting facts first, and a row in its settle window waits,
+   so a position can pass changes the slice did not learn)        -> retrieve
 5. more than `max_table_changes` rows of the best row's table
    changed after that position (if set): the table changes
    faster than slices are published                               -> retrieve
@@ -19,7 +22,10 @@ order; the first that fires decides, and its sentence is the `reason` every answ
    (if set)                                                       -> retrieve
 7. otherwise (the slice knows the best row's current version)     -> slice
 
-Rule 4 compares LSNs, so it is exact for the row retrieval found; what it cannot see is a question
+Rule 4 is exact for the row retrieval found: with `row_lsn` giving the lineage's learnt LSN of the
+row (pgfresh.serve.answer reads it from pgfresh.facts and fact_training), the slice knows the row
+only if it trained every active fact of the row and the newest of them is the row's latest change;
+without it (constructed cases), the position alone decides. What rule 4 cannot see is a question
 whose right row retrieval misses. LSNs are compared only within one pipeline (source): a slice
 records its position per pipeline (pgfresh.train.slices), because the LSNs of two servers, or of
 two slots that progress on their own, say nothing about which change came first. Rule 5 trades
@@ -109,12 +115,16 @@ def route(policy: Policy, best, version, table_changes=None, now: datetime | Non
     """Decide for one question. `best`, `runner_up`: the two best retrieval hits (or None); `version`:
     the slice's published version (or None); `table_changes(tbl, lsn, limit)`: rows of a table changed
     after an LSN (only called when rule 5 is on); `row_lsn(tbl, key)`: (LSN, pipeline) of a row's latest
-    change (None: use the hit's LSN, the indexed document's, and the slice's newest LSN)."""
+    change, or (LSN, pipeline, learnt) where `learnt` is the newest LSN of the row's active facts if the
+    slice's lineage trained every one of them, else None (row_lsn None: the hit's LSN, the indexed
+    document's, and the slice's newest LSN)."""
     m = margin(best, runner_up)
     identified = None if m is None else 0.5 + 0.5 * m
     latest = pipeline = None
+    learnt: tuple = ()  # () : not looked up; (lsn or None,) : looked up
     if best is not None:
-        latest, pipeline = (row_lsn(best.tbl, best.key) if row_lsn else None) or (best.lsn, None)
+        state = (row_lsn(best.tbl, best.key) if row_lsn else None) or (best.lsn, None)
+        latest, pipeline, learnt = state[0], state[1], tuple(state[2:3])
     known = None if version is None else position(version, pipeline)
     recall = None
     if version is not None:
@@ -123,8 +133,10 @@ def route(policy: Policy, best, version, table_changes=None, now: datetime | Non
     signals = {"margin": None if m is None else round(m, 3),
                "slice": None if version is None else f"{version.slice} v{version.version} (LSN {version.lsn})",
                "slice_recall": recall, "row_lsn": latest, "pipeline": pipeline, "slice_position": known,
+               "slice_learnt_row": learnt[0] if learnt else None,
                "slice_knows_row": None if latest is None or version is None
-               else known is not None and parse_lsn(latest) <= parse_lsn(known)}
+               else known is not None and parse_lsn(latest) <= parse_lsn(known)
+               and (not learnt or (learnt[0] is not None and parse_lsn(latest) <= parse_lsn(learnt[0])))}
 
     def decided(taken: str, reason: str, confidence: float) -> Route:
         return Route(taken, reason, confidence, signals)
@@ -144,9 +156,12 @@ def route(policy: Policy, best, version, table_changes=None, now: datetime | Non
     if known is None:
         return decided(RETRIEVE, f"slice {version.slice} v{version.version} learnt nothing of {pipeline}, where {row} "
                                  "comes from: retrieval answers", identified)
-    if not signals["slice_knows_row"]:
+    if not signals["slice_knows_row"] and parse_lsn(latest) > parse_lsn(known):
         return decided(RETRIEVE, f"{row} changed at LSN {latest}{where}, after slice {version.slice} v{version.version} "
                                  f"(LSN {known}{where}): retrieval answers", identified)
+    if not signals["slice_knows_row"]:
+        return decided(RETRIEVE, f"slice {version.slice} v{version.version} (LSN {known}{where}) never learnt {row} "
+                                 f"as it stands at LSN {latest}: retrieval answers", identified)
     if policy.max_table_changes is not None and table_changes is not None:
         n = table_changes(best.tbl, known, policy.max_table_changes + 1)
         if n > policy.max_table_changes:
