@@ -235,8 +235,8 @@ def _hybrid(config, conn, reg, question, tenant, opts: Options) -> dict:
     def row_lsn(tbl: str, key: str) -> tuple[str, str, str | None] | None:
         # The row's latest change, which the index may not have caught up with yet, its pipeline (a
         # stored table belongs to one pipeline: two primary-key lookups), and how far the slice's
-        # lineage learnt the row: the newest LSN of the row's active facts if the lineage trained each
-        # of them (base or learn, not unlearnt since), else null.
+        # lineage learnt the row: the newest LSN of the row's active trainable facts if the lineage
+        # trained each of them (base or learn, not unlearnt since), else null.
         return conn.execute(
             "with recursive chain (version) as (select %(version)s::int union all select v.parent from chain c"
             " join pgfresh.slice_versions v on v.slice = %(slice)s and v.version = c.version where v.parent is not null)"
@@ -244,7 +244,8 @@ def _hybrid(config, conn, reg, question, tenant, opts: Options) -> dict:
             "  select max(t.version) filter (where t.role in ('base', 'learn'))"
             "  > coalesce(max(t.version) filter (where t.role = 'update'), -1) from pgfresh.fact_training t"
             "  where t.fact_id = f.fact_id and t.slice = %(slice)s and t.version in (select version from chain)), false))"
-            "  then max(f.lsn)::text end from pgfresh.facts f where f.tbl = r.tbl and f.key = r.key and f.status = 'active')"
+            "  then max(f.lsn)::text end from pgfresh.facts f where f.tbl = r.tbl and f.key = r.key and f.status = 'active'"
+            "  and f.kind in ('qa', 'gone'))"  # the kinds rounds train (train.data.TRAINABLE); statements are documents
             " from pgfresh.tables t join pgfresh.rows r on r.pipeline = t.pipeline and r.tbl = t.tbl"
             " where t.tbl = %(tbl)s and r.key = %(key)s",
             {"version": -1 if version is None else version.version, "slice": "" if version is None else version.slice,
