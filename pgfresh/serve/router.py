@@ -25,8 +25,7 @@ order; the first that fires decides, and its sentence is the `reason` every answ
 Rule 4 is exact for the row retrieval found: with `row_lsn` giving the lineage's learnt LSN of the
 row (pgfresh.serve.answer reads it from pgfresh.facts and fact_training), the slice knows the row
 only if it trained every active trainable fact of the row and the newest of them is the row's
-latest change;
-without it (constructed cases), the position alone decides. What rule 4 cannot see is a question
+latest change; without it (constructed cases), the position alone decides. What rule 4 cannot see is a question
 whose right row retrieval misses. LSNs are compared only within one pipeline (source): a slice
 records its position per pipeline (pgfresh.train.slices), because the LSNs of two servers, or of
 two slots that progress on their own, say nothing about which change came first. Rule 5 trades
