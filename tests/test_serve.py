@@ -110,7 +110,7 @@ def test_hybrid_routes_as_its_policy_says(db, dsn, tmp_path):
     config = products(db, tmp_path, dsn, rows, extra='[rag.reader]\nkind = "builtin"\n\n[train]\n'
                                                      f'base_model = "{model_dir}"\nthreads = 1\n')
     reg = serve.Registry()
-    q = f"How much does the {rows[3]['name']} cost?"
+    q = f"What is the price of {rows[3]['name']}?"  # the default price fact's own question
     newest = db.execute("select max(lsn)::text from pgfresh.rows").fetchone()[0]
     publish_base_slice(db, config, "_shared", None, model_dir, newest)  # a fresh slice: knows every row
 
@@ -129,14 +129,23 @@ def test_hybrid_routes_as_its_policy_says(db, dsn, tmp_path):
     assert "123.45" in changed["sources"][0]["text"] and isinstance(changed["answer"], str)
 
     # another, unchanged product still goes to the slice; tuned mode always does
-    other = serve.answer(config, f"How much does the {rows[5]['name']} cost?", None, "hybrid", registry=reg)
+    other = serve.answer(config, f"What is the price of {rows[5]['name']}?", None, "hybrid", registry=reg)
     assert other["route"]["taken"] == "slice"
     assert serve.answer(config, q, None, "tuned", registry=reg)["slice"]["name"] == "_shared"
+
+    # rule 4b: a phrasing the slice was not trained on goes to retrieval, unless the policy allows it
+    unseen = serve.answer(config, f"How much does the {rows[5]['name']} cost?", None, "hybrid", registry=reg)
+    assert unseen["route"]["taken"] == "rag" and "phrasing" in unseen["route"]["reason"], unseen["route"]
+    assert unseen["route"]["signals"]["phrasing_trained"] is False and unseen["route"]["signals"]["slice_knows_row"]
+    lenient = cfg.load(config.path)
+    lenient.serve = {"router": {"trained_phrasings_only": False}}
+    assert serve.answer(lenient, f"How much does the {rows[5]['name']} cost?", None, "hybrid",
+                        registry=reg)["route"]["taken"] == "slice"
 
     # rule 5: a busy table sends even an unchanged row to retrieval
     busy = cfg.load(config.path)
     busy.serve = {"router": {"max_table_changes": 0}}
-    routed = serve.answer(busy, f"How much does the {rows[5]['name']} cost?", None, "hybrid", registry=reg)
+    routed = serve.answer(busy, f"What is the price of {rows[5]['name']}?", None, "hybrid", registry=reg)
     assert routed["route"]["taken"] == "rag" and "changed after slice" in routed["route"]["reason"]
     assert "slices" in reg.loaded() and reg.loaded()["slices"] == ["_shared v0"]
     reg.close()
@@ -173,15 +182,18 @@ def test_hybrid_retrieves_a_change_the_slice_passed_without_learning(db, dsn, tm
     slices.record_positions(db, "_shared", 1)
     db.execute("update pgfresh.slices set current_version = 1 where name = '_shared'")
 
-    skipped = serve.answer(config, f"How much does the {rows[1]['name']} cost?", None, "hybrid", registry=reg)
+    skipped = serve.answer(config, f"What is the price of {rows[1]['name']}?", None, "hybrid", registry=reg)
     assert skipped["sources"][0]["key"] == "[2]"
     position = skipped["route"]["signals"]["slice_position"]
     assert parse_lsn(position) > parse_lsn(row_lsn(db, "[2]"))  # the position is past it ...
     assert skipped["route"]["taken"] == "rag", skipped["route"]  # ... but the slice never learnt it
     assert skipped["route"]["signals"]["slice_knows_row"] is False and "never learnt" in skipped["route"]["reason"]
-    learnt = serve.answer(config, f"How much does the {rows[5]['name']} cost?", None, "hybrid", registry=reg)
+    # the row's other facts did not change and the base version learnt them: asked about one, the slice answers
+    color = serve.answer(config, f"What is the color of {rows[1]['name']}?", None, "hybrid", registry=reg)
+    assert color["sources"][0]["key"] == "[2]" and color["route"]["taken"] == "slice", color["route"]
+    learnt = serve.answer(config, f"What is the price of {rows[5]['name']}?", None, "hybrid", registry=reg)
     assert learnt["sources"][0]["key"] == "[6]" and learnt["route"]["taken"] == "slice", learnt["route"]
-    unchanged = serve.answer(config, f"How much does the {rows[3]['name']} cost?", None, "hybrid", registry=reg)
+    unchanged = serve.answer(config, f"What is the price of {rows[3]['name']}?", None, "hybrid", registry=reg)
     assert unchanged["route"]["taken"] == "slice", unchanged["route"]  # learnt by the base version
     reg.close()
 

@@ -232,24 +232,37 @@ def _hybrid(config, conn, reg, question, tenant, opts: Options) -> dict:
         return conn.execute("select count(*) from (select 1 from pgfresh.rows where tbl = %s and lsn > %s::pg_lsn"
                             " limit %s) c", (tbl, lsn, limit)).fetchone()[0]
 
-    def row_lsn(tbl: str, key: str) -> tuple[str, str, str | None] | None:
-        # The row's latest change, which the index may not have caught up with yet, its pipeline (a
-        # stored table belongs to one pipeline: two primary-key lookups), and how far the slice's
-        # lineage learnt the row: the newest LSN of the row's active trainable facts if the lineage
-        # trained each of them (base or learn, not unlearnt since), else null.
+    def row_lsn(tbl: str, key: str) -> tuple[str, str, bool, bool] | None:
+        # The row's latest change (which the index may not have caught up with yet) and its pipeline
+        # (a stored table belongs to one pipeline: primary-key lookups); whether the slice's lineage
+        # knows the row as it stands; whether the question is one of the row's fact phrasings.
+        # Knowing: the lineage trained (base or learn, not unlearnt since) the active trainable
+        # facts the question asks (those whose phrasings it matches; all of the row's if none), and
+        # the facts stage has taken the row's latest change in (none of it unread or settling).
         return conn.execute(
             "with recursive chain (version) as (select %(version)s::int union all select v.parent from chain c"
-            " join pgfresh.slice_versions v on v.slice = %(slice)s and v.version = c.version where v.parent is not null)"
-            " select r.lsn::text, r.pipeline, (select case when count(*) > 0 and bool_and(coalesce(("
-            "  select max(t.version) filter (where t.role in ('base', 'learn'))"
-            "  > coalesce(max(t.version) filter (where t.role = 'update'), -1) from pgfresh.fact_training t"
-            "  where t.fact_id = f.fact_id and t.slice = %(slice)s and t.version in (select version from chain)), false))"
-            "  then max(f.lsn)::text end from pgfresh.facts f where f.tbl = r.tbl and f.key = r.key and f.status = 'active'"
-            "  and f.kind in ('qa', 'gone'))"  # the kinds rounds train (train.data.TRAINABLE); statements are documents
-            " from pgfresh.tables t join pgfresh.rows r on r.pipeline = t.pipeline and r.tbl = t.tbl"
-            " where t.tbl = %(tbl)s and r.key = %(key)s",
+            " join pgfresh.slice_versions v on v.slice = %(slice)s and v.version = c.version where v.parent is not null),"
+            " r as (select r.lsn, r.pipeline, r.tbl, r.key from pgfresh.tables t join pgfresh.rows r"
+            "  on r.pipeline = t.pipeline and r.tbl = t.tbl where t.tbl = %(tbl)s and r.key = %(key)s),"
+            " f as (select exists (select 1 from unnest(f.question || f.paraphrases) p (text)"
+            "   where lower(trim(regexp_replace(p.text, '[[:punct:][:space:]]+', ' ', 'g')))"
+            "   = lower(trim(regexp_replace(%(question)s, '[[:punct:][:space:]]+', ' ', 'g')))) as asked,"
+            "  coalesce((select max(t.version) filter (where t.role in ('base', 'learn'))"
+            "   > coalesce(max(t.version) filter (where t.role = 'update'), -1) from pgfresh.fact_training t"
+            "   where t.fact_id = f.fact_id and t.slice = %(slice)s and t.version in (select version from chain)), false)"
+            "   as learnt"
+            "  from r join pgfresh.facts f on f.tbl = r.tbl and f.key = r.key"
+            "  where f.status = 'active' and f.kind in ('qa', 'gone'))"  # what rounds train (train.data.TRAINABLE)
+            " select r.lsn::text, r.pipeline,"
+            "  coalesce((select bool_and(learnt) from f where asked), (select bool_and(learnt) from f), false)"
+            "  and not exists (select 1 from pgfresh.gate_pending g where g.path = 'train' and g.tbl = r.tbl and g.key = r.key)"
+            "  and not exists (select 1 from pgfresh.changes c where c.pipeline = r.pipeline and c.seq > coalesce(("
+            "   select k.seq from pgfresh.consumers k where k.pipeline = r.pipeline and k.name = 'facts'), 0)"
+            "   and c.tbl = r.tbl and c.key = r.key),"
+            "  exists (select 1 from f where asked)"
+            " from r",
             {"version": -1 if version is None else version.version, "slice": "" if version is None else version.slice,
-             "tbl": tbl, "key": key}).fetchone()
+             "tbl": tbl, "key": key, "question": question}).fetchone()
 
     decision = router.route(router.Policy.from_config(config), hits[0] if hits else None, version, table_changes,
                             runner_up=hits[1] if len(hits) > 1 else None, row_lsn=row_lsn)

@@ -7,13 +7,17 @@ order; the first that fires decides, and its sentence is the `reason` every answ
 1. no published slice for the tenant                              -> retrieve
 2. the slice is older than `max_slice_age_seconds` (if set)       -> retrieve
 3. nothing retrieved                                              -> slice (closed-book is all there is)
-4. the slice has not learnt the best row's current version: the
-   row's latest change (its LSN in `pgfresh.rows`, which can be
-   newer than the indexed document's) is after the slice's position
-   in the row's pipeline, or, behind that position, the lineage
-   never trained one of the row's active facts (a round learns the
-   newest waiting facts first, and a row in its settle window waits,
-   so a position can pass changes the slice did not learn)        -> retrieve
+4. the slice does not know the best row as it stands: its lineage
+   did not train the row's active facts the question asks (those
+   whose phrasings it matches; all of the row's if none), or the
+   facts stage has not taken the row's latest change in yet (unread,
+   or in the settle window)                                        -> retrieve
+4b. the slice knows the row, but the question is none of the
+   phrasings its facts were rendered with (question, paraphrases;
+   case, spaces and punctuation aside) and `trained_phrasings_only`
+   is on (the default: measured, the built-in model answers almost
+   no phrasing it was not trained on; turn it off for a model that
+   does)                                                          -> retrieve
 5. more than `max_table_changes` rows of the best row's table
    changed after that position (if set): the table changes
    faster than slices are published                               -> retrieve
@@ -22,10 +26,12 @@ order; the first that fires decides, and its sentence is the `reason` every answ
    (if set)                                                       -> retrieve
 7. otherwise (the slice knows the best row's current version)     -> slice
 
-Rule 4 is exact for the row retrieval found: with `row_lsn` giving the lineage's learnt LSN of the
-row (pgfresh.serve.answer reads it from pgfresh.facts and fact_training), the slice knows the row
-only if it trained every active trainable fact of the row and the newest of them is the row's
-latest change; without it (constructed cases), the position alone decides. What rule 4 cannot see is a question
+Rule 4 is exact for the row retrieval found; pgfresh.serve.answer reads what it needs from
+pgfresh.facts, fact_training along the slice's lineage, gate_pending and the change log. It does
+not compare the slice's position (the newest LSN it learnt) with the row's LSN: a round learns the
+newest waiting facts first and a settling row waits, so a position passes changes the slice never
+learnt, and a row whose other facts changed since still has the asked one learnt. Without those
+lookups (`row_lsn` giving LSN and pipeline only, constructed cases) the position decides. What rule 4 cannot see is a question
 whose right row retrieval misses. LSNs are compared only within one pipeline (source): a slice
 records its position per pipeline (pgfresh.train.slices), because the LSNs of two servers, or of
 two slots that progress on their own, say nothing about which change came first. Rule 5 trades
@@ -63,6 +69,7 @@ SPEC: Spec = {  # [serve.router], checked by pgfresh.serve.check_config
     "max_slice_age_seconds": number(0, above=True, unit="seconds"),
     "max_table_changes": integer(0),
     "min_slice_confidence": number(0, 1),
+    "trained_phrasings_only": (bool, None, "true or false"),
 }
 
 
@@ -71,6 +78,7 @@ class Policy:
     max_slice_age_seconds: float | None = None
     max_table_changes: int | None = None
     min_slice_confidence: float | None = None
+    trained_phrasings_only: bool = True
 
     @classmethod
     def from_config(cls, config) -> "Policy":
@@ -115,16 +123,18 @@ def route(policy: Policy, best, version, table_changes=None, now: datetime | Non
     """Decide for one question. `best`, `runner_up`: the two best retrieval hits (or None); `version`:
     the slice's published version (or None); `table_changes(tbl, lsn, limit)`: rows of a table changed
     after an LSN (only called when rule 5 is on); `row_lsn(tbl, key)`: (LSN, pipeline) of a row's latest
-    change, or (LSN, pipeline, learnt) where `learnt` is the newest LSN of the row's active facts if the
-    slice's lineage trained every one of them, else None (row_lsn None: the hit's LSN, the indexed
-    document's, and the slice's newest LSN)."""
+    change, or (LSN, pipeline, knows, phrasing): whether the slice knows the row as it stands (rule
+    4) and whether the question is one of the phrasings of the row's facts (row_lsn None: the hit's
+    LSN, the indexed document's, and the slice's newest LSN)."""
     m = margin(best, runner_up)
     identified = None if m is None else 0.5 + 0.5 * m
     latest = pipeline = None
-    learnt: tuple = ()  # () : not looked up; (lsn or None,) : looked up
+    learnt: tuple = ()  # () : not looked up; (knows,) : looked up
+    phrasing = None
     if best is not None:
         state = (row_lsn(best.tbl, best.key) if row_lsn else None) or (best.lsn, None)
         latest, pipeline, learnt = state[0], state[1], tuple(state[2:3])
+        phrasing = state[3] if len(state) > 3 else None
     known = None if version is None else position(version, pipeline)
     recall = None
     if version is not None:
@@ -133,10 +143,9 @@ def route(policy: Policy, best, version, table_changes=None, now: datetime | Non
     signals = {"margin": None if m is None else round(m, 3),
                "slice": None if version is None else f"{version.slice} v{version.version} (LSN {version.lsn})",
                "slice_recall": recall, "row_lsn": latest, "pipeline": pipeline, "slice_position": known,
-               "slice_learnt_row": learnt[0] if learnt else None,
+               "phrasing_trained": phrasing,
                "slice_knows_row": None if latest is None or version is None
-               else known is not None and parse_lsn(latest) <= parse_lsn(known)
-               and (not learnt or (learnt[0] is not None and parse_lsn(latest) <= parse_lsn(learnt[0])))}
+               else bool(learnt[0]) if learnt else known is not None and parse_lsn(latest) <= parse_lsn(known)}
 
     def decided(taken: str, reason: str, confidence: float) -> Route:
         return Route(taken, reason, confidence, signals)
@@ -162,6 +171,9 @@ def route(policy: Policy, best, version, table_changes=None, now: datetime | Non
     if not signals["slice_knows_row"]:
         return decided(RETRIEVE, f"slice {version.slice} v{version.version} (LSN {known}{where}) never learnt {row} "
                                  f"as it stands at LSN {latest}: retrieval answers", identified)
+    if policy.trained_phrasings_only and phrasing is False:
+        return decided(RETRIEVE, f"slice {version.slice} v{version.version} knows {row}, but was not trained on this "
+                                 "phrasing (trained_phrasings_only): retrieval answers", identified)
     if policy.max_table_changes is not None and table_changes is not None:
         n = table_changes(best.tbl, known, policy.max_table_changes + 1)
         if n > policy.max_table_changes:
