@@ -294,6 +294,16 @@ def render_facts(table: TableConfig, change) -> list[Fact]:
     return facts
 
 
+def fact_answer(table: TableConfig, template: str, row: dict, key: list) -> str | None:
+    """The answer fact template `template` gives over `row` (None: no such template, or the row
+    states nothing there); RenderError if the row does not fit it."""
+    for t in fact_templates(table, row):
+        if t.name == template:
+            qa = _qa(t, {**row, "_key": _key_label(key)}, t.answer)
+            return qa[2] if qa else None
+    return None
+
+
 def render_gone(table: TableConfig, change, old_row: dict) -> list[Fact]:
     """The "no longer exists" facts of a removed row, from the version last admitted."""
     row = {**old_row, "_key": _key_label(change.key)}

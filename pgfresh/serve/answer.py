@@ -15,9 +15,11 @@ LSN, or null), `cache` (hit, miss or off), `reader`, `note`, `timings` (millisec
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 
+from pgfresh import render
 from pgfresh.errors import PgfreshError
 from pgfresh.rag.question import check as question_check
 from pgfresh.serve import router
@@ -213,6 +215,19 @@ def _tuned(config, conn, reg, question, tenant, route: router.Route, version=Non
     return out
 
 
+def _same_answers(config, tbl: str, key: str, facts: list, newer: list) -> bool:
+    """Whether a version of row (tbl, key) the facts stage has not taken in yet (`newer`: [op, row])
+    gives the facts [[template, answer], ...] the same answers (a stock update leaves the category)."""
+    op, row = newer
+    if op not in ("insert", "update", "read") or not row or not facts:
+        return False
+    try:
+        table = config.table(tbl)
+        return all(render.fact_answer(table, name, row, json.loads(key)) == answer for name, answer in facts)
+    except (KeyError, render.RenderError):
+        return False
+
+
 def _hybrid(config, conn, reg, question, tenant, opts: Options) -> dict:
     """Retrieve, ask the router, answer by the route it picks (retrieval if the slice cannot load)."""
     from pgfresh.rag import retrieval
@@ -235,16 +250,17 @@ def _hybrid(config, conn, reg, question, tenant, opts: Options) -> dict:
     def row_lsn(tbl: str, key: str) -> tuple[str, str, bool, bool] | None:
         # The row's latest change (which the index may not have caught up with yet) and its pipeline
         # (a stored table belongs to one pipeline: primary-key lookups); whether the slice's lineage
-        # knows the row as it stands; whether the question is one of the row's fact phrasings.
-        # Knowing: the lineage trained (base or learn, not unlearnt since) the active trainable
-        # facts the question asks (those whose phrasings it matches; all of the row's if none), and
-        # the facts stage has taken the row's latest change in (none of it unread or settling).
-        return conn.execute(
+        # knows the row as it stands (router rule 4); whether the question is one of the row's fact
+        # phrasings (rule 4b). Knowing: the lineage trained (base or learn, not unlearnt since) the
+        # active trainable facts the question asks (those whose phrasings it matches; all of the
+        # row's if none), and a newer version of the row the facts stage has not taken in yet
+        # (unread in the change log, or settling in the training gate) gives them the same answers.
+        found = conn.execute(
             "with recursive chain (version) as (select %(version)s::int union all select v.parent from chain c"
             " join pgfresh.slice_versions v on v.slice = %(slice)s and v.version = c.version where v.parent is not null),"
             " r as (select r.lsn, r.pipeline, r.tbl, r.key from pgfresh.tables t join pgfresh.rows r"
             "  on r.pipeline = t.pipeline and r.tbl = t.tbl where t.tbl = %(tbl)s and r.key = %(key)s),"
-            " f as (select exists (select 1 from unnest(f.question || f.paraphrases) p (text)"
+            " f as (select f.template, f.answer, exists (select 1 from unnest(f.question || f.paraphrases) p (text)"
             "   where lower(trim(regexp_replace(p.text, '[[:punct:][:space:]]+', ' ', 'g')))"
             "   = lower(trim(regexp_replace(%(question)s, '[[:punct:][:space:]]+', ' ', 'g')))) as asked,"
             "  coalesce((select max(t.version) filter (where t.role in ('base', 'learn'))"
@@ -253,16 +269,22 @@ def _hybrid(config, conn, reg, question, tenant, opts: Options) -> dict:
             "   as learnt"
             "  from r join pgfresh.facts f on f.tbl = r.tbl and f.key = r.key"
             "  where f.status = 'active' and f.kind in ('qa', 'gone'))"  # what rounds train (train.data.TRAINABLE)
-            " select r.lsn::text, r.pipeline,"
-            "  coalesce((select bool_and(learnt) from f where asked), (select bool_and(learnt) from f), false)"
-            "  and not exists (select 1 from pgfresh.gate_pending g where g.path = 'train' and g.tbl = r.tbl and g.key = r.key)"
-            "  and not exists (select 1 from pgfresh.changes c where c.pipeline = r.pipeline and c.seq > coalesce(("
-            "   select k.seq from pgfresh.consumers k where k.pipeline = r.pipeline and k.name = 'facts'), 0)"
-            "   and c.tbl = r.tbl and c.key = r.key),"
-            "  exists (select 1 from f where asked)"
+            " select r.lsn::text, r.pipeline, exists (select 1 from f where asked),"
+            "  coalesce((select bool_and(learnt) from f where asked), (select bool_and(learnt) from f), false),"
+            "  coalesce((select jsonb_agg(jsonb_build_array(template, answer)) from f where asked),"
+            "   (select jsonb_agg(jsonb_build_array(template, answer)) from f)),"
+            "  coalesce((select jsonb_build_array(c.op, c.row) from pgfresh.changes c where c.pipeline = r.pipeline"
+            "   and c.seq > coalesce((select k.seq from pgfresh.consumers k where k.pipeline = r.pipeline"
+            "   and k.name = 'facts'), 0) and c.tbl = r.tbl and c.key = r.key order by c.seq desc limit 1),"
+            "   (select jsonb_build_array(g.op, g.row) from pgfresh.gate_pending g where g.path = 'train'"
+            "   and g.tbl = r.tbl and g.key = r.key))"
             " from r",
             {"version": -1 if version is None else version.version, "slice": "" if version is None else version.slice,
              "tbl": tbl, "key": key, "question": question}).fetchone()
+        if found is None:
+            return None
+        lsn, pipeline, asked, learnt, facts, newer = found
+        return lsn, pipeline, learnt and (newer is None or _same_answers(config, tbl, key, facts or [], newer)), asked
 
     decision = router.route(router.Policy.from_config(config), hits[0] if hits else None, version, table_changes,
                             runner_up=hits[1] if len(hits) > 1 else None, row_lsn=row_lsn)
