@@ -9,9 +9,9 @@ order; the first that fires decides, and its sentence is the `reason` every answ
 3. nothing retrieved                                              -> slice (closed-book is all there is)
 4. the slice does not know the best row as it stands: its lineage
    did not train the row's active facts the question asks (those
-   whose phrasings it matches; all of the row's if none), or the
-   facts stage has not taken the row's latest change in yet (unread,
-   or in the settle window)                                        -> retrieve
+   whose phrasings it matches; all of the row's if none), or a newer
+   version of the row the facts stage has not taken in yet (unread,
+   or in the settle window) gives them other answers               -> retrieve
 4b. the slice knows the row, but the question is none of the
    phrasings its facts were rendered with (question, paraphrases;
    case, spaces and punctuation aside) and `trained_phrasings_only`
