@@ -68,6 +68,18 @@ def publish_base_slice(db, config, name: str, tenant: str | None, model_dir: Pat
     db.execute("update pgfresh.slices set current_version = 0 where name = %s", (name,))
 
 
+def sliced_project(db, tmp_path, dsn) -> tuple[list[dict], Path, cfg.Config, str]:
+    """8 products synced, and the tiny model published as a base slice that learnt every row's facts:
+    (rows, model directory, config, the newest LSN)."""
+    rows = evalset.products(8, seed=9)
+    model_dir = tiny_model(tmp_path / "tiny")
+    config = products(db, tmp_path, dsn, rows, extra='[rag.reader]\nkind = "builtin"\n\n[train]\n'
+                                                     f'base_model = "{model_dir}"\nthreads = 1\n')
+    newest = db.execute("select max(lsn)::text from pgfresh.rows").fetchone()[0]
+    publish_base_slice(db, config, "_shared", None, model_dir, newest)
+    return rows, model_dir, config, newest
+
+
 def row_lsn(db, key: str) -> str:
     return db.execute("select lsn::text from pgfresh.rows where tbl = 'public.products' and key = %s", (key,)).fetchone()[0]
 
@@ -106,14 +118,9 @@ def test_rag_answer_carries_route_lineage_cache_and_timings(db, dsn, tmp_path):
 
 
 def test_hybrid_routes_as_its_policy_says(db, dsn, tmp_path):
-    rows = evalset.products(8, seed=9)
-    model_dir = tiny_model(tmp_path / "tiny")
-    config = products(db, tmp_path, dsn, rows, extra='[rag.reader]\nkind = "builtin"\n\n[train]\n'
-                                                     f'base_model = "{model_dir}"\nthreads = 1\n')
+    rows, model_dir, config, newest = sliced_project(db, tmp_path, dsn)  # a fresh slice: knows every row
     reg = serve.Registry()
     q = f"What is the price of {rows[3]['name']}?"  # the default price fact's own question
-    newest = db.execute("select max(lsn)::text from pgfresh.rows").fetchone()[0]
-    publish_base_slice(db, config, "_shared", None, model_dir, newest)  # a fresh slice: knows every row
 
     fresh = serve.answer(config, q, None, "hybrid", registry=reg)
     assert fresh["sources"][0]["key"] == "[4]"
@@ -161,13 +168,8 @@ def test_hybrid_retrieves_a_change_the_slice_passed_without_learning(db, dsn, tm
     from pgfresh.capture.pgoutput import parse_lsn
     from pgfresh.train import slices
 
-    rows = evalset.products(8, seed=9)
-    model_dir = tiny_model(tmp_path / "tiny")
-    config = products(db, tmp_path, dsn, rows, extra='[rag.reader]\nkind = "builtin"\n\n[train]\n'
-                                                     f'base_model = "{model_dir}"\nthreads = 1\n')
+    rows, model_dir, config, newest = sliced_project(db, tmp_path, dsn)
     reg = serve.Registry()
-    newest = db.execute("select max(lsn)::text from pgfresh.rows").fetchone()[0]
-    publish_base_slice(db, config, "_shared", None, model_dir, newest)
     db.execute("update products set price = 11.11 where id = 2")  # older change: the round skips it
     sync.run(config, once=True)
     db.execute("update products set price = 22.22 where id = 6")  # newer change: the round learns it
@@ -205,13 +207,8 @@ def test_hybrid_judges_a_change_not_yet_in_the_facts_by_the_facts_it_changes(db,
     colour change, asked the price): the slice answers. One that changes it: retrieval. (Before,
     any such version sent the row to retrieval: in a 10-minute arena run the router fell below the
     slices on unchanged facts, 87.5% against 100%.)"""
-    rows = evalset.products(8, seed=9)
-    model_dir = tiny_model(tmp_path / "tiny")
-    config = products(db, tmp_path, dsn, rows, extra='[rag.reader]\nkind = "builtin"\n\n[train]\n'
-                                                     f'base_model = "{model_dir}"\nthreads = 1\n')
+    rows, _, config, _ = sliced_project(db, tmp_path, dsn)
     reg = serve.Registry()
-    newest = db.execute("select max(lsn)::text from pgfresh.rows").fetchone()[0]
-    publish_base_slice(db, config, "_shared", None, model_dir, newest)
     q = f"What is the price of {rows[3]['name']}?"
 
     every = stages.workers(config)
