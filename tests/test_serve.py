@@ -236,6 +236,25 @@ def test_hybrid_judges_a_change_not_yet_in_the_facts_by_the_facts_it_changes(db,
         reg.close()
 
 
+def test_hybrid_judges_the_row_the_question_is_phrased_for(db, dsn, tmp_path):
+    """Retrieval can rank another row first; a question phrased as one of a row's facts names that
+    row, so the router judges the hit it is phrased for (among the first few), not the first one."""
+    rows = evalset.products(8, seed=9)
+    rows[0]["name"], rows[1]["name"] = "Oak desk", "Price of Oak desk"
+    model_dir = tiny_model(tmp_path / "tiny")
+    config = products(db, tmp_path, dsn, rows, extra='[rag.reader]\nkind = "builtin"\n\n[train]\n'
+                                                     f'base_model = "{model_dir}"\nthreads = 1\n')
+    publish_base_slice(db, config, "_shared", None, model_dir, db.execute("select max(lsn)::text from pgfresh.rows").fetchone()[0])
+    reg = serve.Registry()
+    try:
+        out = serve.answer(config, "What is the price of Oak desk?", None, "hybrid", registry=reg,
+                           options=serve.Options(search_mode="lexical"))
+        assert [h["key"] for h in out["sources"][:2]] == ["[2]", "[1]"]  # the case: the asked row is second
+        assert out["route"]["taken"] == "slice" and "[1]" in out["route"]["reason"], out["route"]
+    finally:
+        reg.close()
+
+
 def test_router_rules_on_constructed_cases():
     from datetime import datetime, timedelta, timezone
     from types import SimpleNamespace as NS

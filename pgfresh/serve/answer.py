@@ -215,6 +215,9 @@ def _tuned(config, conn, reg, question, tenant, route: router.Route, version=Non
     return out
 
 
+PHRASED_HITS = 5  # hybrid: how many of the first hits the router checks for the row the question is phrased for
+
+
 def _same_answers(config, tbl: str, key: str, facts: list, newer: list) -> bool:
     """Whether a version of row (tbl, key) the facts stage has not taken in yet (`newer`: [op, row])
     gives the facts [[template, answer], ...] the same answers (a stock update leaves the category)."""
@@ -286,8 +289,21 @@ def _hybrid(config, conn, reg, question, tenant, opts: Options) -> dict:
         lsn, pipeline, asked, learnt, facts, newer = found
         return lsn, pipeline, learnt and (newer is None or _same_answers(config, tbl, key, facts or [], newer)), asked
 
-    decision = router.route(router.Policy.from_config(config), hits[0] if hits else None, version, table_changes,
-                            runner_up=hits[1] if len(hits) > 1 else None, row_lsn=row_lsn)
+    # The row the router judges: the best hit, unless the question is phrased as a fact of another of
+    # the first hits (a rendered question names its row: retrieval ranked the asked row lower).
+    looked = {}
+
+    def row_state(tbl: str, key: str):
+        if (tbl, key) not in looked:
+            looked[(tbl, key)] = row_lsn(tbl, key)
+        return looked[(tbl, key)]
+
+    asked = next((h for h in hits[:PHRASED_HITS] if (row_state(h.tbl, h.key) or (None,) * 4)[3]), None) \
+        if version is not None else None
+    best = asked or (hits[0] if hits else None)
+    runner_up = next((h for h in hits[:2] if h is not best), None)
+    decision = router.route(router.Policy.from_config(config), best, version, table_changes,
+                            runner_up=runner_up, row_lsn=row_state)
     if decision.taken == router.SLICE:
         from pgfresh.train.slices import SliceError
 
