@@ -215,9 +215,6 @@ def _tuned(config, conn, reg, question, tenant, route: router.Route, version=Non
     return out
 
 
-PHRASED_HITS = 5  # hybrid: how many of the first hits the router checks for the row the question is phrased for
-
-
 def _same_answers(config, tbl: str, key: str, facts: list, newer: list) -> bool:
     """Whether a version of row (tbl, key) the facts stage has not taken in yet (`newer`: [op, row])
     gives the facts [[template, answer], ...] the same answers (a stock update leaves the category)."""
@@ -229,6 +226,25 @@ def _same_answers(config, tbl: str, key: str, facts: list, newer: list) -> bool:
         return all(render.fact_answer(table, name, row, json.loads(key)) == answer for name, answer in facts)
     except (KeyError, render.RenderError):
         return False
+
+
+def _named_rows(conn, question: str, tenant: str | None) -> list[tuple[str, str]]:
+    """The rows (tbl, key) the tenant may read with an active trainable fact phrased as `question`
+    (case, spaces and punctuation aside: pgfresh.phrasing_key, through migration 018's index)."""
+    return [(tbl, key) for tbl, key in conn.execute(
+        "select distinct tbl, key from pgfresh.facts where status = 'active' and kind in ('qa', 'gone')"
+        " and pgfresh.phrasing_keys(question, paraphrases) @> array[pgfresh.phrasing_key(%s)]"
+        " and (tenant is null or tenant = %s) limit 10", (question, tenant))]
+
+
+def _row_hit(conn, tbl: str, key: str):
+    """A row retrieval did not return, as a hit without text (None: not in the row store)."""
+    from pgfresh.rag.retrieval import Hit
+
+    found = conn.execute("select r.tenant, r.lsn::text, r.commit_time from pgfresh.tables t join pgfresh.rows r"
+                         " on r.pipeline = t.pipeline and r.tbl = t.tbl where t.tbl = %s and r.key = %s",
+                         (tbl, key)).fetchone()
+    return None if found is None else Hit(tbl, key, found[0], "", found[1], found[2])
 
 
 def _hybrid(config, conn, reg, question, tenant, opts: Options) -> dict:
@@ -250,22 +266,21 @@ def _hybrid(config, conn, reg, question, tenant, opts: Options) -> dict:
         return conn.execute("select count(*) from (select 1 from pgfresh.rows where tbl = %s and lsn > %s::pg_lsn"
                             " limit %s) c", (tbl, lsn, limit)).fetchone()[0]
 
-    def row_lsn(tbl: str, key: str) -> tuple[str, str, bool, bool] | None:
-        # The row's latest change (which the index may not have caught up with yet) and its pipeline
-        # (a stored table belongs to one pipeline: primary-key lookups); whether the slice's lineage
-        # knows the row as it stands (router rule 4); whether the question is one of the row's fact
-        # phrasings (rule 4b). Knowing: the lineage trained (base or learn, not unlearnt since) the
-        # active trainable facts the question asks (those whose phrasings it matches; all of the
-        # row's if none), and a newer version of the row the facts stage has not taken in yet
-        # (unread in the change log, or settling in the training gate) gives them the same answers.
+    def row_lsn(tbl: str, key: str) -> router.RowState | None:
+        # The row's latest change and its pipeline (a stored table belongs to one pipeline:
+        # primary-key lookups); whether the slice's lineage knows the row as it stands (rule 4): it
+        # trained (base or learn, not unlearnt since) the active trainable facts the question asks
+        # (those whose phrasings it matches; all of the row's if none), and a newer version of the
+        # row the facts stage has not taken in yet (unread in the change log, or settling in the
+        # training gate) gives them the same answers; whether the question is one of the row's
+        # fact phrasings (rule 4b).
         found = conn.execute(
             "with recursive chain (version) as (select %(version)s::int union all select v.parent from chain c"
             " join pgfresh.slice_versions v on v.slice = %(slice)s and v.version = c.version where v.parent is not null),"
             " r as (select r.lsn, r.pipeline, r.tbl, r.key from pgfresh.tables t join pgfresh.rows r"
             "  on r.pipeline = t.pipeline and r.tbl = t.tbl where t.tbl = %(tbl)s and r.key = %(key)s),"
-            " f as (select f.template, f.answer, exists (select 1 from unnest(f.question || f.paraphrases) p (text)"
-            "   where lower(trim(regexp_replace(p.text, '[[:punct:][:space:]]+', ' ', 'g')))"
-            "   = lower(trim(regexp_replace(%(question)s, '[[:punct:][:space:]]+', ' ', 'g')))) as asked,"
+            " f as (select f.template, f.answer,"
+            "  pgfresh.phrasing_key(%(question)s) = any(pgfresh.phrasing_keys(f.question, f.paraphrases)) as asked,"
             "  coalesce((select max(t.version) filter (where t.role in ('base', 'learn'))"
             "   > coalesce(max(t.version) filter (where t.role = 'update'), -1) from pgfresh.fact_training t"
             "   where t.fact_id = f.fact_id and t.slice = %(slice)s and t.version in (select version from chain)), false)"
@@ -287,29 +302,27 @@ def _hybrid(config, conn, reg, question, tenant, opts: Options) -> dict:
         if found is None:
             return None
         lsn, pipeline, asked, learnt, facts, newer = found
-        return lsn, pipeline, learnt and (newer is None or _same_answers(config, tbl, key, facts or [], newer)), asked
+        knows = learnt and (newer is None or _same_answers(config, tbl, key, facts or [], newer))
+        return router.RowState(lsn, pipeline, knows, asked)
 
-    # The row the router judges: the best hit, unless the question is phrased as a fact of another of
-    # the first hits (a rendered question names its row: retrieval ranked the asked row lower).
-    looked = {}
-
-    def row_state(tbl: str, key: str):
-        if (tbl, key) not in looked:
-            looked[(tbl, key)] = row_lsn(tbl, key)
-        return looked[(tbl, key)]
-
-    asked = next((h for h in hits[:PHRASED_HITS] if (row_state(h.tbl, h.key) or (None,) * 4)[3]), None) \
-        if version is not None else None
-    best = asked or (hits[0] if hits else None)
+    # The row the router judges: the one the question names (phrased as one of its facts), the first
+    # such hit, or the only such row when retrieval missed it (a deleted row has no document);
+    # otherwise the best hit.
+    named = _named_rows(conn, question, tenant) if version is not None else []
+    best = next((h for h in hits if (h.tbl, h.key) in named), None)
     runner_up = next((h for h in hits[:2] if h is not best), None)
+    if best is None and len(named) == 1:
+        best, runner_up = _row_hit(conn, *named[0]), None  # identified by its phrasing alone
+    best = best or (hits[0] if hits else None)
     decision = router.route(router.Policy.from_config(config), best, version, table_changes,
-                            runner_up=runner_up, row_lsn=row_state)
+                            runner_up=runner_up, row_lsn=row_lsn)
     if decision.taken == router.SLICE:
         from pgfresh.train.slices import SliceError
 
         try:
             out = _tuned(config, conn, reg, question, tenant, decision, version, timings)
-            out["sources"] = [h.as_dict() for h in hits]  # what the router compared, for lineage
+            judged = [] if best is None or best in hits else [best]
+            out["sources"] = [h.as_dict() for h in hits + judged]  # what the router compared, for lineage
             return out
         except SliceError as exc:
             decision = router.Route(router.RETRIEVE, f"the slice cannot be loaded ({exc}): retrieval answers", 1.0,

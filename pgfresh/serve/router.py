@@ -1,8 +1,10 @@
 """The router of `mode = "hybrid"`: per question, answer from the tenant's slice or retrieve.
 
-The policy (docs/SERVE.md, `[serve.router]` in pgfresh.toml) looks at the best document retrieval
-finds for the question and the slice that would answer closed-book, and applies these rules in
-order; the first that fires decides, and its sentence is the `reason` every answer carries:
+The policy (docs/SERVE.md, `[serve.router]` in pgfresh.toml) looks at the row the question is about
+and the slice that would answer closed-book, and applies these rules in order; the first that fires
+decides, and its sentence is the `reason` every answer carries. The row: the one the question names,
+when it is phrased as one of a row's facts (the first such hit, or the one such row of the tenant's
+facts when retrieval missed it, as it always misses a deleted row); otherwise the best hit.
 
 1. no published slice for the tenant                              -> retrieve
 2. the slice is older than `max_slice_age_seconds` (if set)       -> retrieve
@@ -31,8 +33,9 @@ pgfresh.facts, fact_training along the slice's lineage, gate_pending and the cha
 not compare the slice's position (the newest LSN it learnt) with the row's LSN: a round learns the
 newest waiting facts first and a settling row waits, so a position passes changes the slice never
 learnt, and a row whose other facts changed since still has the asked one learnt. Without those
-lookups (`row_lsn` giving LSN and pipeline only, constructed cases) the position decides. What rule 4 cannot see is a question
-whose right row retrieval misses. LSNs are compared only within one pipeline (source): a slice
+lookups (`row_lsn` giving LSN and pipeline only, constructed cases) the position decides. What
+the router cannot judge is a question it cannot tie to a row: phrased in no trained way, about a
+row retrieval misses. LSNs are compared only within one pipeline (source): a slice
 records its position per pipeline (pgfresh.train.slices), because the LSNs of two servers, or of
 two slots that progress on their own, say nothing about which change came first. Rule 5 trades
 speed for safety on busy tables.
@@ -59,6 +62,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from typing import NamedTuple
 
 from pgfresh.capture.pgoutput import parse_lsn
 from pgfresh.configtypes import Spec, integer, number
@@ -100,6 +104,15 @@ class Route:
         return out
 
 
+class RowState(NamedTuple):
+    """What the store says of the row the router judges (`row_lsn` in `route`)."""
+
+    lsn: str  # the row's latest change, which the index may not have caught up with yet
+    pipeline: str | None  # None: unknown, the slice's single LSN stands for every pipeline
+    knows: bool | None = None  # the slice's lineage knows the row as it stands (rule 4); None: not looked up
+    phrased: bool | None = None  # the question is one of the phrasings of the row's facts (rule 4b)
+
+
 def margin(best, runner_up) -> float | None:
     """How far the best hit's score is ahead of the runner-up's, relative to the best (0..1)."""
     if best is None:
@@ -122,19 +135,15 @@ def route(policy: Policy, best, version, table_changes=None, now: datetime | Non
           runner_up=None, row_lsn=None) -> Route:
     """Decide for one question. `best`, `runner_up`: the two best retrieval hits (or None); `version`:
     the slice's published version (or None); `table_changes(tbl, lsn, limit)`: rows of a table changed
-    after an LSN (only called when rule 5 is on); `row_lsn(tbl, key)`: (LSN, pipeline) of a row's latest
-    change, or (LSN, pipeline, knows, phrasing): whether the slice knows the row as it stands (rule
-    4) and whether the question is one of the phrasings of the row's facts (row_lsn None: the hit's
-    LSN, the indexed document's, and the slice's newest LSN)."""
+    after an LSN (only called when rule 5 is on); `row_lsn(tbl, key)`: the row's RowState, or a tuple
+    of its first fields (row_lsn None: the hit's LSN, the indexed document's, and the slice's newest
+    LSN)."""
     m = margin(best, runner_up)
     identified = None if m is None else 0.5 + 0.5 * m
-    latest = pipeline = None
-    learnt: tuple = ()  # () : not looked up; (knows,) : looked up
-    phrasing = None
+    state = RowState(None, None)
     if best is not None:
-        state = (row_lsn(best.tbl, best.key) if row_lsn else None) or (best.lsn, None)
-        latest, pipeline, learnt = state[0], state[1], tuple(state[2:3])
-        phrasing = state[3] if len(state) > 3 else None
+        state = RowState(*((row_lsn(best.tbl, best.key) if row_lsn else None) or (best.lsn, None)))
+    latest, pipeline, phrasing = state.lsn, state.pipeline, state.phrased
     known = None if version is None else position(version, pipeline)
     recall = None
     if version is not None:
@@ -145,7 +154,7 @@ def route(policy: Policy, best, version, table_changes=None, now: datetime | Non
                "slice_recall": recall, "row_lsn": latest, "pipeline": pipeline, "slice_position": known,
                "phrasing_trained": phrasing,
                "slice_knows_row": None if latest is None or version is None
-               else bool(learnt[0]) if learnt else known is not None and parse_lsn(latest) <= parse_lsn(known)}
+               else bool(state.knows) if state.knows is not None else known is not None and parse_lsn(latest) <= parse_lsn(known)}
 
     def decided(taken: str, reason: str, confidence: float) -> Route:
         return Route(taken, reason, confidence, signals)
