@@ -238,13 +238,16 @@ def _named_rows(conn, question: str, tenant: str | None) -> list[tuple[str, str]
 
 
 def _row_hit(conn, tbl: str, key: str):
-    """A row retrieval did not return, as a hit without text (None: not in the row store)."""
+    """A row retrieval did not return, as a hit without text, from the row store or, once retention
+    pruned a deleted row's tombstone, from its newest active fact (None: neither has it)."""
     from pgfresh.rag.retrieval import Hit
 
-    found = conn.execute("select r.tenant, r.lsn::text, r.commit_time from pgfresh.tables t join pgfresh.rows r"
-                         " on r.pipeline = t.pipeline and r.tbl = t.tbl where t.tbl = %s and r.key = %s",
-                         (tbl, key)).fetchone()
-    return None if found is None else Hit(tbl, key, found[0], "", found[1], found[2])
+    found = conn.execute(
+        "(select 0, r.tenant, r.lsn::text, r.commit_time from pgfresh.tables t join pgfresh.rows r"
+        "  on r.pipeline = t.pipeline and r.tbl = t.tbl where t.tbl = %(tbl)s and r.key = %(key)s)"
+        " union all (select 1, tenant, lsn::text, commit_time from pgfresh.facts where tbl = %(tbl)s and key = %(key)s"
+        "  and status = 'active' order by lsn desc limit 1) order by 1 limit 1", {"tbl": tbl, "key": key}).fetchone()
+    return None if found is None else Hit(tbl, key, found[1], "", found[2], found[3])
 
 
 def _hybrid(config, conn, reg, question, tenant, opts: Options) -> dict:
@@ -277,8 +280,11 @@ def _hybrid(config, conn, reg, question, tenant, opts: Options) -> dict:
         found = conn.execute(
             "with recursive chain (version) as (select %(version)s::int union all select v.parent from chain c"
             " join pgfresh.slice_versions v on v.slice = %(slice)s and v.version = c.version where v.parent is not null),"
-            " r as (select r.lsn, r.pipeline, r.tbl, r.key from pgfresh.tables t join pgfresh.rows r"
-            "  on r.pipeline = t.pipeline and r.tbl = t.tbl where t.tbl = %(tbl)s and r.key = %(key)s),"
+            # a deleted row's tombstone goes with retention, its 'gone' facts stay: their LSN then
+            " r as (select t.pipeline, t.tbl, %(key)s::text as key, coalesce((select r.lsn from pgfresh.rows r"
+            "  where r.pipeline = t.pipeline and r.tbl = t.tbl and r.key = %(key)s), (select max(f.lsn)"
+            "  from pgfresh.facts f where f.tbl = t.tbl and f.key = %(key)s and f.status = 'active')) as lsn"
+            "  from pgfresh.tables t where t.tbl = %(tbl)s),"
             " f as (select f.template, f.answer,"
             "  pgfresh.phrasing_key(%(question)s) = any(pgfresh.phrasing_keys(f.question, f.paraphrases)) as asked,"
             "  coalesce((select max(t.version) filter (where t.role in ('base', 'learn'))"
@@ -296,7 +302,7 @@ def _hybrid(config, conn, reg, question, tenant, opts: Options) -> dict:
             "   and k.name = 'facts'), 0) and c.tbl = r.tbl and c.key = r.key order by c.seq desc limit 1),"
             "   (select jsonb_build_array(g.op, g.row) from pgfresh.gate_pending g where g.path = 'train'"
             "   and g.tbl = r.tbl and g.key = r.key))"
-            " from r",
+            " from r where r.lsn is not null",
             {"version": -1 if version is None else version.version, "slice": "" if version is None else version.slice,
              "tbl": tbl, "key": key, "question": question}).fetchone()
         if found is None:
