@@ -317,8 +317,9 @@ def _hybrid(config, conn, reg, question, tenant, opts: Options) -> dict:
     named = _named_rows(conn, question, tenant) if version is not None else []
     best = next((h for h in hits if (h.tbl, h.key) in named), None)
     runner_up = next((h for h in hits[:2] if h is not best), None)
-    if best is None and len(named) == 1:
-        best, runner_up = _row_hit(conn, *named[0]), None  # identified by its phrasing alone
+    missed = _row_hit(conn, *named[0]) if best is None and len(named) == 1 else None
+    if missed is not None:
+        best, runner_up = missed, None  # identified by its phrasing alone
     best = best or (hits[0] if hits else None)
     decision = router.route(router.Policy.from_config(config), best, version, table_changes,
                             runner_up=runner_up, row_lsn=row_lsn)
