@@ -238,7 +238,7 @@ def test_hybrid_judges_a_change_not_yet_in_the_facts_by_the_facts_it_changes(db,
 
 def test_hybrid_judges_the_row_the_question_is_phrased_for(db, dsn, tmp_path):
     """Retrieval can rank another row first; a question phrased as one of a row's facts names that
-    row, so the router judges the hit it is phrased for (among the first few), not the first one."""
+    row, so the router judges the hit it is phrased for (any of the hits), not the first one."""
     rows = evalset.products(8, seed=9)
     rows[0]["name"], rows[1]["name"] = "Oak desk", "Price of Oak desk"
     model_dir = tiny_model(tmp_path / "tiny")

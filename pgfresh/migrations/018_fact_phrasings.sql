@@ -6,7 +6,7 @@
 -- phrasing_key() is the comparison the router uses: lower case, every run of punctuation and
 -- white space one space, trimmed. The index holds the keys of the active facts rounds train, written
 -- with each fact (fastupdate off: a hybrid answer never scans a pending list of recent facts).
--- bench/phrasing_lookup.py: 0.3 ms a lookup at 1M facts (docs/BENCHMARKS.md).
+-- bench/phrasing_lookup.py: 0.3 ms a lookup at 1M facts; ~22 us more per fact written (docs/BENCHMARKS.md).
 
 create function pgfresh.phrasing_key(text) returns text
     language sql immutable strict parallel safe
