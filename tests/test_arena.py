@@ -331,6 +331,29 @@ def test_verdict_calls_a_difference_only_when_the_intervals_say_so():
     assert "no measurable difference" in verdict.forgetting(kept)["meaning"]
 
 
+def test_placement_advises_from_the_tuned_time_to_fresh_even_when_it_never_caught_up():
+    """In the 2-minute demo the slices made none of 76 changes fresh within the run; the placement
+    row said "not measured" although that is a measurement: no fact that changed can be trained in
+    fast enough. It now advises from it; with a measured p50, from the p50."""
+    from pgfresh.arena import verdict
+
+    def results(tuned_fresh: dict) -> dict:
+        rag_fresh = {"watched": 76, "resolved": 30, "p50_s": None, "p50_ci_s": None}
+        return {"workload": {"facts": {"shop.products": {"changes_per_fact_per_hour": {"price": 85.0, "category": 0}}}},
+                "strategies": {"tuned": {"kind": "tuned", "overall": {"accuracy": 0.3}, "time_to_fresh": tuned_fresh},
+                               "rag": {"kind": "rag", "overall": {"accuracy": 0.4}, "time_to_fresh": rag_fresh}}}
+
+    never = verdict.placement(results({"watched": 76, "resolved": 0, "p50_s": None, "p50_ci_s": None}))
+    assert never["measured"] and "never within the run (0 of 76" in never["evidence"]
+    assert "price: retrieve" in never["meaning"] and "category: train" in never["meaning"], never
+    assert "30 of 76" in never["evidence"]  # retrieval's own catch-up is shown, not hidden
+    quick = verdict.placement(results({"watched": 76, "resolved": 60, "p50_s": 10.0, "p50_ci_s": [8.0, 12.0]}))
+    assert "price: train" in quick["meaning"] and "category: train" in quick["meaning"], quick  # 42 s > 2 x 10 s
+    slow = verdict.placement(results({"watched": 76, "resolved": 60, "p50_s": 30.0, "p50_ci_s": [25.0, 35.0]}))
+    assert "price: retrieve" in slow["meaning"]
+    assert verdict.placement(results({"watched": 0, "resolved": 0, "p50_s": None}))["meaning"] == verdict.NOT_MEASURED
+
+
 # -- a short arena run with strategies defined here ----------------------------------------------
 WORDS = [("price", re.compile(r"price|cost|sell|pay|goes for|价格|多少钱|售价|付多少")),
          ("stock", re.compile(r"stock|units|available|inventory|left|库存|几件|多少件|有货")),

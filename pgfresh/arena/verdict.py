@@ -328,25 +328,30 @@ def bloat(results: dict) -> dict:
 
 
 def placement(results: dict) -> dict:
-    """Per fact template: how often one fact changes vs how soon each way of knowing caught up."""
+    """Per fact template: how often one fact changes vs how soon the slices caught up with a change
+    (time-to-fresh p50; when most changes never became fresh within the run, no fact that changed
+    can be trained in fast enough: train only the facts that did not change)."""
     claim = "What to train on and what to retrieve (this workload)"
     tuned, rag = _kind(results, "tuned"), _kind(results, "rag")
     facts = results["workload"].get("facts") or {}
     if not facts:
         return _row(claim, None, None)
-    tt = tuned[0][1]["time_to_fresh"]["p50_s"] if tuned else None
-    rt = rag[0][1]["time_to_fresh"]["p50_s"] if rag else None
+    fresh = tuned[0][1]["time_to_fresh"] if tuned else None
+    tt = fresh["p50_s"] if fresh and fresh["watched"] else None
     parts, advice = [], []
     for table, f in facts.items():
         for tpl, per_hour in f["changes_per_fact_per_hour"].items():
             between = 3600 / per_hour if per_hour else None
             parts.append(f"{table}.{tpl}: a fact changes every {_sec(between) if between else 'never (in this run)'}")
-            if tt is not None:
-                advice.append(f"{tpl}: {'train' if between is None or between > 2 * tt else 'retrieve'}")
-    evidence = "; ".join(parts) + f"; time-to-fresh p50 tuned {_sec(tt)}, rag {_sec(rt)}"
-    meaning = ("train facts that change less often than twice the tuned time-to-fresh, retrieve the rest: "
-               + ", ".join(advice)) if advice else None
-    return _row(claim, evidence, meaning)
+            slow = between is None or (tt is not None and between > 2 * tt)
+            advice.append(f"{tpl}: {'train' if slow else 'retrieve'}")
+    evidence = "; ".join(parts + [f"time-to-fresh p50 {n} {_fresh(st)}" for n, st in tuned[:1] + rag[:1]])
+    if not fresh or not fresh["watched"]:
+        return _row(claim, evidence, None)
+    rule = ("train facts that change less often than twice the tuned time-to-fresh, retrieve the rest" if tt is not None
+            else f"{tuned[0][0]} did not make most changes fresh within the run: train only facts that did not change,"
+                 " retrieve the rest")
+    return _row(claim, evidence, rule + ": " + ", ".join(advice))
 
 
 def router_parts(results: dict) -> dict:
