@@ -5,8 +5,9 @@ Modes:
   open-book; the answer cache sits in front (an exact or similar question of the same tenant and
   reader whose source rows have not changed since is answered from it).
 - `tuned`: the tenant's published slice answers closed-book.
-- `hybrid`: retrieval runs, the router (pgfresh.serve.router) picks the slice or the documents, and
-  the answer says which and why.
+- `hybrid`: retrieval runs, the router (pgfresh.serve.router) judges the row the question is about
+  (the one it names by a fact's phrasing, looked up among the tenant's facts, else the best hit),
+  picks the slice or the documents, and the answer says which and why.
 
 Every answer is a dict with the same keys (docs/SERVE.md): `answer`, `mode`, `route` (taken,
 reason), `sources` (rows with table, key, LSN, commit time: the lineage), `slice` (name, version,
