@@ -9,7 +9,7 @@ facts when retrieval missed it, as it always misses a deleted row); otherwise th
 1. no published slice for the tenant                              -> retrieve
 2. the slice is older than `max_slice_age_seconds` (if set)       -> retrieve
 3. nothing retrieved                                              -> slice (closed-book is all there is)
-4. the slice does not know the best row as it stands: its lineage
+4. the slice does not know the judged row as it stands: its lineage
    did not train the row's active facts the question asks (those
    whose phrasings it matches; all of the row's if none), or a newer
    version of the row the facts stage has not taken in yet (unread,
@@ -20,15 +20,15 @@ facts when retrieval missed it, as it always misses a deleted row); otherwise th
    is on (the default: measured, the built-in model answers almost
    no phrasing it was not trained on; turn it off for a model that
    does)                                                          -> retrieve
-5. more than `max_table_changes` rows of the best row's table
+5. more than `max_table_changes` rows of the judged row's table
    changed after that position (if set): the table changes
    faster than slices are published                               -> retrieve
-6. the slice knows the best row's current version, but the
+6. the slice knows the judged row's current version, but the
    decision's confidence (below) is under `min_slice_confidence`
    (if set)                                                       -> retrieve
-7. otherwise (the slice knows the best row's current version)     -> slice
+7. otherwise (the slice knows the judged row's current version)   -> slice
 
-Rule 4 is exact for the row retrieval found; pgfresh.serve.answer reads what it needs from
+Rule 4 is exact for the row it judges; pgfresh.serve.answer reads what it needs from
 pgfresh.facts, fact_training along the slice's lineage, gate_pending and the change log. It does
 not compare the slice's position (the newest LSN it learnt) with the row's LSN: a round learns the
 newest waiting facts first and a settling row waits, so a position passes changes the slice never
@@ -43,10 +43,11 @@ speed for safety on busy tables.
 Every decision carries a `confidence` (0..1) and the `signals` it was computed from:
 - `margin`: how far the best hit's score is ahead of the runner-up's, relative to the best
   ((s1 - s2) / |s1|, clipped to 0..1; 1 with a single hit). It says how sure retrieval is that the
-  best hit is the question's row: `identified = 0.5 + 0.5 * margin`.
+  best hit is the question's row: `identified = 0.5 + 0.5 * margin` (1 for a named row retrieval
+  missed).
 - `slice`: whether the tenant has a published slice (and which); `slice_recall`: the share of new
   facts its round's gate measured it answering (`new_accuracy`; none for a base version).
-- `row_lsn`, `pipeline`, `slice_position`, `slice_knows_row`: the best row's latest change, its
+- `row_lsn`, `pipeline`, `slice_position`, `slice_knows_row`: the judged row's latest change, its
   pipeline, the slice's position there, and whether that position covers the change.
 The confidence, per rule: no slice (1) or a policy rule (2, 5) -> 1.0 (there is no other route,
 or the operator chose); nothing retrieved -> 0.5 (no evidence either way); the
