@@ -40,6 +40,22 @@ CLASSES = ("changed", "unchanged", "deleted", "never", "noisy", "held_out")
 SHARES = {"changed": 0.3, "unchanged": 0.2, "held_out": 0.15, "noisy": 0.15, "deleted": 0.1, "never": 0.1}
 
 
+def quota(n: int, owed: dict[str, float]) -> dict[str, int]:
+    """A batch of `n` questions split across the classes by SHARES. Over a run every class gets its
+    share: what a batch cannot give (a 10% class in a batch of 8) is `owed` and given in the next
+    ones, the largest remainder first (`owed` is updated)."""
+    for c, share in SHARES.items():
+        owed[c] = owed.get(c, 0.0) + n * share
+    q = {c: int(owed[c] + 1e-9) for c in SHARES}
+    for c in sorted(SHARES, key=lambda c: (-(owed[c] - q[c]), -SHARES[c])):
+        if sum(q.values()) >= n:
+            break
+        q[c] += 1
+    for c in SHARES:
+        owed[c] -= q[c]
+    return q
+
+
 @dataclass
 class Probe:
     """A question with what the arena knows about it; strategies only ever see `question`."""
@@ -111,6 +127,7 @@ class QuestionGenerator:
         self.asked_events: set[int] = set()
         self.last_asked: dict[tuple, int] = {}  # changed fact -> the batch that last asked it
         self.batches = 0
+        self.owed: dict[str, float] = {}  # per class: questions its share earned that no batch gave it yet
         self.panel: list[tuple[str, tuple, str]] | None = None
         self.panel_next = 0
         self.next_id = 0
@@ -213,46 +230,38 @@ class QuestionGenerator:
                 p.asked_at = now
         return probes
 
-    def _quota(self, n: int) -> dict[str, int]:
-        q = {c: int(n * s) for c, s in SHARES.items()}
-        for c in sorted(SHARES, key=lambda c: -SHARES[c]):
-            if sum(q.values()) >= n:
-                break
-            q[c] += 1
-        return q
-
     def _choose(self, conn, n: int, watch) -> list[Probe]:
         cands = self._candidates()
-        quota = self._quota(n)
+        wanted = quota(n, self.owed)
         chosen: list[Probe] = []
         changed = {(c[0], json.dumps(c[1]), c[2]): c for c in cands["changed"]}
         # Re-asked changes take turns: the one asked longest ago first, then the one whose value has
         # stood longest (a cold row's change, which a training round may have learnt by now).
         rewatch = sorted((changed[f] for f in watch if f in changed),
                          key=lambda c: (self.last_asked.get((c[0], json.dumps(c[1]), c[2]), -1), c[3].id))
-        rewatch = rewatch[: max(1, quota["changed"] // 2)]
+        rewatch = rewatch[: max(1, wanted["changed"] // 2)]
         fresh = sorted((c for c in changed.values() if c[3].id not in self.asked_events), key=lambda c: -c[3].id)
         # One question per row first (an insert changes every template of the row at once).
         seen: set[str] = set()
         first = [c for c in fresh if not (json.dumps(c[1]) in seen or seen.add(json.dumps(c[1])))]
         fresh = first + [c for c in fresh if c not in first]
         self.batches += 1
-        for c in (rewatch + fresh)[: quota["changed"]]:
+        for c in (rewatch + fresh)[: wanted["changed"]]:
             chosen.append(self._probe("changed", c))
         panel = self._panel(conn)
-        for _ in range(min(quota["unchanged"], len(panel))):
+        for _ in range(min(wanted["unchanged"], len(panel))):
             table, key, name = panel[self.panel_next % len(panel)]
             self.panel_next += 1
             chosen.append(self._probe("unchanged", (table, key, name, None)))
         for cls in ("deleted", "noisy"):
             pool = cands[cls]
-            for c in self.rng.sample(pool, min(quota[cls], len(pool))):
+            for c in self.rng.sample(pool, min(wanted[cls], len(pool))):
                 chosen.append(self._probe(cls, c))
         held = [c for c in list(changed.values()) + [(t, k, m, None) for t, k, m in panel]
                 if any(tp.name == c[2] and tp.held_out for tp in self.templates[c[0]])]
-        for c in self.rng.sample(held, min(quota["held_out"], len(held))):
+        for c in self.rng.sample(held, min(wanted["held_out"], len(held))):
             chosen.append(self._probe("held_out", c))
-        for _ in range(quota["never"]):
+        for _ in range(wanted["never"]):
             probe = self._never(conn)
             if probe:
                 chosen.append(probe)
