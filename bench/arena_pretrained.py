@@ -15,7 +15,7 @@ converted once into the workdir's data directory):
    timing) with the built-in model, as the baseline in the same process.
 
 Prints per strategy: accuracy overall, on changed and on unchanged facts with 95% intervals, p50
-answer latency, and the rounds published / rejected with their tokens/s; writes results.json and
+answer latency, and the rounds each lineage published and rejected; writes results.json and
 report.html of each run (and a summary.json) into --out. --smoke: a CPU-sized run that only
 checks the path works (a live phase of 20 s, one question batch, rounds of 2 steps, 2 drill
 steps): its accuracies mean nothing. On 2 CPU cores SmolLM2 trains below 25 tokens/s, so the real
@@ -51,7 +51,6 @@ from pgfresh.arena import runner, workload  # noqa: E402
 from pgfresh.arena.settings import settings as arena_settings  # noqa: E402
 from pgfresh.capture import sync  # noqa: E402
 from pgfresh.embedded import EmbeddedServer  # noqa: E402
-from pgfresh.stats import wilson  # noqa: E402
 
 STRATEGIES = ["rag-hybrid", "tuned", "tuned-gate-off", "hybrid", "stale"]
 SMOKE = {"batches": 1, "questions_per_batch": 6, "min_questions": 0, "oltp_seconds": 0.0, "export_seconds": 0.0,
@@ -92,35 +91,22 @@ def reader_adapter(path: Path, dsn: str, steps: int, out: Path, overrides: dict)
 
 
 def summary(name: str, r: dict) -> dict:
-    out = {}
+    """Print and return, per strategy, what the arena's results already hold: accuracy overall, on
+    changed and on unchanged facts (with intervals), p50 latency; and the rounds of each lineage."""
+    out = {"rounds": {lineage: {k: t[k] for k in ("published", "rejected")} | {"all": len(t["rounds"])}
+                      for lineage, t in r.get("training", {}).items()}}
+    print(f"\n{name}: rounds {out['rounds']}")
     for strategy in STRATEGIES:
-        records = [x for x in r["records"] if x["strategy"] == strategy]
-        if not records:
+        st = r["strategies"].get(strategy)
+        if st is None:
             continue
-        row = {}
-        for cls in ("all", "changed", "unchanged"):
-            these = [x for x in records if cls == "all" or x["cls"] == cls]
-            k = sum(x["outcome"] == "correct" for x in these)
-            row[cls] = {"n": len(these), "accuracy": k / len(these) if these else None, "ci": wilson(k, len(these))}
-        latencies = sorted(x["latency_s"] for x in records)
-        row["p50_ms"] = round(latencies[len(latencies) // 2] * 1000, 1)
-        out[strategy] = row
-    rounds = []
-    for lineage in r.get("training", {}).values():
-        rounds += lineage if isinstance(lineage, list) else lineage.get("rounds", [])
-    out["rounds"] = {"published": sum(x["status"] == "published" for x in rounds),
-                     "rejected": sum(x["status"] == "rejected" for x in rounds), "all": len(rounds)}
-    print(f"\n{name}: {out['rounds']['published']} rounds published, {out['rounds']['rejected']} rejected"
-          f" (of {out['rounds']['all']})")
-    for strategy in STRATEGIES:
-        if strategy in out:
-            row = out[strategy]
-            cells = []
-            for cls in ("all", "changed", "unchanged"):
-                c = row[cls]
-                cells.append(f"{cls} {c['accuracy']:.0%} [{c['ci'][0]:.0%}-{c['ci'][1]:.0%}] n={c['n']}" if c["n"]
-                             else f"{cls} -")
-            print(f"  {strategy:15} " + "; ".join(cells) + f"; p50 {row['p50_ms']} ms")
+        row = {"all": st["overall"], **{c: st["by_class"].get(c, {"n": 0}) for c in ("changed", "unchanged")}}
+        out[strategy] = {c: {"n": v["n"], "accuracy": v.get("accuracy"), "ci": (v.get("ci") or {}).get("accuracy")}
+                         for c, v in row.items()}
+        out[strategy]["p50_ms"] = round(st["latency"]["p50_s"] * 1000, 1)
+        cells = [f"{c} {v['accuracy']:.0%} [{v['ci'][0]:.0%}-{v['ci'][1]:.0%}] n={v['n']}" if v["n"] else f"{c} -"
+                 for c, v in out[strategy].items() if c != "p50_ms"]
+        print(f"  {strategy:15} " + "; ".join(cells) + f"; p50 {out[strategy]['p50_ms']} ms")
     return out
 
 
